@@ -1,0 +1,90 @@
+"""Small reference networks for the core tests: every kind of permutation structure, tiny enough for CI."""
+
+import torch
+import torch.nn as nn
+
+
+def mlp(width=16, depth=4, in_features=12, num_classes=5):
+    layers, d = [], in_features
+    for _ in range(depth - 1):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(nn.Flatten(), *layers, nn.Linear(d, num_classes))
+
+
+class VGGish(nn.Module):
+    """conv-(bn)-relu-pool stacks, flatten of a 2x2 map into a two-layer classifier (channel -> block of 4)."""
+
+    def __init__(self, bn=True, widths=(4, 8, 8), num_classes=5):
+        super().__init__()
+        layers, c = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w) if bn else nn.Identity(), nn.ReLU(), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(c * 4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, num_classes))
+
+    def forward(self, x):  # x: (N, 3, 16, 16)
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def norm_layer(kind, c):
+    return {"bn": lambda: nn.BatchNorm2d(c), "ln": lambda: nn.GroupNorm(1, c), "none": nn.Identity}[kind]()
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=norm == "none")
+        self.n1 = norm_layer(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=norm == "none")
+        self.n2 = norm_layer(norm, cout)
+        self.scale = nn.Parameter(torch.ones(1)) if norm == "none" else None  # Fixup-style scalar
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout))
+
+    def forward(self, x):
+        out = torch.relu(self.n1(self.conv1(x)))
+        out = self.n2(self.conv2(out))
+        if self.scale is not None:
+            out = out * self.scale
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet20ish(nn.Module):
+    """CIFAR ResNet20 layout (3 stages x 3 blocks, 1x1-conv shortcuts on stage change), width w."""
+
+    def __init__(self, norm="bn", w=4, num_classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=norm == "none")
+        self.n1 = norm_layer(norm, w)
+        blocks, c = [], w
+        for i, cout in enumerate((w, 2 * w, 4 * w)):
+            for j in range(3):
+                blocks.append(Block(c, cout, 2 if (j == 0 and i > 0) else 1, norm))
+                c = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.n1(self.conv1(x)))
+        x = self.blocks(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def reference_models():
+    """name -> (model factory, example input shape)."""
+    import torchvision
+
+    return {
+        "mlp": (lambda: mlp(), (3, 12)),
+        "vgg_bn": (lambda: VGGish(bn=True), (3, 3, 16, 16)),
+        "vgg_plain": (lambda: VGGish(bn=False), (3, 3, 16, 16)),
+        "resnet20_bn": (lambda: ResNet20ish("bn"), (3, 3, 16, 16)),
+        "resnet20_ln": (lambda: ResNet20ish("ln"), (3, 3, 16, 16)),
+        "resnet20_fixup": (lambda: ResNet20ish("none"), (3, 3, 16, 16)),
+        "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=7), (2, 3, 32, 32)),
+        "tv_resnet50": (lambda: torchvision.models.resnet50(num_classes=7), (2, 3, 32, 32)),
+        "tv_vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=7), (2, 3, 32, 32)),
+    }

@@ -1,0 +1,221 @@
+"""Core invariants: tracing finds the permutation groups, and permuting them never changes the function."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from onebasin.errors import ArchitectureMismatchError, UnsupportedOpError, UntraceableModelError
+from onebasin.interpolate import lerp
+from onebasin.permute import apply_perms, compose_perms, invert_perms, permute_model, random_perms
+from onebasin.spec import from_groups, trace
+from reference_models import ResNet20ish, mlp, reference_models
+
+MODELS = reference_models()
+SMALL = [n for n in MODELS if not n.startswith("tv_")]
+
+
+def build(name, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    factory, shape = MODELS[name]
+    model = factory().to(dtype)
+    randomize_norm_stats(model)
+    return model, torch.randn(*shape, dtype=dtype)
+
+
+def randomize_norm_stats(model):
+    """Give every norm layer non-trivial affine parameters and running stats, so permuting them matters."""
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+
+
+def assert_close(a, b):
+    if a.dtype == torch.float64:
+        assert (a - b).abs().max().item() < 1e-9
+    else:
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_random_permutation_preserves_eval_function(name):
+    dtype = torch.float64 if name in SMALL else torch.float32
+    model, x = build(name, dtype)
+    spec = trace(model, x)
+    assert len(spec) > 0
+    permuted = permute_model(model, spec, random_perms(spec, seed=1))
+    model.eval(), permuted.eval()
+    with torch.no_grad():
+        y, y_perm = model(x), permuted(x)
+    assert_close(y_perm, y)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, permuted.state_dict()[k])]
+    assert changed, "a random permutation should move some weights"
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "tv_vgg11_bn"])
+def test_random_permutation_preserves_train_mode_and_running_stats(name):
+    # float64 throughout: train-mode BN on a 2-sample batch amplifies float32 rounding far past 1e-4
+    # and a 64x64 input for the torchvision nets, so their last BN sees more than 2 values per channel
+    model, x = build(name, torch.float64)
+    if name.startswith("tv_"):
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    spec = trace(model, x)
+    perms = random_perms(spec, seed=2)
+    permuted = permute_model(model, spec, perms)
+    for m in (model, permuted):
+        m.train()
+        for d in m.modules():
+            if isinstance(d, nn.Dropout):
+                d.eval()
+    with torch.no_grad():
+        y, y_perm = model(x), permuted(x)
+    assert_close(y_perm, y)
+    # running statistics updated in train mode are the permuted ones
+    expected = apply_perms(spec, perms, model.state_dict())
+    for k, v in permuted.state_dict().items():
+        assert torch.allclose(v.double(), expected[k].double(), atol=1e-6), k
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_permute_then_inverse_is_identity(name):
+    model, x = build(name)
+    spec = trace(model, x)
+    perms = random_perms(spec, seed=3)
+    sd = model.state_dict()
+    back = apply_perms(spec, invert_perms(perms), apply_perms(spec, perms, sd))
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_compose_equals_sequential_application():
+    model, x = build("resnet20_bn")
+    spec = trace(model, x)
+    p, q = random_perms(spec, 4), random_perms(spec, 5)
+    sd = model.state_dict()
+    once = apply_perms(spec, compose_perms(p, q), sd)
+    twice = apply_perms(spec, q, apply_perms(spec, p, sd))
+    assert all(torch.equal(once[k], twice[k]) for k in sd)
+
+
+def test_resnet20_has_one_group_per_stream_plus_one_per_inner_conv():
+    w = 4
+    spec = trace(ResNet20ish("bn", w=w), torch.randn(2, 3, 16, 16))
+    sizes = sorted(g.size for g in spec.groups.values())
+    # 3 residual streams (w, 2w, 4w) + 9 inner convs (3 per stage)
+    assert len(spec) == 12
+    assert sizes == sorted([w, 2 * w, 4 * w] + [w] * 3 + [2 * w] * 3 + [4 * w] * 3)
+    streams = [g for g in spec.groups.values() if any(s.kind == "block" for s in g.sites)]
+    assert [g.size for g in streams] == [w, 2 * w, 4 * w]
+    stage2 = streams[1]
+    keys = {m.key for m in stage2.members}
+    assert {"blocks.3.shortcut.0.weight", "blocks.3.n2.running_mean", "blocks.5.conv2.weight"} <= keys
+    assert "fc.weight" not in keys and "fc.weight" in {m.key for m in streams[2].members}
+
+
+def test_classifier_output_is_never_permuted():
+    model, x = build("vgg_bn")
+    spec = trace(model, x)
+    axes = spec.axes_of
+    assert [a for a, _, _ in axes["classifier.3.weight"]] == [1]
+    assert "classifier.3.bias" not in axes
+
+
+def test_flatten_maps_a_channel_to_a_block_of_inputs():
+    model, x = build("vgg_plain")
+    spec = trace(model, x)
+    axes = {axis: (group, block) for axis, group, block in spec.axes_of["classifier.0.weight"]}
+    (group, block) = axes[1]
+    assert block == 4 and spec.groups[group].size == 8 and axes[0][1] == 1
+
+
+def test_hand_written_spec_matches_traced_one():
+    model = mlp(width=8, depth=3)
+    sd = model.state_dict()
+    hand = from_groups({
+        "h1": [("1.weight", 0), ("1.bias", 0), ("3.weight", 1)],
+        "h2": [("3.weight", 0), ("3.bias", 0), ("5.weight", 1)],
+    }, sd)
+    traced = trace(model, torch.randn(2, 12))
+    assert {frozenset(g.members) for g in hand.groups.values()} == {frozenset(g.members) for g in traced.groups.values()}
+    x = torch.randn(4, 12)
+    assert torch.allclose(permute_model(model, hand, random_perms(hand))(x), model(x), atol=1e-5)
+    assert "h1" in str(hand) and "3.weight[1]" in str(hand)
+
+
+def test_hand_written_spec_rejects_inconsistent_sizes():
+    sd = mlp(width=8, depth=3).state_dict()
+    with pytest.raises(ValueError, match="disagree"):
+        from_groups({"g": [("1.weight", 0), ("1.weight", 1)]}, sd)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.fc2(h)
+
+
+def test_untraceable_model_names_node_and_suggests_hand_spec():
+    with pytest.raises(UntraceableModelError) as e:
+        trace(DataDependent(), torch.randn(2, 4))
+    msg = str(e.value)
+    assert "DataDependent" in msg and "after node 'gt'" in msg and "h.sum() > 0" in msg and "from_groups" in msg
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+class Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(4, 4), nn.Linear(2, 2)
+
+    def forward(self, x):  # (N, 2, 4)
+        return self.out(self.a(x).transpose(1, 2))
+
+
+@pytest.mark.parametrize("model,shape,op", [(Concat(), (2, 4), "cat"), (Transposed(), (2, 2, 4), "transpose")])
+def test_unsupported_op_on_permuted_axis_is_named(model, shape, op):
+    with pytest.raises(UnsupportedOpError, match=rf"node '{op}'.*{op}"):
+        trace(model, torch.randn(*shape))
+
+
+def test_grouped_conv_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(UnsupportedOpError, match="groups=2"):
+        trace(model, torch.randn(1, 3, 8, 8))
+
+
+def test_mismatched_architectures_list_the_differences():
+    a, b = mlp(width=8).state_dict(), mlp(width=6).state_dict()
+    b["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ArchitectureMismatchError) as e:
+        lerp(a, b, 0.5)
+    msg = str(e.value)
+    assert "'extra.weight' only in B" in msg and "'1.weight': shape (8, 12) in A vs (6, 12) in B" in msg
+
+
+def test_lerp_interpolates_floats_and_rounds_integer_buffers():
+    a, b = build("resnet20_bn", seed=0)[0].state_dict(), build("resnet20_bn", seed=1)[0].state_dict()
+    a["n1.num_batches_tracked"] = torch.tensor(10)
+    b["n1.num_batches_tracked"] = torch.tensor(20)
+    mid = lerp(a, b, 0.25)
+    assert torch.allclose(mid["conv1.weight"], 0.75 * a["conv1.weight"] + 0.25 * b["conv1.weight"])
+    assert mid["n1.num_batches_tracked"].item() == 12 and mid["n1.num_batches_tracked"].dtype == torch.int64
+    assert all(torch.equal(lerp(a, b, 0.0)[k], a[k]) and torch.equal(lerp(a, b, 1.0)[k], b[k]) for k in a)
