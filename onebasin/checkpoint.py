@@ -1,0 +1,151 @@
+"""Checkpoints: safetensors weights plus a JSON sidecar, written atomically.
+
+    save_checkpoint("runs/a.safetensors", model.state_dict(), {"model": "mlp", "model_kwargs": {...}})
+    state, meta = load_checkpoint("runs/a.safetensors", expect={"model": "mlp"})
+    model, meta = load_model("runs/a.safetensors")        # rebuilt from the recorded name/options
+
+`X.safetensors` is self-contained: its header holds the metadata (JSON under the key "onebasin")
+and a sha256 of the tensor data, so the file alone is checked on load. `X.json` is the same
+metadata, for people and tools. Each file is written to a temporary file in the same directory,
+fsynced, then renamed over the old one (`os.replace`), weights first: a crash at any point leaves
+either the previous or the new weights file, never a torn one; a stale sidecar is reported and
+ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import onebasin
+from onebasin._io import atomic_write, atomic_write_text
+from onebasin.errors import OnebasinError
+
+_KEY = "onebasin"
+
+
+class CheckpointError(OnebasinError):
+    """A checkpoint is missing, corrupt, or not the one that was asked for."""
+
+
+def checkpoint_paths(path) -> tuple[Path, Path]:
+    """(weights, sidecar) for `path` given with or without the .safetensors suffix."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix == ".safetensors" else p
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of `tensors` in sorted-name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write `state_dict` (tensors of any dtype, ints included) and JSON-able `meta` atomically.
+
+    Tensors are copied to contiguous CPU tensors (safetensors refuses shared or strided storage).
+    `meta` gains "onebasin_version" and "sha256". Returns the weights path.
+    """
+    weights, sidecar = checkpoint_paths(path)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    meta = {**meta, "onebasin_version": onebasin.__version__, "sha256": tensor_digest(tensors)}
+    text = json.dumps(meta, indent=2, sort_keys=True)
+    atomic_write(weights, _save_tensors(tensors, text))
+    atomic_write_text(sidecar, text + "\n")
+    return weights
+
+
+def _save_tensors(tensors, text):
+    def write(tmp):
+        save_file(tensors, str(tmp), metadata={_KEY: text})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; make them like any other
+
+    return write
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_meta(path) -> dict:
+    """The metadata stored in a checkpoint's weights file (no tensor data is read)."""
+    weights, _ = checkpoint_paths(path)
+    if not weights.exists():
+        raise CheckpointError(f"no checkpoint at {weights}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = f.metadata() or {}
+        return json.loads(header[_KEY])
+    except Exception as err:
+        raise CheckpointError(f"{weights} is not a readable onebasin checkpoint ({err})") from err
+
+
+def load_checkpoint(path, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read (state_dict, meta) from `path`, verifying its integrity and `expect`.
+
+    expect: entries the metadata must hold, e.g. {"model": "mlp", "model_kwargs": {"width": 128}};
+        a mismatch raises CheckpointError naming each differing entry.
+    Raises CheckpointError when the file is missing, truncated, corrupt or mismatched.
+    """
+    weights, sidecar = checkpoint_paths(path)
+    meta = read_meta(weights)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise CheckpointError(f"{weights} is corrupt: {err}") from err
+    if tensor_digest(state) != meta.get("sha256"):
+        raise CheckpointError(f"{weights} is corrupt: its tensor data does not match the sha256 it was saved with")
+    _check_sidecar(sidecar, meta)
+    _check_expect(weights, meta, expect or {})
+    return state, meta
+
+
+def _check_sidecar(sidecar: Path, meta: dict) -> None:
+    try:
+        side = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        side = None
+    if side != meta:
+        warnings.warn(f"{sidecar} is missing or stale (an interrupted save?); "
+                      f"using the metadata stored in the weights file", stacklevel=3)
+
+
+def _check_expect(weights: Path, meta: dict, expect: dict) -> None:
+    expect = json.loads(json.dumps(expect))  # tuples -> lists, as stored
+    diffs = [f"{k}: checkpoint has {meta.get(k)!r}, expected {v!r}" for k, v in expect.items()
+             if meta.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{weights} does not match the requested model: " + "; ".join(diffs))
+
+
+def load_model(path, expect: dict | None = None, device="cpu"):
+    """Rebuild the model recorded in a checkpoint ("model", "model_kwargs") and load its weights.
+
+    Returns (model in eval mode, meta).
+    """
+    from onebasin.models import create_model
+
+    state, meta = load_checkpoint(path, expect)
+    if "model" not in meta:
+        raise CheckpointError(f"{path} does not record which model it holds (no 'model' in its metadata)")
+    model = create_model(meta["model"], **meta.get("model_kwargs", {}))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit {meta['model']}: {err}") from err
+    return model.to(device).eval(), meta

@@ -1,0 +1,72 @@
+"""Model zoo of the REPAIR paper (Jordan et al. 2022), as a timm-style registry.
+
+    model = create_model("resnet20", width=4, norm="layernorm", in_channels=1)
+    list_models("vgg*")          # ['vgg11', 'vgg13', 'vgg16', 'vgg19']
+    model_info("vgg11").image_size   # 32: VGG's five max-pools need 32x32 inputs
+
+Each registered function's name is its key; its keyword arguments are the model's options. Every
+model takes `num_classes`, and `in_features` (MLP) or `in_channels` (conv nets), so that it fits any
+dataset; `input_kwargs(name, channels, image_size, num_classes)` builds those for a dataset.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fn: Callable[..., nn.Module]
+    flat_input: bool  # True: takes in_features (C*H*W), e.g. the MLP; False: takes in_channels
+    image_size: int | None  # the input height/width the model needs; None: any size (>= 8 or so)
+    default_dataset: str  # the dataset the paper trains it on (for tests and defaults)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(fn=None, *, flat_input=False, image_size=None, default_dataset="cifar10"):
+    """Register `fn` under its own name; usable bare (`@register_model`) or with metadata."""
+
+    def add(f):
+        if f.__name__ in _REGISTRY:
+            raise ValueError(f"model {f.__name__!r} is already registered")
+        _REGISTRY[f.__name__] = ModelInfo(f.__name__, f, flat_input, image_size, default_dataset)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of registered models matching the glob `pattern`."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of `name`; ValueError listing the valid names when unknown."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build the registered model `name` with its options, e.g. `create_model("mlp", width=128)`."""
+    return model_info(name).fn(**kwargs)
+
+
+def input_kwargs(name: str, channels: int, image_size: int, num_classes: int) -> dict:
+    """The input/output keyword arguments that fit model `name` to a dataset of C x H x W images."""
+    info = model_info(name)
+    if info.flat_input:
+        return {"in_features": channels * image_size * image_size, "num_classes": num_classes}
+    return {"in_channels": channels, "num_classes": num_classes}
+
+
+from . import mlp, resnet, vgg  # noqa: E402,F401  (registers the models)
+
+__all__ = ["ModelInfo", "create_model", "input_kwargs", "list_models", "model_info", "register_model"]

@@ -1,0 +1,123 @@
+"""Checkpoints: round trip, sidecar, atomic writes under simulated crashes, clear errors."""
+
+import json
+
+import pytest
+import torch
+import onebasin
+import onebasin.checkpoint as ckpt
+from onebasin.checkpoint import (CheckpointError, checkpoint_paths, load_checkpoint, load_model, read_meta,
+                                 save_checkpoint)
+from onebasin.errors import OnebasinError
+from onebasin.models import create_model
+
+META = {"model": "resnet20", "model_kwargs": {"width": 1, "norm": "batchnorm", "in_channels": 1, "num_classes": 10},
+        "dataset": "fashionmnist", "seed": 0}
+
+
+def small_state(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("resnet20", in_channels=1)
+    model(torch.randn(4, 1, 28, 28))  # train-mode forward: running stats and num_batches_tracked move
+    return model.state_dict()
+
+
+def test_round_trip_keeps_every_tensor_and_dtype(tmp_path):
+    state = small_state()
+    path = save_checkpoint(tmp_path / "a.safetensors", state, META)
+    loaded, meta = load_checkpoint(path)
+    assert loaded.keys() == state.keys()
+    for k in state:
+        assert loaded[k].dtype == state[k].dtype and torch.equal(loaded[k], state[k]), k
+    assert loaded["norm1.num_batches_tracked"].dtype == torch.int64
+    assert loaded["norm1.num_batches_tracked"].item() == 1
+    assert meta["model"] == "resnet20" and meta["onebasin_version"] == onebasin.__version__
+
+
+def test_shared_and_strided_tensors_are_saved(tmp_path):
+    w = torch.randn(4, 6)
+    state = {"a": w, "tied": w, "t": w.t(), "int": torch.arange(3), "half": torch.ones(2, dtype=torch.bfloat16)}
+    save_checkpoint(tmp_path / "s", state, {})
+    loaded, _ = load_checkpoint(tmp_path / "s")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_sidecar_is_readable_json_beside_the_weights(tmp_path):
+    weights = save_checkpoint(tmp_path / "run.safetensors", small_state(), META)
+    _, sidecar = checkpoint_paths(weights)
+    assert sidecar == tmp_path / "run.json"
+    side = json.loads(sidecar.read_text())
+    assert side["model_kwargs"]["norm"] == "batchnorm" and side == read_meta(weights)
+    assert weights.stat().st_mode & 0o044  # readable by others, like any file (safetensors writes 0600)
+
+
+def test_expect_mismatch_names_the_difference(tmp_path):
+    save_checkpoint(tmp_path / "a", small_state(), META)
+    load_checkpoint(tmp_path / "a", expect={"model": "resnet20", "model_kwargs": META["model_kwargs"]})
+    with pytest.raises(CheckpointError, match="model: checkpoint has 'resnet20', expected 'mlp'"):
+        load_checkpoint(tmp_path / "a", expect={"model": "mlp"})
+    with pytest.raises(CheckpointError, match="model_kwargs"):
+        load_checkpoint(tmp_path / "a", expect={"model_kwargs": {**META["model_kwargs"], "width": 2}})
+
+
+def test_missing_truncated_and_corrupt_files_fail_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "none.safetensors")
+    path = save_checkpoint(tmp_path / "a", small_state(), META)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt|not a readable"):
+        load_checkpoint(path)
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF  # a bit flip in the tensor data
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(path)
+
+
+def test_crash_while_writing_weights_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    old = small_state(0)
+    save_checkpoint(tmp_path / "a", old, {**META, "epochs_done": 1})
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "a", small_state(1), {**META, "epochs_done": 2})
+    loaded, meta = load_checkpoint(tmp_path / "a")
+    assert meta["epochs_done"] == 1 and all(torch.equal(loaded[k], old[k]) for k in old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.safetensors"]  # no temp files left
+
+
+def test_crash_between_weights_and_sidecar_keeps_a_consistent_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "a", small_state(0), {**META, "epochs_done": 1})
+    new = small_state(1)
+
+    def crash(path, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "atomic_write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "a", new, {**META, "epochs_done": 2})
+    with pytest.warns(UserWarning, match="stale"):
+        loaded, meta = load_checkpoint(tmp_path / "a")
+    assert meta["epochs_done"] == 2 and all(torch.equal(loaded[k], new[k]) for k in new)
+
+
+def test_load_model_rebuilds_the_recorded_model(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mlp", width=16, depth=3).eval()
+    save_checkpoint(tmp_path / "m", model.state_dict(), {"model": "mlp", "model_kwargs": {"width": 16, "depth": 3}})
+    loaded, meta = load_model(tmp_path / "m", expect={"model": "mlp"})
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(loaded(x), model(x)) and not loaded.training
+    save_checkpoint(tmp_path / "bad", model.state_dict(), {"model": "mlp", "model_kwargs": {"width": 8, "depth": 3}})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(tmp_path / "bad")
+
+
+def test_checkpoint_errors_are_onebasin_errors():
+    assert issubclass(CheckpointError, OnebasinError)
