@@ -1,8 +1,19 @@
-"""Linear interpolation of weights: theta_alpha = (1 - alpha) * theta_A + alpha * theta_B."""
+"""Linear interpolation of weights, theta_alpha = (1 - alpha) * theta_A + alpha * theta_B, and its barrier.
+
+`lerp` works on state_dicts, `interpolate_model` on modules; `barrier_curve` evaluates loss and accuracy
+along the path, optionally with a statistical correction at every alpha (BN reset or REPAIR, Jordan et
+al. 2022), and `BarrierCurve.barrier` gives the barrier of eq. (1) for loss or error.
+"""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from .checks import check_same_architecture
 
@@ -25,3 +36,121 @@ def lerp(sd_a: StateDict, sd_b: StateDict, alpha: float) -> StateDict:
         else:
             out[k] = torch.round((1 - alpha) * a.double() + alpha * b.double()).to(a.dtype)
     return out
+
+
+def interpolate_model(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
+    """A copy of `model_a` holding lerp(A, B, alpha) (theta_alpha, Jordan et al. 2022 Sec. 2.1); inputs untouched."""
+    new = copy.deepcopy(model_a)
+    new.load_state_dict(lerp(model_a.state_dict(), model_b.state_dict(), alpha))
+    return new
+
+
+# --- barriers ------------------------------------------------------------------------------------------
+
+CORRECTIONS = (None, "reset_bn", "repair_exact", "repair_closed")
+
+
+@dataclass
+class BarrierCurve:
+    """Loss and accuracy of the interpolated net at each alpha, per data split ("train", "test", ...)."""
+
+    alphas: list[float]
+    loss: dict[str, list[float]]  # split -> mean loss per alpha
+    acc: dict[str, list[float]]  # split -> accuracy (fraction) per alpha
+    correction: str | None = None
+
+    def error(self, split: str) -> list[float]:
+        return [1 - a for a in self.acc[split]]
+
+    def barrier(self, split: str = "test", metric: str = "loss") -> float:
+        """B = max_alpha [L(alpha) - ((1 - alpha) L(0) + alpha L(1))] (Entezari et al. 2021; Jordan et al. eq. 1).
+
+        metric: "loss" or "error" (1 - accuracy). Needs alpha = 0 and alpha = 1 among `alphas`.
+        """
+        values = {"loss": lambda: self.loss[split], "error": lambda: self.error(split)}
+        if metric not in values:
+            raise ValueError(f"unknown barrier metric {metric!r}; valid metrics: {list(values)}")
+        ys = values[metric]()
+        if 0.0 not in self.alphas or 1.0 not in self.alphas:
+            raise ValueError("the barrier needs the endpoints: alphas must include 0 and 1")
+        y0, y1 = ys[self.alphas.index(0.0)], ys[self.alphas.index(1.0)]
+        return max(y - ((1 - a) * y0 + a * y1) for a, y in zip(self.alphas, ys))
+
+    def to_dict(self) -> dict:
+        """JSON-ready: alphas, per-split loss/acc lists, correction, and the loss/error barrier of each split."""
+        barriers = {s: {m: self.barrier(s, m) for m in ("loss", "error")} for s in self.loss}
+        return {"alphas": self.alphas, "loss": self.loss, "acc": self.acc, "correction": self.correction,
+                "barrier": barriers}  # fmt: skip
+
+
+def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` in eval mode over (x, y) batches; loss_fn(logits, y) returns a batch mean."""
+    p = next(model.parameters())
+    total_loss, correct, n = 0.0, 0, 0
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for x, y, *_ in loader:
+            x = x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
+            out, y = model(x), y.to(p.device)
+            total_loss += float(loss_fn(out, y)) * len(y)
+            correct += int((out.argmax(-1) == y).sum())
+            n += len(y)
+    model.train(was)
+    return total_loss / n, correct / n
+
+
+def _corrector(model_a, model_b, correction, calib_data, max_examples, spec, sites) -> Callable[[float], nn.Module]:
+    """alpha -> interpolated model with `correction` applied (endpoint statistics measured once)."""
+    from . import repair as rp  # repair imports this module
+
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; valid corrections: {list(CORRECTIONS)}")
+    if correction is None:
+        return lambda a: interpolate_model(model_a, model_b, a)
+    if correction == "reset_bn":
+        return lambda a: rp.reset_bn(interpolate_model(model_a, model_b, a), calib_data, max_examples)
+    ends = rp.endpoint_stats(model_a, model_b, calib_data, spec, sites, max_examples)
+    method = correction.removeprefix("repair_")
+    return lambda a: rp.repair(model_a, model_b, a, calib_data, method=method, max_examples=max_examples,
+                               endpoints=ends).model  # fmt: skip
+
+
+def barrier_curve(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loaders: dict[str, Iterable],
+    alphas: Iterable[float] | torch.Tensor | None = None,
+    correction: str | None = None,
+    *,
+    calib_data: Iterable | None = None,
+    loss_fn: Callable = F.cross_entropy,
+    max_examples: int | None = 5000,
+    spec=None,
+    sites=("layer", "block"),
+) -> BarrierCurve:
+    """Loss and accuracy along theta_alpha = (1 - alpha) theta_A + alpha theta_B (Jordan et al. 2022, Fig. 3).
+
+    Args:
+        model_a, model_b: endpoints (B aligned to A by the caller); not modified.
+        loaders: split name -> re-iterable of (x, y) batches, e.g. {"train": ..., "test": ...}.
+        alphas: interpolation weights (default 0, 0.1, ..., 1); 0 and 1 are added if missing.
+        correction: None, "reset_bn", "repair_exact" or "repair_closed", applied at every alpha (endpoints
+            included) with `calib_data` (default: loaders["train"], else the first loader), first
+            `max_examples` examples; `spec`/`sites` select the REPAIR sites.
+        loss_fn: loss(logits, targets) -> batch mean.
+    Returns:
+        BarrierCurve; `.barrier(split, "loss" | "error")` gives eq. (1).
+    """
+    alphas = sorted({0.0, 1.0, *(float(a) for a in (torch.linspace(0, 1, 11) if alphas is None else alphas))})
+    calib = calib_data if calib_data is not None else loaders.get("train", next(iter(loaders.values())))
+    make = _corrector(model_a, model_b, correction, calib, max_examples, spec, sites)
+    loss = {split: [] for split in loaders}
+    acc = {split: [] for split in loaders}
+    for a in alphas:
+        model = make(a)
+        for split, loader in loaders.items():
+            l, c = evaluate(model, loader, loss_fn)
+            loss[split].append(l)
+            acc[split].append(c)
+    return BarrierCurve(alphas, loss, acc, correction)

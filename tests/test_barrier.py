@@ -1,0 +1,187 @@
+"""Barrier curves, variance collapse diagnostic and plots; on real MNIST, REPAIR beats plain alignment."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from onebasin.diagnostics import ratio_series, ratio_table, site_label, variance_ratios
+from onebasin.errors import OnebasinError
+from onebasin.interpolate import BarrierCurve, barrier_curve, interpolate_model
+from onebasin.permute import invert_perms, permute_model, random_perms
+from onebasin.plots import plot_barrier_curves, plot_variance_ratios
+from onebasin.repair import repair, repair_errors
+from onebasin.spec import trace
+from reference_models import VGGish
+
+MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data, as tests/conftest.py
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """2 shared cores: intra-op threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def blobs(n, seed, dim=12, classes=5):
+    """Gaussian blobs around fixed class centres: (x (n, dim), y (n,))."""
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 1.5
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n,), generator=gen)
+    return centres[y] + torch.randn(n, dim, generator=gen), y
+
+
+def mlp(seed, width=32, depth=4, d_in=12, d_out=5):
+    """`depth` Linear layers, ReLU, Kaiming-normal init (as onebasin.models.mlp)."""
+    torch.manual_seed(seed)
+    dims, layers = [d_in] + [width] * (depth - 1), []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    net = nn.Sequential(nn.Flatten(), *layers, nn.Linear(dims[-1], d_out))
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def fit(model, x, y, epochs, seed, lr=0.05, batch=128):
+    """SGD with momentum and a one-cycle schedule; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = epochs * (len(x) // batch)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(len(x) // batch):
+            idx = order[i * batch : (i + 1) * batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def loader(x, y, batch=500):
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+
+
+def test_barrier_is_the_largest_rise_above_the_endpoint_chord():
+    curve = BarrierCurve([0.0, 0.5, 1.0], {"test": [1.0, 3.0, 2.0]}, {"test": [0.9, 0.5, 0.8]})
+    assert curve.barrier("test", "loss") == pytest.approx(1.5)
+    assert curve.barrier("test", "error") == pytest.approx(0.5 - 0.15)
+    flat = BarrierCurve([0.0, 0.5, 1.0], {"test": [1.0, 0.5, 2.0]}, {"test": [0.9, 0.95, 0.8]})
+    assert flat.barrier("test", "loss") == 0.0  # below the chord: the endpoints bound it at 0
+    assert json.loads(json.dumps(curve.to_dict()))["barrier"]["test"]["loss"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="error"):
+        curve.barrier("test", "accuracy")
+    with pytest.raises(ValueError, match="include 0 and 1"):
+        BarrierCurve([0.0, 0.5], {"t": [1.0, 2.0]}, {"t": [0.5, 0.5]}).barrier("t")
+
+
+def test_permuted_copy_has_zero_barrier_once_aligned():
+    x, y = blobs(2000, seed=0)
+    a = fit(mlp(0).double(), x.double(), y, epochs=4, seed=0)
+    xt, yt = blobs(1000, seed=1)
+    loaders = {"train": loader(x.double(), y), "test": loader(xt.double(), yt)}
+    spec = trace(a, x[:2].double())
+    perms = random_perms(spec, seed=7)
+    b = permute_model(a, spec, perms)
+    aligned = permute_model(b, spec, invert_perms(perms))  # the exact alignment
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    plain = barrier_curve(a, b, loaders, alphas)
+    assert plain.barrier("test", "loss") > 0.1 and plain.barrier("test", "error") > 0.05
+    for correction in (None, "repair_exact", "repair_closed"):
+        curve = barrier_curve(a, aligned, loaders, alphas, correction)
+        for split in loaders:
+            assert curve.barrier(split, "loss") < 1e-9 and curve.barrier(split, "error") < 1e-9
+            assert max(curve.loss[split]) - min(curve.loss[split]) < 1e-9
+    assert curve.acc["test"][0] > 0.8
+
+
+def test_corrections_run_on_a_batchnorm_net_and_plot(tmp_path):
+    torch.manual_seed(0)
+    a, b = VGGish(bn=True).eval(), VGGish(bn=True).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 16, 16, generator=gen), torch.randint(5, (96,), generator=gen)
+    loaders = {"train": loader(x[:64], y[:64], 32), "test": loader(x[64:], y[64:], 32)}
+    curves = {str(c): barrier_curve(a, b, loaders, [0.5], c) for c in (None, "reset_bn", "repair_exact", "repair_closed")}
+    for c in curves.values():
+        assert c.alphas == [0.0, 0.5, 1.0] and all(len(v) == 3 for v in c.loss.values())
+        json.dumps(c.to_dict())
+    assert curves["reset_bn"].loss["test"][1] != curves["None"].loss["test"][1]
+    path = plot_barrier_curves(curves, tmp_path / "plots" / "barrier.png", metrics=("acc", "loss", "error"))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["barrier.png"]  # no temp file left behind
+    with pytest.raises(ValueError, match="repair_exact"):
+        barrier_curve(a, b, loaders, [0.5], "repair")
+    with pytest.raises(OnebasinError, match="no BatchNorm"):
+        barrier_curve(mlp(0), mlp(1), {"test": loader(*blobs(64, 0))}, [0.5], "reset_bn")
+
+
+def test_variance_ratios_show_collapse_and_its_repair(tmp_path):
+    x, y = blobs(1500, seed=0)
+    a, b = (fit(mlp(s, width=32, depth=6), x, y, epochs=3, seed=s) for s in (0, 1))
+    data = loader(x, y)
+    mid = interpolate_model(a, b, 0.5)
+    fixed = repair(a, b, 0.5, data).model
+    results = {"plain": variance_ratios(a, b, mid, data), "plain+REPAIR": variance_ratios(a, b, fixed, data)}
+    plain, repaired = ratio_series(results).values()
+    assert len(plain) == 5 and plain[-1] < 0.8 and plain[-1] < plain[0]  # collapse grows with depth
+    assert all(abs(r - 1) < 1e-6 for r in repaired)  # exact on the calibration data
+    table = ratio_table(results)
+    assert "plain+REPAIR" in table and len(table.splitlines()) == 6
+    names = [site_label(s) for s, _ in results["plain"]]
+    path = plot_variance_ratios(ratio_series(results), tmp_path / "ratios.png", layer_names=names)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def mnist(train, n=None):
+    import torchvision
+
+    ds = torchvision.datasets.MNIST(root=str(MNIST_ROOT), train=train, download=False)
+    x = ((ds.data[:n].float() / 255 - 0.1307) / 0.3081).reshape(-1, 784)
+    return x, ds.targets[:n]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MNIST_ROOT / "MNIST").exists(), reason=f"MNIST not found under {MNIST_ROOT}")
+def test_mnist_mlps_repair_beats_alignment_beats_plain(tmp_path):
+    from onebasin.align import align  # issue 4
+
+    x, y = mnist(True, 20000)
+    xt, yt = mnist(False)
+    a, b = (fit(mlp(s, width=128, depth=6, d_in=784, d_out=10), x, y, epochs=3, seed=s) for s in (0, 1))
+    calib, test = loader(x[:5000], y[:5000]), {"test": loader(xt, yt, 1000)}
+    aligned, _ = align(a, b, method="activation", data=calib)
+    curves = {
+        "plain": barrier_curve(a, b, test, [0.5]),
+        "aligned": barrier_curve(a, aligned, test, [0.5]),
+        "aligned+REPAIR": barrier_curve(a, aligned, test, [0.5], "repair_exact", calib_data=calib),
+        "aligned+closed": barrier_curve(a, aligned, test, [0.5], "repair_closed", calib_data=calib),
+    }
+    mid = {k: c.acc["test"][1] for k, c in curves.items()}
+    ends = curves["plain"].acc["test"][0], curves["plain"].acc["test"][2]
+    ratios = {
+        "plain": variance_ratios(a, b, interpolate_model(a, b, 0.5), test["test"]),
+        "aligned": variance_ratios(a, aligned, interpolate_model(a, aligned, 0.5), test["test"]),
+        "aligned+REPAIR": variance_ratios(a, aligned, repair(a, aligned, 0.5, calib).model, test["test"]),
+    }
+    print(f"\nMNIST 6-layer MLP w128: endpoint test acc {ends}, midpoint test acc {mid}")
+    print("barriers (test error):", {k: round(c.barrier("test", "error"), 4) for k, c in curves.items()})
+    print(ratio_table(ratios))
+    closed = repair(a, aligned, 0.5, calib, method="closed")
+    print("closed-form REPAIR, std error vs goal on calib (mean/max over units):",
+          [(round(e["std_err_mean"], 3), round(e["std_err"], 3)) for e in repair_errors(closed, calib)])
+    plot_barrier_curves(curves, tmp_path / "mnist_barrier.png")
+    plot_variance_ratios(ratio_series(ratios), tmp_path / "mnist_ratios.png")
+    assert min(ends) > 0.95
+    assert mid["aligned+REPAIR"] > mid["aligned"] > mid["plain"]
+    assert all(0.9 <= r <= 1.1 for _, r in ratios["aligned+REPAIR"])
