@@ -149,3 +149,47 @@ def load_model(path, expect: dict | None = None, device="cpu"):
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit {meta['model']}: {err}") from err
     return model.to(device).eval(), meta
+
+
+def load_any(path, model: str | None = None, model_kwargs: dict | None = None, device="cpu"):
+    """Load an onebasin checkpoint, or a plain state_dict file for a model given by name or "module:factory".
+
+    An onebasin checkpoint rebuilds its own model (checked against `model` when given). Any other file
+    (.safetensors, or a torch.save'd state_dict: .pt/.pth/.bin, read with weights_only=True) needs `model`
+    and is loaded strictly. Returns (model in eval mode, meta). Raises CheckpointError on a missing or
+    unreadable file or weights that do not fit the model; ValueError on an unknown model name.
+    """
+    from onebasin.models import build_model
+
+    weights = Path(path)
+    if not weights.exists():
+        raise CheckpointError(f"no checkpoint at {weights}")
+    try:
+        meta = read_meta(weights)
+    except CheckpointError:
+        meta = None
+    if meta is not None and "model" in meta:
+        return load_model(weights, expect={"model": model} if model and ":" not in model else None, device=device)
+    if model is None:
+        raise CheckpointError(f"{weights} is not an onebasin checkpoint: say which model it holds (--model NAME or module:factory)")
+    net = build_model(model, **(model_kwargs or {}))
+    try:
+        net.load_state_dict(_read_state_dict(weights))
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights}: weights do not fit {model}: {str(err).splitlines()[0]}") from err
+    return net.to(device).eval(), {"model": model, "model_kwargs": model_kwargs or {}, "source": str(weights)}
+
+
+def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        if weights.suffix == ".safetensors":
+            return load_file(str(weights))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{weights} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{weights} holds a {type(state).__name__}, not a state_dict")
+    return state

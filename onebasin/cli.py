@@ -47,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint path X.safetensors (a sidecar X.json is written too)")
     t.add_argument("--force", action="store_true", help="overwrite OUT and discard an unfinished run's epoch checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    d = sub.add_parser("demo", help="a CPU-sized end-to-end demo (placeholder for now)")
-    d.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
+    _add_demo(sub)
+    _add_merge(sub)
+    _add_barrier(sub)
+    _add_sweep(sub)
     return p
 
 
@@ -110,10 +112,238 @@ def cmd_train(args, fail) -> int:
     return 0
 
 
+DEMO_EXAMPLES = """examples:
+  onebasin demo --data-dir ../shared/data                 # 10-layer MLPs (width 128) on MNIST, ~3 min on 2 CPU cores
+  onebasin demo --dataset fashionmnist --width 512 --epochs 20 --out reports/fmnist512
+  onebasin demo --model resnet20 --width 1 --dataset fashionmnist --epochs 2
+
+Trained endpoints are cached ($ONEBASIN_CACHE, else ~/.cache/onebasin): a second run only compares.
+The report folder gets report.json, barrier.csv, barrier.png, variance.png and index.html.
+"""
+
+MERGE_EXAMPLES = """examples:
+  # two checkpoints of `onebasin train` (model and dataset read from their sidecars)
+  onebasin merge runs/a.safetensors runs/b.safetensors --method activation --repair exact --out merged.safetensors
+  # your own model: an importable factory and plain state_dict files, calibrated on MNIST
+  onebasin merge a.pt b.pt --model mypkg.nets:make_net --model-opts hidden=256 --data mnist --out merged.safetensors
+"""
+
+BARRIER_EXAMPLES = """examples:
+  onebasin barrier runs/a.safetensors runs/b.safetensors --out reports/ab
+  onebasin barrier a.pt b.pt --model mypkg.nets:make_net --data fashionmnist --repair closed --out reports/ab
+"""
+
+SWEEP_EXAMPLES = """example CONFIG.toml:
+  out = "runs/sweep"
+  [base]
+  model = "mlp"
+  dataset = "mnist"
+  epochs = 5
+  model_kwargs = { depth = 4 }
+  [grid]
+  width = [32, 64, 128]
+  seeds = [[0, 1]]
+  method = ["activation", "weight"]
+
+Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs the first numeric axis.
+"""
+
+METHODS = ["activation", "weight", "annealing", "functional"]
+REPAIRS = ["exact", "closed", "reset_bn", "none"]
+
+
+def _sub(sub, name, help_, epilog):
+    return sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_common(p, out_help, out_required=True):
+    p.add_argument("--method", default="activation", choices=METHODS, help="alignment method (default activation)")
+    p.add_argument("--data-dir", help="dataset folder (default: $ONEBASIN_DATA, else ~/.cache/onebasin/data)")
+    p.add_argument("--calib-examples", type=int, default=5000, help="examples for alignment and REPAIR statistics (default 5000)")
+    p.add_argument("--out", required=out_required, help=out_help)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_demo(sub):
+    d = _sub(sub, "demo", "train two MLPs on MNIST, align, REPAIR, and write a report (the main job)", DEMO_EXAMPLES)
+    d.add_argument("--dataset", default="mnist", help="mnist (default), fashionmnist, svhn, cifar10, cifar100")
+    d.add_argument("--model", default="mlp", help="registered model name (default mlp)")
+    d.add_argument("--width", type=int, default=128, help="MLP hidden units or conv channel multiplier (default 128)")
+    d.add_argument("--depth", type=int, default=10, help="Linear layers of the MLP (default 10; ignored by conv nets)")
+    d.add_argument("--epochs", type=int, default=8, help="training epochs of each endpoint (default 8)")
+    d.add_argument("--repair", default="exact", choices=REPAIRS[:3], help="correction of the third curve (default exact)")
+    d.add_argument("--train-limit", type=int, help="train on the first N examples only (quick looks)")
+    d.add_argument("--test-examples", type=int, help="evaluate on the first N test examples (default: all)")
+    d.add_argument("--cache-dir", help="trained endpoints (default: $ONEBASIN_CACHE, else ~/.cache/onebasin)")
+    _add_common(d, "report folder (default: onebasin-demo/<date-time>, never overwritten)", out_required=False)
+
+
+def _add_pair(p, repairs):
+    p.add_argument("a", help="model A: an onebasin checkpoint, or a state_dict file (.safetensors/.pt) with --model")
+    p.add_argument("b", help="model B, same architecture as A")
+    p.add_argument("--model", help="registered model name or module:factory (needed for plain state_dict files)")
+    p.add_argument("--model-opts", nargs="*", default=[], metavar="KEY=VALUE", help="options of --model, e.g. width=128")
+    p.add_argument("--data", help="dataset for calibration and evaluation (default: the checkpoints' dataset)")
+    p.add_argument("--repair", default="exact", choices=repairs, help="correction after interpolating (default exact)")
+
+
+def _add_merge(sub):
+    m = _sub(sub, "merge", "merge two checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
+    _add_pair(m, REPAIRS)
+    m.add_argument("--alpha", type=float, default=0.5, help="interpolation weight, 0 = A, 1 = B (default 0.5)")
+    _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers)")
+
+
+def _add_barrier(sub):
+    b = _sub(sub, "barrier", "barrier curves of two checkpoints: plain, aligned, aligned+REPAIR", BARRIER_EXAMPLES)
+    _add_pair(b, REPAIRS[:3])
+    b.add_argument("--alphas", type=int, default=11, help="number of evenly spaced alphas in [0, 1] (default 11)")
+    _add_common(b, "report folder (report.json, barrier.csv, barrier.png, variance.png, index.html)")
+
+
+def _add_sweep(sub):
+    s = _sub(sub, "sweep", "run a grid of experiments from a TOML file, resumably", SWEEP_EXAMPLES)
+    s.add_argument("config", help="sweep CONFIG.toml")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parse_opts(items, fail) -> dict:
+    """KEY=VALUE strings -> dict, values parsed as JSON where they parse (numbers, true/false), else text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--model-opts expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _refuse_overwrite(path, force, fail, folder=False):
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not force and (not folder or any(p.iterdir())):
+        fail(f"{p} exists; pass --force to overwrite it")
+
+
+def _endpoints(args, fail):
+    """(model A, model B, meta A) from the two paths: onebasin checkpoints or plain state_dicts with --model."""
+    from onebasin.checkpoint import load_any
+    from onebasin.checks import check_same_architecture
+
+    opts = _parse_opts(args.model_opts, fail)
+    a, meta_a = load_any(args.a, args.model, opts)
+    b, _ = load_any(args.b, args.model, opts or meta_a.get("model_kwargs"))
+    check_same_architecture(a.state_dict(), b.state_dict())
+    return a, b, meta_a
+
+
+def _pair_data(args, meta, fail):
+    """(calibration batches, {"test": batches, "train": batches}) of the dataset of --data or the sidecar."""
+    import torch
+
+    from onebasin.data import batches, dataset_info, load_dataset
+    from onebasin.models import model_info
+
+    name = args.data or meta.get("dataset")
+    if name is None:
+        fail("say which data to calibrate and evaluate on: --data DATASET")
+    info = dataset_info(name)
+    size = meta.get("image_size") or (model_info(meta["model"]).image_size if ":" not in meta["model"] else None) or info.image_size
+    train = load_dataset(name, True, args.data_dir, image_size=size, limit=max(args.calib_examples, 10000), seed=0)
+    test = load_dataset(name, False, args.data_dir, image_size=size)
+    calib = list(batches(train.subset(torch.arange(min(args.calib_examples, len(train)))), 500))
+    return calib, {"test": list(batches(test, 1000)), "train": list(batches(train, 1000))}
+
+
+def _errors():
+    from onebasin.errors import OnebasinError
+
+    return (OnebasinError, ValueError, FileExistsError, FileNotFoundError)
+
+
 def cmd_demo(args, fail) -> int:
-    print("onebasin demo (not implemented yet) will: train two 10-layer MLPs (width 128) on MNIST with different "
-          "seeds, align B to A by activation matching, interpolate with and without REPAIR, and write the "
-          f"barrier curves and a report to {args.out}.")
+    import time
+
+    from onebasin.experiment import Experiment, run_experiment, summary_table
+    from onebasin.models import model_info
+
+    out = args.out or f"onebasin-demo/{time.strftime('%Y%m%d-%H%M%S')}"
+    _refuse_overwrite(out, args.force, fail, folder=True)
+    try:
+        kwargs = {"width": args.width, **({"depth": args.depth} if model_info(args.model).flat_input else {})}
+        exp = Experiment(dataset=args.dataset, model=args.model, model_kwargs=kwargs, epochs=args.epochs,
+                         method=args.method, repair=args.repair, calib_examples=args.calib_examples,
+                         train_limit=args.train_limit, test_examples=args.test_examples, out=out,
+                         data_dir=args.data_dir, cache_dir=args.cache_dir)
+        comparison, paths = run_experiment(exp, progress=not args.no_progress)
+    except _errors() as err:
+        fail(str(err))
+    print(summary_table(comparison))
+    print(f"report: {paths['html'].resolve()}")
+    return 0
+
+
+def cmd_merge(args, fail) -> int:
+    from onebasin.checkpoint import save_checkpoint
+    from onebasin.interpolate import evaluate
+    from onebasin.pipeline import merge
+
+    _refuse_overwrite(args.out, args.force, fail)
+    if not 0 <= args.alpha <= 1:
+        fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    try:
+        a, b, meta = _endpoints(args, fail)
+        calib, loaders = _pair_data(args, meta, fail)
+        merged, result = merge(a, b, method=args.method, repair=args.repair, alpha=args.alpha, data=calib,
+                               max_examples=args.calib_examples)
+        measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
+                    for name, m in (("model_a", a), ("model_b", b), ("merged", merged))}
+        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "dataset", "image_size") if k in meta},
+                    "merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(), "measured": measured}
+        save_checkpoint(args.out, merged.state_dict(), out_meta)
+    except _errors() as err:
+        fail(str(err))
+    print(json.dumps({"out": args.out, **{k: round(v["test_acc"], 4) for k, v in measured.items()},
+                      "fused": result.fused}))
+    return 0
+
+
+def cmd_barrier(args, fail) -> int:
+    from onebasin.pipeline import compare
+    from onebasin.experiment import summary_table
+    from onebasin.report import write_comparison_report
+
+    _refuse_overwrite(args.out, args.force, fail, folder=True)
+    if args.alphas < 2:
+        fail("--alphas must be >= 2")
+    try:
+        a, b, meta = _endpoints(args, fail)
+        calib, loaders = _pair_data(args, meta, fail)
+        alphas = [i / (args.alphas - 1) for i in range(args.alphas)]
+        comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair,
+                             alphas=alphas, max_examples=args.calib_examples, progress=not args.no_progress)
+        paths = write_comparison_report(comparison, args.out, f"{args.a} vs {args.b}",
+                                        extra={"a": args.a, "b": args.b, "meta_a": meta})
+    except _errors() as err:
+        fail(str(err))
+    print(summary_table(comparison))
+    print(f"report: {paths['html'].resolve()}")
+    return 0
+
+
+def cmd_sweep(args, fail) -> int:
+    from onebasin.sweep import run_sweep
+
+    try:
+        results = run_sweep(args.config, progress=not args.no_progress)
+    except _errors() as err:
+        fail(str(err))
+    print(f"results: {results.resolve()}")
     return 0
 
 
@@ -123,9 +353,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def fail(message):
-        parser.exit(2, f"onebasin {args.command}: error: {message}\n")
+        one_line = " ".join(str(message).split())
+        parser.exit(2, f"onebasin {args.command}: error: {one_line}\n")
 
-    return {"train": cmd_train, "demo": cmd_demo}[args.command](args, fail)
+    commands = {"train": cmd_train, "demo": cmd_demo, "merge": cmd_merge, "barrier": cmd_barrier, "sweep": cmd_sweep}
+    return commands[args.command](args, fail)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,27 @@ def plot_variance_ratios(
     if title:
         fig.suptitle(title)
     return save_png(fig, path)
+
+
+def plot_series(
+    series: dict[str, tuple[list[float], list[float]]],
+    path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    logx: bool = False,
+) -> Path:
+    """One line per label from {label: (xs, ys)}, e.g. barrier vs width per method (a sweep's summary)."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return save_png(fig, path)

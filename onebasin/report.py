@@ -86,3 +86,50 @@ def write_html(path, title: str, *, tables=(), images=(), notes: str = "") -> Pa
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     return atomic_write_text(path, page)
+
+
+SUMMARY_HEADER = ["model", "test acc", "test loss", "loss barrier", "error barrier"]
+
+
+def curve_rows(curves: dict) -> list[dict]:
+    """One CSV row per (curve, alpha): label, alpha, then <split>_acc and <split>_loss for every split."""
+    rows = []
+    for label, c in curves.items():
+        for i, a in enumerate(c.alphas):
+            row = {"curve": label, "alpha": a}
+            for split in c.loss:
+                row[f"{split}_acc"], row[f"{split}_loss"] = c.acc[split][i], c.loss[split][i]
+            rows.append(row)
+    return rows
+
+
+def write_comparison_report(comparison, out_dir, title: str, extra: dict | None = None) -> dict[str, Path]:
+    """Write report.json, barrier.csv, barrier.png, variance.png and index.html for a `pipeline.Comparison`.
+
+    Returns {name: path}. `extra` (e.g. endpoint training details) is stored in report.json under "run".
+    """
+    from .diagnostics import site_label
+    from .plots import plot_barrier_curves, plot_variance_ratios
+
+    out = Path(out_dir)
+    first_sites = next(iter(comparison.variance.values()))
+    paths = {
+        "json": write_json(out / "report.json", {"title": title, "run": extra or {}, "summary": {
+            "header": SUMMARY_HEADER, "rows": comparison.summary_rows()}, **comparison.to_dict()}),
+        "csv": write_csv(out / "barrier.csv", curve_rows(comparison.curves)),
+        "barrier_png": plot_barrier_curves(comparison.curves, out / "barrier.png", title=title),
+        "variance_png": plot_variance_ratios({k: [r for _, r in v] for k, v in comparison.variance.items()},
+                                             out / "variance.png", [site_label(s) for s, _ in first_sites]),
+    }
+    variance_rows = [[site_label(s), s.kind, *(comparison.variance[k][i][1] for k in comparison.variance)]
+                     for i, (s, _) in enumerate(first_sites)]
+    paths["html"] = write_html(
+        out / "index.html", title,
+        tables=[("Endpoints and midpoints (test set)", SUMMARY_HEADER, comparison.summary_rows()),
+                ("Variance ratio std_alpha / mean(std_A, std_B) at alpha = 0.5", ["site", "kind", *comparison.variance],
+                 variance_rows)],
+        images=[("Test accuracy and loss along the interpolation path", "barrier.png"),
+                ("Per-layer variance ratio at the midpoint", "variance.png")],
+        notes=json.dumps(_jsonable({"settings": comparison.settings, "run": extra or {}}), indent=2),
+    )
+    return paths

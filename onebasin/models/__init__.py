@@ -12,6 +12,7 @@ dataset; `input_kwargs(name, channels, image_size, num_classes)` builds those fo
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,6 +60,22 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return model_info(name).fn(**kwargs)
 
 
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A registered model by name, or a user's own from "package.module:factory" (an importable callable
+    returning an nn.Module, called with `kwargs`). ValueError when the name or factory cannot be found."""
+    if ":" not in name:
+        return create_model(name, **kwargs)
+    module, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import model factory {name!r}: {err}") from err
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
 def input_kwargs(name: str, channels: int, image_size: int, num_classes: int) -> dict:
     """The input/output keyword arguments that fit model `name` to a dataset of C x H x W images."""
     info = model_info(name)
@@ -69,4 +86,4 @@ def input_kwargs(name: str, channels: int, image_size: int, num_classes: int) ->
 
 from . import mlp, resnet, vgg  # noqa: E402,F401  (registers the models)
 
-__all__ = ["ModelInfo", "create_model", "input_kwargs", "list_models", "model_info", "register_model"]
+__all__ = ["ModelInfo", "build_model", "create_model", "input_kwargs", "list_models", "model_info", "register_model"]

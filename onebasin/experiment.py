@@ -1,0 +1,104 @@
+"""One experiment of the REPAIR paper (Jordan et al. 2022, Fig. 3): train two endpoints from different
+seeds (cached), compare plain / aligned / aligned+REPAIR interpolation, write a report.
+
+`onebasin demo` runs the default `Experiment`; `onebasin sweep` runs one per grid cell.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import checkpoint_paths, load_model
+from .data import batches, dataset_info, load_dataset
+from .models import model_info
+from .pipeline import Comparison, compare
+from .report import SUMMARY_HEADER, format_table, write_comparison_report
+from .train import train_model
+
+
+@dataclass
+class Experiment:
+    """Every setting of one experiment. The defaults are the demo: ~2-3 minutes on 2 CPU cores, cold cache."""
+
+    dataset: str = "mnist"
+    model: str = "mlp"
+    model_kwargs: dict = field(default_factory=lambda: {"width": 128, "depth": 10})  # options of the model
+    epochs: int = 8  # the recipe shortened to this many epochs (MLP paper recipe: 100)
+    seeds: tuple[int, int] = (0, 1)
+    method: str = "activation"  # alignment method
+    repair: str = "exact"  # correction of the third curve: exact | closed | reset_bn
+    calib_examples: int = 5000  # alignment statistics and REPAIR calibration (paper: ~5,000)
+    train_eval_examples: int = 10000  # training examples the curves are evaluated on
+    test_examples: int | None = None  # None: the whole test set
+    train_limit: int | None = None  # train the endpoints on the first N examples only (tests, quick looks)
+    alphas: tuple[float, ...] = tuple(i / 10 for i in range(11))
+    out: str = "onebasin-demo"  # report folder
+    data_dir: str | None = None
+    cache_dir: str | None = None  # trained endpoints; default $ONEBASIN_CACHE, else ~/.cache/onebasin
+
+
+def cache_dir(explicit: str | None = None) -> Path:
+    """Where trained endpoints are kept: `explicit`, else $ONEBASIN_CACHE, else ~/.cache/onebasin."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get("ONEBASIN_CACHE"):
+        return Path(os.environ["ONEBASIN_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onebasin"
+
+
+def endpoint_path(exp: Experiment, seed: int) -> Path:
+    """The cached checkpoint of the endpoint trained with `seed` (its name holds every training setting)."""
+    opts = "_".join(f"{k}{v}" for k, v in sorted(exp.model_kwargs.items()))
+    limit = f"_n{exp.train_limit}" if exp.train_limit else ""
+    return cache_dir(exp.cache_dir) / "endpoints" / f"{exp.model}_{opts}_{exp.dataset}_e{exp.epochs}{limit}_s{seed}.safetensors"
+
+
+def endpoint(exp: Experiment, seed: int, progress: bool = True) -> tuple[torch.nn.Module, dict, bool]:
+    """(model, checkpoint metadata, was cached): loaded from the cache, else trained (resumably) and cached."""
+    path = endpoint_path(exp, seed)
+    cached = checkpoint_paths(path)[0].exists()
+    if not cached:
+        train_model(exp.model, exp.dataset, model_kwargs=exp.model_kwargs, overrides={"epochs": exp.epochs},
+                    seed=seed, out=path, data_dir=exp.data_dir, limit=exp.train_limit, progress=progress)
+    model, meta = load_model(path, expect={"model": exp.model, "seed": seed})
+    return model, meta, cached
+
+
+def evaluation_data(exp: Experiment) -> tuple[dict[str, list], list]:
+    """({"test": batches, "train": batches}, calibration batches): fixed, re-iterable, unaugmented."""
+    info = dataset_info(exp.dataset)
+    size = model_info(exp.model).image_size or info.image_size
+    n_train = max(exp.calib_examples, exp.train_eval_examples)
+    train = load_dataset(exp.dataset, True, exp.data_dir, image_size=size, limit=n_train, seed=0)
+    test = load_dataset(exp.dataset, False, exp.data_dir, image_size=size, limit=exp.test_examples)
+    calib = list(batches(train.subset(torch.arange(min(exp.calib_examples, len(train)))), 500))
+    return {"test": list(batches(test, 1000)), "train": list(batches(train, 1000))}, calib
+
+
+def run_experiment(exp: Experiment, progress: bool = True) -> tuple[Comparison, dict]:
+    """Train or load both endpoints, compare the three interpolations, write the report to `exp.out`.
+
+    Returns (Comparison, {output name: path}).
+    """
+    start = time.perf_counter()
+    ends = [endpoint(exp, s, progress) for s in exp.seeds]
+    trained = time.perf_counter()
+    loaders, calib = evaluation_data(exp)
+    comparison = compare(ends[0][0], ends[1][0], loaders, calib, method=exp.method, repair=exp.repair,
+                         alphas=exp.alphas, max_examples=exp.calib_examples, progress=progress)
+    run = {"experiment": asdict(exp),
+           "endpoints": [{"seed": m["seed"], "cached": c, "test_acc": m.get("test_acc"), "epochs": m.get("epochs_done"),
+                          "checkpoint": str(endpoint_path(exp, m["seed"]))} for _, m, c in ends],
+           "seconds": {"endpoints": trained - start, "compare": time.perf_counter() - trained}}  # fmt: skip
+    title = f"{exp.model} {exp.model_kwargs} on {exp.dataset}: {exp.method} matching + {exp.repair} REPAIR"
+    return comparison, write_comparison_report(comparison, exp.out, title, extra=run)
+
+
+def summary_table(comparison: Comparison) -> str:
+    """The endpoint and midpoint table (test set) that `onebasin demo` prints."""
+    return format_table(SUMMARY_HEADER, comparison.summary_rows())

@@ -1,0 +1,181 @@
+"""The whole pipeline: align B to A, interpolate, correct (Jordan et al. 2022), and the comparison
+behind `onebasin demo` and `onebasin barrier` (plain vs aligned vs aligned+REPAIR)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .align import align
+from .checks import check_finite, check_same_architecture
+from .diagnostics import site_label, variance_ratios
+from .interpolate import BarrierCurve, barrier_curve, interpolate_model
+from .repair import endpoint_stats, repair, reset_bn
+from .spec import PermutationSpec, trace
+from .stats import batches
+
+REPAIRS = ("exact", "closed", "reset_bn", "none")
+CORRECTION_OF = {"exact": "repair_exact", "closed": "repair_closed", "reset_bn": "reset_bn", "none": None}
+
+
+@dataclass
+class MergeResult:
+    """What `merge` did and measured: JSON-ready via `to_dict`."""
+
+    method: str  # alignment method, or "none"
+    repair: str  # "exact" | "closed" | "reset_bn" | "none"
+    alpha: float
+    align_record: dict = field(default_factory=dict)
+    repair_passes: int = 0
+    fused: bool = True  # False: the result holds RepairAffine modules (see RepairResult.unfused)
+    unfused: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _example(data: Iterable) -> torch.Tensor:
+    return next(iter(batches(data, 64)))
+
+
+def merge(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    method: str = "activation",
+    repair: str = "exact",
+    alpha: float = 0.5,
+    data: Iterable | None = None,
+    spec: PermutationSpec | None = None,
+    max_examples: int = 5000,
+    **align_options,
+) -> tuple[nn.Module, MergeResult]:
+    """Merge two networks of one architecture into one: align B to A, interpolate at `alpha`, correct.
+
+    Args:
+        model_a, model_b: trained nn.Modules of one architecture (not modified).
+        method: alignment method ("activation", "weight", "annealing", "functional") or "none".
+        repair: "exact" / "closed" REPAIR (Jordan et al. 2022, Sec. 4), "reset_bn" (Sec. 5.2) or "none".
+        alpha: interpolation weight, 0 = A, 1 = B.
+        data: re-iterable x or (x, y) batches (training data): used for alignment statistics and as
+            REPAIR's calibration set (first `max_examples` examples). Only "weight" + "none" need none.
+    Returns:
+        (merged model, MergeResult). The model has A's class when every correction could be fused.
+    """
+    if repair not in REPAIRS:
+        raise ValueError(f"unknown repair {repair!r}; valid: {', '.join(REPAIRS)}")
+    check_same_architecture(model_a.state_dict(), model_b.state_dict())
+    check_finite(model_a.state_dict(), "model A"), check_finite(model_b.state_dict(), "model B")
+    start = time.perf_counter()
+    if spec is None and data is not None:
+        spec = trace(model_a, _example(data))
+    result = MergeResult(method, repair, float(alpha))
+    if method != "none":
+        model_b, aligned = align(model_a, model_b, method, data, spec=spec, max_examples=max_examples, **align_options)
+        result.align_record = aligned.record
+    if repair in ("exact", "closed"):
+        repaired = _repair(model_a, model_b, alpha, data, spec, repair, max_examples)
+        merged, result.repair_passes, result.fused, result.unfused = repaired.model, repaired.passes, repaired.fused, repaired.unfused
+    elif repair == "reset_bn":
+        merged = reset_bn(interpolate_model(model_a, model_b, alpha), data, max_examples)
+    else:
+        merged = interpolate_model(model_a, model_b, alpha)
+    result.seconds = time.perf_counter() - start
+    return merged, result
+
+
+def _repair(model_a, model_b, alpha, data, spec, method, max_examples):
+    if data is None:
+        raise ValueError("REPAIR needs calibration data (training batches)")
+    return repair(model_a, model_b, alpha, data, spec=spec, method=method, max_examples=max_examples)
+
+
+@dataclass
+class Comparison:
+    """Barrier curves and variance ratios of plain, aligned and aligned+REPAIR interpolation."""
+
+    curves: dict[str, BarrierCurve]  # label -> curve
+    variance: dict[str, list[tuple]]  # label -> [(site, ratio)] at alpha = 0.5
+    align_record: dict
+    settings: dict
+
+    def midpoint(self, label: str, split: str = "test") -> tuple[float, float]:
+        """(accuracy, loss) of curve `label` at the alpha nearest 0.5."""
+        c = self.curves[label]
+        i = min(range(len(c.alphas)), key=lambda j: abs(c.alphas[j] - 0.5))
+        return c.acc[split][i], c.loss[split][i]
+
+    def summary_rows(self, split: str = "test") -> list[list]:
+        """[name, accuracy, loss, loss barrier, error barrier]: endpoints first, then each curve's midpoint."""
+        first = next(iter(self.curves.values()))
+        rows = [["model A", first.acc[split][0], first.loss[split][0], "", ""],
+                ["model B", first.acc[split][-1], first.loss[split][-1], "", ""]]
+        for label, c in self.curves.items():
+            acc, loss = self.midpoint(label, split)
+            rows.append([f"midpoint {label}", acc, loss, c.barrier(split, "loss"), c.barrier(split, "error")])
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": self.settings,
+            "curves": {k: c.to_dict() for k, c in self.curves.items()},
+            "variance_ratio": {k: [{"site": site_label(s), "kind": s.kind, "ratio": r} for s, r in rows]
+                               for k, rows in self.variance.items()},
+            "alignment": self.align_record,
+        }  # fmt: skip
+
+
+def compare(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loaders: dict[str, Iterable],
+    calib_data: Iterable,
+    *,
+    method: str = "activation",
+    repair: str = "exact",
+    alphas: Iterable[float] | None = None,
+    max_examples: int = 5000,
+    progress: bool = True,
+) -> Comparison:
+    """Interpolate A and B plain, aligned, and aligned + correction; measure barriers and variance collapse.
+
+    Args:
+        loaders: split -> re-iterable (x, y) batches, e.g. {"test": ..., "train": ...}; curves on each.
+        calib_data: training batches for alignment statistics and REPAIR calibration (first `max_examples`).
+        method: alignment method; repair: "exact" | "closed" | "reset_bn" (the third curve's correction).
+    Returns:
+        Comparison with curves {"plain", "aligned", "aligned+<REPAIR>"} and variance ratios at alpha = 0.5.
+    """
+    alphas = list(alphas) if alphas is not None else [i / 10 for i in range(11)]
+    spec = trace(model_a, _example(calib_data))
+    fixed = f"aligned+{'REPAIR' if repair == 'exact' else repair}"
+    steps = tqdm(total=5, desc="compare", disable=not progress)
+
+    def step(label: str) -> None:
+        steps.set_postfix_str(label)
+        steps.refresh()
+
+    step(f"aligning ({method})")
+    aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples)
+    steps.update()
+    curves, variance = {}, {}
+    for label, b, correction in (("plain", model_b, None), ("aligned", aligned_b, None), (fixed, aligned_b, CORRECTION_OF[repair])):
+        step(f"barrier curve: {label}")
+        curves[label] = barrier_curve(model_a, b, loaders, alphas, correction, calib_data=calib_data, max_examples=max_examples, spec=spec)
+        steps.update()
+    step("variance ratios")
+    for label, b in (("plain", model_b), ("aligned", aligned_b)):
+        ends = endpoint_stats(model_a, b, calib_data, spec, max_examples=max_examples)
+        variance[label] = variance_ratios(model_a, b, interpolate_model(model_a, b, 0.5), calib_data, endpoints=ends)
+    merged, _ = merge(model_a, aligned_b, method="none", repair=repair, data=calib_data, spec=spec, max_examples=max_examples)
+    variance[fixed] = variance_ratios(model_a, aligned_b, merged, calib_data, endpoints=ends)
+    steps.update()
+    steps.close()
+    settings = {"method": method, "repair": repair, "alphas": alphas, "max_examples": max_examples}
+    return Comparison(curves, variance, aligned.record, settings)
