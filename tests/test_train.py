@@ -126,14 +126,12 @@ def test_resume_refuses_an_epoch_checkpoint_of_another_run(tmp_path):
         _run("mlp", 0, tmp_path / "a.safetensors", lr=0.1)
 
 
-def test_cli_help_and_demo(capsys):
+def test_cli_train_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "--epochs" in out
-    assert main(["demo"]) == 0
-    assert "demo" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [
