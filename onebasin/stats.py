@@ -8,6 +8,7 @@ tensor contributes N*H*W samples of C units (as in Jordan et al. 2022, Appendix 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -112,7 +113,7 @@ class SiteTaps(nn.Module):
         gm = symbolic_trace(self.model)
         nodes = {n.name: n for n in gm.graph.nodes}
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        taps = tuple(nodes[s.node] for s in self.sites if s.node)
+        taps = tuple(_before_inplace_users(gm, nodes[s.node]) for s in self.sites if s.node)
         out.args = ((out.args[0], taps),)
         gm.recompile()
         return gm
@@ -139,6 +140,26 @@ class SiteTaps(nn.Module):
             self._hooked[name] = output
 
         return hook
+
+
+_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_inplace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether fx node `node` may overwrite its first argument (ReLU(inplace=True), x.relu_(), x += y)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return node.op == "call_function" and (node.target in _INPLACE_FUNCS or bool(node.kwargs.get("inplace")))
+
+
+def _before_inplace_users(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
+    """`node`, or a clone of it taken right away when a later op would modify it in place."""
+    if not any(_is_inplace(gm, u) and u.args and u.args[0] is node for u in node.users):
+        return node
+    with gm.graph.inserting_after(node):
+        return gm.graph.call_method("clone", (node,))
 
 
 def batches(data: Iterable, max_examples: int | None = None, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:

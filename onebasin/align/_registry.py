@@ -1,0 +1,167 @@
+"""The method registry, the result type, and small helpers every alignment method shares.
+
+Methods are registered mergekit-style: a function `fn(spec, model_a, model_b, data=None, **options)
+-> AlignResult` decorated with `@register_method(name=..., reference=...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import OnebasinError
+from ..permute import Perms, StateDict, identity_perms
+from ..spec import PermutationSpec
+
+
+@dataclass
+class AlignResult:
+    """Permutations that move model B into model A's basin, and what the method did to find them.
+
+    `perms[g]` is a LongTensor p (group size,) in the permute.py convention: unit i of the aligned B is
+    unit p[i] of B, so `apply_perms(spec, perms, sd_b)` is B written in A's unit order. `record` holds
+    the method's name, iterations, objective values, seconds and examples used.
+    """
+
+    perms: Perms
+    record: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered alignment method: call it like its function."""
+
+    name: str
+    reference: str
+    fn: Callable[..., AlignResult]
+
+    def __call__(self, spec: PermutationSpec, model_a, model_b, data=None, **options) -> AlignResult:
+        return self.fn(spec, model_a, model_b, data, **options)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(*, name: str, reference: str):
+    """Register `fn(spec, model_a, model_b, data=None, **options) -> AlignResult` under `name`."""
+
+    def add(fn):
+        if name in _METHODS:
+            raise ValueError(f"alignment method {name!r} is already registered")
+        _METHODS[name] = Method(name, reference, fn)
+        return fn
+
+    return add
+
+
+def list_methods() -> list[str]:
+    """Sorted names of the registered alignment methods."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; ValueError listing the valid names when unknown."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown alignment method {name!r}; valid names: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+class AlignmentError(OnebasinError):
+    """An alignment could not be computed, or its result changes model B's function."""
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def weights_of(model: nn.Module | StateDict, params_only: bool = True) -> StateDict:
+    """Floating tensors of a model (its parameters only, when `params_only`) or of a state_dict."""
+    if isinstance(model, nn.Module):
+        sd = model.state_dict()
+        keep = dict(model.named_parameters()) if params_only else sd
+        return {k: v.detach() for k, v in sd.items() if k in keep and v.is_floating_point()}
+    return {k: v for k, v in model.items() if v.is_floating_point()}
+
+
+def require_module(model, method: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"method {method!r} runs the networks: pass nn.Modules, not {type(model).__name__}")
+    return model
+
+
+def device_of(model: nn.Module, device=None) -> torch.device:
+    """`device` if given, else the device of the model's first parameter (CPU if it has none)."""
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode for the duration, then restore every submodule's own mode."""
+    modes = [[(m, m.training) for m in model.modules()] for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for saved in modes:
+            for m, training in saved:
+                m.training = training
+
+
+def initial_perms(spec: PermutationSpec, init=None) -> Perms:
+    """Identity perms, overridden by `init` (an AlignResult or a perms dict) where given."""
+    perms = identity_perms(spec)
+    given = init.perms if isinstance(init, AlignResult) else (init or {})
+    perms.update({g: torch.as_tensor(p, dtype=torch.long).cpu() for g, p in given.items() if g in perms})
+    return perms
+
+
+def assign(score: torch.Tensor, maximize: bool = True) -> torch.Tensor:
+    """Linear assignment on an (n, n) matrix: LongTensor p with p[i] the column given to row i (Kuhn 1955)."""
+    s = score.detach().double().cpu().numpy()
+    if not np.isfinite(s).all():
+        raise AlignmentError("the assignment matrix holds NaN/inf (non-finite weights or activations?)")
+    rows, cols = linear_sum_assignment(s, maximize=maximize)
+    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+
+
+def matched(score: torch.Tensor, p: torch.Tensor) -> float:
+    """sum_i score[i, p[i]]: the objective of assignment p."""
+    return score[torch.arange(len(p)), p.to(score.device)].sum().item()
+
+
+def all_reduce_count(n: int) -> int:
+    """Sum of an integer over the processes of an initialised torch.distributed group (n itself otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([float(n)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return int(t.item())
+    return n
+
+
+def first_examples(data: Iterable, max_examples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first `max_examples` inputs (and labels, when batches are (x, y)) of a loader, concatenated.
+
+    Unlike stats.batches this never shards by rank: every process sees the same examples.
+    """
+    xs, ys, seen = [], [], 0
+    for batch in data:
+        x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+        xs.append(x[: max_examples - seen])
+        if y is not None:
+            ys.append(y[: max_examples - seen])
+        seen += xs[-1].shape[0]
+        if seen >= max_examples:
+            break
+    if not xs:
+        raise ValueError("the data loader yielded no batches")
+    return torch.cat(xs), (torch.cat(ys) if len(ys) == len(xs) else None)

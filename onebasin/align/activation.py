@@ -1,0 +1,102 @@
+"""Activation matching (Li, Yosinski, Clune, Lipson, Hopcroft 2015, "Convergent learning"; as used by
+REPAIR, Jordan et al. 2022, Sec. 2, eq. 2).
+
+For every group, P maximises sum_i corr(X_A[i], X_B[P i]) over the data, where X are the group's unit
+activations at its sites; a group read at several sites (a residual stream: every block output and
+every layer writing into it) sums their correlation matrices. All statistics come from ONE pass over
+the data with one forward of each network per batch: permuting earlier layers of B changes only the
+order of a later layer's units, never their values, so every group can be matched from the same pass.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from ..spec import PermutationSpec
+from ..stats import Moments, SiteTaps, batches, unit_matrix
+from ._registry import AlignResult, all_reduce_count, assign, device_of, eval_mode, matched, register_method, require_module, weights_of
+from .weight import match_weights
+
+
+def site_moments(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data,
+    *,
+    max_examples: int | None = 10_000,
+    device=None,
+) -> tuple[dict[str, list[Moments]], int]:
+    """Paired float64 moments of A's and B's activations at every group's sites, in one pass.
+
+    Args:
+        spec: groups with their `sites` (groups without sites are skipped).
+        model_a, model_b: the networks (run in eval mode, restored afterwards).
+        data: iterable of x or (x, y) batches; at most `max_examples` inputs are used. Under
+            torch.distributed each rank reads its shard (stats.batches) and the sums are all-reduced.
+    Returns:
+        ({group: [Moments(paired=True) per site, x = A's units (samples, n), y = B's units]}, examples).
+        Conv activations (N, C, H, W) count as N*H*W samples of C units.
+    """
+    groups = [g for g in spec.groups.values() if g.sites]
+    sites = [s for g in groups for s in g.sites]
+    taps_a, taps_b = SiteTaps(model_a, sites), SiteTaps(model_b, sites)
+    moments = [Moments(paired=True) for _ in sites]
+    examples = 0
+    with torch.no_grad(), eval_mode(model_a, model_b):
+        for x in batches(data, max_examples, device_of(model_a, device)):
+            (_, acts_a), (_, acts_b) = taps_a(x), taps_b(x)
+            for m, s, a, b in zip(moments, sites, acts_a, acts_b):
+                m.update(unit_matrix(a, s.dim), unit_matrix(b, s.dim))
+            examples += x.shape[0]
+    for m in moments:
+        m.all_reduce_()
+    it = iter(moments)
+    return {g.name: [next(it) for _ in g.sites] for g in groups}, all_reduce_count(examples)
+
+
+def correlation_matrix(moments: list[Moments]) -> torch.Tensor:
+    """(n, n) float64 sum over a group's sites of corr(unit i of A, unit j of B)."""
+    return sum(m.corr_xy().cpu() for m in moments)
+
+
+@register_method(name="activation", reference="Li et al. 2015, Convergent learning: do different neural networks learn the same representations?, arXiv:1511.07543")
+def activation_matching(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data=None,
+    *,
+    max_examples: int | None = 10_000,
+    device=None,
+) -> AlignResult:
+    """Align B to A by maximising the summed correlation of matched units (Li et al. 2015; REPAIR eq. 2).
+
+    Args:
+        spec: PermutationSpec whose groups carry sites (from `trace`, or `from_groups(..., sites=)`).
+        model_a, model_b: nn.Modules of the same architecture; data: iterable of x or (x, y) batches.
+        max_examples: inputs read from `data`; device: where to run (default: model A's device).
+    Returns:
+        AlignResult; record: iterations (1), objective {group: mean matched correlation} and
+        identity {group: the same before alignment}, examples, seconds, weight_fallback (groups without
+        sites, which are matched by weight matching with every other group held at its activation match).
+    """
+    if data is None:
+        raise ValueError("activation matching needs data: an iterable of x or (x, y) batches")
+    t0 = time.perf_counter()
+    moments, examples = site_moments(spec, require_module(model_a, "activation"), require_module(model_b, "activation"), data, max_examples=max_examples, device=device)
+    perms, objective, identity = {}, {}, {}
+    for name, ms in moments.items():
+        corr = correlation_matrix(ms)
+        perms[name] = assign(corr, maximize=True)
+        objective[name] = matched(corr, perms[name]) / (corr.shape[0] * len(ms))
+        identity[name] = matched(corr, torch.arange(corr.shape[0])) / (corr.shape[0] * len(ms))
+    fallback = [g for g in spec.groups if g not in moments]
+    if fallback:
+        perms, _ = match_weights(spec, weights_of(model_a), weights_of(model_b), init=perms, groups=fallback)
+    record = {"method": "activation", "iterations": 1, "objective": objective, "identity": identity,
+              "examples": examples, "weight_fallback": fallback, "seconds": time.perf_counter() - t0}  # fmt: skip
+    return AlignResult(perms, record)

@@ -1,0 +1,158 @@
+"""Simulated annealing over permutations (Entezari, Sedghi, Saukh, Neyshabur 2021, "The role of
+permutation invariance in linear mode connectivity", Algorithm 1).
+
+State: one permutation per group per model. A move swaps two units of one group of one model; it is
+accepted by the Metropolis rule, always if the objective drops and with probability exp(-delta / T)
+otherwise, T cooling geometrically from `t0` to `t0 * cooling` over the evaluation budget. Objective
+(Entezari et al. eq. 1, on one held-out batch): the barrier of the models' average,
+loss(sum_i w_i theta_i) - sum_i w_i loss(theta_i), with w uniform for n models, or for n = 2 the
+largest barrier over the interpolation weights `alphas` (default the midpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..permute import StateDict, apply_perms, permute_tensor
+from ..spec import Group, PermutationSpec
+from ._registry import AlignResult, device_of, eval_mode, first_examples, initial_perms, register_method, require_module
+
+
+class _Objective:
+    """Barrier of weighted averages of the permuted models on one batch (x, y)."""
+
+    def __init__(self, scratch: nn.Module, sds: list[StateDict], mixes: list[list[float]], x, y, loss_fn):
+        self.scratch, self.mixes, self.x = scratch, mixes, x
+        outs = [self.run(sd) for sd in sds]
+        self.target = y if y is not None else torch.stack(outs).mean(0)
+        self.loss_fn = loss_fn or _default_loss(self.target)
+        losses = [self.loss_fn(o, self.target).item() for o in outs]
+        self.endpoint = [sum(w * l for w, l in zip(mix, losses)) for mix in mixes]
+        self.endpoint_losses = losses
+
+    def run(self, sd: StateDict) -> torch.Tensor:
+        with torch.no_grad():
+            return functional_call(self.scratch, sd, (self.x,))
+
+    def __call__(self, merged: list[StateDict]) -> float:
+        return max(self.loss_fn(self.run(sd), self.target).item() - e for sd, e in zip(merged, self.endpoint))
+
+
+def _default_loss(target: torch.Tensor):
+    """Cross-entropy for integer labels; mean squared error for float targets (or no labels)."""
+    return F.cross_entropy if not target.is_floating_point() else F.mse_loss
+
+
+def _mix(sds: list[StateDict], weights: list[float], keys) -> StateDict:
+    """sum_i weights[i] * sds[i][k] for floating keys; other tensors (counters) from the first model."""
+    return {k: sum(w * sd[k] for w, sd in zip(weights, sds)) if sds[0][k].is_floating_point() else sds[0][k] for k in keys}
+
+
+def _swap(size: int, u: int, v: int) -> torch.Tensor:
+    """The transposition of units u and v, as a permutation of `size` units."""
+    t = torch.arange(size)
+    t[u], t[v] = v, u
+    return t
+
+
+def _swapped(sd: StateDict, group: Group, t: torch.Tensor) -> StateDict:
+    """A new state_dict with `group`'s units re-indexed by t on every tensor axis it permutes."""
+    out = dict(sd)
+    for m in group.members:
+        out[m.key] = permute_tensor(out[m.key], m.axis, t, m.block)
+    return out
+
+
+def _metropolis(rng: random.Random, delta: float, temperature: float) -> bool:
+    """Accept a move that raises the objective by delta with probability min(1, exp(-delta / T))."""
+    return delta <= 0 or rng.random() < math.exp(-delta / max(temperature, 1e-300))
+
+
+def anneal_many(
+    spec: PermutationSpec,
+    models: list[nn.Module],
+    data,
+    *,
+    budget: int = 2000,
+    seed: int = 0,
+    t0: float | None = None,
+    cooling: float = 1e-3,
+    alphas: tuple[float, ...] = (0.5,),
+    loss_fn=None,
+    max_examples: int = 512,
+    init: list | None = None,
+    fix_first: bool = True,
+    device=None,
+) -> list[AlignResult]:
+    """Search permutations of n >= 2 models at once by simulated annealing (Entezari et al. 2021, Alg. 1).
+
+    Args:
+        spec: the shared PermutationSpec; models: n >= 2 nn.Modules of that architecture (evaluated in
+            eval mode through torch.func.functional_call on models[0]; none is modified).
+        data: iterable of x or (x, y) batches; the first `max_examples` inputs form the held-out batch
+            (the same on every process: this search does not shard). Integer labels: cross-entropy;
+            float labels: MSE; no labels: MSE to the mean of the endpoints' outputs.
+        budget: objective evaluations (the initial one included).
+        t0: initial temperature, default 0.1 * |initial barrier|; cooling: final T = t0 * cooling.
+        alphas: for n = 2, the interpolation weights of B whose largest barrier is the objective.
+        init: per model, None or an AlignResult / perms dict to start from (refinement).
+        fix_first: keep model 0 as the reference (the objective is invariant to permuting all models
+            alike, so this loses nothing and halves the search space for n = 2).
+    Returns:
+        one AlignResult per model (the best state seen); all share one record: evaluations, accepted,
+        objective [initial, best], history [(evaluation, current barrier)], seconds, examples.
+    """
+    if len(models) < 2:
+        raise ValueError(f"annealing needs at least 2 models, got {len(models)}")
+    t_start, rng, n = time.perf_counter(), random.Random(seed), len(models)
+    models = [require_module(m, "annealing") for m in models]
+    dev = device_of(models[0], device)
+    x, y = first_examples(data, max_examples)
+    mixes = [[1 - a, a] for a in alphas] if n == 2 else [[1 / n] * n]
+    perms = [initial_perms(spec, (init or [None] * n)[i]) for i in range(n)]
+    cur = [apply_perms(spec, p, {k: v.detach().to(dev) for k, v in m.state_dict().items()}) for p, m in zip(perms, models)]
+    movable, chosen = [g for g in spec.groups.values() if g.size >= 2], list(range(1 if fix_first else 0, n))
+    evaluations = budget if movable else 1
+    with eval_mode(models[0]):
+        objective = _Objective(models[0], cur, mixes, x.to(dev), None if y is None else y.to(dev), loss_fn)
+        merged = [_mix(cur, w, cur[0].keys()) for w in mixes]
+        value = initial = best = objective(merged)
+        best_perms, accepted, history = [dict(p) for p in perms], 0, [(1, value)]
+        t0 = t0 if t0 is not None else 0.1 * max(abs(value), 1e-6)
+        for k in range(1, evaluations):
+            i, g = rng.choice(chosen), rng.choice(movable)
+            t = _swap(g.size, *rng.sample(range(g.size), 2))
+            trial = cur[:i] + [_swapped(cur[i], g, t)] + cur[i + 1 :]
+            trial_merged = [{**mg, **_mix(trial, w, {m.key for m in g.members})} for mg, w in zip(merged, mixes)]
+            trial_value = objective(trial_merged)
+            if _metropolis(rng, trial_value - value, t0 * cooling ** (k / budget)):
+                cur, merged, value, accepted = trial, trial_merged, trial_value, accepted + 1
+                perms[i] = {**perms[i], g.name: perms[i][g.name][t]}
+                if value < best:
+                    best, best_perms = value, [dict(p) for p in perms]
+            if k % max(1, budget // 50) == 0:
+                history.append((k + 1, value))
+    record = {"method": "annealing", "iterations": evaluations, "evaluations": evaluations, "accepted": accepted,
+              "objective": [initial, best], "history": history, "t0": t0, "endpoint_losses": objective.endpoint_losses,
+              "examples": x.shape[0], "seconds": time.perf_counter() - t_start}  # fmt: skip
+    return [AlignResult(p, record) for p in best_perms]
+
+
+@register_method(name="annealing", reference="Entezari, Sedghi, Saukh, Neyshabur 2021, The Role of Permutation Invariance in Linear Mode Connectivity of Neural Networks, arXiv:2110.06296, Alg. 1")
+def annealing(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, data=None, *, init=None, **options) -> AlignResult:
+    """Align B to A by simulated annealing on the barrier (Entezari et al. 2021, Alg. 1; the n = 2 case).
+
+    A stays fixed; `init` (an AlignResult or perms of B, e.g. activation matching's) is refined. Options
+    as `anneal_many`: budget (default 2000 evaluations), seed, t0, cooling, alphas, loss_fn, max_examples.
+    """
+    if data is None:
+        raise ValueError("annealing needs data: an iterable of x or (x, y) batches (the held-out batch)")
+    options.pop("fix_first", None)
+    return anneal_many(spec, [model_a, model_b], data, init=[None, init], **options)[1]

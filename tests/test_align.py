@@ -1,0 +1,348 @@
+"""Alignment methods: recover a known permutation, one-pass exact statistics, real MNIST midpoints."""
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from onebasin.align import (
+    AlignmentError,
+    AlignResult,
+    align,
+    anneal_many,
+    get_method,
+    input_moments,
+    list_methods,
+    site_moments,
+)
+from onebasin.align.functional import layer_input_matrix, producing_layers
+from onebasin.errors import ArchitectureMismatchError, InvalidWeightsError
+from onebasin.interpolate import lerp
+from onebasin.permute import apply_perms, invert_perms, permute_model, random_perms
+from onebasin.spec import from_groups, symbolic_trace, trace
+from reference_models import ResNet20ish, VGGish, mlp
+
+MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+DETERMINISTIC = ["activation", "weight", "functional"]  # recover an exact permutation; annealing is tested apart
+MODELS = {
+    "mlp": (lambda: mlp(), (12,)),
+    "vgg_bn": (lambda: VGGish(bn=True), (3, 16, 16)),
+    "vgg_plain": (lambda: VGGish(bn=False), (3, 16, 16)),
+    "resnet20_bn": (lambda: ResNet20ish("bn"), (3, 16, 16)),
+    "resnet20_ln": (lambda: ResNet20ish("ln"), (3, 16, 16)),
+    "resnet20_fixup": (lambda: ResNet20ish("none"), (3, 16, 16)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than several on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    factory, shape = MODELS[name]
+    model = factory().to(dtype)
+    for m in model.modules():  # non-trivial norm parameters and statistics, so permuting them matters
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return model, shape
+
+
+def random_data(shape, sizes=(32, 32, 32, 20), dtype=torch.float32, labels=False, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, *shape, generator=gen, dtype=dtype) for n in sizes]
+    return [(x, torch.randint(0, 5, (len(x),), generator=gen)) for x in xs] if labels else xs
+
+
+def permuted_copy(name, seed=0):
+    model, shape = build(name, seed)
+    data = random_data(shape)
+    spec = trace(model, data[0])
+    perms = random_perms(spec, seed=7)
+    return model, permute_model(model, spec, perms), spec, invert_perms(perms), data
+
+
+def midpoint_loss(model_a, model_b, x, y):
+    scratch = copy.deepcopy(model_a).eval()
+    scratch.load_state_dict(lerp(model_a.state_dict(), model_b.state_dict(), 0.5))
+    with torch.no_grad():
+        return F.cross_entropy(scratch(x), y).item()
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+
+def test_registry_lists_methods_with_references():
+    assert list_methods() == ["activation", "annealing", "functional", "weight"]
+    for name in list_methods():
+        method = get_method(name)
+        assert method.name == name and "20" in method.reference  # a citation with its year
+    with pytest.raises(ValueError, match="activation, annealing, functional, weight"):
+        get_method("optimal_transport")
+
+
+# --- synthetic: B is a permuted copy of A --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_recovers_the_inverse_permutation(method, name):
+    a, b, spec, want, data = permuted_copy(name)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    result = get_method(method)(spec, a, b, data)
+    assert isinstance(result, AlignResult) and result.record["method"] == method
+    assert set(result.perms) == set(spec.groups)
+    wrong = [g for g in spec.groups if not torch.equal(result.perms[g], want[g])]
+    assert not wrong, f"{method} on {name}: wrong permutation for groups {wrong}"
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items()), "model B was modified"
+    aligned = apply_perms(spec, result.perms, b.state_dict())
+    assert all(torch.equal(aligned[k], v) for k, v in a.state_dict().items())
+
+
+def test_annealing_drives_the_barrier_to_zero_on_a_permuted_mlp():
+    torch.manual_seed(0)
+    a = mlp(width=8, depth=3)
+    data = random_data((12,), sizes=(256,))
+    spec = trace(a, data[0])
+    b = permute_model(a, spec, random_perms(spec, seed=1))
+    result = get_method("annealing")(spec, a, b, data, budget=2000, seed=0)
+    initial, best = result.record["objective"]
+    assert initial > 1e-3, "a misaligned midpoint should have a barrier to remove"
+    assert abs(best) < 1e-6 * initial, result.record["history"]
+    assert result.record["evaluations"] == 2000 and 0 < result.record["accepted"] < 2000
+
+
+def test_annealing_refines_from_init_and_searches_n_models():
+    torch.manual_seed(0)
+    a = mlp(width=6, depth=3)
+    data = random_data((12,), sizes=(128,))  # no labels: MSE to the endpoints' mean output
+    spec = trace(a, data[0])
+    perms = [random_perms(spec, seed=s) for s in (1, 2)]
+    b, c = (permute_model(a, spec, p) for p in perms)
+    exact = get_method("annealing")(spec, a, b, data, init=invert_perms(perms[0]), budget=50)
+    assert exact.record["objective"][1] <= 1e-9 and all(torch.equal(exact.perms[g], invert_perms(perms[0])[g]) for g in spec.groups)
+    results = anneal_many(spec, [a, b, c], data, budget=3000, seed=0)
+    initial, best = results[0].record["objective"]
+    assert best < 0.05 * initial
+    assert all(torch.equal(p, torch.arange(len(p))) for p in results[0].perms.values())  # model 0 is the reference
+
+
+# --- exact one-pass statistics -------------------------------------------------------------------------
+
+
+def whole_data_node_values(model, x):
+    """Every fx node's value over the whole data in one plain forward (the naive reference)."""
+    interp = torch.fx.Interpreter(symbolic_trace(model), garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(x)
+    return {n.name: v for n, v in interp.env.items()}
+
+
+def numpy_units(t, dim):
+    return np.moveaxis(t.numpy(), dim, -1).reshape(-1, t.shape[dim])
+
+
+@pytest.mark.parametrize("name", ["vgg_bn", "resnet20_bn"])
+def test_one_pass_statistics_equal_a_whole_data_float64_reference(name):
+    a, shape = build(name, seed=0, dtype=torch.float64)
+    b, _ = build(name, seed=1, dtype=torch.float64)
+    data = random_data(shape, sizes=(7, 16, 9, 16), dtype=torch.float64)
+    spec = trace(a, data[0])
+    moments, examples = site_moments(spec, a, b, data)
+    assert examples == 48
+    x = torch.cat(data)
+    a.eval(), b.eval()
+    ref_a, ref_b = whole_data_node_values(a, x), whole_data_node_values(b, x)
+    for group, ms in moments.items():
+        for site, m in zip(spec.groups[group].sites, ms):
+            ua, ub = numpy_units(ref_a[site.node], site.dim), numpy_units(ref_b[site.node], site.dim)
+            k = ua.shape[1]
+            assert m.n == len(ua)
+            assert np.abs(m.mean_x.numpy() - ua.mean(0)).max() < 1e-10
+            assert np.abs(m.cov_xy.numpy() - np.cov(ua.T, ub.T, bias=True)[:k, k:]).max() < 1e-10
+            assert np.abs(m.corr_xy().numpy() - np.corrcoef(ua.T, ub.T)[:k, k:]).max() < 1e-10
+    assert any(s.kind == "block" for g in spec.groups.values() for s in g.sites) == (name == "resnet20_bn")
+
+
+def test_sites_are_read_before_in_place_ops_overwrite_them():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double().eval()
+    data = random_data((12,), dtype=torch.float64)
+    spec = trace(a, data[0])
+    (m,) = site_moments(spec, a, a, data)[0]["0"]
+    x = torch.cat(data)
+    with torch.no_grad():
+        pre_relu = a[1](a[0](x))
+    assert spec.groups["0"].sites[0].module == "1" and (pre_relu < 0).any()
+    assert (m.mean_x - pre_relu.mean(0)).abs().max() < 1e-10  # torchvision ResNets use ReLU(inplace=True)
+
+
+def test_layer_input_moments_equal_a_whole_data_reference():
+    a, shape = build("vgg_bn", seed=0, dtype=torch.float64)
+    b, _ = build("vgg_bn", seed=1, dtype=torch.float64)
+    data = random_data(shape, sizes=(7, 16, 9), dtype=torch.float64)
+    spec = trace(a, data[0])
+    moments, _ = input_moments(spec, a, b, data)
+    x = torch.cat(data)
+    for model, side in ((a, 0), (b, 1)):
+        seen = {}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: seen.setdefault(n, args[0])) for n in moments]
+        with torch.no_grad():
+            model.eval()(x)
+        for h in hooks:
+            h.remove()
+        for layer, ms in moments.items():
+            module = model.get_submodule(layer)
+            rows = layer_input_matrix(module, seen[layer])
+            if isinstance(module, nn.Conv2d):  # patches reproduce the conv: rows @ W^T + b is its output
+                out = (rows @ module.weight.reshape(len(module.weight), -1).T + module.bias).reshape(len(x), -1, module.weight.shape[0])
+                assert torch.allclose(out.transpose(1, 2).reshape_as(module(seen[layer])), module(seen[layer]), atol=1e-10)
+            r = rows.numpy()
+            assert np.abs(ms[side].second_moment_x.numpy() - r.T @ r / len(r)).max() < 1e-10
+    assert set(moments) == {n for names in producing_layers(spec, a).values() for n in names}
+
+
+@pytest.mark.parametrize("method", ["activation", "functional"])
+def test_statistics_run_each_network_once_per_batch(method):
+    a, b, spec, _, data = permuted_copy("resnet20_bn")
+    calls = {"a": 0, "b": 0}
+    a.conv1.register_forward_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
+    b.conv1.register_forward_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
+    get_method(method)(spec, a, b, data)
+    assert calls == {"a": len(data), "b": len(data)}
+
+
+def test_max_examples_limits_the_data_read():
+    a, b, spec, _, data = permuted_copy("mlp")
+    result = get_method("activation")(spec, a, b, data, max_examples=40)
+    assert result.record["examples"] == 40
+
+
+# --- align(): the entry point ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_align_returns_b_in_a_basin_without_touching_the_inputs(method):
+    torch.manual_seed(0)
+    a = mlp(width=6, depth=3)
+    data = random_data((12,), sizes=(64, 64), labels=method != "annealing")  # random labels mislead annealing
+    spec = trace(a, data[0][0] if method != "annealing" else data[0])
+    b = permute_model(a, spec, random_perms(spec, seed=3)).train()
+    before = copy.deepcopy(b.state_dict())
+    options = {"budget": 1500} if method == "annealing" else {}
+    aligned, result = align(a, b, method, data, **options)
+    assert b.training and all(m.training for m in b.modules()), "align must restore B's mode"
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    assert result.record["check_max_diff"] < 1e-5
+    assert all(torch.allclose(v, a.state_dict()[k]) for k, v in aligned.state_dict().items())
+
+
+def test_align_raises_when_the_spec_changes_the_function():
+    torch.manual_seed(0)
+    a, b = mlp(width=6, depth=3), mlp(width=6, depth=3)
+    x = torch.randn(16, 12)
+    broken = from_groups({"h1": [("1.weight", 0), ("1.bias", 0)]}, a.state_dict())  # misses 3.weight's inputs
+    with pytest.raises(AlignmentError, match="different function"):
+        align(a, b, "weight", spec=broken, example_input=x)
+    aligned, _ = align(a, b, "weight", spec=broken, example_input=x, check=False)
+    assert aligned is not b
+
+
+def test_align_validates_its_inputs():
+    a, b = mlp(width=6), mlp(width=7)
+    with pytest.raises(ArchitectureMismatchError):
+        align(a, b, "weight", example_input=torch.randn(2, 12))
+    c = mlp(width=6)
+    with torch.no_grad():
+        c[1].weight[0, 0] = float("nan")
+    with pytest.raises(InvalidWeightsError):
+        align(a, c, "weight", example_input=torch.randn(2, 12))
+    with pytest.raises(ValueError, match="needs data"):
+        get_method("activation")(trace(a, torch.randn(2, 12)), a, copy.deepcopy(a))
+
+
+def test_group_without_sites_falls_back_to_weight_matching():
+    torch.manual_seed(0)
+    a = mlp(width=6, depth=3)
+    spec = from_groups(
+        {"h1": [("1.weight", 0), ("1.bias", 0), ("3.weight", 1)], "h2": [("3.weight", 0), ("3.bias", 0), ("5.weight", 1)]},
+        a.state_dict(),
+        sites={"h1": ["1"]},  # h2 has no site
+    )
+    perms = random_perms(spec, seed=2)
+    b = permute_model(a, spec, perms)
+    result = get_method("activation")(spec, a, b, random_data((12,)))
+    assert result.record["weight_fallback"] == ["h2"]
+    assert all(torch.equal(result.perms[g], invert_perms(perms)[g]) for g in spec.groups)
+
+
+def test_weight_matching_is_seeded_and_takes_state_dicts():
+    a, _ = build("resnet20_ln", seed=0)
+    b, _ = build("resnet20_ln", seed=1)
+    spec = trace(a, torch.randn(2, 3, 16, 16))
+    run = get_method("weight")
+    first, again = run(spec, a, b, seed=3), run(spec, a, b, seed=3)
+    assert all(torch.equal(first.perms[g], again.perms[g]) for g in spec.groups)
+    objective = first.record["objective"]
+    assert objective[-1] > objective[0] and all(y >= x - 1e-9 for x, y in zip(objective, objective[1:]))
+    from_sd = run(spec, dict(a.named_parameters()), dict(b.named_parameters()), seed=3)
+    assert all(torch.equal(first.perms[g], from_sd.perms[g]) for g in spec.groups)
+
+
+# --- real data: two MLPs trained from different seeds on MNIST ------------------------------------------
+
+
+def mnist(train: bool, n: int):
+    torchvision = pytest.importorskip("torchvision")
+    if not (MNIST_ROOT / "MNIST").exists():
+        pytest.skip(f"MNIST not found under {MNIST_ROOT}")
+    ds = torchvision.datasets.MNIST(root=str(MNIST_ROOT), train=train, download=False)
+    x = (ds.data[:n].float() / 255 - 0.1307) / 0.3081
+    return x.reshape(n, -1), ds.targets[:n]
+
+
+def train_mlp(seed, x, y, epochs=3, batch=100):
+    torch.manual_seed(seed)
+    model = mlp(width=64, depth=3, in_features=784, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(batch):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_alignment_lowers_the_midpoint_loss_of_mnist_mlps():
+    x, y = mnist(train=True, n=5000)
+    x_test, y_test = mnist(train=False, n=2000)
+    a, b = train_mlp(0, x, y), train_mlp(1, x, y)
+    loader = list(zip(x.split(500), y.split(500)))
+    losses = {"none": midpoint_loss(a, b, x_test, y_test)}
+    for method in ("activation", "weight"):
+        aligned, result = align(a, b, method, loader)
+        losses[method] = midpoint_loss(a, aligned, x_test, y_test)
+    refined, annealed = align(a, b, "annealing", loader, init=result, budget=300, max_examples=500)
+    losses["weight+annealing"] = midpoint_loss(a, refined, x_test, y_test)
+    assert annealed.record["objective"][1] <= annealed.record["objective"][0]
+    with torch.no_grad():
+        endpoints = [F.cross_entropy(m(x_test), y_test).item() for m in (a, b)]
+    print(f"\nMNIST MLP 784-64-64-10, test loss: endpoints {endpoints}, midpoints {losses}")
+    assert max(endpoints) < 0.5, "the endpoint networks did not train"
+    assert losses["activation"] < losses["none"] and losses["weight"] < losses["none"]
+    assert math.isfinite(losses["none"])
