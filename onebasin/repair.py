@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ import torch.nn as nn
 from .errors import OnebasinError
 from .interpolate import interpolate_model
 from .spec import PermutationSpec, Site, symbolic_trace, trace
-from .stats import Moments, batches, unit_matrix
+from .stats import Moments, batches, eval_mode, is_inplace, unit_matrix
 
 KINDS = ("layer", "block")
 METHODS = ("exact", "closed")
@@ -104,18 +103,6 @@ def _is_wrapper(model: nn.Module) -> bool:
     return isinstance(model, fx.GraphModule) and any(isinstance(m, RepairAffine) for m in model.modules())
 
 
-_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
-
-
-def _inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether `node` may overwrite its first argument (ReLU(inplace=True), x.relu_(), torch.relu_, x += y)."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    inplace_fn = node.op == "call_function" and (node.target in _INPLACE_FUNCS or bool(node.kwargs.get("inplace")))
-    return node.op in ("call_method", "call_function") and (name.endswith("_") and not name.endswith("__") or inplace_fn)
-
-
 def _tap(model: nn.Module, nodes: list[str], corrected: bool = True) -> fx.GraphModule:
     """A GraphModule sharing `model`'s parameters that returns the tensors at fx nodes `nodes` (a tuple).
 
@@ -132,27 +119,20 @@ def _tap(model: nn.Module, nodes: list[str], corrected: bool = True) -> fx.Graph
     graph.output(tuple(picks))
     tap = fx.GraphModule(gm, graph)
     for n in set(picks):
-        if any(_inplace(tap, u) and u.args and u.args[0] is n for u in n.users):
+        if any(is_inplace(tap, u) and u.args and u.args[0] is n for u in n.users):
             with tap.graph.inserting_after(n):
                 copy_ = tap.graph.call_method("clone", (n,))
             n.replace_all_uses_with(copy_, delete_user_cb=lambda u: u.op == "output")
-    tap.graph.eliminate_dead_code(lambda n: n.is_impure() or _inplace(tap, n))
+    tap.graph.eliminate_dead_code(lambda n: n.is_impure() or is_inplace(tap, n))
     tap.recompile()
     return tap
 
 
 @contextlib.contextmanager
 def _eval_mode(*models: nn.Module):
-    """Run with every module in eval mode, then restore each module's own training flag."""
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    """Run without gradients with every module in eval mode, then restore each module's own training flag."""
+    with torch.no_grad(), eval_mode(*models):
+        yield
 
 
 def _inputs(data: Iterable, model: nn.Module, max_examples: int | None) -> Iterator[torch.Tensor]:

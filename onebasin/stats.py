@@ -8,6 +8,7 @@ tensor contributes N*H*W samples of C units (as in Jordan et al. 2022, Appendix 
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Iterable, Iterator
 
@@ -142,21 +143,34 @@ class SiteTaps(nn.Module):
         return hook
 
 
-_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
-def _is_inplace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Whether fx node `node` may overwrite its first argument (ReLU(inplace=True), x.relu_(), x += y)."""
+def is_inplace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether fx node `node` may overwrite its first argument (ReLU(inplace=True), x.relu_(), torch.relu_, x += y)."""
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return node.target.endswith("_")
-    return node.op == "call_function" and (node.target in _INPLACE_FUNCS or bool(node.kwargs.get("inplace")))
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    inplace_fn = node.op == "call_function" and (node.target in _INPLACE_FUNCS or bool(node.kwargs.get("inplace")))
+    return node.op in ("call_method", "call_function") and (name.endswith("_") and not name.endswith("__") or inplace_fn)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode for the duration, then restore every submodule's own mode."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _before_inplace_users(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
     """`node`, or a clone of it taken right away when a later op would modify it in place."""
-    if not any(_is_inplace(gm, u) and u.args and u.args[0] is node for u in node.users):
+    if not any(is_inplace(gm, u) and u.args and u.args[0] is node for u in node.users):
         return node
     with gm.graph.inserting_after(node):
         return gm.graph.call_method("clone", (node,))

@@ -8,7 +8,8 @@ import torch.nn as nn
 from ..checks import check_finite, check_same_architecture
 from ..permute import permute_model
 from ..spec import PermutationSpec, trace
-from ._registry import AlignResult, AlignmentError, device_of, eval_mode, first_examples, get_method
+from ..stats import eval_mode
+from ._registry import AlignResult, AlignmentError, device_of, first_examples, get_method
 
 
 def check_same_function(model: nn.Module, permuted: nn.Module, x: torch.Tensor) -> float:

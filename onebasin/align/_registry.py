@@ -6,8 +6,7 @@ Methods are registered mergekit-style: a function `fn(spec, model_a, model_b, da
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,20 +100,6 @@ def device_of(model: nn.Module, device=None) -> torch.device:
         return torch.device(device)
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode for the duration, then restore every submodule's own mode."""
-    modes = [[(m, m.training) for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for saved in modes:
-            for m, training in saved:
-                m.training = training
 
 
 def initial_perms(spec: PermutationSpec, init=None) -> Perms:

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..spec import PermutationSpec
-from ..stats import Moments, SiteTaps, batches, unit_matrix
-from ._registry import AlignResult, all_reduce_count, assign, device_of, eval_mode, matched, register_method, require_module, weights_of
+from ..stats import Moments, SiteTaps, batches, eval_mode, unit_matrix
+from ._registry import AlignResult, all_reduce_count, assign, device_of, matched, register_method, require_module, weights_of
 from .weight import match_weights
 
 

@@ -22,7 +22,8 @@ from torch.func import functional_call
 
 from ..permute import StateDict, apply_perms, permute_tensor
 from ..spec import Group, PermutationSpec
-from ._registry import AlignResult, device_of, eval_mode, first_examples, initial_perms, register_method, require_module
+from ..stats import eval_mode
+from ._registry import AlignResult, device_of, first_examples, initial_perms, register_method, require_module
 
 
 class _Objective:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from ..errors import UnsupportedOpError
 from ..permute import Perms, permute_tensor
 from ..spec import PermutationSpec
-from ..stats import Moments, batches
-from ._registry import AlignResult, all_reduce_count, assign, device_of, eval_mode, initial_perms, matched, register_method, require_module, weights_of
+from ..stats import Moments, batches, eval_mode
+from ._registry import AlignResult, all_reduce_count, assign, device_of, initial_perms, matched, register_method, require_module, weights_of
 from .weight import other_axes_permuted, match_weights
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
