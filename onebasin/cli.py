@@ -172,6 +172,10 @@ def _add_demo(sub):
     d.add_argument("--width", type=int, default=128, help="MLP hidden units or conv channel multiplier (default 128)")
     d.add_argument("--depth", type=int, default=10, help="Linear layers of the MLP (default 10; ignored by conv nets)")
     d.add_argument("--epochs", type=int, default=8, help="training epochs of each endpoint (default 8)")
+    d.add_argument("--lr", type=float, default=0.1,
+                   help="peak learning rate (default 0.1: the MLP recipe's 0.2 diverged to NaN in 8-epoch runs)")
+    d.add_argument("--warmup", type=float, default=0.25,
+                   help="fraction of steps warming up the learning rate (default 0.25; the recipe's is 0.05)")
     d.add_argument("--repair", default="exact", choices=REPAIRS[:3], help="correction of the third curve (default exact)")
     d.add_argument("--train-limit", type=int, help="train on the first N examples only (quick looks)")
     d.add_argument("--test-examples", type=int, help="evaluate on the first N test examples (default: all)")
@@ -277,6 +281,7 @@ def cmd_demo(args, fail) -> int:
     try:
         kwargs = {"width": args.width, **({"depth": args.depth} if model_info(args.model).flat_input else {})}
         exp = Experiment(dataset=args.dataset, model=args.model, model_kwargs=kwargs, epochs=args.epochs,
+                         recipe_overrides={"lr": args.lr, "warmup": args.warmup},
                          method=args.method, repair=args.repair, calib_examples=args.calib_examples,
                          train_limit=args.train_limit, test_examples=args.test_examples, out=out,
                          data_dir=args.data_dir, cache_dir=args.cache_dir)

@@ -23,12 +23,15 @@ from .train import train_model
 
 @dataclass
 class Experiment:
-    """Every setting of one experiment. The defaults are the demo: ~2-3 minutes on 2 CPU cores, cold cache."""
+    """Every setting of one experiment. `onebasin demo` runs these defaults with recipe_overrides
+    {"lr": 0.1, "warmup": 0.25}: measured here, the MLP recipe's lr 0.2 with its 5 % (or even 25 %) warmup
+    diverged to NaN in 8-epoch runs, while lr 0.1 reached 96.7 % test accuracy for both seeds."""
 
     dataset: str = "mnist"
     model: str = "mlp"
     model_kwargs: dict = field(default_factory=lambda: {"width": 128, "depth": 10})  # options of the model
     epochs: int = 8  # the recipe shortened to this many epochs (MLP paper recipe: 100)
+    recipe_overrides: dict = field(default_factory=dict)  # other recipe fields replaced, e.g. {"warmup": 0.25}
     seeds: tuple[int, int] = (0, 1)
     method: str = "activation"  # alignment method
     repair: str = "exact"  # correction of the third curve: exact | closed | reset_bn
@@ -55,7 +58,9 @@ def endpoint_path(exp: Experiment, seed: int) -> Path:
     """The cached checkpoint of the endpoint trained with `seed` (its name holds every training setting)."""
     opts = "_".join(f"{k}{v}" for k, v in sorted(exp.model_kwargs.items()))
     limit = f"_n{exp.train_limit}" if exp.train_limit else ""
-    return cache_dir(exp.cache_dir) / "endpoints" / f"{exp.model}_{opts}_{exp.dataset}_e{exp.epochs}{limit}_s{seed}.safetensors"
+    recipe = "".join(f"_{k}{v}" for k, v in sorted(exp.recipe_overrides.items()))
+    name = f"{exp.model}_{opts}_{exp.dataset}_e{exp.epochs}{recipe}{limit}_s{seed}.safetensors"
+    return cache_dir(exp.cache_dir) / "endpoints" / name
 
 
 def endpoint(exp: Experiment, seed: int, progress: bool = True) -> tuple[torch.nn.Module, dict, bool]:
@@ -63,7 +68,7 @@ def endpoint(exp: Experiment, seed: int, progress: bool = True) -> tuple[torch.n
     path = endpoint_path(exp, seed)
     cached = checkpoint_paths(path)[0].exists()
     if not cached:
-        train_model(exp.model, exp.dataset, model_kwargs=exp.model_kwargs, overrides={"epochs": exp.epochs},
+        train_model(exp.model, exp.dataset, model_kwargs=exp.model_kwargs, overrides={"epochs": exp.epochs, **exp.recipe_overrides},
                     seed=seed, out=path, data_dir=exp.data_dir, limit=exp.train_limit, progress=progress)
     model, meta = load_model(path, expect={"model": exp.model, "seed": seed})
     return model, meta, cached

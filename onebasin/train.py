@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 
 from onebasin.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
 from onebasin.data import ImageData, batches, dataset_info, load_dataset, make_augment, num_batches
+from onebasin.errors import OnebasinError
 from onebasin.models import create_model, input_kwargs, model_info
+
+
+class TrainingDivergedError(OnebasinError):
+    """The training loss became NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,10 @@ def _train_epoch(model, opt, data, recipe, augment, seed, epoch, device, bar) ->
         with _autocast(device):
             out = model(_to_memory_format(x, device))
             loss = F.cross_entropy(out.float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"training diverged: the loss is {loss.item()} at epoch {epoch + 1}, step {i + 1} (lr {lr:.4g}); "
+                f"lower the learning rate (--lr) or warm up longer (recipe field warmup)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

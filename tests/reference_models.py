@@ -4,6 +4,19 @@ import torch
 import torch.nn as nn
 
 
+def randomize_norm_stats(model):
+    """Give every norm layer non-trivial affine parameters and running stats, so permuting them matters."""
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def mlp(width=16, depth=4, in_features=12, num_classes=5):
     layers, d = [], in_features
     for _ in range(depth - 1):

@@ -26,7 +26,7 @@ from onebasin.errors import ArchitectureMismatchError, InvalidWeightsError
 from onebasin.interpolate import lerp
 from onebasin.permute import apply_perms, invert_perms, permute_model, random_perms
 from onebasin.spec import from_groups, symbolic_trace, trace
-from reference_models import ResNet20ish, VGGish, mlp
+from reference_models import ResNet20ish, VGGish, mlp, randomize_norm_stats
 
 MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 DETERMINISTIC = ["activation", "weight", "functional"]  # recover an exact permutation; annealing is tested apart
@@ -40,25 +40,10 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     factory, shape = MODELS[name]
-    model = factory().to(dtype)
-    for m in model.modules():  # non-trivial norm parameters and statistics, so permuting them matters
-        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5)
+    model = randomize_norm_stats(factory().to(dtype))  # non-trivial norms, so permuting them matters
     return model, shape
 
 

@@ -20,15 +20,6 @@ from reference_models import VGGish
 MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data, as tests/conftest.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: intra-op threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def blobs(n, seed, dim=12, classes=5):
     """Gaussian blobs around fixed class centres: (x (n, dim), y (n,))."""
     centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 1.5

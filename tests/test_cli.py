@@ -148,3 +148,4 @@ method = ["weight"]
     before = (tmp_path / "sweep" / "results.csv").stat().st_mtime_ns
     code, _, _ = run_cli(["sweep", config, "--no-progress"], capsys)
     assert code == 0 and len((tmp_path / "sweep" / "results.csv").read_text().splitlines()) == 3
+    assert (tmp_path / "sweep" / "results.csv").stat().st_mtime_ns == before  # nothing re-run, nothing rewritten

@@ -9,7 +9,7 @@ from onebasin.interpolate import interpolate_model
 from onebasin.permute import invert_perms, permute_model, random_perms
 from onebasin.repair import RepairAffine, endpoint_stats, fuse_corrections, repair, repair_errors, reset_bn, with_affines
 from onebasin.spec import from_groups, trace
-from reference_models import ResNet20ish, VGGish, mlp
+from reference_models import ResNet20ish, VGGish, mlp, randomize_norm_stats
 
 # name -> (factory, input shape, exact passes with layer+block sites, with layer sites only)
 MODELS = {
@@ -23,28 +23,10 @@ MODELS = {
 FIRST_LAYER_LINEAR = {"mlp", "vgg_plain", "resnet20_fixup"}  # no norm on the first site: eq. (5) is exact there
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: intra-op threads only contend (20x slower convs measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(name, seed):
     """A float64 reference model in eval mode with non-trivial norm parameters and running statistics."""
     torch.manual_seed(seed)
-    model = MODELS[name][0]().double().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+    return randomize_norm_stats(MODELS[name][0]().double().eval())
 
 
 def calib(name, n=64, batch=16, seed=0):

@@ -8,7 +8,7 @@ from onebasin.errors import ArchitectureMismatchError, UnsupportedOpError, Untra
 from onebasin.interpolate import lerp
 from onebasin.permute import apply_perms, compose_perms, invert_perms, permute_model, random_perms
 from onebasin.spec import from_groups, trace
-from reference_models import ResNet20ish, mlp, reference_models
+from reference_models import ResNet20ish, mlp, randomize_norm_stats, reference_models
 
 MODELS = reference_models()
 SMALL = [n for n in MODELS if not n.startswith("tv_")]
@@ -20,18 +20,6 @@ def build(name, dtype=torch.float64, seed=0):
     model = factory().to(dtype)
     randomize_norm_stats(model)
     return model, torch.randn(*shape, dtype=dtype)
-
-
-def randomize_norm_stats(model):
-    """Give every norm layer non-trivial affine parameters and running stats, so permuting them matters."""
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.normal_(0, 0.2)
-                    m.running_var.uniform_(0.5, 1.5)
 
 
 def assert_close(a, b):

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from onebasin.spec import Site, from_groups, trace
+from onebasin.spec import from_groups, trace
 from onebasin.stats import Moments, SiteTaps, batches, unit_matrix
 from reference_models import ResNet20ish, mlp
 

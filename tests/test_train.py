@@ -9,7 +9,7 @@ from onebasin.checkpoint import CheckpointError, load_checkpoint
 from onebasin.cli import main
 from onebasin.data import ImageData, dataset_info
 from onebasin.models import create_model
-from onebasin.train import RECIPES, default_recipe, get_recipe, lr_at, resume_path, seed_everything, train
+from onebasin.train import RECIPES, TrainingDivergedError, default_recipe, get_recipe, lr_at, resume_path, seed_everything, train
 
 
 def striped_data(n=128, seed=0) -> ImageData:
@@ -73,6 +73,13 @@ def test_training_learns_and_records_history(tmp_path):
     assert meta["test_acc"] == result.test_acc and meta["recipe"]["batch_size"] == 20 and meta["seed"] == 0
     assert torch.equal(state["head.weight"], model.head.weight)
     assert not resume_path(tmp_path / "m.safetensors").exists()  # removed once the run is complete
+
+
+def test_divergence_stops_training_with_a_clear_error():
+    seed_everything(0)
+    recipe = get_recipe("mlp", epochs=2, batch_size=20, lr=1e12, warmup=0.0, augment=())
+    with pytest.raises(TrainingDivergedError, match="training diverged: the loss is (nan|inf) at epoch"):
+        train(create_model("mlp", width=32, depth=3), striped_data(100), striped_data(20, seed=1), recipe, progress=False)
 
 
 def _run(name, seed, path=None, init_seed=None, on_epoch_end=None, lr=None):
