@@ -1,0 +1,76 @@
+"""Shared helpers of the benchmarks: wall time and peak memory of one call, CSV output.
+
+Peak memory on CPU is the peak RSS (/proc/self/status VmHWM, reset through /proc/self/clear_refs) above
+the RSS held when the window started; on CUDA, torch.cuda.max_memory_allocated above the allocation then.
+(The same approach as benchmarks/align_speed.py, which could import these.)
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+_libc = ctypes.CDLL("libc.so.6")
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def reset_peak(device: torch.device) -> float:
+    """Start a new peak-memory window; returns the memory held now (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    gc.collect()
+    _libc.malloc_trim(0)  # hand freed heap back to the OS, so the window starts from live memory only
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    return _rss_mb("VmRSS:")
+
+
+def peak_since(device: torch.device, base: float) -> float:
+    """Peak memory (MiB) above `base` since the matching `reset_peak`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20 - base
+    return _rss_mb("VmHWM:") - base
+
+
+def timed(fn, device: torch.device):
+    """(fn(), seconds), synchronising CUDA around the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def measure(fn, device: torch.device):
+    """(fn(), seconds, peak MiB above the memory held before the call)."""
+    base = reset_peak(device)
+    out, seconds = timed(fn, device)
+    return out, seconds, peak_since(device, base)
+
+
+def write_csv(path, rows: list[dict]) -> Path:
+    """Write `rows` (union of their keys as columns) atomically to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path

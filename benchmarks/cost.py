@@ -1,0 +1,187 @@
+"""Cost of merging: time and peak memory of each step, as a ratio to one forward pass of one model.
+
+    python benchmarks/cost.py                              # ResNet20 x1/x2/x4, ResNet50, MLP depth 4/8/16
+    python benchmarks/cost.py --models resnet20x8 --examples 64 --append
+
+For each model: two differently seeded random-init copies A and B (eval mode) and `--examples` random
+inputs of the model's shape (3x32x32 for the ResNets, ResNet50 included; 1x28x28 for the MLPs) in
+batches of `--batch`. Steps: trace (PermutationSpec), activation matching and weight matching
+(`align(..., check=False)`: the algorithm plus permuting B), exact and closed-form REPAIR at alpha 0.5
+(`repair`, endpoint statistics included), BN reset (interpolate + `reset_bn`). `ratio` = step time /
+time of one no-grad forward pass of model A over the same examples (median of 3), measured in the same
+run, so contention from other jobs on the machine affects both. `peak` = peak memory above what was
+held before the step (see _common.py). Width growth: resnet20 x1..x8; depth growth: 10-layer-style MLP of
+width 512 with depth 4, 8, 16 (no BatchNorm: BN reset n/a). Rows go to benchmarks/results/cost.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+from pathlib import Path
+
+import torch
+import torchvision
+
+from _common import measure, timed, write_csv
+from onebasin.align import align
+from onebasin.interpolate import interpolate_model
+from onebasin.models import create_model
+from onebasin.repair import repair, reset_bn
+from onebasin.spec import trace
+
+print = functools.partial(print, flush=True)  # noqa: A001
+
+CSV = Path(__file__).resolve().parent / "results" / "cost.csv"
+
+
+def _resnet20(width):
+    return lambda: (create_model("resnet20", width=width, num_classes=10), (3, 32, 32))
+
+
+def _mlp(depth):
+    return lambda: (create_model("mlp", width=512, depth=depth), (1, 28, 28))
+
+
+MODELS = {
+    **{f"resnet20x{w}": _resnet20(w) for w in (1, 2, 4, 8)},
+    "resnet50": lambda: (torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
+    **{f"mlp512d{d}": _mlp(d) for d in (4, 8, 16)},
+}
+DEFAULT = "resnet20x1,resnet20x2,resnet20x4,resnet50,mlp512d4,mlp512d8,mlp512d16"
+
+
+def forward(model, data):
+    with torch.no_grad():
+        for x in data:
+            model(x)
+
+
+def steps(a, b, data, n):
+    """name -> zero-argument callable, in order; later steps reuse `state` (aligned B)."""
+    state = {}
+
+    def act():
+        state["b"], res = align(a, b, "activation", data, spec=state["spec"], check=False, max_examples=n)
+        return res.record.get("iterations")
+
+    def rep(method):
+        return lambda: repair(a, state["b"], 0.5, data, spec=state["spec"], method=method, max_examples=n).passes
+
+    return {
+        "trace": lambda: state.__setitem__("spec", trace(a, data[0])) or len(state["spec"]),
+        "activation matching": act,
+        "weight matching": lambda: align(a, b, "weight", spec=state["spec"], check=False)[1].record.get("iterations"),
+        "REPAIR exact": rep("exact"),
+        "REPAIR closed": rep("closed"),
+        "BN reset": lambda: reset_bn(interpolate_model(a, state["b"], 0.5), data, n) and None,
+    }
+
+
+def bench(name, args, device) -> list[dict]:
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, shape = MODELS[name]()
+        models.append(model.to(device).eval())
+    a, b = models
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(args.batch, *shape, generator=g).to(device) for _ in range(args.examples // args.batch)]
+    n = len(data) * args.batch
+    forward(a, data[:1])  # warm-up
+    t_fwd = statistics.median(timed(lambda: forward(a, data), device)[1] for _ in range(3))
+    params = sum(p.numel() for p in a.parameters()) / 1e6
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
+    base = {"model": name, "params_M": round(params, 3), "examples": n, "input": "x".join(map(str, shape)),
+            "batch": args.batch, "threads": torch.get_num_threads(), "device": device.type}
+    _, _, fwd_peak = measure(lambda: forward(a, data), device)
+    rows = [{**base, "step": "forward (1 model)", "seconds": round(t_fwd, 4), "ratio": 1.0,
+             "peak_MiB": round(fwd_peak, 1), "detail": ""}]
+    print(f"\n{name}: {params:.2f}M params, {n} examples of {base['input']}")
+    print(f"  {'forward (1 model)':<22} {t_fwd:8.3f} s  ratio {1:6.2f}  peak {fwd_peak:7.0f} MiB")
+    for step, fn in steps(a, b, data, n).items():
+        if step == "BN reset" and not has_bn:
+            continue
+        detail, t, peak = measure(fn, device)
+        rows.append({**base, "step": step, "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
+                     "peak_MiB": round(peak, 1), "detail": detail if detail is not None else ""})
+        print(f"  {step:<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  peak {peak:7.0f} MiB  ({detail})")
+    return rows
+
+
+STEPS = ["trace", "activation matching", "weight matching", "REPAIR exact", "REPAIR closed", "BN reset"]
+
+
+def print_table() -> None:
+    """cost.csv as the markdown table of docs/results.md: seconds (ratio to one forward) and peak MiB per step."""
+    import csv
+
+    rows = list(csv.DictReader(CSV.open()))
+    print("| model | params (M) | examples | forward (s) | " + " | ".join(STEPS) + " |")
+    print("|---" * (4 + len(STEPS)) + "|")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["step"]: r for r in rows if r["model"] == model}
+        fwd = by["forward (1 model)"]
+        cells = [f"{float(by[s]['seconds']):.2f} s ({float(by[s]['ratio']):.1f}x, {float(by[s]['peak_MiB']):.0f} MiB)"
+                 if s in by else "n/a" for s in STEPS]
+        print(f"| {model} | {fwd['params_M']} | {fwd['examples']} | {float(fwd['seconds']):.3f} | " + " | ".join(cells) + " |")
+
+
+def plot_growth() -> Path:
+    """cost_growth.png: seconds of each step vs ResNet20 width (x1, x2, ...) and vs MLP depth, from cost.csv."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(CSV.open()))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, prefix, label in ((axes[0], "resnet20x", "ResNet20 width multiplier"), (axes[1], "mlp512d", "MLP depth (width 512)")):
+        for step in ["forward (1 model)", *STEPS]:
+            pts = sorted((int(r["model"].removeprefix(prefix)), float(r["seconds"])) for r in rows
+                         if r["model"].startswith(prefix) and r["step"] == step)
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=step)
+        ax.set_xscale("log", base=2), ax.set_yscale("log"), ax.set_xlabel(label), ax.set_ylabel("seconds (1 thread)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    n = rows[0]["examples"] if rows else "?"
+    fig.suptitle(f"Cost of merging steps, {n} random examples, shared 2-core CPU")
+    fig.tight_layout()
+    out = CSV.with_name("cost_growth.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=DEFAULT, help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--examples", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--append", action="store_true", help="keep rows of other models already in cost.csv")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--table", action="store_true", help="only print cost.csv as a markdown table")
+    args = parser.parse_args()
+    if args.table:
+        return print_table(), plot_growth()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    names = args.models.split(",")
+    import csv
+
+    old = [r for r in csv.DictReader(CSV.open()) if r["model"] not in names] if args.append and CSV.exists() else []
+    rows = list(old)
+    for name in names:
+        rows += bench(name, args, device)
+        write_csv(CSV, rows)
+    print(f"\nwrote {CSV} and {plot_growth()}")
+
+
+if __name__ == "__main__":
+    main()

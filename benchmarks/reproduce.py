@@ -1,0 +1,334 @@
+"""Reproduce the REPAIR paper's midpoint results (Jordan et al. 2022, Figs. 3-5, Sec. 5.4) where a CPU allows.
+
+    python benchmarks/reproduce.py                          # every setting not yet in the CSV, in priority order
+    python benchmarks/reproduce.py --only mlp-mnist-512     # one setting (comma-separated list allowed)
+    python benchmarks/reproduce.py --list                   # settings, with recipe and shortening
+    python benchmarks/reproduce.py --plot                   # only redraw the plots from the CSVs
+
+Each setting trains two endpoints from seeds 0 and 1 (cached under $ONEBASIN_CACHE, default /work/cache;
+resumable per epoch), runs `onebasin.experiment.run_experiment` (plain / aligned / aligned + exact REPAIR
+curves, activation matching) and adds the closed-form REPAIR curve (eq. 5) of the same aligned pair.
+One row per setting goes to benchmarks/results/reproduce.csv; a setting already there is skipped.
+`split-mnist` (Sec. 5.4 on MNIST) writes benchmarks/results/split_data.csv. The resolved settings of
+every row are stored in the row itself (recipe, epochs, training subset, seeds, evaluation sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from onebasin.align import align
+from onebasin.checkpoint import checkpoint_paths, load_model
+from onebasin.data import batches, biased_split, load_dataset
+from onebasin.experiment import Experiment, endpoint_path, evaluation_data, run_experiment
+from onebasin.interpolate import barrier_curve, evaluate
+from onebasin.pipeline import merge
+from onebasin.spec import trace
+from onebasin.train import default_recipe, get_recipe, train, train_model
+
+print = functools.partial(print, flush=True)  # noqa: A001
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA_DIR = os.environ.get("ONEBASIN_DATA", "/work/shared/data")
+CACHE = os.environ.get("ONEBASIN_CACHE", "/work/cache")
+PAPER_EPOCHS = {"mlp": 100, "resnet20": 200}
+ALPHAS = tuple(i / 10 for i in range(11))
+
+
+@dataclasses.dataclass
+class Setting:
+    name: str
+    exp: Experiment
+    note: str = ""  # what was shortened, in words
+    overrides: dict = dataclasses.field(default_factory=dict)  # recipe fields changed besides epochs
+
+
+def _mlp(dataset, width, epochs, name="", warmup=0.25):
+    """warmup 0.25 of a 20-epoch run = 5 epochs, the paper recipe's warmup length (5 % of 100 epochs). Measured:
+    with the recipe's 5 % (1 epoch), the width-128 MLP diverged to NaN in epoch 4; width 512 trained."""
+    exp = Experiment(dataset=dataset, model="mlp", model_kwargs={"width": width, "depth": 10}, epochs=epochs,
+                     calib_examples=5000, train_eval_examples=5000, alphas=ALPHAS)
+    over = {"warmup": warmup} if warmup != 0.05 else {}
+    note = f"{epochs} of 100 epochs" if epochs < 100 else "paper recipe"
+    note += f", warmup {warmup:.0%} ({warmup * epochs:g} epochs)" if over else ""
+    return Setting(name or f"mlp-{dataset}-{width}", exp, note, over)
+
+
+def _resnet(width, norm, epochs=2, limit=10000):
+    exp = Experiment(dataset="fashionmnist", model="resnet20", model_kwargs={"width": width, "norm": norm},
+                     epochs=epochs, train_limit=limit, calib_examples=500, train_eval_examples=500,
+                     test_examples=2000, alphas=(0.0, 0.5, 1.0))  # exact REPAIR: 28 passes per alpha
+    tag = {"batchnorm": "", "none": "-fixup"}[norm]
+    note = (f"{epochs} of 200 epochs on the first {limit:,} of 60,000 training images, batch 100 at lr 0.1 "
+            "(recipe: 500 at 0.4); alignment and REPAIR on 500 training images; alphas 0, 0.5, 1 on 2,000 test images")
+    return Setting(f"resnet20{tag}-fashionmnist-x{width}", exp, note, dict(RN_OVERRIDES))
+
+
+# Measured: the resnet20 recipe cut to 40 steps (2 epochs of 10,000 at batch 500, lr 0.4) left ResNet20 x1 at 27 %
+# test accuracy (10 % after epoch 1, test loss 335: BN statistics blown up), also with a 10-step warmup. Smaller
+# batches give 5x the steps for the same CPU time.
+RN_OVERRIDES = {"batch_size": 100, "lr": 0.1, "warmup": 0.05}
+# Priority order: what runs when no --only is given.
+SETTINGS = [
+    _mlp("mnist", 512, 20),  # with the 5 % warmup, seed 0 reached 98.29 % but seed 1 diverged to NaN in epoch 4
+    _mlp("mnist", 128, 20),
+    _resnet(1, "batchnorm"),
+    _mlp("mnist", 32, 20),
+    _mlp("mnist", 64, 20),
+    _mlp("mnist", 128, 100, name="mlp-mnist-128-e100", warmup=0.05),  # the paper recipe; seed 0: docs/training.md
+    _mlp("mnist", 256, 20),
+    _mlp("mnist", 1024, 20),
+    _mlp("fashionmnist", 128, 20),
+    _mlp("fashionmnist", 512, 20),
+    _mlp("mnist", 2048, 20),
+    _mlp("fashionmnist", 1024, 20),
+    _resnet(2, "batchnorm"),
+    _resnet(1, "none"),
+]
+BY_NAME = {s.name: s for s in SETTINGS}
+SPLIT = "split-mnist"
+
+
+# --- midpoint settings ---------------------------------------------------------------------------
+
+def _recipe_of(s: Setting) -> dict:
+    return dataclasses.asdict(get_recipe(default_recipe(s.exp.model), epochs=s.exp.epochs, **s.overrides))
+
+
+def resolved(s: Setting) -> Experiment:
+    """The setting's Experiment with data, cache (one folder per recipe change) and report paths filled in."""
+    tag = "_".join(f"{k}{v}" for k, v in sorted(s.overrides.items()))
+    return dataclasses.replace(s.exp, data_dir=DATA_DIR, cache_dir=str(Path(CACHE) / tag) if tag else CACHE,
+                               out=str(Path(CACHE) / "reports" / s.name))
+
+
+def train_endpoint(s: Setting, seed: int) -> None:
+    exp = resolved(s)
+    if not checkpoint_paths(endpoint_path(exp, seed))[0].exists():
+        train_model(exp.model, exp.dataset, model_kwargs=exp.model_kwargs, overrides={"epochs": exp.epochs, **s.overrides},
+                    seed=seed, out=endpoint_path(exp, seed), data_dir=exp.data_dir, limit=exp.train_limit, progress=False)
+    print(f"{s.name}: endpoint seed {seed} at {endpoint_path(exp, seed)}")
+
+
+def run_setting(s: Setting, threads: int) -> dict:
+    """Both endpoints, the three curves of run_experiment, plus the closed-form REPAIR curve: one CSV row."""
+    exp = resolved(s)
+    t0 = time.perf_counter()
+    cached = all(checkpoint_paths(endpoint_path(exp, seed))[0].exists() for seed in exp.seeds)
+    for seed in exp.seeds:
+        train_endpoint(s, seed)
+    comparison, paths = run_experiment(exp, progress=False)
+    t_train = time.perf_counter() - t0
+    run = json.loads(Path(paths["json"]).read_text())["run"]
+    t1 = time.perf_counter()
+    a, b = (load_model(endpoint_path(exp, seed))[0] for seed in exp.seeds)
+    loaders, calib = evaluation_data(exp)
+    spec = trace(a, next(iter(calib))[0][:64])
+    aligned_b, _ = align(a, b, exp.method, calib, spec=spec, max_examples=exp.calib_examples)
+    closed = barrier_curve(a, aligned_b, {"test": loaders["test"]}, exp.alphas, "repair_closed", calib_data=calib,
+                           max_examples=exp.calib_examples, spec=spec)
+    t2 = time.perf_counter()
+    row = {"setting": s.name, "dataset": exp.dataset, "model": exp.model, "model_kwargs": json.dumps(exp.model_kwargs),
+           "epochs": exp.epochs, "paper_epochs": PAPER_EPOCHS[exp.model],
+           "train_examples": exp.train_limit or "all", "seeds": f"{exp.seeds[0]},{exp.seeds[1]}",
+           "acc_a": comparison.summary_rows()[0][1], "acc_b": comparison.summary_rows()[1][1]}
+    for label, c in [*comparison.curves.items(), ("aligned+closed", closed)]:
+        key = {"aligned+REPAIR": "repair", "aligned+closed": "closed"}.get(label, label)
+        i = c.alphas.index(0.5)
+        row |= {f"{key}_mid_acc": c.acc["test"][i], f"{key}_loss_barrier": c.barrier("test", "loss"),
+                f"{key}_error_barrier": c.barrier("test", "error")}
+    row |= {"test_examples": exp.test_examples or "all", "calib_examples": exp.calib_examples,
+            "alphas": " ".join(f"{x:g}" for x in exp.alphas), "threads": threads,
+            "endpoints_cached": cached,
+            "seconds_train": round(t_train - run["seconds"]["compare"], 1),
+            "seconds_compare": round(run["seconds"]["compare"] + t2 - t1, 1),
+            "recipe": json.dumps(_recipe_of(s)), "note": s.note}
+    _copy_plot(Path(paths["barrier_png"]), RESULTS / "curves" / f"{s.name}.png")
+    return row
+
+
+def _copy_plot(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+
+
+# --- split-data experiment (Sec. 5.4, on MNIST) --------------------------------------------------
+
+SPLIT_MODEL = {"width": 512, "depth": 4}
+SPLIT_EPOCHS = 20
+
+
+def _train_split(part: str, data, test, seed: int):
+    from onebasin.models import create_model
+
+    path = Path(CACHE) / "endpoints" / f"split_mnist_{part}_mlp_w{SPLIT_MODEL['width']}_d{SPLIT_MODEL['depth']}_e{SPLIT_EPOCHS}_s{seed}.safetensors"
+    if not checkpoint_paths(path)[0].exists():
+        torch.manual_seed(seed)
+        net = create_model("mlp", **SPLIT_MODEL)
+        meta = {"model": "mlp", "model_kwargs": {**SPLIT_MODEL, "in_features": 784, "num_classes": 10},
+                "dataset": "mnist", "split": part, "train_examples": len(data)}
+        train(net, data, test, get_recipe("mlp", epochs=SPLIT_EPOCHS), seed, checkpoint_path=path, meta=meta, progress=False)
+    return load_model(path)[0]
+
+
+def _ensemble_eval(models, loader, space: str = "softmax") -> tuple[float, float]:
+    """(loss, acc) of the mean of the models' softmax outputs (or of their logits, then softmax)."""
+    loss, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            if space == "softmax":
+                p = sum(F.softmax(m.eval()(x), -1) for m in models) / len(models)
+            else:
+                p = F.softmax(sum(m.eval()(x) for m in models) / len(models), -1)
+            loss += float(F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum"))
+            correct, n = correct + int((p.argmax(-1) == y).sum()), n + len(y)
+    return loss / n, correct / n
+
+
+def run_split() -> list[dict]:
+    """A trained on 80 % of classes 0-4 + 20 % of 5-9, B the rest (seeds 0, 1); merged, vs endpoints and ensemble."""
+    train_all = load_dataset("mnist", True, DATA_DIR)
+    test = load_dataset("mnist", False, DATA_DIR)
+    idx_a, idx_b = biased_split(train_all.labels, range(5), 0.8, seed=0)
+    a = _train_split("a", train_all.subset(idx_a), test, 0)
+    b = _train_split("b", train_all.subset(idx_b), test, 1)
+    calib = list(batches(load_dataset("mnist", True, DATA_DIR, limit=5000, seed=0), 500))  # both splits' classes
+    low, high = test.subset(test.labels < 5), test.subset(test.labels >= 5)
+    loaders = {"all": list(batches(test, 1000)), "classes 0-4": list(batches(low, 1000)), "classes 5-9": list(batches(high, 1000))}
+    models = {"model A (80% of 0-4)": a, "model B (80% of 5-9)": b}
+    for method, repair in (("none", "none"), ("activation", "none"), ("activation", "exact"), ("activation", "closed")):
+        name = "midpoint " + ("plain" if method == "none" else "aligned" + {"none": "", "exact": " + REPAIR", "closed": " + closed REPAIR"}[repair])
+        models[name] = merge(a, b, method=method, repair=repair, alpha=0.5, data=calib)[0]
+    rows = []
+    for name, m in models.items():
+        rows.append({"model": name, **{f"acc {k}": evaluate(m, ld)[1] for k, ld in loaders.items()}})
+    for space in ("softmax", "logits"):
+        rows.append({"model": f"ensemble A+B (mean {space})", **{f"acc {k}": _ensemble_eval([a, b], ld, space)[1] for k, ld in loaders.items()}})
+    note = (f"MNIST, biased_split(classes 0-4, 0.8, seed 0): {len(idx_a)} / {len(idx_b)} training images; mlp "
+            f"{SPLIT_MODEL}, mlp recipe {SPLIT_EPOCHS} of 100 epochs, seeds 0 (A) and 1 (B); calibration: 5,000 "
+            "training images of all classes; test: full 10,000")
+    return [{**r, "note": note} for r in rows]
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+def read_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot_width(rows: list[dict]) -> None:
+    """Barrier and midpoint accuracy vs width, 10-layer MLP on MNIST (paper Fig. 5 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((json.loads(r["model_kwargs"])["width"], r) for r in rows if r["setting"].startswith("mlp-mnist-"))
+    if not pts:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    w = [p[0] for p in pts]
+    for key, label in (("plain", "plain"), ("aligned", "aligned"), ("repair", "aligned + REPAIR"), ("closed", "aligned + closed REPAIR")):
+        ax1.plot(w, [float(r[f"{key}_loss_barrier"]) for _, r in pts], "o-", label=label)
+        ax2.plot(w, [100 * float(r[f"{key}_mid_acc"]) for _, r in pts], "o-", label=label)
+    ax2.plot(w, [50 * (float(r["acc_a"]) + float(r["acc_b"])) for _, r in pts], "k--", label="endpoints (mean)")
+    epochs = sorted({r["epochs"] for _, r in pts})
+    for ax, yl in ((ax1, "test loss barrier"), (ax2, "midpoint test accuracy (%)")):
+        ax.set_xscale("log", base=2), ax.set_xlabel("width"), ax.set_ylabel(yl), ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8), ax2.legend(fontsize=8)
+    fig.suptitle(f"10-layer MLP on MNIST, seeds 0/1, {'/'.join(epochs)} of 100 epochs (shortened)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "width_mlp_mnist.png", dpi=110)
+    plt.close(fig)
+
+
+def print_tables() -> None:
+    """The markdown tables of docs/results.md, from the CSVs."""
+    pct = lambda v: f"{100 * float(v):.2f}"  # noqa: E731
+    print("| setting | epochs (paper) | train images | A | B | plain | aligned | aligned + REPAIR | aligned + closed REPAIR "
+          "| loss barrier plain / aligned / REPAIR / closed | training (vs paper) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    order = {name: i for i, name in enumerate(BY_NAME)}
+    for r in sorted(read_rows(RESULTS / "reproduce.csv"), key=lambda r: order.get(r["setting"], len(order))):
+        barriers = " / ".join(f"{float(r[k + '_loss_barrier']):.3f}" for k in ("plain", "aligned", "repair", "closed"))
+        print(f"| {r['setting']} | {r['epochs']} ({r['paper_epochs']}) | {r['train_examples']} | {pct(r['acc_a'])} | "
+              f"{pct(r['acc_b'])} | {pct(r['plain_mid_acc'])} | {pct(r['aligned_mid_acc'])} | {pct(r['repair_mid_acc'])} | "
+              f"{pct(r['closed_mid_acc'])} | {barriers} | {r['note']} |")
+    split = read_rows(RESULTS / "split_data.csv")
+    if split:
+        print("\n| model | test acc, all | classes 0-4 | classes 5-9 |\n|---|---|---|---|")
+        for r in split:
+            print(f"| {r['model']} | {pct(r['acc all'])} | {pct(r['acc classes 0-4'])} | {pct(r['acc classes 5-9'])} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help=f"comma-separated settings (see --list), or {SPLIT}")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--plot", action="store_true", help="only redraw plots from the CSV")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on shared cores)")
+    parser.add_argument("--table", action="store_true", help="print the markdown tables of docs/results.md")
+    parser.add_argument("--train-seed", type=int, help="only train this seed's endpoint of each setting (run seeds in parallel)")
+    args = parser.parse_args()
+    if args.table:
+        return print_tables()
+    if args.list:
+        for s in SETTINGS:
+            print(f"{s.name:<32} {s.exp.model} {s.exp.model_kwargs} {s.exp.dataset}: {s.note}")
+        print(f"{SPLIT:<32} Sec. 5.4 on MNIST (5/5 classes, 80/20), mlp {SPLIT_MODEL}, {SPLIT_EPOCHS} of 100 epochs")
+        return
+    torch.set_num_threads(args.threads)
+    path = RESULTS / "reproduce.csv"
+    rows = read_rows(path)
+    names = args.only.split(",") if args.only else [s.name for s in SETTINGS] + [SPLIT]
+    unknown = [n for n in names if n not in BY_NAME and n != SPLIT]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}; valid: {', '.join(BY_NAME)}, {SPLIT}")
+    for name in [] if args.plot else names:
+        if name == SPLIT:
+            if not (RESULTS / "split_data.csv").exists():
+                t0 = time.perf_counter()
+                write_rows(RESULTS / "split_data.csv", run_split())
+                print(f"{SPLIT}: done in {time.perf_counter() - t0:.0f} s")
+            continue
+        if args.train_seed is not None and name != SPLIT:
+            train_endpoint(BY_NAME[name], args.train_seed)
+            continue
+        if any(r["setting"] == name for r in rows):
+            print(f"{name}: already in {path.name}, skipped")
+            continue
+        t0 = time.perf_counter()
+        print(f"{name}: running ({BY_NAME[name].note})")
+        row = run_setting(BY_NAME[name], args.threads)
+        rows = [r for r in read_rows(path) if r["setting"] != name] + [row]  # re-read: parts may run in parallel
+        write_rows(path, rows)
+        r = rows[-1]
+        print(f"{name}: done in {time.perf_counter() - t0:.0f} s: A {r['acc_a']:.4f} B {r['acc_b']:.4f} plain "
+              f"{r['plain_mid_acc']:.4f} aligned {r['aligned_mid_acc']:.4f} REPAIR {r['repair_mid_acc']:.4f} "
+              f"closed {r['closed_mid_acc']:.4f}")
+        plot_width(read_rows(path))
+    plot_width(read_rows(path))
+
+
+if __name__ == "__main__":
+    main()
