@@ -2,7 +2,6 @@
 
 Peak memory on CPU is the peak RSS (/proc/self/status VmHWM, reset through /proc/self/clear_refs) above
 the RSS held when the window started; on CUDA, torch.cuda.max_memory_allocated above the allocation then.
-(The same approach as benchmarks/align_speed.py, which could import these.)
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ import functools
 import json
 import subprocess
 import sys
-import time
 
 import torch
 import torchvision
 
+from _common import peak_since, reset_peak, timed
 from onebasin.align import get_method, list_methods
 from onebasin.spec import trace
 
@@ -36,37 +36,6 @@ def resnet20x4() -> torch.nn.Module:
 
 
 MODELS = {"resnet20x4": resnet20x4, "resnet50": lambda: torchvision.models.resnet50(num_classes=10)}
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
-def reset_peak(device: torch.device) -> float:
-    """Start a new peak-memory window; returns the memory held now (MiB)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    return _rss_mb("VmRSS:")
-
-
-def peak_since(device: torch.device, base: float) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20 - base
-    return _rss_mb("VmHWM:") - base
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0
 
 
 def plain_forward(a, b, data):
