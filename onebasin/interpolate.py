@@ -102,18 +102,23 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
 
 def _corrector(model_a, model_b, correction, calib_data, max_examples, spec, sites) -> Callable[[float], nn.Module]:
     """alpha -> interpolated model with `correction` applied (endpoint statistics measured once)."""
-    from . import repair as rp  # repair imports this module
+    from .repair import endpoint_stats, repair, reset_bn  # repair imports this module
 
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r}; valid corrections: {list(CORRECTIONS)}")
     if correction is None:
         return lambda a: interpolate_model(model_a, model_b, a)
     if correction == "reset_bn":
-        return lambda a: rp.reset_bn(interpolate_model(model_a, model_b, a), calib_data, max_examples)
-    ends = rp.endpoint_stats(model_a, model_b, calib_data, spec, sites, max_examples)
+        return lambda a: reset_bn(interpolate_model(model_a, model_b, a), calib_data, max_examples)
+    ends = endpoint_stats(model_a, model_b, calib_data, spec, sites, max_examples)
     method = correction.removeprefix("repair_")
-    return lambda a: rp.repair(model_a, model_b, a, calib_data, method=method, max_examples=max_examples,
-                               endpoints=ends).model  # fmt: skip
+
+    def repaired(a: float) -> nn.Module:
+        if a in (0.0, 1.0):  # the goals are the endpoint's own statistics: REPAIR is the identity there
+            return interpolate_model(model_a, model_b, a)
+        return repair(model_a, model_b, a, calib_data, method=method, max_examples=max_examples, endpoints=ends).model
+
+    return repaired
 
 
 def barrier_curve(

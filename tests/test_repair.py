@@ -53,6 +53,16 @@ def test_exact_repair_hits_goal_statistics(name):
         assert repair_errors(closed, data)[0]["std_err"] < 1e-9
 
 
+@pytest.mark.parametrize("method", ["exact", "closed"])
+def test_repair_at_an_endpoint_is_the_identity(method):
+    """Why barrier curves skip REPAIR at alpha 0 and 1: the goals are the endpoint's own statistics."""
+    a, b, data = build("resnet20_bn", 0), build("resnet20_bn", 1), calib("resnet20_bn")
+    x = data[0]
+    for alpha, end in ((0.0, a), (1.0, b)):
+        out = repair(a, b, alpha, data, method=method).model(x)
+        assert torch.allclose(out, end(x), atol=1e-8)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fused_model_equals_affine_modules_and_loads_strictly(name):
     a, b, data = build(name, 0), build(name, 1), calib(name)
