@@ -248,20 +248,16 @@ def _endpoints(args, fail):
 
 def _pair_data(args, meta, fail):
     """(calibration batches, {"test": batches, "train": batches}) of the dataset of --data or the sidecar."""
-    import torch
-
-    from onebasin.data import batches, dataset_info, load_dataset
+    from onebasin.experiment import evaluation_batches
     from onebasin.models import model_info
 
     name = args.data or meta.get("dataset")
     if name is None:
         fail("say which data to calibrate and evaluate on: --data DATASET")
-    info = dataset_info(name)
-    size = meta.get("image_size") or (model_info(meta["model"]).image_size if ":" not in meta["model"] else None) or info.image_size
-    train = load_dataset(name, True, args.data_dir, image_size=size, limit=max(args.calib_examples, 10000), seed=0)
-    test = load_dataset(name, False, args.data_dir, image_size=size)
-    calib = list(batches(train.subset(torch.arange(min(args.calib_examples, len(train)))), 500))
-    return calib, {"test": list(batches(test, 1000)), "train": list(batches(train, 1000))}
+    registered = ":" not in meta["model"]
+    size = meta.get("image_size") or (model_info(meta["model"]).image_size if registered else None)
+    loaders, calib = evaluation_batches(name, size, data_dir=args.data_dir, calib_examples=args.calib_examples)
+    return calib, loaders
 
 
 def _errors():

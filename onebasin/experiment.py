@@ -74,15 +74,25 @@ def endpoint(exp: Experiment, seed: int, progress: bool = True) -> tuple[torch.n
     return model, meta, cached
 
 
-def evaluation_data(exp: Experiment) -> tuple[dict[str, list], list]:
-    """({"test": batches, "train": batches}, calibration batches): fixed, re-iterable, unaugmented."""
-    info = dataset_info(exp.dataset)
-    size = model_info(exp.model).image_size or info.image_size
-    n_train = max(exp.calib_examples, exp.train_eval_examples)
-    train = load_dataset(exp.dataset, True, exp.data_dir, image_size=size, limit=n_train, seed=0)
-    test = load_dataset(exp.dataset, False, exp.data_dir, image_size=size, limit=exp.test_examples)
-    calib = list(batches(train.subset(torch.arange(min(exp.calib_examples, len(train)))), 500))
+def evaluation_batches(dataset: str, image_size: int | None = None, *, data_dir=None, calib_examples: int = 5000,
+                       train_examples: int = 10000, test_examples: int | None = None) -> tuple[dict[str, list], list]:
+    """({"test": batches, "train": batches}, calibration batches): fixed, re-iterable, unaugmented.
+
+    train: a seeded sample of max(calib_examples, train_examples) training images, whose first
+    `calib_examples` are the calibration set (alignment statistics, REPAIR); test: the first
+    `test_examples` test images (all when None). Batches of 1000 (calibration: 500).
+    """
+    train = load_dataset(dataset, True, data_dir, image_size=image_size, limit=max(calib_examples, train_examples), seed=0)
+    test = load_dataset(dataset, False, data_dir, image_size=image_size, limit=test_examples)
+    calib = list(batches(train.subset(torch.arange(min(calib_examples, len(train)))), 500))
     return {"test": list(batches(test, 1000)), "train": list(batches(train, 1000))}, calib
+
+
+def evaluation_data(exp: Experiment) -> tuple[dict[str, list], list]:
+    """`evaluation_batches` of an experiment's dataset, at the input size its model needs."""
+    size = model_info(exp.model).image_size or dataset_info(exp.dataset).image_size
+    return evaluation_batches(exp.dataset, size, data_dir=exp.data_dir, calib_examples=exp.calib_examples,
+                              train_examples=exp.train_eval_examples, test_examples=exp.test_examples)
 
 
 def run_experiment(exp: Experiment, progress: bool = True) -> tuple[Comparison, dict]:
