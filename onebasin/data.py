@@ -38,6 +38,8 @@ class DataNotFoundError(OnebasinError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """Shape, classes, normalisation and files of one dataset."""
+
     name: str
     channels: int  # C of the (C, H, W) images
     image_size: int  # native H = W in pixels
@@ -194,6 +196,8 @@ def biased_split(labels, classes_a, fraction: float = 0.8, seed: int = 0):
 
 @dataclass(frozen=True)
 class Augment:
+    """Batch augmentations of a recipe on one dataset (translate padding, flip, cutout size)."""
+
     translate: int = 0  # max shift in pixels (zero padding + random crop); 0 = off
     flip: bool = False  # random horizontal flip with p = 0.5
     cutout: int = 0  # side in pixels of a square zeroed (set to the mean) at a random centre; 0 = off

@@ -69,6 +69,7 @@ def cell_experiment(base: Experiment, cell: dict, out: Path) -> Experiment:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The rows of results.csv so far (none when it does not exist yet)."""
     return list(csv.DictReader(path.open())) if path.exists() else []
 
 

@@ -37,6 +37,8 @@ class TrainingDivergedError(OnebasinError):
 
 @dataclass(frozen=True)
 class Recipe:
+    """A training recipe of the paper (Table 1): SGD with momentum, a schedule and augmentations."""
+
     name: str
     batch_size: int  # examples per SGD step
     epochs: int  # passes over the training set
@@ -92,6 +94,7 @@ def lr_at(step: int, total_steps: int, recipe: Recipe) -> float:
 
 
 def default_device() -> torch.device:
+    """The GPU when one is present, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -102,6 +105,8 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class TrainResult:
+    """What `train` measured; also stored in the checkpoint's metadata."""
+
     epochs_done: int
     train_acc: float  # accuracy on the training set without augmentation, after the last epoch
     test_acc: float

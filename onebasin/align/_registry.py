@@ -89,6 +89,7 @@ def weights_of(model: nn.Module | StateDict, params_only: bool = True) -> StateD
 
 
 def require_module(model, method: str) -> nn.Module:
+    """`model` itself, or a clear error when a method that runs forward passes got a state_dict."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"method {method!r} runs the networks: pass nn.Modules, not {type(model).__name__}")
     return model

@@ -21,6 +21,8 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """A registry entry: the factory and what input it expects."""
+
     name: str
     fn: Callable[..., nn.Module]
     flat_input: bool  # True: takes in_features (C*H*W), e.g. the MLP; False: takes in_channels

@@ -53,10 +53,12 @@ def make_norm(norm: str, channels: int) -> nn.Module:
 
 
 def conv3x3(c_in, c_out, stride=1):
+    """3x3 convolution, padding 1, no bias (a norm follows, or Fixup's scalar biases)."""
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(c_in, c_out, stride=1):
+    """1x1 convolution without bias: the projection shortcut."""
     return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
 
