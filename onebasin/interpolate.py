@@ -100,8 +100,8 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
     return total_loss / n, correct / n
 
 
-def _corrector(model_a, model_b, correction, calib_data, max_examples, spec, sites) -> Callable[[float], nn.Module]:
-    """alpha -> interpolated model with `correction` applied (endpoint statistics measured once)."""
+def _corrector(model_a, model_b, correction, calib_data, max_examples, spec, sites, ends=None) -> Callable[[float], nn.Module]:
+    """alpha -> interpolated model with `correction` applied (endpoint statistics `ends` measured once if None)."""
     from .repair import endpoint_stats, repair, reset_bn  # repair imports this module
 
     if correction not in CORRECTIONS:
@@ -110,7 +110,7 @@ def _corrector(model_a, model_b, correction, calib_data, max_examples, spec, sit
         return lambda a: interpolate_model(model_a, model_b, a)
     if correction == "reset_bn":
         return lambda a: reset_bn(interpolate_model(model_a, model_b, a), calib_data, max_examples)
-    ends = endpoint_stats(model_a, model_b, calib_data, spec, sites, max_examples)
+    ends = ends or endpoint_stats(model_a, model_b, calib_data, spec, sites, max_examples)
     method = correction.removeprefix("repair_")
 
     def repaired(a: float) -> nn.Module:
@@ -133,6 +133,8 @@ def barrier_curve(
     max_examples: int | None = 5000,
     spec=None,
     sites=("layer", "block"),
+    endpoints=None,
+    on_model: Callable[[float, nn.Module], None] | None = None,
 ) -> BarrierCurve:
     """Loss and accuracy along theta_alpha = (1 - alpha) theta_A + alpha theta_B (Jordan et al. 2022, Fig. 3).
 
@@ -144,16 +146,20 @@ def barrier_curve(
             included) with `calib_data` (default: loaders["train"], else the first loader), first
             `max_examples` examples; `spec`/`sites` select the REPAIR sites.
         loss_fn: loss(logits, targets) -> batch mean.
+        endpoints: precomputed `repair.endpoint_stats(model_a, model_b, ...)` of those sites, for REPAIR.
+        on_model: called as on_model(alpha, model) with each evaluated (corrected) network, e.g. to keep one.
     Returns:
         BarrierCurve; `.barrier(split, "loss" | "error")` gives eq. (1).
     """
     alphas = sorted({0.0, 1.0, *(float(a) for a in (torch.linspace(0, 1, 11) if alphas is None else alphas))})
     calib = calib_data if calib_data is not None else loaders.get("train", next(iter(loaders.values())))
-    make = _corrector(model_a, model_b, correction, calib, max_examples, spec, sites)
+    make = _corrector(model_a, model_b, correction, calib, max_examples, spec, sites, endpoints)
     loss = {split: [] for split in loaders}
     acc = {split: [] for split in loaders}
     for a in alphas:
         model = make(a)
+        if on_model is not None:
+            on_model(a, model)
         for split, loader in loaders.items():
             l, c = evaluate(model, loader, loss_fn)
             loss[split].append(l)

@@ -164,17 +164,28 @@ def compare(
     step(f"aligning ({method})")
     aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples)
     steps.update()
-    curves, variance = {}, {}
-    for label, b, correction in (("plain", model_b, None), ("aligned", aligned_b, None), (fixed, aligned_b, CORRECTION_OF[repair])):
+    ends = {"plain": endpoint_stats(model_a, model_b, calib_data, spec, max_examples=max_examples),
+            "aligned": endpoint_stats(model_a, aligned_b, calib_data, spec, max_examples=max_examples)}
+    curves, variance, midpoint = {}, {}, {}
+
+    def keep_midpoint(a: float, model: nn.Module) -> None:  # the corrected midpoint, for its variance ratios
+        if a == 0.5:
+            midpoint["model"] = model
+
+    for label, b in (("plain", model_b), ("aligned", aligned_b)):
         step(f"barrier curve: {label}")
-        curves[label] = barrier_curve(model_a, b, loaders, alphas, correction, calib_data=calib_data, max_examples=max_examples, spec=spec)
+        curves[label] = barrier_curve(model_a, b, loaders, alphas, calib_data=calib_data, max_examples=max_examples)
         steps.update()
+    step(f"barrier curve: {fixed}")
+    curves[fixed] = barrier_curve(model_a, aligned_b, loaders, alphas, CORRECTION_OF[repair], calib_data=calib_data,
+                                  max_examples=max_examples, spec=spec, endpoints=ends["aligned"], on_model=keep_midpoint)
+    steps.update()
     step("variance ratios")
     for label, b in (("plain", model_b), ("aligned", aligned_b)):
-        ends = endpoint_stats(model_a, b, calib_data, spec, max_examples=max_examples)
-        variance[label] = variance_ratios(model_a, b, interpolate_model(model_a, b, 0.5), calib_data, endpoints=ends)
-    merged, _ = merge(model_a, aligned_b, method="none", repair=repair, data=calib_data, spec=spec, max_examples=max_examples)
-    variance[fixed] = variance_ratios(model_a, aligned_b, merged, calib_data, endpoints=ends)
+        variance[label] = variance_ratios(model_a, b, interpolate_model(model_a, b, 0.5), calib_data, endpoints=ends[label])
+    if "model" not in midpoint:  # 0.5 not among the alphas
+        midpoint["model"] = merge(model_a, aligned_b, method="none", repair=repair, data=calib_data, spec=spec, max_examples=max_examples)[0]
+    variance[fixed] = variance_ratios(model_a, aligned_b, midpoint["model"], calib_data, endpoints=ends["aligned"])
     steps.update()
     steps.close()
     settings = {"method": method, "repair": repair, "alphas": alphas, "max_examples": max_examples}

@@ -8,10 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from onebasin.align import align
 from onebasin.diagnostics import ratio_series, ratio_table, site_label, variance_ratios
 from onebasin.errors import OnebasinError
 from onebasin.interpolate import BarrierCurve, barrier_curve, interpolate_model
 from onebasin.permute import invert_perms, permute_model, random_perms
+from onebasin.pipeline import compare, merge
 from onebasin.plots import plot_barrier_curves, plot_variance_ratios
 from onebasin.repair import repair, repair_errors
 from onebasin.spec import trace
@@ -132,6 +134,27 @@ def test_variance_ratios_show_collapse_and_its_repair(tmp_path):
     names = [site_label(s) for s, _ in results["plain"]]
     path = plot_variance_ratios(ratio_series(results), tmp_path / "ratios.png", layer_names=names)
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_measures_each_statistic_once_and_matches_the_separate_steps():
+    x, y = blobs(600, seed=0)
+    a, b = (fit(mlp(s, width=16, depth=4), x, y, epochs=2, seed=s) for s in (0, 1))
+    data, loaders = loader(x, y, 200), {"test": loader(*blobs(300, seed=1))}
+    seen = []
+    barrier_curve(a, b, loaders, [0.5], "repair_exact", calib_data=data, on_model=lambda alpha, m: seen.append(alpha))
+    assert seen == [0.0, 0.5, 1.0]
+    calls, first = [], a[1]  # A's first Linear: counts A's own forward passes (copies of A inherit the hook)
+    first.register_forward_hook(lambda m, *_: calls.append(1) if m is first else None)
+    result = compare(a, b, loaders, data, alphas=[0.0, 0.5, 1.0], progress=False)
+    # trace (1 call), then three passes over the 3 calibration batches: alignment, plain and aligned endpoint stats
+    assert len(calls) == 1 + 3 * len(data)
+    aligned_b, _ = align(a, b, "activation", data)
+    merged, _ = merge(a, aligned_b, method="none", repair="exact", data=data)
+    expected = {"plain": variance_ratios(a, b, interpolate_model(a, b, 0.5), data),
+                "aligned+REPAIR": variance_ratios(a, aligned_b, merged, data)}
+    for label, rows in expected.items():
+        assert [s for s, _ in result.variance[label]] == [s for s, _ in rows]
+        assert [r for _, r in result.variance[label]] == pytest.approx([r for _, r in rows], abs=1e-9)
 
 
 def mnist(train, n=None):
