@@ -57,7 +57,7 @@ def plot_barrier_curves(
         ax.set_xlabel("alpha (0 = A, 1 = B)")
         ax.set_ylabel(_METRICS[metric])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: never over a curve
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)  # below: never over a curve
     if title:
         fig.suptitle(title)
     return save_png(fig, path)
