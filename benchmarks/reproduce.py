@@ -252,7 +252,8 @@ def plot_width(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted((json.loads(r["model_kwargs"])["width"], r) for r in rows if r["setting"].startswith("mlp-mnist-"))
+    widths = {f"mlp-mnist-{json.loads(r['model_kwargs'])['width']}": r for r in rows}  # one recipe per width (no -e100)
+    pts = sorted(((json.loads(r["model_kwargs"])["width"], r) for r in rows if widths.get(r["setting"]) is r), key=lambda p: p[0])
     if not pts:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -261,7 +262,11 @@ def plot_width(rows: list[dict]) -> None:
         ax1.plot(w, [float(r[f"{key}_loss_barrier"]) for _, r in pts], "o-", label=label)
         ax2.plot(w, [100 * float(r[f"{key}_mid_acc"]) for _, r in pts], "o-", label=label)
     ax2.plot(w, [50 * (float(r["acc_a"]) + float(r["acc_b"])) for _, r in pts], "k--", label="endpoints (mean)")
-    epochs = sorted({r["epochs"] for _, r in pts})
+    epochs = sorted({r["epochs"] for _, r in pts}, key=int, reverse=True)
+    for width, r in pts:
+        if r["epochs"] != epochs[0]:  # a shortened point: say so on it
+            ax2.annotate(f"{r['epochs']} epochs", (width, 100 * float(r["repair_mid_acc"])), fontsize=7,
+                         textcoords="offset points", xytext=(-30, -12))
     for ax, yl in ((ax1, "test loss barrier"), (ax2, "midpoint test accuracy (%)")):
         ax.set_xscale("log", base=2), ax.set_xlabel("width"), ax.set_ylabel(yl), ax.grid(alpha=0.3)
     ax1.legend(fontsize=8), ax2.legend(fontsize=8)
