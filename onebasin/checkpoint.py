@@ -136,17 +136,21 @@ def _check_expect(weights: Path, meta: dict, expect: dict) -> None:
 def load_model(path, expect: dict | None = None, device="cpu"):
     """Rebuild the model recorded in a checkpoint ("model", "model_kwargs") and load its weights.
 
-    Returns (model in eval mode, meta).
+    A merged model whose REPAIR corrections could not all be fused (metadata "repair_affines") comes
+    back as the same `Repaired<Class>` wrapper that `onebasin merge` saved. Returns (model in eval mode, meta).
     """
     from onebasin.models import create_model
+    from onebasin.repair import restore_affines
 
     state, meta = load_checkpoint(path, expect)
     if "model" not in meta:
         raise CheckpointError(f"{path} does not record which model it holds (no 'model' in its metadata)")
     model = create_model(meta["model"], **meta.get("model_kwargs", {}))
     try:
+        if meta.get("repair_affines"):
+            model = restore_affines(model, meta["repair_affines"], state)
         model.load_state_dict(state)
-    except RuntimeError as err:
+    except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"{path}: weights do not fit {meta['model']}: {err}") from err
     return model.to(device).eval(), meta
 

@@ -32,8 +32,8 @@ class MergeResult:
     alpha: float
     align_record: dict = field(default_factory=dict)
     repair_passes: int = 0
-    fused: bool = True  # False: the result holds RepairAffine modules (see RepairResult.unfused)
-    unfused: list = field(default_factory=list)
+    fused: bool = True  # False: the result holds RepairAffine modules (see RepairResult.affines)
+    affines: dict = field(default_factory=dict)  # fx node -> unit axis of each unfused correction
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -81,7 +81,7 @@ def merge(
         result.align_record = aligned.record
     if repair in ("exact", "closed"):
         repaired = _repair(model_a, model_b, alpha, data, spec, repair, max_examples)
-        merged, result.repair_passes, result.fused, result.unfused = repaired.model, repaired.passes, repaired.fused, repaired.unfused
+        merged, result.repair_passes, result.fused, result.affines = repaired.model, repaired.passes, repaired.fused, repaired.affines
     elif repair == "reset_bn":
         merged = reset_bn(interpolate_model(model_a, model_b, alpha), data, max_examples)
     else:

@@ -269,8 +269,7 @@ def with_affines(model: nn.Module, affines: dict[str, RepairAffine]) -> fx.Graph
     """A GraphModule computing `model` with `affines[node]` applied to the output of each fx node.
 
     The module for node X is registered as `repair_X`; every other module and parameter keeps its
-    state_dict key. To reload a saved wrapper, call this with identity RepairAffines of the right sizes,
-    then `load_state_dict`. `model` is not modified (the wrapper shares its parameters).
+    state_dict key. To reload a saved wrapper, use `restore_affines`. `model` is not modified (the wrapper shares its parameters).
     """
     gm = symbolic_trace(model)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -283,6 +282,21 @@ def with_affines(model: nn.Module, affines: dict[str, RepairAffine]) -> fx.Graph
     gm.recompile()
     gm.__class__.__name__ = f"Repaired{type(model).__name__}"
     return gm
+
+
+def restore_affines(model: nn.Module, affines: dict[str, int], state: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """`model` wrapped as `with_affines` with identity RepairAffines sized from `state`, ready for `load_state_dict(state)`.
+
+    Args:
+        model: a fresh instance of the merged model's original class.
+        affines: fx node -> unit axis, as `RepairResult.affines` (saved in a merged checkpoint's metadata).
+        state: the saved state_dict; `repair_<node>.weight` (units,) gives each correction's size.
+    """
+    identity = {}
+    for node, dim in affines.items():
+        units = state[f"repair_{node}.weight"].numel()
+        identity[node] = RepairAffine(torch.ones(units), torch.zeros(units), dim)
+    return with_affines(model, identity)
 
 
 def _levels(graph: fx.Graph, names: set[str]) -> dict[str, int]:
@@ -433,6 +447,11 @@ class RepairResult:
     def unfused(self) -> list[str]:
         """fx nodes whose correction stays a RepairAffine module (`repair_<node>`)."""
         return [s.site.node for s in self.stats if not s.fused]
+
+    @property
+    def affines(self) -> dict[str, int]:
+        """fx node -> unit axis of each unfused correction: what `restore_affines` needs to reload the model."""
+        return {s.site.node: s.site.dim for s in self.stats if not s.fused}
 
     def summary(self) -> list[dict]:
         """One JSON-ready row per site: node, kind, level, fused, mean std ratio before (actual / goal)."""

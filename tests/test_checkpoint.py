@@ -119,5 +119,25 @@ def test_load_model_rebuilds_the_recorded_model(tmp_path):
         load_model(tmp_path / "bad")
 
 
+def test_merged_model_with_unfused_repair_reloads_as_saved(tmp_path):
+    from onebasin.pipeline import merge
+
+    kw = {"width": 1, "in_channels": 1}
+    a, b = (create_model("resnet20", **kw).eval() for _ in range(2))
+    data = [torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    merged, result = merge(a, b, method="none", repair="exact", data=data)
+    assert not result.fused and len(result.affines) == 9  # one correction after each residual addition
+    meta = {"model": "resnet20", "model_kwargs": kw, "repair_affines": result.affines}
+    save_checkpoint(tmp_path / "m", merged.state_dict(), meta)
+    loaded, _ = load_model(tmp_path / "m")
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), merged.eval()(x))
+    state = {k: v for k, v in merged.state_dict().items() if not k.startswith("repair_")}
+    save_checkpoint(tmp_path / "bad", state, meta)  # the metadata promises corrections the weights lack
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(tmp_path / "bad")
+
+
 def test_checkpoint_errors_are_onebasin_errors():
     assert issubclass(CheckpointError, OnebasinError)

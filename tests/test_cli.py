@@ -64,6 +64,7 @@ def test_merge_checkpoints_and_user_factory(tmp_path, shared_data, capsys):
     assert meta["merge"]["method"] == "activation" and meta["merge"]["repair"] == "exact"
     assert set(meta["measured"]) == {"model_a", "model_b", "merged"} and meta["model"] == "mlp"
     create_model("mlp", **meta["model_kwargs"]).load_state_dict(state)  # strict: the original architecture
+    assert meta["merge"]["fused"] and "repair_affines" not in meta
     # a user's own model: module:factory and plain torch.save'd state_dicts
     torch.manual_seed(0)
     for name in ("a.pt", "b.pt"):

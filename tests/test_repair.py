@@ -7,7 +7,7 @@ import torch.nn as nn
 from onebasin.errors import OnebasinError
 from onebasin.interpolate import interpolate_model
 from onebasin.permute import invert_perms, permute_model, random_perms
-from onebasin.repair import RepairAffine, endpoint_stats, fuse_corrections, repair, repair_errors, reset_bn, with_affines
+from onebasin.repair import RepairAffine, endpoint_stats, fuse_corrections, repair, repair_errors, reset_bn, restore_affines
 from onebasin.spec import from_groups, trace
 from reference_models import ResNet20ish, VGGish, mlp, randomize_norm_stats
 
@@ -98,10 +98,8 @@ def test_residual_block_corrections_stay_as_named_modules(name):
     extra = set(model.state_dict()) - set(a.state_dict())
     assert extra == {f"repair_{n}.{p}" for n in blocks for p in ("weight", "bias")}
     assert set(a.state_dict()) <= set(model.state_dict())
-    # the documented reload path: identity affines of the right sizes, then load_state_dict
-    sizes = {n: model.get_submodule(f"repair_{n}").weight.numel() for n in blocks}
-    identity = {n: RepairAffine(torch.ones(c), torch.zeros(c), 1) for n, c in sizes.items()}
-    blank = with_affines(interpolate_model(a, b, 0.5), identity)
+    # the documented reload path: identity affines of the saved sizes, then load_state_dict
+    blank = restore_affines(interpolate_model(a, b, 0.5), result.affines, model.state_dict())
     blank.double().load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(4, *MODELS[name][1], dtype=torch.float64)
     with torch.no_grad():
