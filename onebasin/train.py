@@ -116,8 +116,11 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy loss) of `model` on `data`, in eval mode."""
+def _accuracy_and_loss(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of `model` on `data`, in eval mode, with the GPU autocast of training.
+
+    Private: the public `onebasin.interpolate.evaluate` returns (loss, accuracy) over any batches.
+    """
     device = device or next(model.parameters()).device
     model.eval()
     correct, loss = 0, 0.0
@@ -177,7 +180,7 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData, recipe:
         for epoch in range(start, recipe.epochs):
             t0 = time.perf_counter()
             record = _train_epoch(model, opt, train_data, recipe, augment, seed, epoch, device, bar)
-            record["test_acc"], record["test_loss"] = evaluate(model, test_data, device=device)
+            record["test_acc"], record["test_loss"] = _accuracy_and_loss(model, test_data, device=device)
             record["epoch_time_s"] = time.perf_counter() - t0
             elapsed += record["epoch_time_s"]
             history.append(record)
@@ -222,8 +225,8 @@ def _train_epoch(model, opt, data, recipe, augment, seed, epoch, device, bar) ->
 
 def _finish(model, train_data, test_data, recipe, run, history, elapsed, device, checkpoint_path, rpath):
     t0 = time.perf_counter()
-    train_acc, _ = evaluate(model, train_data, device=device)
-    test_acc, test_loss = evaluate(model, test_data, device=device)
+    train_acc, _ = _accuracy_and_loss(model, train_data, device=device)
+    test_acc, test_loss = _accuracy_and_loss(model, test_data, device=device)
     elapsed += time.perf_counter() - t0
     result = TrainResult(recipe.epochs, train_acc, test_acc, test_loss, elapsed, history)
     if checkpoint_path is not None:
