@@ -97,8 +97,9 @@ SETTINGS = [
     _mlp("fashionmnist", 128, 20),
     _mlp("fashionmnist", 512, 20),
     # Width 2048 costs 184 s per epoch here (2 threads), 1 h per seed for 20 epochs: cut to 5 epochs. With a warmup of
-    # 2 epochs (60 steps) lr 0.2 risks the divergence seen at width 512 with a 30-step warmup, so lr 0.1.
-    _mlp("mnist", 2048, 5, warmup=0.4, lr=0.1, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)),
+    # 2 epochs (60 steps) lr 0.2 risks the divergence seen at width 512 with a 30-step warmup. Measured at lr 0.1:
+    # seed 0 fell from 54 % to 25 % test accuracy in epoch 2 (as the lr peaked) and ended at 90.2 % (seed 1: 96.3 %).
+    _mlp("mnist", 2048, 5, warmup=0.4, lr=0.05, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)),
     _mlp("fashionmnist", 1024, 20),
     _resnet(2, "batchnorm"),
     _resnet(1, "none", overrides=FIXUP_OVERRIDES),
