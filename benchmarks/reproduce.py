@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -253,8 +254,8 @@ def plot_width(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    widths = {f"mlp-mnist-{json.loads(r['model_kwargs'])['width']}": r for r in rows}  # one recipe per width (no -e100)
-    pts = sorted(((json.loads(r["model_kwargs"])["width"], r) for r in rows if widths.get(r["setting"]) is r), key=lambda p: p[0])
+    same_recipe = [r for r in rows if re.fullmatch(r"mlp-mnist-\d+", r["setting"])]  # not mlp-mnist-128-e100
+    pts = sorted(((json.loads(r["model_kwargs"])["width"], r) for r in same_recipe), key=lambda p: p[0])
     if not pts:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
