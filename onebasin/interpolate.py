@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
 
 
 def _corrector(model_a, model_b, correction, calib_data, max_examples, spec, sites, ends=None) -> Callable[[float], nn.Module]:
-    """alpha -> interpolated model with `correction` applied (endpoint statistics `ends` measured once if None)."""
+    """alpha -> interpolated model with `correction` applied; endpoint statistics `ends` are measured once when None."""
     from .repair import endpoint_stats, repair, reset_bn  # repair imports this module
 
     if correction not in CORRECTIONS:
@@ -110,7 +110,8 @@ def _corrector(model_a, model_b, correction, calib_data, max_examples, spec, sit
         return lambda a: interpolate_model(model_a, model_b, a)
     if correction == "reset_bn":
         return lambda a: reset_bn(interpolate_model(model_a, model_b, a), calib_data, max_examples)
-    ends = ends or endpoint_stats(model_a, model_b, calib_data, spec, sites, max_examples)
+    if ends is None:
+        ends = endpoint_stats(model_a, model_b, calib_data, spec, sites, max_examples)
     method = correction.removeprefix("repair_")
 
     def repaired(a: float) -> nn.Module:
