@@ -51,7 +51,7 @@ import torch.nn as nn
 from .errors import OnebasinError
 from .interpolate import interpolate_model
 from .spec import PermutationSpec, Site, symbolic_trace, trace
-from .stats import Moments, batches, eval_mode, is_inplace, unit_matrix
+from .stats import Moments, batches, clone_before_inplace, eval_mode, is_inplace, unit_matrix
 
 KINDS = ("layer", "block")
 METHODS = ("exact", "closed")
@@ -116,13 +116,8 @@ def _tap(model: nn.Module, nodes: list[str], corrected: bool = True) -> fx.Graph
     by_name = {n.name: n for n in gm.graph.nodes}
     affine = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     picks = [env[(affine.get(f"repair_{name}") if corrected else None) or by_name[name]] for name in nodes]
-    graph.output(tuple(picks))
+    graph.output(tuple(clone_before_inplace(gm, n) for n in picks))
     tap = fx.GraphModule(gm, graph)
-    for n in set(picks):
-        if any(is_inplace(tap, u) and u.args and u.args[0] is n for u in n.users):
-            with tap.graph.inserting_after(n):
-                copy_ = tap.graph.call_method("clone", (n,))
-            n.replace_all_uses_with(copy_, delete_user_cb=lambda u: u.op == "output")
     tap.graph.eliminate_dead_code(lambda n: n.is_impure() or is_inplace(tap, n))
     tap.recompile()
     return tap

@@ -114,7 +114,7 @@ class SiteTaps(nn.Module):
         gm = symbolic_trace(self.model)
         nodes = {n.name: n for n in gm.graph.nodes}
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        taps = tuple(_before_inplace_users(gm, nodes[s.node]) for s in self.sites if s.node)
+        taps = tuple(clone_before_inplace(gm, nodes[s.node]) for s in self.sites if s.node)
         out.args = ((out.args[0], taps),)
         gm.recompile()
         return gm
@@ -168,12 +168,15 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _before_inplace_users(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
-    """`node`, or a clone of it taken right away when a later op would modify it in place."""
+def clone_before_inplace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
+    """`node`, or a clone of it taken right away (in `node`'s graph) when a later op would modify it in place.
+
+    `gm` resolves call_module targets (it holds the modules of `node`'s graph, which may be a copy of gm.graph).
+    """
     if not any(is_inplace(gm, u) and u.args and u.args[0] is node for u in node.users):
         return node
-    with gm.graph.inserting_after(node):
-        return gm.graph.call_method("clone", (node,))
+    with node.graph.inserting_after(node):
+        return node.graph.call_method("clone", (node,))
 
 
 def batches(data: Iterable, max_examples: int | None = None, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
