@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: wall time and peak memory of one call, CSV output.
+"""Shared helpers of the benchmarks: wall time and peak memory of one call.
 
 Peak memory on CPU is the peak RSS (/proc/self/status VmHWM, reset through /proc/self/clear_refs) above
 the RSS held when the window started; on CUDA, torch.cuda.max_memory_allocated above the allocation then.
@@ -6,12 +6,9 @@ the RSS held when the window started; on CUDA, torch.cuda.max_memory_allocated a
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import gc
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -59,17 +56,3 @@ def measure(fn, device: torch.device):
     base = reset_peak(device)
     out, seconds = timed(fn, device)
     return out, seconds, peak_since(device, base)
-
-
-def write_csv(path, rows: list[dict]) -> Path:
-    """Write `rows` (union of their keys as columns) atomically to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path

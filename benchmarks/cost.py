@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 import torchvision
 
-from _common import measure, timed, write_csv
+from _common import measure, timed
 from onebasin.align import align
 from onebasin.interpolate import interpolate_model
 from onebasin.models import create_model
 from onebasin.repair import repair, reset_bn
+from onebasin.report import read_csv, write_csv
 from onebasin.spec import trace
 
 print = functools.partial(print, flush=True)  # noqa: A001
@@ -115,9 +116,7 @@ STEPS = ["trace", "activation matching", "weight matching", "REPAIR exact", "REP
 
 def print_table() -> None:
     """cost.csv as the markdown table of docs/results.md: seconds (ratio to one forward) and peak MiB per step."""
-    import csv
-
-    rows = list(csv.DictReader(CSV.open()))
+    rows = read_csv(CSV)
     print("| model | params (M) | examples | forward (s) | " + " | ".join(STEPS) + " |")
     print("|---" * (4 + len(STEPS)) + "|")
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -133,14 +132,12 @@ def plot_growth() -> Path:
 
     Ratios, not seconds: rows may differ in example count (the ratio of a data-bound step does not).
     """
-    import csv
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(CSV.open()))
+    rows = read_csv(CSV)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, prefix, label in ((axes[0], "resnet20x", "ResNet20 width multiplier"), (axes[1], "mlp512d", "MLP depth (width 512)")):
         for step in STEPS:
@@ -177,9 +174,7 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     names = args.models.split(",")
-    import csv
-
-    old = [r for r in csv.DictReader(CSV.open()) if r["model"] not in names] if args.append and CSV.exists() else []
+    old = [r for r in read_csv(CSV) if r["model"] not in names] if args.append else []
     rows = list(old)
     for name in names:
         rows += bench(name, args, device)

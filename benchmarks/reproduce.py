@@ -16,7 +16,6 @@ every row are stored in the row itself (recipe, epochs, training subset, seeds, 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import json
@@ -34,6 +33,7 @@ from onebasin.data import batches, biased_split, load_dataset
 from onebasin.experiment import Experiment, endpoint_path, evaluation_data, run_experiment
 from onebasin.interpolate import barrier_curve, evaluate
 from onebasin.pipeline import merge
+from onebasin.report import read_csv, write_csv
 from onebasin.spec import trace
 from onebasin.train import default_recipe, get_recipe, train, train_model
 
@@ -232,21 +232,6 @@ def run_split() -> list[dict]:
 
 # --- output ----------------------------------------------------------------------------------------
 
-def read_rows(path: Path) -> list[dict]:
-    return list(csv.DictReader(path.open())) if path.exists() else []
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def plot_width(rows: list[dict]) -> None:
     """Barrier and midpoint accuracy vs width, 10-layer MLP on MNIST (paper Fig. 5 style)."""
     import matplotlib
@@ -284,12 +269,12 @@ def print_tables() -> None:
     print("| setting | epochs (paper) | train images | A | B | plain | aligned | aligned + REPAIR | aligned + closed REPAIR "
           "| loss barrier plain / aligned / REPAIR / closed | training (vs paper) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     order = {name: i for i, name in enumerate(BY_NAME)}
-    for r in sorted(read_rows(RESULTS / "reproduce.csv"), key=lambda r: order.get(r["setting"], len(order))):
+    for r in sorted(read_csv(RESULTS / "reproduce.csv"), key=lambda r: order.get(r["setting"], len(order))):
         barriers = " / ".join(f"{float(r[k + '_loss_barrier']):.3f}" for k in ("plain", "aligned", "repair", "closed"))
         print(f"| {r['setting']} | {r['epochs']} ({r['paper_epochs']}) | {r['train_examples']} | {pct(r['acc_a'])} | "
               f"{pct(r['acc_b'])} | {pct(r['plain_mid_acc'])} | {pct(r['aligned_mid_acc'])} | {pct(r['repair_mid_acc'])} | "
               f"{pct(r['closed_mid_acc'])} | {barriers} | {r['note']} |")
-    split = read_rows(RESULTS / "split_data.csv")
+    split = read_csv(RESULTS / "split_data.csv")
     if split:
         print("\n| model | test acc, all | classes 0-4 | classes 5-9 |\n|---|---|---|---|")
         for r in split:
@@ -314,7 +299,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     path = RESULTS / "reproduce.csv"
-    rows = read_rows(path)
+    rows = read_csv(path)
     names = args.only.split(",") if args.only else [s.name for s in SETTINGS] + [SPLIT]
     unknown = [n for n in names if n not in BY_NAME and n != SPLIT]
     if unknown:
@@ -323,7 +308,7 @@ def main() -> None:
         if name == SPLIT:
             if not (RESULTS / "split_data.csv").exists():
                 t0 = time.perf_counter()
-                write_rows(RESULTS / "split_data.csv", run_split())
+                write_csv(RESULTS / "split_data.csv", run_split())
                 print(f"{SPLIT}: done in {time.perf_counter() - t0:.0f} s")
             continue
         if args.train_seed is not None and name != SPLIT:
@@ -335,14 +320,14 @@ def main() -> None:
         t0 = time.perf_counter()
         print(f"{name}: running ({BY_NAME[name].note})")
         row = run_setting(BY_NAME[name], args.threads)
-        rows = [r for r in read_rows(path) if r["setting"] != name] + [row]  # re-read: parts may run in parallel
-        write_rows(path, rows)
+        rows = [r for r in read_csv(path) if r["setting"] != name] + [row]  # re-read: parts may run in parallel
+        write_csv(path, rows)
         r = rows[-1]
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s: A {r['acc_a']:.4f} B {r['acc_b']:.4f} plain "
               f"{r['plain_mid_acc']:.4f} aligned {r['aligned_mid_acc']:.4f} REPAIR {r['repair_mid_acc']:.4f} "
               f"closed {r['closed_mid_acc']:.4f}")
-        plot_width(read_rows(path))
-    plot_width(read_rows(path))
+        plot_width(read_csv(path))
+    plot_width(read_csv(path))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,15 @@ def write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
+def read_csv(path) -> list[dict]:
+    """The rows of a CSV file as dicts of strings; none when the file does not exist yet."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_csv(path, rows: list[dict]) -> Path:
     """Write a list of flat dicts as CSV (columns in first-seen order), atomically."""
     columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -18,7 +18,6 @@ the endpoints' epoch checkpoints.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from .experiment import Experiment, run_experiment
 from .plots import plot_series
-from .report import write_csv
+from .report import read_csv, write_csv
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,11 +67,6 @@ def cell_experiment(base: Experiment, cell: dict, out: Path) -> Experiment:
     return dataclasses.replace(base, **fields, model_kwargs=kwargs, out=str(folder))
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of results.csv so far (none when it does not exist yet)."""
-    return list(csv.DictReader(path.open())) if path.exists() else []
-
-
 def result_row(key: str, cell: dict, comparison) -> dict:
     """One CSV row: the cell, endpoint accuracies, and per curve the midpoint accuracy and barriers (test)."""
     rows = comparison.summary_rows()
@@ -88,7 +82,7 @@ def run_sweep(path, progress: bool = True) -> Path:
     """Run every cell of the sweep in CONFIG `path` not yet in results.csv; returns the CSV path."""
     base, grid, out = load_config(path)
     results = out / "results.csv"
-    rows = read_rows(results)
+    rows = read_csv(results)
     done = {r["cell"] for r in rows}
     for values in itertools.product(*grid.values()):
         cell = dict(zip(grid, values))

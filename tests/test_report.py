@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from onebasin._io import atomic_write
-from onebasin.report import format_table, write_csv, write_html, write_json
+from onebasin.report import format_table, read_csv, write_csv, write_html, write_json
 
 
 def test_json_converts_tensors_and_nan(tmp_path):
@@ -20,6 +20,7 @@ def test_csv_has_union_of_columns(tmp_path):
     path = write_csv(tmp_path / "r.csv", [{"alpha": 0.0, "acc": 0.9}, {"alpha": 0.5, "loss": 1.0}])
     rows = list(csv.DictReader(path.open()))
     assert list(rows[0]) == ["alpha", "acc", "loss"] and rows[1]["loss"] == "1.0" and rows[1]["acc"] == ""
+    assert read_csv(path) == rows and read_csv(tmp_path / "missing.csv") == []
 
 
 def test_html_escapes_and_links_images(tmp_path):
