@@ -139,6 +139,7 @@ def load_model(path, expect: dict | None = None, device="cpu"):
     A merged model whose REPAIR corrections could not all be fused (metadata "repair_affines") comes
     back as the same `Repaired<Class>` wrapper that `onebasin merge` saved. Returns (model in eval mode, meta).
     """
+    from onebasin.graph import example_from
     from onebasin.models import create_model
     from onebasin.repair import restore_affines
 
@@ -148,7 +149,9 @@ def load_model(path, expect: dict | None = None, device="cpu"):
     model = create_model(meta["model"], **meta.get("model_kwargs", {}))
     try:
         if meta.get("repair_affines"):
-            model = restore_affines(model, meta["repair_affines"], state)
+            if "example_input" not in meta:
+                raise CheckpointError(f"{path}: its REPAIR corrections need the model's input shape ('example_input' in its metadata)")
+            model = restore_affines(model, meta["repair_affines"], state, example_from(meta["example_input"]))
         model.load_state_dict(state)
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"{path}: weights do not fit {meta['model']}: {err}") from err

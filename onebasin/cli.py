@@ -306,7 +306,7 @@ def cmd_merge(args, fail) -> int:
                     for name, m in (("model_a", a), ("model_b", b), ("merged", merged))}
         out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "dataset", "image_size") if k in meta},
                     "merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(), "measured": measured,
-                    **({"repair_affines": result.affines} if result.affines else {})}
+                    **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
         save_checkpoint(args.out, merged.state_dict(), out_meta)
     except _errors() as err:
         fail(str(err))

@@ -19,3 +19,7 @@ class ArchitectureMismatchError(OnebasinError):
 
 class InvalidWeightsError(OnebasinError):
     """Weights contain NaN or infinite values."""
+
+
+class InputMismatchError(OnebasinError):
+    """An input does not fit the model: wrong dtype, device, shape, or an empty batch."""

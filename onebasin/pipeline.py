@@ -17,6 +17,7 @@ from .diagnostics import site_label, variance_ratios
 from .interpolate import BarrierCurve, barrier_curve, interpolate_model
 from .repair import endpoint_stats, repair, reset_bn
 from .spec import PermutationSpec, trace
+from .graph import describe_input, model_inputs
 from .stats import batches
 
 REPAIRS = ("exact", "closed", "reset_bn", "none")
@@ -33,14 +34,16 @@ class MergeResult:
     align_record: dict = field(default_factory=dict)
     repair_passes: int = 0
     fused: bool = True  # False: the result holds RepairAffine modules (see RepairResult.affines)
-    affines: dict = field(default_factory=dict)  # fx node -> unit axis of each unfused correction
+    affines: dict = field(default_factory=dict)  # graph node -> unit axis of each unfused correction
+    example_input: dict = field(default_factory=dict)  # shapes/dtypes of the input (rebuilds the graph on reload)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def _example(data: Iterable) -> torch.Tensor:
+def _example(data: Iterable):
+    """The first (up to) 64 inputs of the data, a model input."""
     return next(iter(batches(data, 64)))
 
 
@@ -76,6 +79,8 @@ def merge(
     if spec is None and data is not None:
         spec = trace(model_a, _example(data))
     result = MergeResult(method, repair, float(alpha))
+    if data is not None:
+        result.example_input = describe_input(_example(data))
     if method != "none":
         model_b, aligned = align(model_a, model_b, method, data, spec=spec, max_examples=max_examples, **align_options)
         result.align_record = aligned.record

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import CountUses
 from onebasin.align import align
 from onebasin.diagnostics import ratio_series, ratio_table, site_label, variance_ratios
 from onebasin.errors import OnebasinError
@@ -143,11 +144,11 @@ def test_compare_measures_each_statistic_once_and_matches_the_separate_steps():
     seen = []
     barrier_curve(a, b, loaders, [0.5], "repair_exact", calib_data=data, on_model=lambda alpha, m: seen.append(alpha))
     assert seen == [0.0, 0.5, 1.0]
-    calls, first = [], a[1]  # A's first Linear: counts A's own forward passes (copies of A inherit the hook)
-    first.register_forward_hook(lambda m, *_: calls.append(1) if m is first else None)
-    result = compare(a, b, loaders, data, alphas=[0.0, 0.5, 1.0], progress=False)
-    # trace (1 call), then three passes over the 3 calibration batches: alignment, plain and aligned endpoint stats
-    assert len(calls) == 1 + 3 * len(data)
+    with CountUses(a[1].weight) as uses:  # A's first Linear weight: counts passes that run A itself
+        result = compare(a, b, loaders, data, alphas=[0.0, 0.5, 1.0], progress=False)
+    # three passes over the 3 calibration batches: alignment, plain and aligned endpoint statistics (the
+    # curves evaluate copies of the interpolated weights, A's own tensors are not read again)
+    assert uses.n == 3 * len(data)
     aligned_b, _ = align(a, b, "activation", data)
     merged, _ = merge(a, aligned_b, method="none", repair="exact", data=data)
     expected = {"plain": variance_ratios(a, b, interpolate_model(a, b, 0.5), data),

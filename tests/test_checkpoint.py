@@ -127,7 +127,7 @@ def test_merged_model_with_unfused_repair_reloads_as_saved(tmp_path):
     data = [torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     merged, result = merge(a, b, method="none", repair="exact", data=data)
     assert not result.fused and len(result.affines) == 9  # one correction after each residual addition
-    meta = {"model": "resnet20", "model_kwargs": kw, "repair_affines": result.affines}
+    meta = {"model": "resnet20", "model_kwargs": kw, "repair_affines": result.affines, "example_input": result.example_input}
     save_checkpoint(tmp_path / "m", merged.state_dict(), meta)
     loaded, _ = load_model(tmp_path / "m")
     x = torch.randn(3, 1, 16, 16)
