@@ -151,3 +151,63 @@ def test_every_api_error_is_caught_as_an_onebasin_error():
     for data in ([], batches(features=13), batches(dtype=torch.float64)):
         with pytest.raises(OnebasinError):
             onebasin.merge(*pair(), data=data)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+
+def saved(path, kw=None, **meta):
+    """An onebasin checkpoint of a reference_models.mlp, with metadata `meta` on top of the usual."""
+    kw = kw or {"width": 16, "depth": 3}
+    torch.manual_seed(0)
+    model = mlp(**kw)
+    return onebasin.save_checkpoint(path, model.state_dict(), {"model": "reference_models:mlp", "model_kwargs": kw, **meta})
+
+
+def test_truncated_checkpoint_is_reported_as_truncated(tmp_path):
+    """Issue 12: a truncated onebasin checkpoint was reported as "not an onebasin checkpoint, say --model"."""
+    path = saved(tmp_path / "a.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    for load in (lambda: onebasin.load_any(path), lambda: onebasin.load_any(path, "reference_models:mlp")):
+        with pytest.raises(onebasin.CheckpointError, match="truncated or corrupt onebasin checkpoint"):
+            load()
+
+
+@pytest.mark.parametrize("case,cause", [("missing", "no checkpoint at"), ("directory", "is a directory"),
+                                        ("empty", "is empty"), ("text", "not a readable checkpoint")])
+def test_unusable_checkpoint_files_are_named(tmp_path, case, cause):
+    path = tmp_path / "a.safetensors"
+    {"missing": lambda: None, "directory": path.mkdir, "empty": path.touch,
+     "text": lambda: path.write_text("weights")}[case]()
+    with pytest.raises(onebasin.CheckpointError, match=cause):
+        onebasin.load_any(path, "reference_models:mlp")
+
+
+def test_checkpoint_metadata_that_does_not_fit_the_factory_is_a_checkpoint_error(tmp_path):
+    """Issue 12: metadata the model factory does not take raised a raw TypeError."""
+    path = saved(tmp_path / "a", model="mlp")
+    tensors, meta = onebasin.load_checkpoint(path)
+    onebasin.save_checkpoint(path, tensors, {**{k: v for k, v in meta.items() if k != "sha256"},
+                                             "model_kwargs": {"width": 16, "depht": 3}})
+    with pytest.raises(onebasin.CheckpointError, match="unexpected keyword argument 'depht'"):
+        onebasin.load_model(path)
+
+
+def test_unknown_model_in_metadata_is_named(tmp_path):
+    with pytest.raises(onebasin.CheckpointError, match="unknown model 'nosuchnet'"):
+        onebasin.load_model(saved(tmp_path / "a", model="nosuchnet"))
+
+
+def test_a_checkpoint_cannot_make_onebasin_import_and_call_a_factory_it_names(tmp_path):
+    path = saved(tmp_path / "a", model="os:system", model_kwargs={"command": f"touch {tmp_path / 'ran'}"})
+    with pytest.raises(onebasin.CheckpointError, match="name it to allow importing and calling it"):
+        onebasin.load_model(path)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_bad_model_options_for_a_state_dict_file_are_named(tmp_path):
+    """Issue 12: bad --model-opts raised a raw TypeError."""
+    torch.save(mlp().state_dict(), tmp_path / "a.pt")
+    with pytest.raises(InvalidOptionError, match="unexpected keyword argument 'hidden'"):
+        onebasin.load_any(tmp_path / "a.pt", "reference_models:mlp", {"hidden": 3})
