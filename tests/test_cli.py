@@ -150,3 +150,65 @@ method = ["weight"]
     code, _, _ = run_cli(["sweep", config, "--no-progress"], capsys)
     assert code == 0 and len((tmp_path / "sweep" / "results.csv").read_text().splitlines()) == 3
     assert (tmp_path / "sweep" / "results.csv").stat().st_mtime_ns == before  # nothing re-run, nothing rewritten
+
+
+def fake_comparison(barrier):
+    """A Comparison whose plain curve rises `barrier` above the chord at alpha 0.5 (no training needed)."""
+    from onebasin.interpolate import BarrierCurve
+    from onebasin.pipeline import Comparison
+
+    curve = BarrierCurve([0.0, 0.5, 1.0], {"test": [0.1, 0.1 + barrier, 0.1]}, {"test": [0.9, 0.5, 0.9]})
+    return Comparison({"plain": curve}, {}, {}, {})
+
+
+def write_sweep(tmp_path, epochs, grid='width = [8, 16]\nmethod = ["weight"]'):
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'out = "{tmp_path / "sweep"}"\n[base]\nmodel = "mlp"\ndataset = "mnist"\nepochs = {epochs}\n'
+                      f'model_kwargs = {{ depth = 3 }}\n[grid]\n{grid}\n')
+    return config
+
+
+def test_sweep_reruns_cells_after_base_is_edited(tmp_path, monkeypatch, capsys):
+    """Issue 12 #5: after an edit of [base] a resumed sweep silently kept the old rows (keyed by grid cell only)."""
+    runs = []
+
+    def run(exp, progress=True):
+        runs.append((exp.epochs, exp.model_kwargs["width"], exp.out))
+        return fake_comparison(exp.epochs / 10), {}
+
+    monkeypatch.setattr("onebasin.sweep.run_experiment", run)
+    config = write_sweep(tmp_path, epochs=1)
+    assert run_cli(["sweep", config, "--no-progress"], capsys)[0] == 0
+    assert run_cli(["sweep", config, "--no-progress"], capsys)[0] == 0  # nothing new to run
+    assert [r[:2] for r in runs] == [(1, 8), (1, 16)]
+    write_sweep(tmp_path, epochs=2)  # the [base] section changes: every cell must run again
+    assert run_cli(["sweep", config, "--no-progress"], capsys)[0] == 0
+    assert [r[:2] for r in runs] == [(1, 8), (1, 16), (2, 8), (2, 16)]
+    assert len({r[2] for r in runs}) == 4  # each setting gets its own report folder
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert [(r["width"], round(float(r["plain_loss_barrier"]), 6)) for r in rows] == [("8", 0.1), ("16", 0.1), ("8", 0.2), ("16", 0.2)]
+    assert len({r["settings"] for r in rows}) == 4  # old rows kept, told apart by their settings
+    write_sweep(tmp_path, epochs=1)  # back to the first settings: their rows are reused
+    assert run_cli(["sweep", config, "--no-progress"], capsys)[0] == 0 and len(runs) == 4
+
+
+@pytest.mark.parametrize("grid,cause", [
+    ("seeds = [[0]]", "seeds must be two integers"),
+    ('method = ["weight", "nosuch"]', "unknown method 'nosuch'"),
+    ('repair = ["reset_bn"]', "needs BatchNorm"),
+    ('width = [8, "wide"]', "width"),
+    ("widht = [8]", "unexpected keyword argument 'widht'"),
+    ("epochs = [0]", "epochs must be an integer >= 1"),
+    ("alphas = [[0.0, 1.5]]", "alphas must be a list of numbers in [0, 1]"),
+    ('dataset = ["imagenet"]', "unknown dataset 'imagenet'"),
+])
+def test_sweep_validates_every_cell_before_training(tmp_path, monkeypatch, capsys, grid, cause):
+    """Issue 12: seeds = [[0]] failed with an IndexError after training the endpoints."""
+    monkeypatch.setattr("onebasin.sweep.run_experiment", lambda *a, **k: pytest.fail("trained before validating"))
+    config = write_sweep(tmp_path, epochs=1, grid=f"width = [8]\n{grid}" if not grid.startswith("width") else grid)
+    code, _, err = run_cli(["sweep", config, "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and cause in err, err
+    assert not (tmp_path / "sweep").exists()
+
