@@ -4,6 +4,7 @@ API cases: an OnebasinError subclass whose message names the cause. CLI cases: e
 line on stderr that names the cause, and no output (or temporary) file left behind. Every case is tiny.
 """
 
+import json
 import math
 
 import pytest
@@ -211,3 +212,191 @@ def test_bad_model_options_for_a_state_dict_file_are_named(tmp_path):
     torch.save(mlp().state_dict(), tmp_path / "a.pt")
     with pytest.raises(InvalidOptionError, match="unexpected keyword argument 'hidden'"):
         onebasin.load_any(tmp_path / "a.pt", "reference_models:mlp", {"hidden": 3})
+
+
+# --- sweep configs (API) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,cause", [
+    (None, "no sweep config at"),
+    ("[base\nmodel = 'mlp'", "is not valid TOML"),
+    ("outdir = 'x'", "unknown top-level keys ['outdir']"),
+    ("[base]\nwidth = 8", "unknown [base] keys ['width']"),
+    ("[grid]\nwidth = []", "every [grid] entry must be a non-empty list"),
+    ("[grid]\nmodel_kwargs = [{ width = 8 }]", "cannot vary ['model_kwargs']"),
+])
+def test_load_config_errors_name_the_cause(tmp_path, text, cause):
+    from onebasin.sweep import SweepConfigError, load_config
+
+    config = tmp_path / "sweep.toml"
+    if text is not None:
+        config.write_text(text)
+    with pytest.raises(SweepConfigError) as err:
+        load_config(config)
+    assert cause in str(err.value)
+
+
+# --- the command line: exit 2, one line, nothing written -------------------------------------------------
+
+from cli_helpers import checkpoint, files, run_cli, use_fake_data  # noqa: E402
+
+
+def assert_refused(argv, capsys, root, cause):
+    """`onebasin ARGV` exits 2 with one stderr line naming `cause` and leaves `root` as it was."""
+    before = files(root)
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 2, (code, err)
+    assert err.count("\n") == 1 and err.startswith("onebasin"), err
+    assert cause in err, err
+    assert files(root) == before and stdout == ""
+
+
+@pytest.fixture
+def ab(tmp_path, monkeypatch):
+    """Two onebasin checkpoints of MNIST MLPs and synthetic data for merge/barrier."""
+    use_fake_data(monkeypatch)
+    return checkpoint(tmp_path / "a.safetensors"), checkpoint(tmp_path / "b.safetensors", seed=1)
+
+
+def test_cli_out_is_a_directory_even_with_force(tmp_path, ab, capsys):
+    (tmp_path / "m.safetensors").mkdir()
+    assert_refused(["merge", *ab, "--out", tmp_path / "m.safetensors", "--force"], capsys, tmp_path, "is a directory")
+
+
+def test_cli_does_not_overwrite_the_sidecar_beside_out(tmp_path, ab, capsys):
+    """Issue 12: an existing X.json beside --out was overwritten without --force."""
+    (tmp_path / "m.json").write_text('{"mine": true}')
+    assert_refused(["merge", *ab, "--out", tmp_path / "m.safetensors"], capsys, tmp_path, "m.json exists; pass --force")
+
+
+def test_cli_train_does_not_overwrite_the_sidecar_beside_out(tmp_path, capsys):
+    (tmp_path / "a.json").write_text("{}")
+    assert_refused(["train", "--model", "mlp", "--dataset", "mnist", "--out", tmp_path / "a.safetensors"], capsys,
+                   tmp_path, "a.json exists; pass --force")
+
+
+def test_cli_report_folder_that_is_a_file(tmp_path, ab, capsys):
+    (tmp_path / "report").write_text("")
+    assert_refused(["barrier", *ab, "--out", tmp_path / "report"], capsys, tmp_path, "is a file")
+
+
+def test_cli_bad_model_opts_name_the_option(tmp_path, capsys):
+    """Issue 12: a --model-opts key the factory does not take gave a TypeError traceback."""
+    torch.save(mlp().state_dict(), tmp_path / "a.pt")
+    assert_refused(["merge", tmp_path / "a.pt", tmp_path / "a.pt", "--model", "reference_models:mlp",
+                    "--model-opts", "hidden=3", "--data", "mnist", "--out", tmp_path / "m.safetensors"], capsys,
+                   tmp_path, "unexpected keyword argument 'hidden'")
+
+
+def test_cli_model_opts_without_equals(tmp_path, capsys):
+    torch.save(mlp().state_dict(), tmp_path / "a.pt")
+    assert_refused(["merge", tmp_path / "a.pt", tmp_path / "a.pt", "--model", "reference_models:mlp",
+                    "--model-opts", "width", "--out", tmp_path / "m.safetensors"], capsys, tmp_path, "KEY=VALUE")
+
+
+def test_cli_checkpoint_metadata_that_does_not_fit_the_factory(tmp_path, ab, capsys):
+    """Issue 12: checkpoint metadata the factory does not take gave a TypeError traceback."""
+    tensors, meta = onebasin.load_checkpoint(ab[0])
+    onebasin.save_checkpoint(ab[0], tensors, {**meta, "model_kwargs": {**meta["model_kwargs"], "widht": 3}})
+    assert_refused(["merge", *ab, "--out", tmp_path / "m.safetensors"], capsys, tmp_path,
+                   "unexpected keyword argument 'widht'")
+
+
+def test_cli_edited_metadata(tmp_path, ab, capsys):
+    from safetensors.torch import save_file
+
+    tensors, meta = onebasin.load_checkpoint(ab[1])
+    save_file(tensors, str(ab[1]), metadata={"onebasin": json.dumps({**meta, "dataset": "mnist-edited"})})
+    assert_refused(["merge", *ab, "--out", tmp_path / "m.safetensors"], capsys, tmp_path, "corrupt or was edited")
+
+
+@pytest.mark.parametrize("case,cause", [("truncated", "truncated or corrupt onebasin checkpoint"),
+                                        ("empty", "is empty"), ("directory", "is a directory"),
+                                        ("missing", "no checkpoint at")])
+def test_cli_unusable_checkpoint(tmp_path, ab, capsys, case, cause):
+    bad = tmp_path / "bad.safetensors"
+    if case == "truncated":
+        bad.write_bytes(ab[1].read_bytes()[:-64])
+    elif case == "empty":
+        bad.touch()
+    elif case == "directory":
+        bad.mkdir()
+    assert_refused(["merge", ab[0], bad, "--out", tmp_path / "m.safetensors"], capsys, tmp_path, cause)
+
+
+def test_cli_nan_weights(tmp_path, ab, capsys):
+    tensors, meta = onebasin.load_checkpoint(ab[1])
+    tensors["layers.0.weight"][0, 0] = math.nan
+    onebasin.save_checkpoint(ab[1], tensors, {k: v for k, v in meta.items() if k != "sha256"})
+    assert_refused(["merge", *ab, "--out", tmp_path / "m.safetensors"], capsys, tmp_path, "non-finite (NaN/inf)")
+
+
+def test_cli_model_that_does_not_fit_the_data(tmp_path, monkeypatch, capsys):
+    """Issue 12: a model whose input shape does not match the data gave 78 lines of ShapeProp tracebacks."""
+    use_fake_data(monkeypatch)
+    torch.save(mlp(in_features=12).state_dict(), tmp_path / "a.pt")
+    assert_refused(["merge", tmp_path / "a.pt", tmp_path / "a.pt", "--model", "reference_models:mlp", "--data", "mnist",
+                    "--out", tmp_path / "m.safetensors"], capsys, tmp_path, "mat1 and mat2 shapes cannot be multiplied")
+
+
+def test_cli_factory_named_by_a_checkpoint_needs_model(tmp_path, ab, capsys):
+    tensors, meta = onebasin.load_checkpoint(ab[0])
+    onebasin.save_checkpoint(ab[0], tensors, {**meta, "model": "reference_models:mlp"})
+    assert_refused(["merge", *ab, "--out", tmp_path / "m.safetensors"], capsys, tmp_path,
+                   "--model reference_models:mlp")
+
+
+@pytest.mark.parametrize("extra,cause", [
+    (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["--alpha", "half"], "invalid float value: 'half'"),
+    (["--method", "nosuch"], "invalid choice: 'nosuch'"),
+    (["--data", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--calib-examples", "0"], "--calib-examples must be >= 1"),
+    (["--calib-examples", "many"], "invalid int value: 'many'"),
+    (["--model", "nosuchnet"], "does not match the requested model"),
+    (["--verbose"], "unrecognized arguments: --verbose"),
+])
+def test_cli_bad_merge_options(tmp_path, ab, capsys, extra, cause):
+    assert_refused(["merge", *ab, "--out", tmp_path / "m.safetensors", *extra], capsys, tmp_path, cause)
+
+
+@pytest.mark.parametrize("extra,cause", [(["--alphas", "1"], "--alphas is a count and must be >= 2"),
+                                         (["--alphas", "0.5"], "invalid int value: '0.5'")])
+def test_cli_bad_barrier_alphas(tmp_path, ab, capsys, extra, cause):
+    assert_refused(["barrier", *ab, "--out", tmp_path / "r", *extra], capsys, tmp_path, cause)
+
+
+@pytest.mark.parametrize("extra,cause", [
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--width", "wide"], "invalid float value: 'wide'"),
+    (["--depth", "3", "--model", "resnet20"], "has no option --depth"),
+])
+def test_cli_bad_train_options(tmp_path, capsys, extra, cause):
+    argv = ["train", "--model", "mlp", "--dataset", "mnist", "--out", tmp_path / "a.safetensors", "--no-download"]
+    assert_refused(argv + extra, capsys, tmp_path, cause)
+
+
+def test_cli_train_out_is_a_directory(tmp_path, capsys):
+    (tmp_path / "a.safetensors").mkdir()
+    assert_refused(["train", "--model", "mlp", "--dataset", "mnist", "--out", tmp_path / "a.safetensors", "--force"],
+                   capsys, tmp_path, "is a directory")
+
+
+@pytest.mark.parametrize("extra,cause", [(["--epochs", "0"], "epochs must be an integer >= 1"),
+                                         (["--repair", "reset_bn"], "needs BatchNorm"),
+                                         (["--dataset", "imagenet"], "unknown dataset 'imagenet'")])
+def test_cli_bad_demo_settings_fail_before_training(tmp_path, capsys, extra, cause):
+    assert_refused(["demo", "--out", tmp_path / "r", "--cache-dir", tmp_path / "cache", "--data-dir", tmp_path / "d",
+                    "--no-progress", *extra], capsys, tmp_path, cause)
+
+
+def test_cli_sweep_config_errors(tmp_path, capsys):
+    assert_refused(["sweep", tmp_path / "none.toml"], capsys, tmp_path, "no sweep config at")
+    (tmp_path / "bad.toml").write_text(f'out = "{tmp_path / "sweep"}"\n[grid]\nseeds = [[0]]\nwidth = [8]\n')
+    assert_refused(["sweep", tmp_path / "bad.toml"], capsys, tmp_path, "seeds must be two integers")
+
+
+def test_cli_without_a_command(tmp_path, capsys):
+    assert_refused([], capsys, tmp_path, "required: command")
