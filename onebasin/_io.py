@@ -61,6 +61,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why `path` (a file or folder to be created or replaced) cannot be written, or None if it can.
+
+    Looks at its nearest existing folder: it must be a folder, and writable. Lets a command refuse before
+    hours of work rather than when it saves.
+    """
+    p = Path(path).absolute()
+    ancestor = next(a for a in p.parents if a.exists())
+    if not ancestor.is_dir():
+        return f"cannot write {path}: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot write {path}: {ancestor} is not writable"
+    return None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically (UTF-8)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import onebasin
@@ -72,14 +72,17 @@ def save_checkpoint(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Pa
     meta = json.loads(json.dumps({**meta, "onebasin_version": onebasin.__version__}))  # as it will be read back
     meta["sha256"] = checkpoint_digest(tensors, meta)
     text = json.dumps(meta, indent=2, sort_keys=True)
-    atomic_write(weights, _save_tensors(tensors, text))
+    atomic_write(weights, _save_tensors(tensors, text, weights))
     atomic_write_text(sidecar, text + "\n")
     return weights
 
 
-def _save_tensors(tensors, text):
+def _save_tensors(tensors, text, weights):
     def write(tmp):
-        save_file(tensors, str(tmp), metadata={_KEY: text})
+        try:
+            save_file(tensors, str(tmp), metadata={_KEY: text})
+        except SafetensorError as err:  # safetensors' own I/O errors are not OSErrors
+            raise CheckpointError(f"cannot write {weights}: {err}") from err
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; make them like any other
 
     return write
@@ -219,6 +222,9 @@ def load_any(path, model: str | None = None, model_kwargs: dict | None = None, d
     is unknown or its factory refuses `model_kwargs`.
     """
     weights = Path(path)
+    if weights.suffix == ".json" and weights.with_suffix(".safetensors").exists():
+        raise CheckpointError(f"{weights} is a checkpoint's JSON sidecar: pass its weights file "
+                              f"{weights.with_suffix('.safetensors')}")
     _require_file(weights)
     try:
         meta = read_meta(weights)

@@ -236,8 +236,11 @@ def _parse_opts(items, fail) -> dict:
 
 def _check_out_file(path, force, fail):
     """Refuse a checkpoint OUT whose weights or sidecar (X.json) is a directory, or exists without --force."""
+    from onebasin._io import unwritable
     from onebasin.checkpoint import checkpoint_paths
 
+    if problem := unwritable(path):
+        fail(problem)
     for p in checkpoint_paths(path):
         if p.is_dir():
             fail(f"{p} is a directory; --out needs a checkpoint file name such as {p.with_suffix('') / 'model.safetensors'}")
@@ -249,9 +252,13 @@ def _check_out_folder(path, force, fail):
     """Refuse a report folder OUT that is a file, or that holds files without --force."""
     from pathlib import Path
 
+    from onebasin._io import unwritable
+
     p = Path(path)
     if p.exists() and not p.is_dir():
         fail(f"{p} is a file; --out needs a folder for the report")
+    if problem := unwritable(p / "report.json"):
+        fail(problem)
     if p.exists() and any(p.iterdir()) and not force:
         fail(f"{p} exists; pass --force to overwrite it")
 

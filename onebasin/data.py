@@ -162,7 +162,7 @@ def _read_torchvision(info: DatasetInfo, root: Path, train: bool, download: bool
         try:
             ds = cls(str(root), download=True, **kw)
         except BaseException as err2:  # offline, read-only dir, server down, Ctrl-C: nothing is left behind
-            _remove_new(new_dirs)
+            _remove_new(new_dirs, root)
             if not isinstance(err2, Exception):
                 raise
             raise DataNotFoundError(_missing_message(info, root, f"download failed: {err2}")) from err2
@@ -175,10 +175,19 @@ def _missing_dirs(folder: Path) -> list[Path]:
     return [p for p in (folder, *folder.parents) if not p.exists()]
 
 
-def _remove_new(folders: list[Path]) -> None:
-    """Remove what a failed download left in folders it created: they did not exist before, so all they hold is its."""
-    if folders:
-        shutil.rmtree(folders[-1], ignore_errors=True)
+def _remove_new(folders: list[Path], root: Path) -> None:
+    """Undo what a failed download created: folders inside `root` that did not exist before go with their
+    contents (all of it is the download's); `root` and its parents only if they are new and still empty."""
+    root = root.absolute()
+    inside = [p for p in folders if root in p.parents]
+    if inside:
+        shutil.rmtree(inside[-1], ignore_errors=True)
+    for p in folders:
+        if p not in inside:
+            try:
+                p.rmdir()
+            except OSError:  # not empty: something else lives there now
+                return
 
 
 def _to_tensors(info: DatasetInfo, ds):

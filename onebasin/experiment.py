@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,7 +79,12 @@ def validate_experiment(exp: Experiment) -> None:
     _check(set(exp.recipe_overrides) <= fields, f"unknown recipe_overrides {sorted(set(exp.recipe_overrides) - fields)}; "
            f"valid: {', '.join(sorted(fields))}")
     _check(isinstance(exp.model_kwargs, dict), f"model_kwargs must be a table, got {exp.model_kwargs!r}")
-    model = _build(exp, info)
+    with warnings.catch_warnings():  # e.g. "Initializing zero-element tensors is a no-op": reported below
+        warnings.simplefilter("ignore")
+        model = _build(exp, info)
+    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+    _check(not empty, f"model {exp.model!r} with options {exp.model_kwargs} has an empty layer ({empty[0] if empty else ''}): "
+           f"widths must be >= 1")
     if exp.repair == "reset_bn":
         _check(any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()),
                f"repair 'reset_bn' needs BatchNorm layers; {exp.model} has none (use exact or closed)")
@@ -110,7 +116,7 @@ def _is_alpha(v) -> bool:
 def settings_key(exp: Experiment) -> str:
     """12 hex digits of sha256 over every setting that changes a result (all fields but out, data_dir, cache_dir)."""
     settings = {k: v for k, v in asdict(exp).items() if k not in ("out", "data_dir", "cache_dir")}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def describe(exp: Experiment) -> str:

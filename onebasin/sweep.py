@@ -28,6 +28,7 @@ import json
 import sys
 from pathlib import Path
 
+from ._io import unwritable
 from .errors import InvalidOptionError
 from .experiment import Experiment, run_experiment, settings_key, validate_experiment
 from .plots import plot_series
@@ -120,6 +121,8 @@ def run_sweep(path, progress: bool = True) -> Path:
             raise SweepConfigError(f"{path}: cell {cell_key(cell) or '[base]'}: {err}") from err
         plan.append((cell_key(cell), cell, exp, settings_key(exp)))
     results = out / "results.csv"
+    if problem := unwritable(results):
+        raise SweepConfigError(f"{path}: {problem}")
     rows = read_csv(results)
     done = {(r["cell"], r.get("settings")) for r in rows}
     for key, cell, exp, settings in plan:

@@ -386,7 +386,8 @@ def test_cli_train_out_is_a_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,cause", [(["--epochs", "0"], "epochs must be an integer >= 1"),
                                          (["--repair", "reset_bn"], "needs BatchNorm"),
-                                         (["--dataset", "imagenet"], "unknown dataset 'imagenet'")])
+                                         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+                                         (["--width", "0"], "has an empty layer")])
 def test_cli_bad_demo_settings_fail_before_training(tmp_path, capsys, extra, cause):
     assert_refused(["demo", "--out", tmp_path / "r", "--cache-dir", tmp_path / "cache", "--data-dir", tmp_path / "d",
                     "--no-progress", *extra], capsys, tmp_path, cause)
@@ -398,5 +399,34 @@ def test_cli_sweep_config_errors(tmp_path, capsys):
     assert_refused(["sweep", tmp_path / "bad.toml"], capsys, tmp_path, "seeds must be two integers")
 
 
+@pytest.mark.parametrize("command", ["merge", "barrier", "train", "sweep"])
+def test_cli_output_inside_a_file_is_refused_before_any_work(tmp_path, ab, capsys, command):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "out"
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'out = "{out}"\n[base]\nmodel = "mlp"\n')
+    argv = {"merge": ["merge", *ab, "--out", out], "barrier": ["barrier", *ab, "--out", out],
+            "train": ["train", "--model", "mlp", "--dataset", "mnist", "--out", out], "sweep": ["sweep", config]}[command]
+    assert_refused(argv, capsys, tmp_path, "afile is a file, not a folder")
+
+
+def test_cli_sidecar_given_instead_of_the_weights(tmp_path, ab, capsys):
+    assert_refused(["merge", tmp_path / "a.json", ab[1], "--out", tmp_path / "m.safetensors"], capsys, tmp_path,
+                   "is a checkpoint's JSON sidecar: pass its weights file")
+
+
 def test_cli_without_a_command(tmp_path, capsys):
     assert_refused([], capsys, tmp_path, "required: command")
+
+
+def test_a_failed_checkpoint_write_is_a_checkpoint_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def fail(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"part")
+        raise SafetensorError("Error while serializing: I/O error")
+
+    monkeypatch.setattr("onebasin.checkpoint.save_file", fail)
+    with pytest.raises(onebasin.CheckpointError, match="cannot write .*m.safetensors: .*I/O error"):
+        onebasin.save_checkpoint(tmp_path / "m.safetensors", mlp().state_dict(), {})
+    assert list(tmp_path.iterdir()) == []
