@@ -100,6 +100,10 @@ def merge(
             REPAIR's calibration set (first `max_examples` examples). Only "weight" + "none" need none.
     Returns:
         (merged model, MergeResult). The model has A's class when every correction could be fused.
+    Raises (all OnebasinError): InvalidOptionError (unknown method or repair, alpha not in [0, 1]),
+        ArchitectureMismatchError (keys, shapes or dtypes of A and B differ), InvalidWeightsError (NaN/inf),
+        EmptyDataError (no data, no batch, a 0-row batch), InputMismatchError (the first batch does not
+        run through A: shape, dtype or device; checked with `checks.check_example_input` before tracing).
     """
     _check_options(method, repair, [alpha])
     _check_models(model_a, model_b)
@@ -186,6 +190,7 @@ def compare(
         method: alignment method; repair: "exact" | "closed" | "reset_bn" (the third curve's correction).
     Returns:
         Comparison with curves {"plain", "aligned", "aligned+<REPAIR>"} and variance ratios at alpha = 0.5.
+    Raises: as `merge`; EmptyDataError also names an empty split of `loaders`.
     """
     alphas = list(alphas) if alphas is not None else [i / 10 for i in range(11)]
     _check_options(method, repair, alphas, REPAIRS[:3])
