@@ -376,7 +376,7 @@ def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, st
     visit = visit or {}
     graphs = [captured.for_batch(batch_size(x)) for x in inputs]
     lists = [list(g.graph.nodes) for g in graphs]
-    ref = lists[0]
+    ref = lists[0] if lists else list(captured.graph.nodes)  # no input (a rank without data): visits still run
     stop = set(stop)
     need = _ancestors(ref, stop)
     last_use = {a.name: i for i, n in enumerate(ref) for a in n.all_input_nodes}

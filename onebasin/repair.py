@@ -51,6 +51,7 @@ from .graph import Captured, batch_size, capture, inputs_like, model_inputs, wal
 from .interpolate import lerp
 from .spec import PermutationSpec, Site, trace
 from .stats import Moments, batches, distributed, eval_mode, unit_matrix
+from .stats import _reduce_device as _collective_device
 
 KINDS = ("layer", "block")
 METHODS = ("exact", "closed")
@@ -138,8 +139,9 @@ class Corrected:
     state: dict
     corrections: dict = field(default_factory=dict)
 
-    def moments(self, sites: list[Site], data: Iterable, max_examples: int | None) -> list[Moments]:
-        """Exact float64 per-unit sums at `sites` over the data, corrections applied (one streaming pass)."""
+    def moments(self, sites: list[Site], chunks: list) -> list[Moments]:
+        """Exact float64 per-unit sums at `sites` over this process's input chunks (`_chunks`), corrections
+        applied, one streaming pass; all-reduced over processes."""
         moments = {s.node: Moments() for s in sites}
         dims = {s.node: s.dim for s in sites}
 
@@ -156,7 +158,7 @@ class Corrected:
 
         nodes = set(moments) | set(self.corrections)
         visits = {n: visitor(n) for n in nodes}
-        for x in _chunks(self.graph, data, max_examples):
+        for x in chunks:
             if self.corrections:
                 walk(self.graph, self.state, [x], moments, visits)
             else:
@@ -184,7 +186,7 @@ def site_moments(model: nn.Module, sites: list[Site], data: Iterable, max_exampl
     """
     graph = graph or capture(model, next(model_inputs(model, [_first_input(data)])))
     with eval_mode(model):
-        return as_corrected(model, graph).moments(sites, data, max_examples)
+        return as_corrected(model, graph).moments(sites, _chunks(graph, data, max_examples))
 
 
 def site_stats(model: nn.Module, sites: list[Site], data: Iterable, max_examples: int | None = 5000, graph: Captured | None = None):
@@ -336,8 +338,8 @@ class _Exact:
 
 def exact_corrections(graph: Captured, state: dict, sites: list[Site], goal_mean, goal_std, data, max_examples, max_memory: int | None) -> _Exact:
     """Exact REPAIR (Sec. 4.2): one sweep over the calibration set, or one streaming pass per level."""
-    chunks = _chunks(graph, data, max_examples)
-    if not chunks:
+    chunks = _chunks(graph, data, max_examples)  # this process's shard (it may hold none under torch.distributed)
+    if not chunks and distributed()[1] == 1:
         raise OnebasinError("no data: the calibration data yielded no batch")
     examples = sum(batch_size(x) for x in chunks)
     eps = torch.finfo(next(v for v in state.values() if v.is_floating_point()).dtype).eps
@@ -350,6 +352,10 @@ def exact_corrections(graph: Captured, state: dict, sites: list[Site], goal_mean
         scale, shift = _affine_to_goal(means[i], stds[i], goal_mean[i], goal_std[i], eps)
         corrections[sites[i].node] = (scale, shift, sites[i].dim)
 
+    if distributed()[1] > 1:  # every process must take the same path (their all-reduces pair up)
+        most = torch.tensor([float(examples)], dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        examples = int(most.item())
     estimate = _estimate_bytes(graph, sites, examples)
     if max_memory is None or estimate <= max_memory:
         def visitor(i):
@@ -370,7 +376,7 @@ def exact_corrections(graph: Captured, state: dict, sites: list[Site], goal_mean
     for k in range(passes):
         todo = [s for s in sites if lv[s.node] == k]
         known = Corrected(graph, state, dict(corrections))
-        for s, m in zip(todo, known.moments(todo, chunks, None)):
+        for s, m in zip(todo, known.moments(todo, chunks)):
             correct(index[s.node], m)
     return _Exact(corrections, means, stds, [lv[s.node] for s in sites], passes, peak, note)
 
