@@ -153,7 +153,7 @@ SWEEP_EXAMPLES = """example CONFIG.toml:
 Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs the first numeric axis.
 """
 
-METHODS = ["activation", "weight", "annealing", "functional"]
+METHODS = ["activation", "weight", "annealing", "functional", "orthogonal"]
 REPAIRS = ["exact", "closed", "reset_bn", "none"]
 
 

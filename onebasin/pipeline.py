@@ -121,6 +121,7 @@ def merge(
         result.example_input = describe_input(example)
     if method != "none":
         model_b, aligned = align(model_a, model_b, method, data, spec=spec, max_examples=max_examples, **align_options)
+        model_a = aligned.models[0] if aligned.models is not None else model_a
         result.align_record = aligned.record
     if repair in ("exact", "closed"):
         repaired = _repair(model_a, model_b, alpha, data, spec, repair, max_examples)
@@ -213,29 +214,31 @@ def compare(
 
     step(f"aligning ({method})")
     aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples)
+    aligned_a = aligned.models[0] if aligned.models is not None else model_a  # orthogonal rewrites A too
     steps.update()
     ends = {"plain": endpoint_stats(model_a, model_b, calib_data, spec, max_examples=max_examples),
-            "aligned": endpoint_stats(model_a, aligned_b, calib_data, spec, max_examples=max_examples)}
+            "aligned": endpoint_stats(aligned_a, aligned_b, calib_data, spec, max_examples=max_examples)}
     curves, variance, midpoint = {}, {}, {}
 
     def keep_midpoint(a: float, model: nn.Module) -> None:  # the corrected midpoint, for its variance ratios
         if a == 0.5:
             midpoint["model"] = model
 
-    for label, b in (("plain", model_b), ("aligned", aligned_b)):
+    pairs = {"plain": (model_a, model_b), "aligned": (aligned_a, aligned_b)}
+    for label, (a, b) in pairs.items():
         step(f"barrier curve: {label}")
-        curves[label] = barrier_curve(model_a, b, loaders, alphas, calib_data=calib_data, max_examples=max_examples)
+        curves[label] = barrier_curve(a, b, loaders, alphas, calib_data=calib_data, max_examples=max_examples)
         steps.update()
     step(f"barrier curve: {fixed}")
-    curves[fixed] = barrier_curve(model_a, aligned_b, loaders, alphas, CORRECTION_OF[repair], calib_data=calib_data,
+    curves[fixed] = barrier_curve(aligned_a, aligned_b, loaders, alphas, CORRECTION_OF[repair], calib_data=calib_data,
                                   max_examples=max_examples, spec=spec, endpoints=ends["aligned"], on_model=keep_midpoint)
     steps.update()
     step("variance ratios")
-    for label, b in (("plain", model_b), ("aligned", aligned_b)):
-        variance[label] = variance_ratios(model_a, b, interpolate_model(model_a, b, 0.5), calib_data, endpoints=ends[label])
+    for label, (a, b) in pairs.items():
+        variance[label] = variance_ratios(a, b, interpolate_model(a, b, 0.5), calib_data, endpoints=ends[label])
     if "model" not in midpoint:  # 0.5 not among the alphas
-        midpoint["model"] = merge(model_a, aligned_b, method="none", repair=repair, data=calib_data, spec=spec, max_examples=max_examples)[0]
-    variance[fixed] = variance_ratios(model_a, aligned_b, midpoint["model"], calib_data, endpoints=ends["aligned"])
+        midpoint["model"] = merge(aligned_a, aligned_b, method="none", repair=repair, data=calib_data, spec=spec, max_examples=max_examples)[0]
+    variance[fixed] = variance_ratios(aligned_a, aligned_b, midpoint["model"], calib_data, endpoints=ends["aligned"])
     steps.update()
     steps.close()
     settings = {"method": method, "repair": repair, "alphas": alphas, "max_examples": max_examples}

@@ -98,8 +98,8 @@ def select_sites(spec: PermutationSpec, kinds: Iterable[str] = KINDS) -> list[Si
     found: dict[str, Site] = {}
     for group in spec.groups.values():
         for s in group.sites:
-            if s.kind in kinds and s.node is not None:
-                found.setdefault(s.node, s)
+            if s.kind in kinds and s.node is not None:  # a part of a fused projection: correct the whole tensor
+                found.setdefault(s.node, dataclasses.replace(s, start=0, size=None))
     return sorted(found.values(), key=lambda s: order[s.node])
 
 

@@ -115,13 +115,15 @@ class Site:
     `node` is the name of a node of the captured graph (`onebasin.graph.capture`); `module` is the
     module whose output it is (None for a residual addition; a hand-written spec may give a module
     only, read with a forward hook). `kind` is "layer" (output of a Linear/Conv, or of the norm layer
-    directly after it) or "block" (output of a residual addition).
+    directly after it) or "block" (output of a residual addition). `stats.site_matrix` reads its units.
     """
 
     node: str | None
     dim: int
     kind: str = "layer"
     module: str | None = None
+    start: int = 0  # the group's units are positions [start, start + size) of axis `dim` (a part of a
+    size: int | None = None  # fused projection, e.g. the query block of a qkv Linear); None: the whole axis
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,12 @@ def unit_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()
 
 
+def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
+    """(samples, units) float64 matrix of a site's units in its tensor (its slice of a fused projection)."""
+    u = unit_matrix(t, site.dim)
+    return u if site.size is None else u[:, site.start : site.start + site.size]
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():

@@ -357,10 +357,11 @@ class Tracer:
                 if not self.vars.v[r].fixed and mm not in members.setdefault(r, []):
                     members[r].append(mm)
         sites: dict[int, list[Site]] = {}
-        for var, s in self.sites:
-            r = self.vars.find(var)
-            if not self.vars.v[r].parts and s not in sites.setdefault(r, []):
-                sites[r].append(s)
+        for var, site in self.sites:
+            for v, s in self._distribute_site(var, site):
+                r = self.vars.find(v)
+                if s not in sites.setdefault(r, []):
+                    sites[r].append(s)
         roots = self._group_roots(members)
         names = _unique_names({r: self.vars.v[r].name for r in roots})
         state = self.captured.model.state_dict()
@@ -399,6 +400,17 @@ class Tracer:
             size = self.vars.root(p).size
             part = replace(lay, start=lay.start + offset * step, unit_shape=(size,))
             out += self._distribute(p, part.member(m.key, m.axis, self.shapes[m.key][m.axis]))
+        return out
+
+    def _distribute_site(self, var: int, site: Site) -> list[tuple[int, Site]]:
+        """A site of a direct sum, as sites of its parts (each a slice of the tensor's axis)."""
+        r = self.vars.root(var)
+        if not r.parts:
+            return [(var, site)]
+        out = []
+        for p, offset in r.parts:
+            size = self.vars.root(p).size
+            out += self._distribute_site(p, replace(site, start=site.start + offset, size=size))
         return out
 
     def _group_roots(self, members: dict[int, list[Member]]) -> list[int]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..spec import PermutationSpec
 from ..graph import batch_size, model_inputs
-from ..stats import Moments, SiteTaps, batches, eval_mode, unit_matrix
+from ..stats import Moments, SiteTaps, batches, eval_mode, site_matrix
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
 from ._structured import family_root, solve_families
 from .weight import match_weights
@@ -52,7 +52,7 @@ def site_moments(
         for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
             (_, acts_a), (_, acts_b) = taps_a(x), taps_b(x)
             for m, s, a, b in zip(moments, sites, acts_a, acts_b):
-                m.update(unit_matrix(a, s.dim), unit_matrix(b, s.dim))
+                m.update(site_matrix(a, s), site_matrix(b, s))
             examples += batch_size(x)
     for m in moments:
         m.all_reduce_()
