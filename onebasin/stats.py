@@ -34,6 +34,29 @@ def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
     return u if site.size is None else u[:, site.start : site.start + site.size]
 
 
+def _units_first(t: torch.Tensor, site: Site) -> torch.Tensor:
+    """(batch, units, positions) float64 of a site's units (a view of the cast copy for (N, C, ...) tensors),
+    or (1, units, samples) when the units are the last axis."""
+    d = site.dim
+    if site.size is not None:
+        t = t.narrow(d, site.start, site.size)
+    t = t.detach().double()
+    if d == t.ndim - 1:
+        return t.reshape(-1, t.shape[d]).T.unsqueeze(0)
+    t = t.movedim(d, 1) if d != 1 else t
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site) -> tuple[int, dict[str, torch.Tensor]]:
+    """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums of
+    squares, and the (p, q) cross sums x y^T, without moving a conv's unit axis (one cast per tensor)."""
+    x, y = _units_first(a, site), _units_first(b, site)
+    samples = x.shape[0] * x.shape[2]
+    sums = {"x": x.sum((0, 2)), "xx": (x * x).sum((0, 2)), "y": y.sum((0, 2)), "yy": (y * y).sum((0, 2))}
+    sums["xy"] = torch.bmm(x, y.transpose(1, 2)).sum(0) if x.shape[0] > 1 else x[0] @ y[0].T
+    return samples, sums
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
@@ -72,6 +95,19 @@ class Moments:
             self._add("y", y.sum(0))
             self._add("yy", (y * y).sum(0))
             self._add("xy", x.T @ y)
+
+    def update_pair(self, a: torch.Tensor, b: torch.Tensor, site: Site) -> None:
+        """Add the units of site `site` in activations a (of A) and b (of B) (paired=True), fast path.
+
+        The same sums as update(site_matrix(a, site), site_matrix(b, site)), without moving a conv's unit
+        axis last (see `paired_sums`).
+        """
+        if self.full or not self.paired:
+            raise ValueError("update_pair fills paired moments of per-unit variances (full=False, paired=True)")
+        n, sums = paired_sums(a, b, site)
+        self.n += n
+        for name, value in sums.items():
+            self._add(name, value)
 
     def all_reduce_(self) -> "Moments":
         """Sum the statistics over all processes of an initialised torch.distributed group (in place).
@@ -158,12 +194,13 @@ class SiteTaps(nn.Module):
 
     Sites with a node name are read from `graph` (the captured graph of the architecture, e.g.
     `spec.graph`), run with `model`'s current weights; sites given by module name only (hand-written
-    specs) are read with forward hooks. Either way the model runs exactly once per call.
+    specs) are read with forward hooks. Either way the model runs exactly once per call; with
+    `outputs=False` (graph sites only) it runs only as far as the sites need and returns no output.
     """
 
-    def __init__(self, model: nn.Module, sites: list[Site], graph: Captured | None = None):
+    def __init__(self, model: nn.Module, sites: list[Site], graph: Captured | None = None, outputs: bool = True):
         super().__init__()
-        self.model, self.sites, self.graph = model, list(sites), graph
+        self.model, self.sites, self.graph, self.outputs = model, list(sites), graph, outputs
         self.nodes = [s.node for s in self.sites if s.node]
         if self.nodes and graph is None:
             raise ValueError("sites with graph nodes need the captured graph: pass graph=spec.graph")
@@ -173,8 +210,8 @@ class SiteTaps(nn.Module):
         hooks = [self.model.get_submodule(s.module).register_forward_hook(self._hook(s.module)) for s in self.sites if not s.node]
         try:
             if self.graph is not None and not hooks:
-                values = self.graph.run(self.model.state_dict(), inputs, self.nodes)
-                n_out = len(values) - len(self.nodes)
+                values = self.graph.run(self.model.state_dict(), inputs, self.nodes, self.outputs)  # outputs=False:
+                n_out = len(values) - len(self.nodes)  # only what the sites need is computed
                 out, tapped = values[0] if n_out else None, values[n_out:]
             else:
                 args, kwargs = as_call(inputs)

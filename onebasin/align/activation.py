@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..spec import PermutationSpec
 from ..graph import batch_size, model_inputs
-from ..stats import Moments, SiteTaps, batches, eval_mode, site_matrix
+from ..stats import Moments, SiteTaps, batches, eval_mode
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
 from ._structured import family_root, solve_families
 from .weight import match_weights
@@ -45,14 +45,14 @@ def site_moments(
     """
     groups = [g for g in spec.groups.values() if g.sites]
     sites = [s for g in groups for s in g.sites]
-    taps_a, taps_b = SiteTaps(model_a, sites, spec.graph), SiteTaps(model_b, sites, spec.graph)
+    taps_a, taps_b = SiteTaps(model_a, sites, spec.graph, False), SiteTaps(model_b, sites, spec.graph, False)
     moments = [Moments(paired=True) for _ in sites]
     examples = 0
     with torch.no_grad(), eval_mode(model_a, model_b):
         for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
             (_, acts_a), (_, acts_b) = taps_a(x), taps_b(x)
             for m, s, a, b in zip(moments, sites, acts_a, acts_b):
-                m.update(site_matrix(a, s), site_matrix(b, s))
+                m.update_pair(a, b, s)
             examples += batch_size(x)
     for m in moments:
         m.all_reduce_()
