@@ -168,6 +168,12 @@ def _add_common(p, out_help, out_required=True):
     p.add_argument("--out", required=out_required, help=out_help)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device(p)
+
+
+def _add_device(p):
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available, else cpu; "
+                   "under torchrun each process takes cuda:LOCAL_RANK)")
 
 
 def _add_demo(sub):
@@ -218,6 +224,7 @@ def _add_sweep(sub):
     s = _sub(sub, "sweep", "run a grid of experiments from a TOML file, resumably", SWEEP_EXAMPLES)
     s.add_argument("config", help="sweep CONFIG.toml")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device(s)
 
 
 def _parse_opts(items, fail) -> dict:
@@ -279,8 +286,8 @@ def _load_pair(args, fail):
     opts = _parse_opts(args.model_opts, fail)
     with warnings.catch_warnings(record=True) as caught:  # a stale sidecar or an old checksum: one line each
         warnings.simplefilter("always")
-        a, meta_a = load_any(args.a, args.model, opts)
-        b, meta_b = load_any(args.b, args.model, opts or meta_a.get("model_kwargs"))
+        a, meta_a = load_any(args.a, args.model, opts, device=args.device)
+        b, meta_b = load_any(args.b, args.model, opts or meta_a.get("model_kwargs"), device=args.device)
     for w in caught:
         _warn(args, w.message)
     check_same_architecture(a.state_dict(), b.state_dict())
@@ -336,7 +343,7 @@ def cmd_demo(args, fail) -> int:
                          recipe_overrides={"lr": args.lr, "warmup": args.warmup},
                          method=args.method, repair=args.repair, calib_examples=args.calib_examples,
                          train_limit=args.train_limit, test_examples=args.test_examples, out=out,
-                         data_dir=args.data_dir, cache_dir=args.cache_dir)
+                         data_dir=args.data_dir, cache_dir=args.cache_dir, device=str(args.device))
         comparison, paths = run_experiment(exp, progress=not args.no_progress)
     except _errors() as err:
         fail(str(err))
@@ -347,6 +354,7 @@ def cmd_demo(args, fail) -> int:
 
 def cmd_merge(args, fail) -> int:
     from onebasin.checkpoint import save_checkpoint
+    from onebasin.distributed import is_main
     from onebasin.interpolate import evaluate
     from onebasin.pipeline import merge
 
@@ -363,15 +371,18 @@ def cmd_merge(args, fail) -> int:
         out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,
                     "merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(), "measured": measured,
                     **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
-        save_checkpoint(args.out, merged.state_dict(), out_meta)
+        if is_main():
+            save_checkpoint(args.out, merged.state_dict(), out_meta)
     except _errors() as err:
         fail(str(err))
-    print(json.dumps({"out": args.out, **{k: round(v["test_acc"], 4) for k, v in measured.items()},
-                      "fused": result.fused}))
+    if is_main():
+        print(json.dumps({"out": args.out, **{k: round(v["test_acc"], 4) for k, v in measured.items()},
+                          "fused": result.fused}))
     return 0
 
 
 def cmd_barrier(args, fail) -> int:
+    from onebasin.distributed import is_main
     from onebasin.pipeline import compare
     from onebasin.experiment import summary_table
     from onebasin.report import write_comparison_report
@@ -385,6 +396,8 @@ def cmd_barrier(args, fail) -> int:
         alphas = [i / (args.alphas - 1) for i in range(args.alphas)]
         comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair,
                              alphas=alphas, max_examples=args.calib_examples, progress=not args.no_progress)
+        if not is_main():
+            return 0
         paths = write_comparison_report(comparison, args.out, f"{args.a} vs {args.b}",
                                         extra={"a": args.a, "b": args.b, "meta_a": meta})
     except _errors() as err:
@@ -403,7 +416,7 @@ def cmd_sweep(args, fail) -> int:
     from onebasin.sweep import run_sweep
 
     try:
-        results = run_sweep(args.config, progress=not args.no_progress)
+        results = run_sweep(args.config, progress=not args.no_progress, device=str(args.device))
     except _errors() as err:
         fail(str(err))
     print(f"results: {results.resolve()}")
@@ -420,11 +433,25 @@ def main(argv=None) -> int:
         parser.exit(2, f"onebasin {args.command}: error: {one_line}\n")
 
     commands = {"train": cmd_train, "demo": cmd_demo, "merge": cmd_merge, "barrier": cmd_barrier, "sweep": cmd_sweep}
+    import torch
+
+    from onebasin.distributed import default_device, init_from_env, shutdown
+
+    if getattr(args, "device", None) is not None:
+        try:
+            args.device = default_device(args.device)
+        except RuntimeError as err:
+            fail(f"--device {args.device!r}: {err}")
+        if args.device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     try:
+        init_from_env(args.device if getattr(args, "device", None) is not None else default_device())
         return commands[args.command](args, fail)
     except KeyboardInterrupt:
         print(f"onebasin {args.command}: interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 RESUME_HINTS = {

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .align import list_methods
+from .distributed import default_device
 from .checkpoint import checkpoint_paths, load_model
 from .data import batches, dataset_info, load_dataset
 from .errors import InvalidOptionError
@@ -50,6 +51,7 @@ class Experiment:
     out: str = "onebasin-demo"  # report folder
     data_dir: str | None = None
     cache_dir: str | None = None  # trained endpoints; default $ONEBASIN_CACHE, else ~/.cache/onebasin
+    device: str | None = None  # where to train and compare (None: cuda when available, else cpu)
 
 
 CORRECTIONS = ("exact", "closed", "reset_bn")
@@ -114,8 +116,8 @@ def _is_alpha(v) -> bool:
 
 
 def settings_key(exp: Experiment) -> str:
-    """12 hex digits of sha256 over every setting that changes a result (all fields but out, data_dir, cache_dir)."""
-    settings = {k: v for k, v in asdict(exp).items() if k not in ("out", "data_dir", "cache_dir")}
+    """12 hex digits of sha256 over every setting that changes a result (all fields but out, data_dir, cache_dir, device)."""
+    settings = {k: v for k, v in asdict(exp).items() if k not in ("out", "data_dir", "cache_dir", "device")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -149,8 +151,8 @@ def endpoint(exp: Experiment, seed: int, progress: bool = True) -> tuple[torch.n
     cached = checkpoint_paths(path)[0].exists()
     if not cached:
         train_model(exp.model, exp.dataset, model_kwargs=exp.model_kwargs, overrides={"epochs": exp.epochs, **exp.recipe_overrides},
-                    seed=seed, out=path, data_dir=exp.data_dir, limit=exp.train_limit, progress=progress)
-    model, meta = load_model(path, expect={"model": exp.model, "seed": seed})
+                    seed=seed, out=path, data_dir=exp.data_dir, limit=exp.train_limit, progress=progress, device=exp.device)
+    model, meta = load_model(path, expect={"model": exp.model, "seed": seed}, device=default_device(exp.device))
     return model, meta, cached
 
 

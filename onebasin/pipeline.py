@@ -3,6 +3,7 @@ behind `onebasin demo` and `onebasin barrier` (plain vs aligned vs aligned+REPAI
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterable
@@ -64,6 +65,15 @@ def _check_options(method: str, repair: str, alphas: Iterable, repairs=REPAIRS) 
             raise InvalidOptionError(f"alpha must be a number in [0, 1] (0 = A, 1 = B), got {a!r}")
 
 
+def on_device(model: nn.Module, device) -> nn.Module:
+    """`model`, or a copy of it on `device` (statistics then accumulate in float64 on that device)."""
+    if device is None:
+        return model
+    device = torch.device(device)
+    p = next(model.parameters(), None)
+    return model if p is None or p.device == device else copy.deepcopy(model).to(device)
+
+
 def _check_models(model_a: nn.Module, model_b: nn.Module) -> None:
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_same_architecture(sd_a, sd_b)
@@ -89,6 +99,7 @@ def merge(
     data: Iterable | None = None,
     spec: PermutationSpec | None = None,
     max_examples: int = 5000,
+    device: str | torch.device | None = None,
     **align_options,
 ) -> tuple[nn.Module, MergeResult]:
     """Merge two networks of one architecture into one: align B to A, interpolate at `alpha`, correct.
@@ -98,6 +109,7 @@ def merge(
         method: alignment method ("activation", "weight", "annealing", "functional") or "none".
         repair: "exact" / "closed" REPAIR (Jordan et al. 2022, Sec. 4), "reset_bn" (Sec. 5.2) or "none".
         alpha: interpolation weight, 0 = A, 1 = B.
+        device: where to run (copies of A and B are moved there; statistics in float64 on it); default: A's.
         data: re-iterable x or (x, y) batches (training data): used for alignment statistics and as
             REPAIR's calibration set (first `max_examples` examples). Only "weight" + "none" need none.
     Returns:
@@ -109,6 +121,7 @@ def merge(
     """
     _check_options(method, repair, [alpha])
     _check_models(model_a, model_b)
+    model_a, model_b = on_device(model_a, device), on_device(model_b, device)
     if data is None and (method in _NEEDS_DATA or repair != "none"):
         raise EmptyDataError(f"merge(method={method!r}, repair={repair!r}) needs data: pass data=<training batches> "
                              f"(only method='weight' or 'none' with repair='none' run without)")
@@ -186,6 +199,7 @@ def compare(
     alphas: Iterable[float] | None = None,
     max_examples: int = 5000,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> Comparison:
     """Interpolate A and B plain, aligned, and aligned + correction; measure barriers and variance collapse.
 
@@ -193,6 +207,7 @@ def compare(
         loaders: split -> re-iterable (x, y) batches, e.g. {"test": ..., "train": ...}; curves on each.
         calib_data: training batches for alignment statistics and REPAIR calibration (first `max_examples`).
         method: alignment method; repair: "exact" | "closed" | "reset_bn" (the third curve's correction).
+        device: where to run (copies of A and B are moved there); default: where A is.
     Returns:
         Comparison with curves {"plain", "aligned", "aligned+<REPAIR>"} and variance ratios at alpha = 0.5.
     Raises: as `merge`; EmptyDataError also names an empty split of `loaders`.
@@ -200,6 +215,7 @@ def compare(
     alphas = list(alphas) if alphas is not None else [i / 10 for i in range(11)]
     _check_options(method, repair, alphas, REPAIRS[:3])
     _check_models(model_a, model_b)
+    model_a, model_b = on_device(model_a, device), on_device(model_b, device)
     if not loaders:
         raise EmptyDataError("compare needs at least one evaluation split, e.g. loaders={'test': test_batches}")
     for split, loader in loaders.items():

@@ -104,13 +104,17 @@ def result_row(key: str, cell: dict, comparison, settings: str = "") -> dict:
     return row
 
 
-def run_sweep(path, progress: bool = True) -> Path:
+def run_sweep(path, progress: bool = True, device: str | None = None) -> Path:
     """Run every cell of the sweep in CONFIG `path` whose row (cell and settings) is not yet in results.csv.
+
+    `device` (e.g. "cuda") overrides the config's; it is not part of a cell's settings.
 
     Every cell is validated first (SweepConfigError naming the cell), so a bad value stops the sweep before
     any training. Returns the CSV path.
     """
     base, grid, out = load_config(path)
+    if device is not None:
+        base = dataclasses.replace(base, device=device)
     cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     plan = []  # (key, cell, experiment, settings)
     for cell in cells:
