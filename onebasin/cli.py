@@ -127,6 +127,8 @@ The report folder gets report.json, barrier.csv, barrier.png, variance.png and i
 """
 
 MERGE_EXAMPLES = """examples:
+  # two Hugging Face folders (save_pretrained) of one architecture, calibrated on a text file
+  onebasin merge runs/bert_a runs/bert_b --calib-text corpus.txt --out runs/bert_merged
   # two checkpoints of `onebasin train` (model and dataset read from their sidecars)
   onebasin merge runs/a.safetensors runs/b.safetensors --method activation --repair exact --out merged.safetensors
   # your own model: an importable factory and plain state_dict files, calibrated on MNIST
@@ -209,7 +211,14 @@ def _add_merge(sub):
     m = _sub(sub, "merge", "merge two checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
     _add_pair(m, REPAIRS)
     m.add_argument("--alpha", type=float, default=0.5, help="interpolation weight, 0 = A, 1 = B (default 0.5)")
-    _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers)")
+    m.add_argument("--sites", help="REPAIR sites: layer (Linear/Conv outputs, always folded into the weights) and/or "
+                   "block (residual additions, kept as modules): default layer,block; layer for Hugging Face folders")
+    m.add_argument("--calib-text", help="Hugging Face folders: a text file to calibrate on (tokenised with A's tokenizer)")
+    m.add_argument("--seq-len", type=int, default=64, help="Hugging Face folders: tokens per calibration window (default 64)")
+    m.add_argument("--allow-onebasin-checkpoint", action="store_true",
+                   help="Hugging Face folders: if some corrections cannot be folded, save an onebasin checkpoint instead")
+    _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers); "
+                   "for two save_pretrained folders, a new folder")
 
 
 def _add_barrier(sub):
@@ -352,9 +361,68 @@ def cmd_demo(args, fail) -> int:
     return 0
 
 
+def _sites(args, default: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (args.sites or default).split(",") if x.strip())
+
+
+def cmd_merge_pretrained(args, fail) -> int:
+    """merge for two Hugging Face save_pretrained folders: the merged model is saved the same way."""
+    from pathlib import Path
+
+    from onebasin.checks import check_same_architecture
+    from onebasin.distributed import is_main
+    from onebasin.experiment import evaluation_batches
+    from onebasin.hf import is_pretrained_dir, load_pretrained, save_pretrained_atomic, text_batches
+    from onebasin.pipeline import merge
+
+    if not is_pretrained_dir(args.b):
+        fail(f"{args.b} is not a Hugging Face save_pretrained folder (no config.json) like {args.a}")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        fail(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        fail(f"{out} is a file; --out needs a folder for a Hugging Face model")
+    if (args.calib_text is None) == (args.data is None):
+        fail("say what to calibrate on: --calib-text FILE (text models) or --data DATASET (image models)")
+    try:
+        a, b = load_pretrained(args.a, args.device), load_pretrained(args.b, args.device)
+        check_same_architecture(a.state_dict(), b.state_dict())
+        if args.calib_text is not None:
+            calib = text_batches(args.calib_text, args.a, seq_len=args.seq_len, max_examples=args.calib_examples)
+        else:
+            size = getattr(a.config, "image_size", None)
+            _, images = evaluation_batches(args.data, size, data_dir=args.data_dir, calib_examples=args.calib_examples)
+            calib = [{"pixel_values": x} for x, _ in images]
+        merged, result = merge(a, b, method=args.method, repair=args.repair, alpha=args.alpha, data=calib,
+                               max_examples=args.calib_examples, sites=_sites(args, "layer"))
+        if not result.fused and not args.allow_onebasin_checkpoint:
+            fail(f"{len(result.affines)} REPAIR corrections cannot be folded into the weights (e.g. after residual "
+                 "additions), so from_pretrained could not load the result: use --sites layer, or pass "
+                 "--allow-onebasin-checkpoint to save an onebasin checkpoint instead")
+        if is_main():
+            if result.fused:
+                save_pretrained_atomic(merged, out, args.a)
+            else:
+                from onebasin.checkpoint import save_checkpoint
+
+                save_checkpoint(out / "onebasin.safetensors", merged.state_dict(),
+                                {"merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(),
+                                 "repair_affines": result.affines, "example_input": result.example_input})
+    except _errors() as err:
+        fail(str(err))
+    if is_main():
+        print(json.dumps({"out": str(out), "fused": result.fused, "format": "save_pretrained" if result.fused else "onebasin",
+                          "seconds": round(result.seconds, 1)}))
+    return 0
+
+
 def cmd_merge(args, fail) -> int:
     from onebasin.checkpoint import save_checkpoint
     from onebasin.distributed import is_main
+    from onebasin.hf import is_pretrained_dir
+
+    if is_pretrained_dir(args.a):
+        return cmd_merge_pretrained(args, fail)
     from onebasin.interpolate import evaluate
     from onebasin.pipeline import merge
 
@@ -365,7 +433,7 @@ def cmd_merge(args, fail) -> int:
     try:
         a, b, meta, dataset, calib, loaders = _load_pair(args, fail)
         merged, result = merge(a, b, method=args.method, repair=args.repair, alpha=args.alpha, data=calib,
-                               max_examples=args.calib_examples)
+                               max_examples=args.calib_examples, sites=_sites(args, "layer,block"))
         measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
                     for name, m in (("model_a", a), ("model_b", b), ("merged", merged))}
         out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,

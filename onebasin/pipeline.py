@@ -18,7 +18,8 @@ from .checks import check_example_input, check_finite, check_same_architecture, 
 from .diagnostics import site_label, variance_ratios
 from .errors import EmptyDataError, InvalidOptionError
 from .interpolate import BarrierCurve, barrier_curve, interpolate_model
-from .repair import endpoint_stats, repair, reset_bn
+from .repair import endpoint_stats, reset_bn
+from .repair import repair as repair_fn
 from .spec import PermutationSpec, trace
 from .graph import describe_input
 
@@ -100,6 +101,7 @@ def merge(
     spec: PermutationSpec | None = None,
     max_examples: int = 5000,
     device: str | torch.device | None = None,
+    sites: Iterable[str] = ("layer", "block"),
     **align_options,
 ) -> tuple[nn.Module, MergeResult]:
     """Merge two networks of one architecture into one: align B to A, interpolate at `alpha`, correct.
@@ -110,6 +112,8 @@ def merge(
         repair: "exact" / "closed" REPAIR (Jordan et al. 2022, Sec. 4), "reset_bn" (Sec. 5.2) or "none".
         alpha: interpolation weight, 0 = A, 1 = B.
         device: where to run (copies of A and B are moved there; statistics in float64 on it); default: A's.
+        sites: the REPAIR site kinds ("layer": Linear/Conv outputs, "block": residual additions, which
+            cannot be folded into weights; ("layer",) keeps the result a plain model of A's class).
         data: re-iterable x or (x, y) batches (training data): used for alignment statistics and as
             REPAIR's calibration set (first `max_examples` examples). Only "weight" + "none" need none.
     Returns:
@@ -137,7 +141,9 @@ def merge(
         model_a = aligned.models[0] if aligned.models is not None else model_a
         result.align_record = aligned.record
     if repair in ("exact", "closed"):
-        repaired = _repair(model_a, model_b, alpha, data, spec, repair, max_examples)
+        if data is None:
+            raise EmptyDataError("REPAIR needs calibration data (training batches)")
+        repaired = repair_fn(model_a, model_b, alpha, data, spec=spec, method=repair, max_examples=max_examples, sites=tuple(sites))
         merged, result.repair_passes, result.fused, result.affines = repaired.model, repaired.passes, repaired.fused, repaired.affines
     elif repair == "reset_bn":
         merged = reset_bn(interpolate_model(model_a, model_b, alpha), data, max_examples)
@@ -145,12 +151,6 @@ def merge(
         merged = interpolate_model(model_a, model_b, alpha)
     result.seconds = time.perf_counter() - start
     return merged, result
-
-
-def _repair(model_a, model_b, alpha, data, spec, method, max_examples):
-    if data is None:
-        raise ValueError("REPAIR needs calibration data (training batches)")
-    return repair(model_a, model_b, alpha, data, spec=spec, method=method, max_examples=max_examples)
 
 
 @dataclass

@@ -137,20 +137,25 @@ def all_reduce_count(n: int) -> int:
     return n
 
 
-def first_examples(data: Iterable, max_examples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def first_examples(data: Iterable, max_examples: int):
     """The first `max_examples` inputs (and labels, when batches are (x, y)) of a loader, concatenated.
 
-    Unlike stats.batches this never shards by rank: every process sees the same examples.
+    Inputs may be tensors or dicts of tensors (keyword inputs). Unlike stats.batches this never shards
+    by rank: every process sees the same examples.
     """
+    from ..graph import batch_size, take_rows
+
     xs, ys, seen = [], [], 0
     for batch in data:
         x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
-        xs.append(x[: max_examples - seen])
+        rows = slice(0, max_examples - seen)
+        xs.append(take_rows(x, rows))
         if y is not None:
-            ys.append(y[: max_examples - seen])
-        seen += xs[-1].shape[0]
+            ys.append(y[rows])
+        seen += batch_size(xs[-1])
         if seen >= max_examples:
             break
     if not xs:
         raise ValueError("the data loader yielded no batches")
-    return torch.cat(xs), (torch.cat(ys) if len(ys) == len(xs) else None)
+    x = {k: torch.cat([d[k] for d in xs]) for k in xs[0]} if isinstance(xs[0], dict) else torch.cat(xs)
+    return x, (torch.cat(ys) if len(ys) == len(xs) else None)
