@@ -81,13 +81,14 @@ class _Weights:
 
 
 def _weights(spec: PermutationSpec, sd_a: StateDict, sd_b: StateDict) -> _Weights:
-    """Each tensor converted once: float64 for exact objective changes, float32 (float64 weights: float64) for S."""
+    """Each tensor converted once (on its device): float64 for exact objective changes, float32 for S
+    (float64 when any weight is float64)."""
     axes_of = spec.axes_of
     keys = [k for k in axes_of if k in sd_a]
-    a64, b64 = {k: sd_a[k].detach().cpu().double() for k in keys}, {k: sd_b[k].detach().cpu().double() for k in keys}
+    a64, b64 = ({k: sd[k].detach().double() for k in keys} for sd in (sd_a, sd_b))
     if any(sd[k].dtype == torch.float64 for sd in (sd_a, sd_b) for k in keys):
         return _Weights(spec, axes_of, a64, b64, a64, b64)
-    a, b = ({k: sd[k].detach().cpu().float() for k in keys} for sd in (sd_a, sd_b))
+    a, b = ({k: sd[k].detach().float() for k in keys} for sd in (sd_a, sd_b))
     return _Weights(spec, axes_of, a, b, a64, b64)
 
 
@@ -120,14 +121,15 @@ class _Score:
 
 
 def _rows_product(a: torch.Tensor, b: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-    """(n, n) float64 sums over all other axes of a * b, units of `axis` (n units, blocks kept) as rows and columns."""
-    return (a.movedim(axis, 0).reshape(n, -1) @ b.movedim(axis, 0).reshape(n, -1).T).double()
+    """(n, n) sums over all other axes of a * b, units of `axis` (n units, blocks kept) as rows and columns."""
+    return a.movedim(axis, 0).reshape(n, -1) @ b.movedim(axis, 0).reshape(n, -1).T
 
 
 def _build(w: _Weights, name: str, perms: Perms) -> _Score:
     """The group's score under `perms` (Ainsworth et al. 2022, eq. 3) and the terms that keep it current."""
     g = w.spec.groups[name]
-    score = _Score(torch.zeros(g.size, g.size, dtype=torch.float64), [], [])
+    device = next((t.device for t in w.a.values()), None)
+    score = _Score(torch.zeros(g.size, g.size, dtype=torch.float64, device=device), [], [])
     for m in g.members:
         if m.key not in w.a:
             continue
