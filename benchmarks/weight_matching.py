@@ -10,8 +10,10 @@ seconds, sweeps, assignments solved (of sweeps x groups visits), wall seconds pe
 the wall time spent in the score products (matmuls with their gathers), in the linear assignment (scipy),
 in the exact float64 objective changes, and in the rest. GFLOP counts the score products; "from scratch"
 is what recomputing every score at every visit would cost (one full pass over the groups per sweep).
-CPU seconds above wall x threads, or a high load average, means other jobs shared the machine. The
-output also goes to results/weight_matching.txt.
+Wall seconds above CPU seconds, or a high load average, means other jobs shared the machine; there,
+OpenMP's default spin-waiting makes every parallel op wait for a descheduled thread (try
+OMP_WAIT_POLICY=passive, printed in the header). The output also goes to results/weight_matching.txt
+(--append: after what is there).
 """
 
 from __future__ import annotations
@@ -98,17 +100,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--append", action="store_true", help="keep what results/weight_matching.txt holds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-             f"load average {os.getloadavg()[0]:.1f} at start"]  # fmt: skip
+             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f} at start"]  # fmt: skip
     print(lines[0], flush=True)
     for name in args.models.split(","):
         lines.append(bench(name))
         print(lines[-1], flush=True)
     lines.append(f"load average {os.getloadavg()[0]:.1f} at end")
     print(lines[-1])
-    atomic_write_text(OUT, "\n".join(lines) + "\n")
+    before = OUT.read_text() + "\n" if args.append and OUT.exists() else ""
+    atomic_write_text(OUT, before + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
