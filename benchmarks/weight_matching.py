@@ -38,7 +38,7 @@ MODELS = {
     "mlp512d16": lambda: (create_model("mlp", width=512, depth=16), (1, 1, 28, 28)),
     "resnet50": lambda: (torchvision.models.resnet50(num_classes=10), (1, 3, 32, 32)),
 }
-PARTS = {"_rows_product": "products", "assign": "assignment", "_gain": "exact changes"}
+PARTS = {"_add_product": "products", "assign": "assignment", "_gain": "exact changes"}
 
 
 @contextlib.contextmanager
@@ -53,8 +53,8 @@ def timers():
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
             spent[PARTS[name]] += time.perf_counter() - t0
-            if name == "_rows_product":  # (a, b, axis, n): n x n dot products of a's rows
-                spent["GFLOP"] += 2 * args[3] * args[0].numel() / 1e9
+            if name == "_add_product":  # (out, a, b): out += a @ b.T
+                spent["GFLOP"] += 2 * len(args[2]) * args[1].numel() / 1e9
             return out
 
         return timed

@@ -9,10 +9,10 @@ Cost. Each group's (n, n) score S is kept between visits and updated only where 
 permutation changed since: a tensor with axes (g, h) adds A[:, D] @ (B[:, p_new[D]] - B[:, p_old[D]])^T
 over the units D of h that moved, so a sweep costs in proportion to the units that moved, not to the
 model, and a group whose S did not change is not solved again (the solver would return the same
-assignment). S's products run in float32 for float32 (or narrower) weights, in float64 for float64
-weights, and add up in float64; S only proposes the assignment: a group moves when the exact float64
-change of the objective (from the rows that move) is positive, and the recorded objective is the sum
-of these exact changes, so it rises strictly and the loop ends.
+assignment). S is float32 for float32 (or narrower) weights, float64 for float64 weights, and only
+proposes the assignment: a group moves when the exact float64 change of the objective (from the rows
+that move) is positive, and the recorded objective is the sum of these exact changes, so it rises
+strictly and the loop ends.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class _Weights:
-    """The permuted tensors of A and B: `a`, `b` in the dtype of the score products, `a64`, `b64` in float64."""
+    """The permuted tensors of A and B: `a`, `b` in the dtype of the scores, `a64`, `b64` in float64."""
 
     spec: PermutationSpec
     axes_of: dict
@@ -78,6 +78,8 @@ class _Weights:
     b: StateDict
     a64: StateDict
     b64: StateDict
+    dtype: torch.dtype
+    device: torch.device | None
 
 
 def _weights(spec: PermutationSpec, sd_a: StateDict, sd_b: StateDict) -> _Weights:
@@ -85,11 +87,12 @@ def _weights(spec: PermutationSpec, sd_a: StateDict, sd_b: StateDict) -> _Weight
     (float64 when any weight is float64)."""
     axes_of = spec.axes_of
     keys = [k for k in axes_of if k in sd_a]
+    device = sd_a[keys[0]].device if keys else None
     a64, b64 = ({k: sd[k].detach().double() for k in keys} for sd in (sd_a, sd_b))
     if any(sd[k].dtype == torch.float64 for sd in (sd_a, sd_b) for k in keys):
-        return _Weights(spec, axes_of, a64, b64, a64, b64)
+        return _Weights(spec, axes_of, a64, b64, a64, b64, torch.float64, device)
     a, b = ({k: sd[k].detach().float() for k in keys} for sd in (sd_a, sd_b))
-    return _Weights(spec, axes_of, a, b, a64, b64)
+    return _Weights(spec, axes_of, a, b, a64, b64, torch.float32, device)
 
 
 @dataclass
@@ -107,7 +110,8 @@ class _Term:
 
 @dataclass
 class _Score:
-    """A group's (n, n) float64 score S, its terms, and the tensors whose share is recomputed whole.
+    """A group's (n, n) score S (in the weights' dtype, float32 at least), its terms, and the tensors
+    whose share is recomputed whole.
 
     Whole: tensors permuted by two or more other groups, or by the group itself on another axis;
     `whole_seen[(key, axis)]` = (the permutations it used, its share of S).
@@ -120,16 +124,20 @@ class _Score:
     stale: bool = True  # S changed since the group was last solved
 
 
-def _rows_product(a: torch.Tensor, b: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-    """(n, n) sums over all other axes of a * b, units of `axis` (n units, blocks kept) as rows and columns."""
-    return a.movedim(axis, 0).reshape(n, -1) @ b.movedim(axis, 0).reshape(n, -1).T
+def _rows(t: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """(n, rest) matrix of t with the units of `axis` (n units, blocks kept) as rows."""
+    return t.movedim(axis, 0).reshape(n, -1)
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out += a @ b.T in place: out (n, n), a and b (n, k)."""
+    return out.addmm_(a, b.T)
 
 
 def _build(w: _Weights, name: str, perms: Perms) -> _Score:
     """The group's score under `perms` (Ainsworth et al. 2022, eq. 3) and the terms that keep it current."""
     g = w.spec.groups[name]
-    device = next((t.device for t in w.a.values()), None)
-    score = _Score(torch.zeros(g.size, g.size, dtype=torch.float64, device=device), [], [])
+    score = _Score(torch.zeros(g.size, g.size, dtype=w.dtype, device=w.device), [], [])
     for m in g.members:
         if m.key not in w.a:
             continue
@@ -141,7 +149,7 @@ def _build(w: _Weights, name: str, perms: Perms) -> _Score:
         if term.other:
             term.seen = perms[term.other[1]]
             b = permute_tensor(b, term.other[0], term.seen, term.other[2])
-        score.value += _rows_product(w.a[m.key], b, m.axis, g.size)
+        _add_product(score.value, _rows(w.a[m.key], m.axis, g.size), _rows(b, m.axis, g.size))
         score.terms.append(term)
     _refresh_whole(w, name, score, perms)
     return score
@@ -160,7 +168,7 @@ def _refresh(w: _Weights, name: str, score: _Score, perms: Perms) -> None:
         if len(d):
             b = w.b[t.key]
             diff = permute_tensor(b, ax, now[d], block) - permute_tensor(b, ax, t.seen[d], block)
-            score.value += _rows_product(permute_tensor(w.a[t.key], ax, d, block), diff, t.axis, n)
+            _add_product(score.value, _rows(permute_tensor(w.a[t.key], ax, d, block), t.axis, n), _rows(diff, t.axis, n))
             score.stale = True
         t.seen = now
     _refresh_whole(w, name, score, perms)
@@ -174,7 +182,8 @@ def _refresh_whole(w: _Weights, name: str, score: _Score, perms: Perms) -> None:
         before = score.whole_seen.get((key, axis))
         if before is not None and all(p is q or torch.equal(p, q) for p, q in zip(before[0], used)):
             continue
-        value = _rows_product(w.a[key], other_axes_permuted(w.spec, key, axis, perms, w.b[key], w.axes_of), axis, n)
+        wb = other_axes_permuted(w.spec, key, axis, perms, w.b[key], w.axes_of)
+        value = _add_product(torch.zeros_like(score.value), _rows(w.a[key], axis, n), _rows(wb, axis, n))
         score.value += value if before is None else value - before[1]
         score.whole_seen[(key, axis)] = (used, value)
         score.stale = True
