@@ -103,8 +103,9 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="keep what results/weight_matching.txt holds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f} at start"]  # fmt: skip
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f} at start")  # fmt: skip
+    lines = [header]
     print(lines[0], flush=True)
     for name in args.models.split(","):
         lines.append(bench(name))
