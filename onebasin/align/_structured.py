@@ -46,12 +46,14 @@ def family_root(spec: PermutationSpec, name: str) -> str:
     return name
 
 
-def solve_families(spec: PermutationSpec, scores: dict[str, torch.Tensor], names: list[str] | None = None) -> Perms:
+def solve_families(spec: PermutationSpec, scores: dict[str, torch.Tensor], names: list[str] | None = None,
+                   given: Perms | None = None) -> Perms:
     """Permutations of `names` (default all groups) maximising the summed scores, respecting block structure.
 
     scores: group -> (size, size) score of pairing unit i of A with unit j of B (higher is better); a
     group missing from `scores` contributes nothing of its own. A group in `names` whose parent is not
-    in `names` takes its blocks from the parent's identity (the caller holds the parent fixed).
+    in `names` takes its blocks from the parent's permutation in `given` (identity if absent): the caller
+    holds that parent fixed.
     Returns {group: LongTensor (size,)} in the onebasin.permute convention.
     """
     names = list(spec.groups) if names is None else names
@@ -88,8 +90,10 @@ def solve_families(spec: PermutationSpec, scores: dict[str, torch.Tensor], names
 
     for n in names:
         g = spec.groups[n]
-        if g.parent is None or g.parent not in chosen:
-            sigma = None if g.parent is None else np.arange(g.blocks)
-            if n not in perms:
-                place(g, sigma if g.structured and g.parent is not None else None)
+        if (g.parent is None or g.parent not in chosen) and n not in perms:
+            if g.parent is None:
+                place(g, None)
+            else:
+                fixed = (given or {}).get(g.parent)
+                place(g, np.arange(g.blocks) if fixed is None else fixed.cpu().numpy())
     return perms

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..permute import Perms, StateDict, permute_tensor
-from ..spec import PermutationSpec
+from ..permute import Perms, StateDict, permute_member, permute_tensor
+from ..spec import Member, PermutationSpec
 from ._registry import AlignResult, assign, initial_perms, matched, register_method, weights_of
+from ._structured import family_root, solve_families
 
 
 def unit_rows(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -33,11 +34,33 @@ def unit_rows(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
 
 
 def other_axes_permuted(spec: PermutationSpec, key: str, axis: int | None, perms: Perms, t: torch.Tensor, axes_of=None) -> torch.Tensor:
-    """t (tensor `key` of B) with every permuted axis except `axis` (None: all) re-indexed by `perms`."""
-    for ax, group, block in (axes_of or spec.axes_of)[key]:
-        if ax != axis and group in perms:
-            t = permute_tensor(t, ax, perms[group], block)
+    """t (tensor `key` of B) with every permuted axis except `axis` (None: all) re-indexed by `perms` (any
+    member layout; the inside of a grouped conv's groups after its rows). `axes_of` is unused (kept for callers)."""
+    members = sorted(spec.members_of[key], key=lambda gm: gm[1].diag)
+    for group, m in members:
+        if m.axis != axis and group in perms:
+            t = permute_member(t, m, perms[group])
     return t
+
+
+def member_rows(t: torch.Tensor, m: Member, n: int) -> torch.Tensor:
+    """(n, rest) matrix of tensor t with the group's n units of member m as rows: the entries each unit owns.
+
+    A grouped conv's in-group axis (m.diag, weight (g*ko, ki, ...)) is read as its block-diagonal full
+    weight (g*ko, g*ki, ...): unit u's row holds the weights of its group's rows and zeros elsewhere.
+    """
+    if m.diag:
+        ki = t.shape[m.axis]
+        g = n // ki
+        blocks = t.reshape(g, t.shape[0] // g, ki, -1)  # (g, ko, ki, rest)
+        full = torch.zeros(g, blocks.shape[1], g, ki, blocks.shape[3], dtype=t.dtype, device=t.device)
+        full[torch.arange(g), :, torch.arange(g)] = blocks
+        return full.permute(2, 3, 0, 1, 4).reshape(n, -1)
+    if m.layout is None:
+        return t.movedim(m.axis, 0).reshape(n, -1)
+    rows = t.movedim(m.axis, 0)
+    pos = m.layout.positions().to(t.device)  # (n, r)
+    return rows[pos.reshape(-1)].reshape(n, -1)
 
 
 def weight_scores(spec: PermutationSpec, group: str, perms: Perms, sd_a: StateDict, sd_b: StateDict) -> torch.Tensor:
@@ -45,19 +68,19 @@ def weight_scores(spec: PermutationSpec, group: str, perms: Perms, sd_a: StateDi
 
     Ainsworth et al. 2022, eq. 3 (the linear assignment for one layer given its neighbours).
     """
-    g, axes_of = spec.groups[group], spec.axes_of
+    g = spec.groups[group]
     score = torch.zeros(g.size, g.size, dtype=torch.float64)
     for m in g.members:
         if m.key in sd_a:
-            wb = other_axes_permuted(spec, m.key, m.axis, perms, sd_b[m.key], axes_of)
-            score += (unit_rows(sd_a[m.key], m.axis, g.size) @ unit_rows(wb, m.axis, g.size).T).cpu()
+            wb = other_axes_permuted(spec, m.key, m.axis, perms, sd_b[m.key])
+            score += (member_rows(sd_a[m.key].double(), m, g.size) @ member_rows(wb.double(), m, g.size).T).cpu()
     return score
 
 
-def weight_objective(spec: PermutationSpec, perms: Perms, sd_a: StateDict, sd_b: StateDict) -> float:
-    """sum over the permuted tensors of <W_A, P(W_B)> (the quantity weight matching maximises)."""
-    axes_of = spec.axes_of
-    return sum(_inner(sd_a[k], other_axes_permuted(spec, k, None, perms, sd_b[k], axes_of)) for k in axes_of if k in sd_a)
+def weight_objective(spec: PermutationSpec, perms: Perms, sd_a: StateDict, sd_b: StateDict, keys=None) -> float:
+    """sum over the permuted tensors (or `keys`) of <W_A, P(W_B)> (the quantity weight matching maximises)."""
+    keys = spec.members_of.keys() if keys is None else keys
+    return sum(_inner(sd_a[k], other_axes_permuted(spec, k, None, perms, sd_b[k])) for k in keys if k in sd_a)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,8 +165,9 @@ def _build(w: _Weights, name: str, perms: Perms) -> _Score:
         if m.key not in w.a:
             continue
         others = [o for o in w.axes_of[m.key] if o[0] != m.axis and o[1] in perms]
-        if len(others) > 1 or any(o[1] == name for o in others):
-            score.whole.append((m.key, m.axis))
+        plain = all(mm.layout is None and not mm.diag for _, mm in w.spec.members_of[m.key])
+        if len(others) > 1 or any(o[1] == name for o in others) or not plain:
+            score.whole.append((m.key, m.axis, m))
             continue
         term, b = _Term(m.key, m.axis, m.block, others[0] if others else None), w.b[m.key]
         if term.other:
@@ -177,15 +201,15 @@ def _refresh(w: _Weights, name: str, score: _Score, perms: Perms) -> None:
 def _refresh_whole(w: _Weights, name: str, score: _Score, perms: Perms) -> None:
     """Recompute the share of S of each whole tensor one of whose permutations changed."""
     n = w.spec.groups[name].size
-    for key, axis in score.whole:
+    for key, axis, m in score.whole:
         used = [perms[g] for _, g, _ in w.axes_of[key] if g in perms]
-        before = score.whole_seen.get((key, axis))
+        before = score.whole_seen.get((key, axis, m))
         if before is not None and all(p is q or torch.equal(p, q) for p, q in zip(before[0], used)):
             continue
-        wb = other_axes_permuted(w.spec, key, axis, perms, w.b[key], w.axes_of)
-        value = _add_product(torch.zeros_like(score.value), _rows(w.a[key], axis, n), _rows(wb, axis, n))
+        wb = other_axes_permuted(w.spec, key, axis, perms, w.b[key])
+        value = _add_product(torch.zeros_like(score.value), member_rows(w.a[key], m, n), member_rows(wb, m, n))
         score.value += value if before is None else value - before[1]
-        score.whole_seen[(key, axis)] = (used, value)
+        score.whole_seen[(key, axis, m)] = (used, value)
         score.stale = True
 
 
@@ -204,8 +228,8 @@ def _gain(w: _Weights, name: str, score: _Score, perms: Perms, new: torch.Tensor
             diff = permute_tensor(diff, t.other[0], t.seen, t.other[2])
         gain += _inner(permute_tensor(w.a64[t.key], t.axis, rows, t.block), diff)
     moved = {**perms, name: new}
-    for key in dict.fromkeys(key for key, _ in score.whole):
-        after, before = (other_axes_permuted(w.spec, key, None, p, w.b64[key], w.axes_of) for p in (moved, perms))
+    for key in dict.fromkeys(key for key, _, _ in score.whole):
+        after, before = (other_axes_permuted(w.spec, key, None, p, w.b64[key]) for p in (moved, perms))
         gain += _inner(w.a64[key], after - before)
     return gain
 
@@ -231,24 +255,60 @@ def match_weights(
     perms = initial_perms(spec, init)
     names = list(groups if groups is not None else spec.groups)
     scores = {name: _build(w, name, perms) for name in names}
+    units = _update_units(spec, names)
     gen = torch.Generator().manual_seed(seed)
     objective, it, solves, changed = [weight_objective(spec, perms, w.a64, w.b64)], 0, 0, bool(names)
     while changed and it < max_iter:
         it, changed, total = it + 1, False, objective[-1]
-        for i in torch.randperm(len(names), generator=gen).tolist():
-            name, score = names[i], scores[names[i]]
-            _refresh(w, name, score, perms)
-            if not score.stale:
-                continue  # the same score as at its last solve gives the same assignment
-            score.stale, solves = False, solves + 1
-            new = assign(score.value)
-            if torch.equal(new, perms[name]):
-                continue
-            gain = _gain(w, name, score, perms, new)
-            if gain > 1e-12 * max(1.0, abs(matched(score.value, perms[name]))):
-                perms[name], changed, total = new, True, total + gain
+        for i in torch.randperm(len(units), generator=gen).tolist():
+            family = units[i]
+            for name in family:
+                _refresh(w, name, scores[name], perms)
+            if not any(scores[name].stale for name in family):
+                continue  # the same scores as at their last solve give the same assignment
+            for name in family:
+                scores[name].stale = False
+            solves += 1
+            if len(family) == 1 and not spec.groups[family[0]].structured:
+                name, score = family[0], scores[family[0]]
+                new = assign(score.value)
+                if torch.equal(new, perms[name]):
+                    continue
+                gain, bar = _gain(w, name, score, perms, new), abs(matched(score.value, perms[name]))
+                new = {name: new}
+            else:
+                new, gain, bar = _family_step(w, spec, family, scores, perms)
+                if new is None:
+                    continue
+            if gain > 1e-12 * max(1.0, bar):
+                perms.update(new)
+                changed, total = True, total + gain
         objective.append(total)
     return perms, {"iterations": it, "objective": objective, "converged": not changed, "solves": solves}
+
+
+def _update_units(spec: PermutationSpec, names: list[str]) -> list[list[str]]:
+    """The groups solved together: a free group alone; a group with block structure with every group that
+    shares its blocks (its family: attention heads with their query/key and value/output groups)."""
+    families: dict[str, list[str]] = {}
+    for name in names:
+        g = spec.groups[name]
+        key = family_root(spec, name) if (g.structured or spec.children(name)) else name
+        families.setdefault(key, []).append(name)
+    return list(families.values())
+
+
+def _family_step(w: _Weights, spec: PermutationSpec, family: list[str], scores: dict, perms: Perms):
+    """(new perms of the family, exact float64 objective change, scale for the tolerance) from the joint
+    structured assignment of its scores (onebasin.align._structured), or (None, 0, 0) if nothing moves."""
+    new = solve_families(spec, {name: scores[name].value for name in family}, family, given=perms)
+    moved = {name: p for name, p in new.items() if not torch.equal(p, perms[name])}
+    if not moved:
+        return None, 0.0, 0.0
+    keys = {m.key for name in moved for m in spec.groups[name].members}
+    after = weight_objective(spec, {**perms, **moved}, w.a64, w.b64, keys)
+    before = weight_objective(spec, perms, w.a64, w.b64, keys)
+    return moved, after - before, abs(before)
 
 
 @register_method(name="weight", reference="Ainsworth, Hayase, Srinivasa 2022, Git Re-Basin, arXiv:2209.04836, Alg. 1")
