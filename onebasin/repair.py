@@ -7,7 +7,9 @@ every selected unit the statistics of eqs. (3)-(4),
     E[X_alpha] = (1 - alpha) E[X_A] + alpha E[X_B],    std(X_alpha) = (1 - alpha) std(X_A) + alpha std(X_B),
 
 with a per-unit affine correction y -> scale * y + shift applied at the spec's sites: kind "layer"
-(output of a Linear/Conv, or of the norm right after it) and kind "block" (output of a residual addition).
+(output of a Linear/Conv, or of the norm right after it) and kind "block" (output of a residual addition),
+the default; kind "norm" (output of any other norm, e.g. a pre-norm transformer's LayerNorms) is chosen
+for LayerNorm networks: ("layer", "norm") corrections all fold into weights and norms.
 
 * `method="exact"` (Sec. 4.2) measures the interpolated network's statistics on calibration data with
   every earlier correction in place. It makes ONE forward sweep over the calibration set: the graph is
@@ -53,7 +55,8 @@ from .spec import PermutationSpec, Site, trace
 from .stats import Moments, batches, distributed, eval_mode, unit_matrix
 from .stats import _reduce_device as _collective_device
 
-KINDS = ("layer", "block")
+KINDS = ("layer", "block")  # the default site kinds
+ALL_KINDS = ("layer", "block", "norm")
 METHODS = ("exact", "closed")
 aten = torch.ops.aten
 
@@ -90,8 +93,8 @@ def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dim: int) 
 def select_sites(spec: PermutationSpec, kinds: Iterable[str] = KINDS) -> list[Site]:
     """The spec's sites of the given kinds, each once, in forward (graph) order."""
     kinds = tuple(kinds)
-    if bad := [k for k in kinds if k not in KINDS]:
-        raise ValueError(f"unknown site kind(s) {bad}; valid kinds: {list(KINDS)}")
+    if bad := [k for k in kinds if k not in ALL_KINDS]:
+        raise ValueError(f"unknown site kind(s) {bad}; valid kinds: {list(ALL_KINDS)}")
     if spec.graph is None:
         raise OnebasinError("REPAIR needs a traced spec (onebasin.trace): a hand-written spec has no graph")
     order = {n.name: i for i, n in enumerate(spec.graph.graph.nodes)}

@@ -301,7 +301,7 @@ class Tracer:
             self.members.append((var, layout.member(k, axis, length, diag)))
 
     def add_site(self, var: int, node: fx.Node, dim: int, kind: str = "layer") -> None:
-        self.sites.append((var, Site(node.name, dim, kind, module_path(node) if kind == "layer" else None)))
+        self.sites.append((var, Site(node.name, dim, kind, module_path(node) if kind != "block" else None)))
 
     def refuse(self, node: fx.Node, why: str) -> UnsupportedOpError:
         return UnsupportedOpError(

@@ -282,3 +282,15 @@ def test_hand_written_spec_needs_the_traced_graph():
     spec = from_groups(groups, a.state_dict(), sites={f"h{i}": [str(i)] for i in (1, 3, 5)})
     with pytest.raises(OnebasinError, match="traced spec"):
         repair(a, b, 0.5, data, spec=spec)
+
+
+def test_layer_and_norm_sites_of_a_transformer_all_fold_into_weights_and_norms():
+    """REPAIR of a LayerNorm network at ("layer", "norm") sites keeps it a plain model of its class."""
+    torch.manual_seed(0)
+    a, b = TinyTransformer().double().eval(), TinyTransformer().double().eval()
+    data = [torch.randn(16, 4, 6, dtype=torch.float64) for _ in range(3)]
+    result = repair(a, b, 0.5, data, sites=("layer", "norm"))
+    kinds = {s.site.kind for s in result.stats}
+    assert kinds == {"layer", "norm"} and result.fused and type(result.model) is TinyTransformer
+    assert sum(s.site.kind == "norm" for s in result.stats) == 5  # ln1, ln2 of two blocks and the final norm
+    assert max(e["std_err"] for e in repair_errors(result, data)) < 1e-9

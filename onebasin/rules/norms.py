@@ -1,6 +1,7 @@
 """Rules for normalisation layers: BatchNorm/InstanceNorm (per channel), LayerNorm and RMSNorm over the
 permuted axis (equivariant: weight and bias follow it), GroupNorm (its groups become blocks). A norm
-right after a Linear/Conv moves that layer's site to the norm's output (REPAIR corrects there)."""
+right after a Linear/Conv moves that layer's site to the norm's output (REPAIR corrects there); any other
+norm's output is a site of kind "norm" (REPAIR of LayerNorm networks, folded into the norm's affine)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,17 @@ def _members(t: Tracer, node: fx.Node, lab, keys, axis: int) -> None:
             t.add_member(s.var, view.key, view.axes[axis], s.layout)
 
 
-def move_site(t: Tracer, src: fx.Node, out: fx.Node) -> None:
-    """A norm directly after a Linear/Conv (its only reader): read that layer's units after the norm."""
-    if len(src.users) != 1:
-        return
-    for i, (var, site) in enumerate(t.sites):
-        if site.node == src.name and site.kind == "layer":
-            t.sites[i] = (var, Site(out.name, site.dim, "layer", module_path(out) or site.module))
+def norm_site(t: Tracer, src: fx.Node, out: fx.Node, lab) -> None:
+    """A norm directly after a Linear/Conv (its only reader): read that layer's units after the norm.
+    Any other norm output (a pre-norm transformer's LayerNorm of the residual stream) is a "norm" site."""
+    moved = False
+    if len(src.users) == 1:
+        for i, (var, site) in enumerate(t.sites):
+            if site.node == src.name and site.kind == "layer":
+                t.sites[i] = (var, Site(out.name, site.dim, "layer", module_path(out) or site.module))
+                moved = True
+    if not moved and isinstance(lab, Axis) and len(lab.segs) == 1 and lab.segs[0].layout.is_plain() and lab.segs[0].layout.block_size() == 1:
+        t.add_site(lab.segs[0].var, out, lab.dim, "norm")
 
 
 def _channel_norm(t: Tracer, node: fx.Node, x, params) -> object:
@@ -59,7 +64,7 @@ def batch_norm(t: Tracer, node: fx.Node):
     a = args_of(node)
     lab = _channel_norm(t, node, a["input"], (a["weight"], a["bias"], a["running_mean"], a["running_var"]))
     if lab is not None:
-        move_site(t, a["input"], node)
+        norm_site(t, a["input"], node, lab)
     return lab
 
 
@@ -88,7 +93,7 @@ def layer_norm(t: Tracer, node: fx.Node):
     a = args_of(node)
     lab = _last_dims_norm(t, node, a["input"], len(a["normalized_shape"]), (a["weight"], a["bias"]))
     if isinstance(lab, Axis):
-        move_site(t, a["input"], node)
+        norm_site(t, a["input"], node, lab)
     return lab
 
 
@@ -103,7 +108,7 @@ def rms_norm(t: Tracer, node: fx.Node):
     a = args_of(node)
     lab = _last_dims_norm(t, node, a["input"], len(a["normalized_shape"]), (a["weight"],))
     if isinstance(lab, Axis):
-        move_site(t, a["input"], node)
+        norm_site(t, a["input"], node, lab)
     return lab
 
 
@@ -123,7 +128,7 @@ def group_norm(t: Tracer, node: fx.Node):
     a = args_of(node)
     lab = _group_norm(t, node, a["input"], a["num_groups"], (a["weight"], a["bias"]))
     if lab is not None:
-        move_site(t, a["input"], node)
+        norm_site(t, a["input"], node, lab)
     return lab
 
 
@@ -139,7 +144,7 @@ def getitem(t: Tracer, node: fx.Node):
     src, i = node.args
     lab = t.labels.get(src)
     if i == 0 and src in t.pending_norms and isinstance(lab, Multi) and isinstance(lab.items[0], Axis):
-        move_site(t, t.pending_norms[src], node)
+        norm_site(t, t.pending_norms[src], node, lab.items[0])
     return lab.items[i] if isinstance(lab, Multi) else None
 
 
