@@ -3,8 +3,8 @@ Words"), written like nanoGPT's model.py: a config, then one short module per pa
 
 Patches of `patch_size` x `patch_size` pixels are embedded by a strided convolution (28 / 7 = 4 x 4 = 16
 tokens), a learned class token is prepended and a learned position embedding added; `depth` pre-norm
-blocks x + attn(ln(x)), x + mlp(ln(x)) follow (fused qkv Linear, torch's scaled_dot_product_attention,
-GELU MLP), then a final LayerNorm and a linear head on the class token (`pool="cls"`) or on the mean of
+blocks x + attn(ln(x)), x + mlp(ln(x)) follow (separate query/key/value Linear layers, torch's
+scaled_dot_product_attention, GELU MLP), then a final LayerNorm and a linear head on the class token (`pool="cls"`) or on the mean of
 the patch tokens (`pool="mean"`). No dropout. Init as nanoGPT: normal(0, 0.02) weights, zero biases, the
 residual projections scaled by 1/sqrt(2 * depth) (GPT-2), class token and positions normal(0, 0.02).
 
@@ -47,15 +47,16 @@ class SelfAttention(nn.Module):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads, self.causal = heads, causal
-        self.qkv = nn.Linear(width, 3 * width)  # query, key, value of every head, in one matmul
+        self.query = nn.Linear(width, width)  # the queries of all heads, head h in rows h*d .. (h+1)*d - 1
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, T, head size)
-        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        q = self.query(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, T, head size)
+        k = self.key(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        v = self.value(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
