@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 
 TRAIN_EXAMPLES = """examples:
@@ -16,6 +17,9 @@ TRAIN_EXAMPLES = """examples:
   # VGG11 (pads 28x28 data to 32x32), LayerNorm ResNet20 x4 on CIFAR-10
   onebasin train --model vgg11 --width 0.5 --dataset mnist --epochs 5 --out runs/vgg11.safetensors
   onebasin train --model resnet20 --width 4 --norm layernorm --dataset cifar10 --out runs/rn20x4_ln.safetensors
+  # the transformers (AdamW recipes vit and gpt, ~15 min each on one uncontended CPU core): docs/training.md
+  onebasin train --model vit --width 128 --dataset fashionmnist --threads 1 --out runs/vit_s0.safetensors
+  onebasin train --model gpt --width 192 --dataset pydoc --threads 1 --out runs/gpt_s0.safetensors
 
 An interrupted run resumes from its last epoch checkpoint (OUT with .resume.safetensors) when the
 same command is run again; --force discards it and overwrites OUT.
@@ -36,11 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model of the zoo with a paper recipe",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--model", required=True, help="registered model name (see `onebasin.models.list_models()`)")
-    t.add_argument("--width", type=float, help="hidden units (mlp) or channel multiplier (vgg*, resnet*)")
-    t.add_argument("--depth", type=int, help="number of Linear layers (mlp)")
+    t.add_argument("--width", type=float, help="hidden units (mlp), channel multiplier (vgg*, resnet*) or residual "
+                   "width (vit, gpt)")
+    t.add_argument("--depth", type=int, help="number of Linear layers (mlp) or transformer blocks (vit, gpt)")
     t.add_argument("--norm", choices=["batchnorm", "layernorm", "none"], help="normalisation (vgg*, resnet20/18_cifar)")
-    t.add_argument("--dataset", required=True, help="mnist, fashionmnist, svhn, cifar10 or cifar100")
-    t.add_argument("--recipe", help="mlp, vgg or resnet20 (default: the paper's recipe for the model)")
+    t.add_argument("--dataset", required=True, help="mnist, fashionmnist, svhn, cifar10, cifar100 or pydoc (text, for gpt)")
+    t.add_argument("--recipe", help="mlp, vgg, resnet20, vit or gpt (default: the model's own recipe)")
     t.add_argument("--epochs", type=int, help="override the recipe's epochs")
     t.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
     t.add_argument("--batch-size", type=int, help="override the recipe's batch size")
@@ -111,8 +116,11 @@ def cmd_train(args, fail) -> int:
                                 progress=not args.no_progress, download=not args.no_download)
     except (FileExistsError, OnebasinError) as err:
         fail(str(err))
+    from onebasin.experiment import is_text
+
+    bits = {"test_bits_per_char": result.test_loss / math.log(2)} if is_text(args.dataset) else {}
     print(json.dumps({"out": args.out, "epochs_done": result.epochs_done, "train_acc": result.train_acc,
-                      "test_acc": result.test_acc, "test_loss": result.test_loss,
+                      "test_acc": result.test_acc, "test_loss": result.test_loss, **bits,
                       "wall_time_s": round(result.wall_time_s, 1)}))
     return 0
 
@@ -121,6 +129,12 @@ DEMO_EXAMPLES = """examples:
   onebasin demo --data-dir ../shared/data                 # 10-layer MLPs (width 128) on MNIST, ~3 min on 2 CPU cores
   onebasin demo --dataset fashionmnist --width 512 --epochs 20 --out reports/fmnist512
   onebasin demo --model resnet20 --width 1 --dataset fashionmnist --epochs 2
+  onebasin demo --model vit --data-dir ../shared/data     # two ViTs on FashionMNIST (recipe vit, 3 epochs each)
+  onebasin demo --model gpt                               # two character-level GPTs on pydoc (recipe gpt)
+
+--model vit and --model gpt have their own defaults (dataset, width, epochs, calibration examples and the
+recipe's lr and warm-up: onebasin.experiment.TRANSFORMER_DEMOS); options given on the command line replace
+them. The GPT's loss is cross-entropy per character in nats; the demo also prints it in bits per character.
 
 Trained endpoints are cached ($ONEBASIN_CACHE, else ~/.cache/onebasin): a second run only compares.
 The report folder gets report.json, barrier.csv, barrier.png, variance.png and index.html.
@@ -180,20 +194,24 @@ def _add_device(p):
 
 def _add_demo(sub):
     d = _sub(sub, "demo", "train two MLPs on MNIST, align, REPAIR, and write a report (the main job)", DEMO_EXAMPLES)
-    d.add_argument("--dataset", default="mnist", help="mnist (default), fashionmnist, svhn, cifar10, cifar100")
-    d.add_argument("--model", default="mlp", help="registered model name (default mlp)")
-    d.add_argument("--width", type=int, default=128, help="MLP hidden units or conv channel multiplier (default 128)")
-    d.add_argument("--depth", type=int, default=10, help="Linear layers of the MLP (default 10; ignored by conv nets)")
-    d.add_argument("--epochs", type=int, default=8, help="training epochs of each endpoint (default 8)")
-    d.add_argument("--lr", type=float, default=0.1,
-                   help="peak learning rate (default 0.1: the MLP recipe's 0.2 diverged to NaN in 8-epoch runs)")
-    d.add_argument("--warmup", type=float, default=0.25,
-                   help="fraction of steps warming up the learning rate (default 0.25; the recipe's is 0.05)")
+    d.add_argument("--dataset", help="mnist (default), fashionmnist, svhn, cifar10, cifar100, pydoc "
+                   "(vit: fashionmnist, gpt: pydoc)")
+    d.add_argument("--model", default="mlp", help="registered model name (default mlp; vit and gpt: see below)")
+    d.add_argument("--width", type=int, help="MLP hidden units, conv channel multiplier or transformer width "
+                   "(default 128; gpt: 192)")
+    d.add_argument("--depth", type=int, help="Linear layers of the MLP (default 10; ignored by conv nets) or "
+                   "transformer blocks (vit 6, gpt 4)")
+    d.add_argument("--epochs", type=int, help="training epochs of each endpoint (default 8; vit, gpt: their recipe's)")
+    d.add_argument("--lr", type=float, help="peak learning rate (default 0.1: the MLP recipe's 0.2 diverged to NaN "
+                   "in 8-epoch runs; vit, gpt: their recipe's)")
+    d.add_argument("--warmup", type=float, help="fraction of steps warming up the learning rate (default 0.25; the "
+                   "MLP recipe's is 0.05; vit, gpt: their recipe's)")
     d.add_argument("--repair", default="exact", choices=REPAIRS[:3], help="correction of the third curve (default exact)")
     d.add_argument("--train-limit", type=int, help="train on the first N examples only (quick looks)")
     d.add_argument("--test-examples", type=int, help="evaluate on the first N test examples (default: all)")
     d.add_argument("--cache-dir", help="trained endpoints (default: $ONEBASIN_CACHE, else ~/.cache/onebasin)")
     _add_common(d, "report folder (default: onebasin-demo/<date-time>, never overwritten)", out_required=False)
+    d.set_defaults(calib_examples=None)  # 5000; the transformer demos' own (2000 images, 256 sequences)
 
 
 def _add_pair(p, repairs):
@@ -341,22 +359,23 @@ def _errors():
 def cmd_demo(args, fail) -> int:
     import time
 
-    from onebasin.experiment import Experiment, run_experiment, summary_table
+    from onebasin.experiment import TRANSFORMER_DEMOS, Experiment, bits_per_character, is_text, run_experiment, summary_table
     from onebasin.models import model_info
 
     out = args.out or f"onebasin-demo/{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_folder(out, args.force, fail)
     try:
-        kwargs = {"width": args.width, **({"depth": args.depth} if model_info(args.model).flat_input else {})}
-        exp = Experiment(dataset=args.dataset, model=args.model, model_kwargs=kwargs, epochs=args.epochs,
-                         recipe_overrides={"lr": args.lr, "warmup": args.warmup},
-                         method=args.method, repair=args.repair, calib_examples=args.calib_examples,
-                         train_limit=args.train_limit, test_examples=args.test_examples, out=out,
-                         data_dir=args.data_dir, cache_dir=args.cache_dir, device=str(args.device))
+        model_info(args.model)
+        settings = _transformer_demo(args) if args.model in TRANSFORMER_DEMOS else _mlp_demo(args)
+        exp = Experiment(model=args.model, method=args.method, repair=args.repair, train_limit=args.train_limit,
+                         test_examples=args.test_examples, out=out, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                         device=str(args.device), **settings)
         comparison, paths = run_experiment(exp, progress=not args.no_progress)
     except _errors() as err:
         fail(str(err))
     print(summary_table(comparison))
+    if is_text(exp.dataset):
+        print(bits_per_character(comparison))
     print(f"report: {paths['html'].resolve()}")
     return 0
 
@@ -414,6 +433,33 @@ def cmd_merge_pretrained(args, fail) -> int:
         print(json.dumps({"out": str(out), "fused": result.fused, "format": "save_pretrained" if result.fused else "onebasin",
                           "seconds": round(result.seconds, 1)}))
     return 0
+
+
+def _mlp_demo(args) -> dict:
+    """The MLP demo's settings (also for conv nets): MNIST, width 128, depth 10, 8 epochs at lr 0.1, 25 % warm-up."""
+    from onebasin.models import model_info
+
+    width, depth = _given(args.width, 128), _given(args.depth, 10)
+    return {"dataset": _given(args.dataset, "mnist"), "epochs": _given(args.epochs, 8),
+            "model_kwargs": {"width": width, **({"depth": depth} if model_info(args.model).flat_input else {})},
+            "recipe_overrides": {"lr": _given(args.lr, 0.1), "warmup": _given(args.warmup, 0.25)},
+            "calib_examples": _given(args.calib_examples, 5000)}
+
+
+def _transformer_demo(args) -> dict:
+    """`experiment.TRANSFORMER_DEMOS[model]` with the options given on the command line replacing its own."""
+    from onebasin.experiment import TRANSFORMER_DEMOS
+
+    preset = TRANSFORMER_DEMOS[args.model]
+    model_kwargs = {**preset["model_kwargs"], **{k: v for k, v in (("width", args.width), ("depth", args.depth))
+                                                 if v is not None}}
+    return {**preset, "dataset": _given(args.dataset, preset["dataset"]), "epochs": _given(args.epochs, preset["epochs"]),
+            "model_kwargs": model_kwargs, "calib_examples": _given(args.calib_examples, preset["calib_examples"]),
+            "recipe_overrides": {k: v for k, v in (("lr", args.lr), ("warmup", args.warmup)) if v is not None}}
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def cmd_merge(args, fail) -> int:

@@ -23,10 +23,10 @@ from .distributed import default_device
 from .checkpoint import checkpoint_paths, load_model
 from .data import batches, dataset_info, load_dataset
 from .errors import InvalidOptionError
-from .models import create_model, input_kwargs, model_info
+from .models import create_model, data_kwargs, model_info
 from .pipeline import Comparison, compare
 from .report import SUMMARY_HEADER, format_table, write_comparison_report
-from .train import Recipe, default_recipe, train_model
+from .train import RECIPES, Recipe, default_recipe, train_model
 
 
 @dataclass
@@ -55,6 +55,19 @@ class Experiment:
 
 
 CORRECTIONS = ("exact", "closed", "reset_bn")
+
+# `onebasin demo --model vit|gpt`: the Experiment fields that differ from the MLP demo's. Endpoints are trained
+# with the model's own recipe (all its epochs), so `onebasin train --model vit --width 128 --dataset
+# fashionmnist --out <cache>/endpoints/vit_width128_fashionmnist_e3_s0.safetensors` fills the demo's cache.
+# Calibration and train-split evaluation are cut to fit a CPU: a GPT example is a sequence of 128 characters
+# (256 of them: 32,768 positions); the test split is all of it (FashionMNIST: 10,000 images; pydoc: 363
+# validation sequences).
+TRANSFORMER_DEMOS = {
+    "vit": {"dataset": "fashionmnist", "model_kwargs": {"width": 128}, "epochs": RECIPES["vit"].epochs,
+            "calib_examples": 2000, "train_eval_examples": 2000},
+    "gpt": {"dataset": "pydoc", "model_kwargs": {"width": 192}, "epochs": RECIPES["gpt"].epochs,
+            "calib_examples": 256, "train_eval_examples": 256},
+}
 
 
 def validate_experiment(exp: Experiment) -> None:
@@ -95,8 +108,7 @@ def validate_experiment(exp: Experiment) -> None:
 def _build(exp: Experiment, info) -> torch.nn.Module:
     try:
         default_recipe(exp.model)
-        size = model_info(exp.model).image_size or info.image_size
-        return create_model(exp.model, **exp.model_kwargs, **input_kwargs(exp.model, info.channels, size, info.num_classes))
+        return create_model(exp.model, **exp.model_kwargs, **data_kwargs(exp.model, info))
     except Exception as err:  # unknown model, an option it does not take, a bad value
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InvalidOptionError(f"model {exp.model!r} with options {exp.model_kwargs}: {line}") from err
@@ -192,10 +204,22 @@ def run_experiment(exp: Experiment, progress: bool = True) -> tuple[Comparison, 
     run = {"experiment": asdict(exp),
            "endpoints": [{"seed": m["seed"], "cached": c, "test_acc": m.get("test_acc"), "epochs": m.get("epochs_done"),
                           "checkpoint": str(endpoint_path(exp, m["seed"]))} for _, m, c in ends],
-           "seconds": {"endpoints": trained - start, "compare": time.perf_counter() - trained}}  # fmt: skip
+           "seconds": {"endpoints": trained - start, "compare": time.perf_counter() - trained},
+           **({"loss": "cross-entropy per character, nats (bits = nats / ln 2)"} if is_text(exp.dataset) else {})}  # fmt: skip
     return comparison, write_comparison_report(comparison, exp.out, describe(exp), extra=run)
 
 
 def summary_table(comparison: Comparison) -> str:
     """The endpoint and midpoint table (test set) that `onebasin demo` prints."""
     return format_table(SUMMARY_HEADER, comparison.summary_rows())
+
+
+def is_text(dataset: str) -> bool:
+    """Whether `dataset` is a text dataset (its loss is per character)."""
+    return hasattr(dataset_info(dataset), "vocab")
+
+
+def bits_per_character(comparison: Comparison) -> str:
+    """One line: the summary's test losses (nats per character) in bits per character (nats / ln 2)."""
+    rows = comparison.summary_rows()
+    return "test loss in bits per character: " + ", ".join(f"{r[0]} {r[2] / math.log(2):.4f}" for r in rows)

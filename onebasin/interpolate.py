@@ -85,7 +85,12 @@ class BarrierCurve:
 
 
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy) -> tuple[float, float]:
-    """(mean loss, accuracy) of `model` in eval mode over (x, y) batches; loss_fn(logits, y) returns a batch mean."""
+    """(mean loss, accuracy) of `model` in eval mode over (x, y) batches; loss_fn(logits, y) returns a batch mean.
+
+    Sequence outputs, logits (B, T, V) with targets (B, T) (a language model), are flattened to (B*T, V) and
+    (B*T,): the mean is per position (cross-entropy in nats per character; bits = nats / ln 2), accuracy the
+    fraction of positions predicted right.
+    """
     p = next(model.parameters())
     total_loss, correct, n = 0.0, 0, 0
     was = model.training
@@ -94,6 +99,8 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
         for x, y, *_ in loader:
             x = x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
             out, y = model(x), y.to(p.device)
+            if out.dim() > 2:  # (B, T, V) logits of (B, T) targets
+                out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
             total_loss += float(loss_fn(out, y)) * len(y)
             correct += int((out.argmax(-1) == y).sum())
             n += len(y)

@@ -208,3 +208,64 @@ def test_load_limit_and_padding(shared_data):
     assert not torch.equal(first.labels, sampled.labels) and torch.equal(sampled.images, again.images)
     assert padded.images.shape == (100, 1, 32, 32)
     assert torch.equal(padded.images[:, :, 2:30, 2:30], first.images)
+
+
+# --- text: pydoc ---------------------------------------------------------------------------------------------
+
+def _id_by_hand(c: str) -> int:
+    """The documented vocabulary: newline 1, printable ASCII 32..126 -> 2..96, anything else 0."""
+    return 1 if c == "\n" else ord(c) - 30 if 32 <= ord(c) <= 126 else 0
+
+
+def test_pydoc_info_and_fixed_vocabulary():
+    from onebasin.data import TextInfo, decode, encode
+
+    info = dataset_info("pydoc")
+    assert isinstance(info, TextInfo) and info.vocab_size == info.num_classes == 97 and info.seq_len == 128
+    assert info.image_size is None and "pydoc_data" in info.source
+    text = 'def f(x):\n    return x ** 2  # “squared” ~ café\t'
+    assert encode(text).tolist() == [_id_by_hand(c) for c in text]
+    assert decode(encode("Hello, World!\n~")) == "Hello, World!\n~"
+    with pytest.raises(ValueError, match="valid names: .*pydoc"):
+        dataset_info("shakespeare")
+
+
+def test_pydoc_split_is_the_tail_of_every_topic():
+    from pydoc_data.topics import topics
+
+    from onebasin.data import decode
+
+    train, val = load_dataset("pydoc", train=True), load_dataset("pydoc", train=False)
+    keys = sorted(topics)
+    cuts = [round(len(topics[k]) * 0.9) for k in keys]
+    train_text = "\n".join(topics[k][:c] for k, c in zip(keys, cuts))
+    val_text = "\n".join(topics[k][c:] for k, c in zip(keys, cuts))
+    assert decode(train.ids) == "".join(c if _id_by_hand(c) else "\x00" for c in train_text)
+    assert decode(val.ids) == "".join(c if _id_by_hand(c) else "\x00" for c in val_text)
+    assert 0.085 < len(val.ids) / (len(train.ids) + len(val.ids)) < 0.115
+
+
+def test_text_batches_are_next_character_windows():
+    data = load_dataset("pydoc", train=False)
+    T, L = 128, len(data.ids)
+    starts = data.starts.tolist()
+    assert starts == list(range(0, T * len(starts), T))  # non-overlapping, stride T
+    assert starts[-1] + T + 1 <= L < starts[-1] + 2 * T + 1  # the last window that fits
+    xs, ys = zip(*batches(data, 100))
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == y.shape == (len(data), T) and x.dtype == torch.long
+    for i in (0, 5, len(data) - 1):
+        s = starts[i]
+        assert torch.equal(x[i], data.ids[s:s + T]) and torch.equal(y[i], data.ids[s + 1:s + T + 1])
+    shuffled = torch.cat([x for x, _ in batches(data, 100, shuffle=True, seed=3)])
+    assert not torch.equal(shuffled, x) and sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, x.tolist()))
+
+
+def test_pydoc_limit_and_augment():
+    full = load_dataset("pydoc", train=True)
+    few = load_dataset("pydoc", train=True, limit=10, seed=0)
+    assert len(few) == 10 and set(few.starts.tolist()) <= set(full.starts.tolist())
+    assert len(few.subset(torch.arange(3))) == 3
+    with pytest.raises(OnebasinError, match="no image augmentation"):
+        next(batches(few, 4, augment=Augment(translate=2)))
+    assert len(list(batches(few, 4, augment=make_augment((), few.info)))) == 3  # a recipe without augmentations
