@@ -255,22 +255,30 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def batches(data: "ImageData | TextData", batch_size: int, *, shuffle: bool = False, augment: Augment | None = None,
-            seed: int = 0, epoch: int = 0, drop_last: bool = False, device=None
+            seed: int = 0, epoch: int = 0, drop_last: bool = False, device=None, indices: torch.Tensor | None = None
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y): x (B, C, H, W) float32 normalised, y (B,) int64; on `device` if given.
 
     TextData: x (B, T) int64 character ids, y (B, T) the next characters (see `text_batches`).
+    indices: the examples to read, in this order (e.g. one process's share from a DistributedSampler);
+    default all of them, shuffled by (seed, epoch) when `shuffle`.
     """
     if isinstance(data, TextData):
         return text_batches(data, batch_size, shuffle=shuffle, augment=augment, seed=seed, epoch=epoch,
-                            drop_last=drop_last, device=device)
-    return _image_batches(data, batch_size, shuffle, augment, seed, epoch, drop_last, device)
+                            drop_last=drop_last, device=device, indices=indices)
+    return _image_batches(data, batch_size, shuffle, augment, seed, epoch, drop_last, device, indices)
 
 
-def _image_batches(data, batch_size, shuffle, augment, seed, epoch, drop_last, device):
+def _order(n: int, shuffle: bool, g: torch.Generator, indices: torch.Tensor | None) -> torch.Tensor:
+    if indices is not None:
+        return torch.as_tensor(indices, dtype=torch.long)
+    return torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+
+
+def _image_batches(data, batch_size, shuffle, augment, seed, epoch, drop_last, device, indices=None):
     g = epoch_generator(seed, epoch)
-    n = len(data)
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    order = _order(len(data), shuffle, g, indices)
+    n = len(order)
     stop = n - n % batch_size if drop_last else n
     mean = torch.tensor(data.info.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.info.std).view(1, -1, 1, 1)
@@ -421,14 +429,14 @@ def load_text(info: TextInfo, train: bool = True, *, limit: int | None = None, s
 
 
 def text_batches(data: TextData, batch_size: int, *, shuffle: bool = False, augment: Augment | None = None,
-                 seed: int = 0, epoch: int = 0, drop_last: bool = False, device=None
+                 seed: int = 0, epoch: int = 0, drop_last: bool = False, device=None, indices: torch.Tensor | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y): x (B, T) int64 character ids, y (B, T) the ids one position later (next-character targets)."""
     if augment is not None and augment != Augment():
         raise InvalidOptionError(f"text data takes no image augmentation, got {augment}")
     g = epoch_generator(seed, epoch)
-    n = len(data)
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    order = _order(len(data), shuffle, g, indices)
+    n = len(order)
     stop = n - n % batch_size if drop_last else n
     offsets = torch.arange(data.info.seq_len + 1)
     for i in range(0, stop, batch_size):

@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from onebasin.distributed import default_device
+from onebasin.stats import distributed
 from onebasin.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
 from onebasin.data import ImageData, TextData, batches, dataset_info, load_dataset, make_augment, num_batches
 from onebasin.errors import OnebasinError
@@ -130,11 +132,6 @@ def lr_at(step: int, total_steps: int, recipe: Recipe) -> float:
     raise ValueError(f"unknown schedule {recipe.schedule!r}; valid: linear, cosine")
 
 
-def default_device() -> torch.device:
-    """The GPU when one is present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def seed_everything(seed: int) -> None:
     """Seed torch's global RNGs (model init); data order/augmentation use their own generators."""
     torch.manual_seed(seed)
@@ -205,6 +202,9 @@ def train(model: nn.Module, train_data: ImageData | TextData, test_data: ImageDa
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    rank, world = distributed()
+    if world > 1:  # under torchrun: one replica per process, gradients averaged by DDP
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     run = _jsonable({**(meta or {}), "recipe": dataclasses.asdict(recipe), "seed": seed})
     opt = make_optimizer(model, recipe)
     start, history, elapsed = 0, [], 0.0
@@ -213,12 +213,14 @@ def train(model: nn.Module, train_data: ImageData | TextData, test_data: ImageDa
         start, history, elapsed = _load_resume(rpath, model, opt, run)
     augment = make_augment(recipe.augment, train_data.info)
     steps_per_epoch = num_batches(len(train_data), recipe.batch_size)
+    if rpath is not None and rank > 0:
+        rpath = None  # only rank 0 writes checkpoints
     bar = tqdm(total=steps_per_epoch * recipe.epochs, initial=start * steps_per_epoch, unit="step",
                disable=not progress, desc=f"train {run.get('model', type(model).__name__)}")
     try:
         for epoch in range(start, recipe.epochs):
             t0 = time.perf_counter()
-            record = _train_epoch(model, opt, train_data, recipe, augment, seed, epoch, device, bar)
+            record = _train_epoch(ddp if world > 1 else model, opt, train_data, recipe, augment, seed, epoch, device, bar)
             record["test_acc"], record["test_loss"] = _accuracy_and_loss(model, test_data, device=device)
             record["epoch_time_s"] = time.perf_counter() - t0
             elapsed += record["epoch_time_s"]
@@ -231,7 +233,8 @@ def train(model: nn.Module, train_data: ImageData | TextData, test_data: ImageDa
                 on_epoch_end(epoch + 1, record)
     finally:
         bar.close()
-    return _finish(model, train_data, test_data, recipe, run, history, elapsed, device, checkpoint_path, rpath)
+    return _finish(model, train_data, test_data, recipe, run, history, elapsed, device,
+                   checkpoint_path if rank == 0 else None, rpath)
 
 
 def _train_epoch(model, opt, data, recipe, augment, seed, epoch, device, bar) -> dict:
@@ -239,8 +242,7 @@ def _train_epoch(model, opt, data, recipe, augment, seed, epoch, device, bar) ->
     model.train()
     steps = num_batches(len(data), recipe.batch_size)
     n, correct, loss_sum, lr = 0, 0, 0.0, 0.0
-    for i, (x, y) in enumerate(batches(data, recipe.batch_size, shuffle=True, augment=augment,
-                                       seed=seed, epoch=epoch, device=device)):
+    for i, (x, y) in enumerate(_epoch_batches(data, recipe, augment, seed, epoch, device)):
         lr = lr_at(epoch * steps + i, steps * recipe.epochs, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -262,6 +264,21 @@ def _train_epoch(model, opt, data, recipe, augment, seed, epoch, device, bar) ->
         bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.4f}", refresh=False)
     return {"epoch": epoch + 1, "lr_end": lr, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
+
+
+def _epoch_batches(data, recipe, augment, seed, epoch, device):
+    """This process's batches of one epoch. Under torch.distributed a DistributedSampler (seeded, shuffled by
+    epoch) gives each of the w processes 1/w of the examples in batches of batch_size / w, so that the
+    averaged gradient is that of a batch of batch_size and an epoch has the same number of steps."""
+    rank, world = distributed()
+    if world == 1:
+        return batches(data, recipe.batch_size, shuffle=True, augment=augment, seed=seed, epoch=epoch, device=device)
+    sampler = torch.utils.data.distributed.DistributedSampler(range(len(data)), num_replicas=world, rank=rank,
+                                                              shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    local = max(1, recipe.batch_size // world)
+    return batches(data, local, augment=augment, seed=seed + 1000 * rank, epoch=epoch, device=device,
+                   indices=torch.tensor(list(sampler)))
 
 
 def _finish(model, train_data, test_data, recipe, run, history, elapsed, device, checkpoint_path, rpath):
