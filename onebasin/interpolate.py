@@ -89,14 +89,20 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
 
     Sequence outputs, logits (B, T, V) with targets (B, T) (a language model), are flattened to (B*T, V) and
     (B*T,): the mean is per position (cross-entropy in nats per character; bits = nats / ln 2), accuracy the
-    fraction of positions predicted right.
+    fraction of positions predicted right. Under torch.distributed every process evaluates its share of
+    the batches and the sums are all-reduced (the result is the one-process value).
     """
+    from .stats import _presharded, _reduce_device, distributed
+
     p = next(model.parameters())
+    rank, world = (0, 1) if _presharded(loader) else distributed()
     total_loss, correct, n = 0.0, 0, 0
     was = model.training
     model.eval()
     with torch.no_grad():
-        for x, y, *_ in loader:
+        for i, (x, y, *_) in enumerate(loader):
+            if i % world != rank:  # under torch.distributed each process evaluates its share of the batches
+                continue
             x = x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
             out, y = model(x), y.to(p.device)
             if out.dim() > 2:  # (B, T, V) logits of (B, T) targets
@@ -105,6 +111,10 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
             correct += int((out.argmax(-1) == y).sum())
             n += len(y)
     model.train(was)
+    if world > 1:
+        sums = torch.tensor([total_loss, correct, n], dtype=torch.float64, device=_reduce_device(p.device))
+        torch.distributed.all_reduce(sums)
+        total_loss, correct, n = sums[0].item(), int(sums[1].item()), int(sums[2].item())
     return total_loss / n, correct / n
 
 
