@@ -52,7 +52,7 @@ from .errors import OnebasinError
 from .graph import Captured, batch_size, capture, inputs_like, model_inputs, walk
 from .interpolate import lerp
 from .spec import PermutationSpec, Site, trace
-from .stats import Moments, batches, distributed, eval_mode, unit_matrix
+from .stats import Moments, batches, distributed, eval_mode
 from .stats import _reduce_device as _collective_device
 
 KINDS = ("layer", "block")  # the default site kinds
@@ -146,7 +146,7 @@ class Corrected:
         """Exact float64 per-unit sums at `sites` over this process's input chunks (`_chunks`), corrections
         applied, one streaming pass; all-reduced over processes."""
         moments = {s.node: Moments() for s in sites}
-        dims = {s.node: s.dim for s in sites}
+        sites_by = {s.node: s for s in sites}
 
         def visitor(name):
             def visit(values):
@@ -154,7 +154,7 @@ class Corrected:
                     values = [affine(v, *self.corrections[name]) for v in values]
                 if name in moments:
                     for v in values:
-                        moments[name].update(unit_matrix(v, dims[name]))
+                        moments[name].update_units(v, sites_by[name])
                 return values
 
             return visit
@@ -167,7 +167,7 @@ class Corrected:
             else:
                 values = self.graph.run(self.state, x, list(moments), outputs=False)
                 for name, v in zip(moments, values):
-                    moments[name].update(unit_matrix(v, dims[name]))
+                    moments[name].update_units(v, sites_by[name])
         return [moments[s.node].all_reduce_() for s in sites]
 
 
@@ -251,26 +251,23 @@ def endpoint_stats(
     graph, site_list = _spec_and_sites(model_a, data, spec, sites)
     names = [s.node for s in site_list]
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    moments, ndims = [Moments() for _ in site_list], [0] * len(site_list)
+    moments, ndims = [Moments(paired=True) for _ in site_list], [0] * len(site_list)
     for x in _chunks(graph, data, max_examples):
         for i, (s, a, b) in enumerate(zip(site_list, graph.run(sd_a, x, names, False), graph.run(sd_b, x, names, False))):
-            ua, ub = unit_matrix(a, s.dim), unit_matrix(b, s.dim)
-            moments[i].update(torch.cat([ua, ub, ua * ub], 1))  # E[ab] gives the per-unit covariance
+            moments[i].update_pair(a, b, s, cross="diag")  # unit i of A with unit i of B: the per-unit covariance
             ndims[i] = a.ndim
     return _split_paired(site_list, [m.all_reduce_() for m in moments], ndims, graph)
 
 
 def _split_paired(sites: list[Site], moments: list[Moments], ndims: list[int], graph) -> EndpointStats:
-    """EndpointStats from Moments over [a, b, a*b] columns."""
+    """EndpointStats from paired Moments whose cross sums are per unit (diagonal)."""
     cols = {k: [] for k in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab")}
     for m in moments:
-        p = m.mean_x.numel() // 3
-        mean, var = m.mean_x, m.var_x
-        cols["mean_a"].append(mean[:p])
-        cols["var_a"].append(var[:p])
-        cols["mean_b"].append(mean[p : 2 * p])
-        cols["var_b"].append(var[p : 2 * p])
-        cols["cov_ab"].append(mean[2 * p :] - mean[:p] * mean[p : 2 * p])
+        cols["mean_a"].append(m.mean_x)
+        cols["var_a"].append(m.var_x)
+        cols["mean_b"].append(m.mean_y)
+        cols["var_b"].append(m.var_y)
+        cols["cov_ab"].append(m.sums["xy"] / m.n - m.mean_x * m.mean_y)
     return EndpointStats(sites, **cols, ndims=ndims, graph=graph)
 
 
@@ -365,7 +362,7 @@ def exact_corrections(graph: Captured, state: dict, sites: list[Site], goal_mean
             def visit(values):
                 m = Moments()
                 for v in values:
-                    m.update(unit_matrix(v, sites[i].dim))
+                    m.update_units(v, sites[i])
                 correct(i, m.all_reduce_())
                 return [affine(v, *corrections[sites[i].node]) for v in values]
 

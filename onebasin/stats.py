@@ -35,8 +35,8 @@ def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
 
 
 def _units_first(t: torch.Tensor, site: Site) -> torch.Tensor:
-    """(batch, units, positions) float64 of a site's units (a view of the cast copy for (N, C, ...) tensors),
-    or (1, units, samples) when the units are the last axis."""
+    """(batch, units, positions) float64 of a site's units: one cast copy, the unit axis not moved for
+    (N, C, ...) tensors; (1, units, samples) (a transposed view) when the units are the last axis."""
     d = site.dim
     if site.size is not None:
         t = t.narrow(d, site.start, site.size)
@@ -47,13 +47,30 @@ def _units_first(t: torch.Tensor, site: Site) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
-def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site) -> tuple[int, dict[str, torch.Tensor]]:
-    """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums of
-    squares, and the (p, q) cross sums x y^T, without moving a conv's unit axis (one cast per tensor)."""
+def unit_sums(t: torch.Tensor, site: Site) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(samples, sum x, sum x^2) per unit of a site, float64 (conv positions pooled as samples)."""
+    x = _units_first(t, site)
+    return x.shape[0] * x.shape[2], x.sum((0, 2)), (x * x).sum((0, 2))
+
+
+def _cross(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(p, q) sum over batch and positions of x y^T for (batch, p, positions) and (batch, q, positions):
+    batched products when positions outnumber units (conv maps), else one matrix product."""
+    if x.shape[0] == 1:
+        return x[0] @ y[0].T
+    if x.shape[2] >= x.shape[1]:
+        return torch.bmm(x, y.transpose(1, 2)).sum(0)
+    return x.transpose(0, 1).reshape(x.shape[1], -1) @ y.transpose(0, 1).reshape(y.shape[1], -1).T
+
+
+def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full") -> tuple[int, dict[str, torch.Tensor]]:
+    """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums
+    of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations) or only its
+    diagonal, unit i with unit i (cross="diag", for REPAIR's per-unit covariance)."""
     x, y = _units_first(a, site), _units_first(b, site)
     samples = x.shape[0] * x.shape[2]
     sums = {"x": x.sum((0, 2)), "xx": (x * x).sum((0, 2)), "y": y.sum((0, 2)), "yy": (y * y).sum((0, 2))}
-    sums["xy"] = torch.bmm(x, y.transpose(1, 2)).sum(0) if x.shape[0] > 1 else x[0] @ y[0].T
+    sums["xy"] = _cross(x, y) if cross == "full" else (x * y).sum((0, 2))
     return samples, sums
 
 
@@ -96,18 +113,25 @@ class Moments:
             self._add("yy", (y * y).sum(0))
             self._add("xy", x.T @ y)
 
-    def update_pair(self, a: torch.Tensor, b: torch.Tensor, site: Site) -> None:
+    def update_pair(self, a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full") -> None:
         """Add the units of site `site` in activations a (of A) and b (of B) (paired=True), fast path.
 
         The same sums as update(site_matrix(a, site), site_matrix(b, site)), without moving a conv's unit
-        axis last (see `paired_sums`).
+        axis last (see `paired_sums`); cross="diag" keeps only unit i with unit i in sums["xy"] (p,).
         """
         if self.full or not self.paired:
             raise ValueError("update_pair fills paired moments of per-unit variances (full=False, paired=True)")
-        n, sums = paired_sums(a, b, site)
+        n, sums = paired_sums(a, b, site, cross)
         self.n += n
         for name, value in sums.items():
             self._add(name, value)
+
+    def update_units(self, t: torch.Tensor, site: Site) -> None:
+        """Add the units of site `site` in activation t (full=False, unpaired), fast path (`unit_sums`)."""
+        n, total, squares = unit_sums(t, site)
+        self.n += n
+        self._add("x", total)
+        self._add("xx", squares)
 
     def all_reduce_(self) -> "Moments":
         """Sum the statistics over all processes of an initialised torch.distributed group (in place).
