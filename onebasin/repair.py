@@ -494,17 +494,63 @@ def repair(
     goal_mean, goal_std = ends.goal(alpha)
     interp = interpolate_model(model_a, model_b, alpha)
     if method == "exact":
-        levels, before_mean, before_std, scales, shifts = _exact(interp, site_list, goal_mean, goal_std, data, max_examples)
-        passes = max(levels, default=-1) + 1
-    else:
-        eps = torch.finfo(next(interp.parameters()).dtype).eps
-        levels, before_mean, before_std, scales, shifts = _closed(ends, alpha, eps)
-        passes = 0
+        fixed = correct(interp, site_list, goal_mean, goal_std, data, max_examples=max_examples, fuse=fuse, ndims=ends.ndims)
+        return dataclasses.replace(fixed, alpha=float(alpha))
+    eps = torch.finfo(next(interp.parameters()).dtype).eps
+    levels, before_mean, before_std, scales, shifts = _closed(ends, alpha, eps)
     rows = zip(site_list, levels, goal_mean, goal_std, before_mean, before_std, scales, shifts, ends.ndims)
-    stats = [SiteRepair(*row) for row in rows]
-    model, folded = fuse_corrections(interp, stats, fuse)
+    return _fused(interp, [SiteRepair(*row) for row in rows], fuse, "closed", float(alpha), 0)
+
+
+def correct(
+    model: nn.Module,
+    sites: list[Site],
+    goal_mean: list[torch.Tensor],
+    goal_std: list[torch.Tensor],
+    data: Iterable,
+    *,
+    method: str = "exact",
+    max_examples: int | None = 5000,
+    fuse: bool = True,
+    ndims: list[int] | None = None,
+) -> RepairResult:
+    """REPAIR `model` so that every site's units have the given goal statistics (Jordan et al. 2022, Sec. 4.2).
+
+    What `repair` does to an interpolated net, for any goals: e.g. the weighted mean of N endpoints'
+    means and stds (eqs. 3-4 generalised, `onebasin.merge_many`).
+
+    Args:
+        model: the network to correct (not modified).
+        sites: Sites with fx node names (`select_sites`), in forward order.
+        goal_mean, goal_std: one (units,) float64 tensor per site.
+        data: re-iterable calibration batches; the first `max_examples` examples are used.
+        method: "exact" (one forward pass per dependency level, earlier corrections in place).
+        fuse: fold corrections into the preceding layer where possible.
+        ndims: number of axes of each site's activation tensor (read from one batch when None).
+    Returns:
+        RepairResult (alpha is nan: no interpolation is involved).
+    """
+    if method != "exact":
+        raise ValueError(f"correct: unknown method {method!r}; valid methods: ['exact']")
+    sites = list(sites)
+    ndims = ndims if ndims is not None else _ndims(model, sites, data)
+    levels, before_mean, before_std, scales, shifts = _exact(model, sites, goal_mean, goal_std, data, max_examples)
+    rows = zip(sites, levels, goal_mean, goal_std, before_mean, before_std, scales, shifts, ndims)
+    return _fused(model, [SiteRepair(*row) for row in rows], fuse, method, float("nan"), max(levels, default=-1) + 1)
+
+
+def _fused(model: nn.Module, stats: list[SiteRepair], fuse: bool, method: str, alpha: float, passes: int) -> RepairResult:
+    """RepairResult of `model` with the corrections `stats` folded in where possible."""
+    fixed, folded = fuse_corrections(model, stats, fuse)
     stats = [dataclasses.replace(s, fused=f) for s, f in zip(stats, folded)]
-    return RepairResult(model, method, float(alpha), passes, stats)
+    return RepairResult(fixed, method, alpha, passes, stats)
+
+
+def _ndims(model: nn.Module, sites: list[Site], data: Iterable) -> list[int]:
+    """Number of axes of the activation at each site, from one batch of two examples."""
+    tap = _tap(model, [s.node for s in sites])
+    with _eval_mode(tap):
+        return [t.ndim for t in tap(next(_inputs(data, model, 2)))]
 
 
 def repair_errors(result: RepairResult, data: Iterable, max_examples: int | None = 5000) -> list[dict]:
