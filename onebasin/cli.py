@@ -124,6 +124,9 @@ The report folder gets report.json, barrier.csv, barrier.png, variance.png and i
 MERGE_EXAMPLES = """examples:
   # two checkpoints of `onebasin train` (model and dataset read from their sidecars)
   onebasin merge runs/a.safetensors runs/b.safetensors --method activation --repair exact --out merged.safetensors
+  # five models into one: aligned into a shared universe, averaged, N-way REPAIR
+  onebasin merge runs/s0.safetensors runs/s1.safetensors runs/s2.safetensors runs/s3.safetensors runs/s4.safetensors \\
+      --combine universe --repair exact --out merged5.safetensors
   # your own model: an importable factory and plain state_dict files, calibrated on MNIST
   onebasin merge a.pt b.pt --model mypkg.nets:make_net --model-opts hidden=256 --data mnist --out merged.safetensors
 """
@@ -149,6 +152,7 @@ Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs t
 """
 
 METHODS = ["activation", "weight", "annealing", "functional"]
+MANY_METHODS = ["universe", "mergemany", "anchor"]
 REPAIRS = ["exact", "closed", "reset_bn", "none"]
 
 
@@ -193,9 +197,13 @@ def _add_pair(p, repairs):
 
 
 def _add_merge(sub):
-    m = _sub(sub, "merge", "merge two checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
+    m = _sub(sub, "merge", "merge two or more checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
     _add_pair(m, REPAIRS)
+    m.add_argument("more", nargs="*", metavar="C", help="further models: three or more are merged by onebasin.merge_many")
     m.add_argument("--alpha", type=float, default=0.5, help="interpolation weight, 0 = A, 1 = B (default 0.5)")
+    m.add_argument("--combine", default="universe", choices=MANY_METHODS,
+                   help="three or more models: universe (default, cycle-consistent), mergemany or anchor (all to A)")
+    m.add_argument("--weights", type=float, nargs="+", metavar="W", help="three or more models: weight of each (default equal)")
     _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers)")
 
 
@@ -294,6 +302,8 @@ def cmd_merge(args, fail) -> int:
     from onebasin.interpolate import evaluate
     from onebasin.pipeline import merge
 
+    if args.more:
+        return cmd_merge_many(args, fail)
     _refuse_overwrite(args.out, args.force, fail)
     if not 0 <= args.alpha <= 1:
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -311,6 +321,39 @@ def cmd_merge(args, fail) -> int:
     except _errors() as err:
         fail(str(err))
     print(json.dumps({"out": args.out, **{k: round(v["test_acc"], 4) for k, v in measured.items()},
+                      "fused": result.fused}))
+    return 0
+
+
+def cmd_merge_many(args, fail) -> int:
+    """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints."""
+    from onebasin.align.many import merge_diagnostics, merge_many
+    from onebasin.checkpoint import load_any, save_checkpoint
+    from onebasin.checks import check_same_architecture
+
+    _refuse_overwrite(args.out, args.force, fail)
+    paths = [args.a, args.b, *args.more]
+    if args.method not in ("activation", "weight"):
+        fail(f"--method {args.method}: three or more models are aligned by activation or weight")
+    if args.repair == "closed" or args.alpha != 0.5:
+        fail("three or more models take --repair exact, reset_bn or none, and --weights instead of --alpha")
+    try:
+        opts = _parse_opts(args.model_opts, fail)
+        first, meta = load_any(paths[0], args.model, opts)
+        models = [first] + [load_any(p, args.model, opts or meta.get("model_kwargs"))[0] for p in paths[1:]]
+        for p, m in zip(paths[1:], models[1:]):
+            check_same_architecture(first.state_dict(), m.state_dict(), (str(paths[0]), str(p)))
+        calib, loaders = _pair_data(args, meta, fail)
+        merged, result = merge_many(models, method=args.combine, repair=args.repair, weights=args.weights, data=calib,
+                                    alignment=args.method, max_examples=args.calib_examples)
+        measured = merge_diagnostics(models, merged, loaders["test"], result.weights)
+        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "dataset", "image_size") if k in meta},
+                    "merged_from": [str(p) for p in paths], "merge_many": result.to_dict(), "measured": measured,
+                    **({"repair_affines": result.affines} if result.affines else {})}
+        save_checkpoint(args.out, merged.state_dict(), out_meta)
+    except _errors() as err:
+        fail(str(err))
+    print(json.dumps({"out": args.out, **{k: round(measured[k]["acc"], 4) for k in ("merged", "endpoint_mean", "ensemble")},
                       "fused": result.fused}))
     return 0
 
