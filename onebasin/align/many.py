@@ -71,14 +71,14 @@ Pairwise = dict[tuple[int, int], Perms]  # (i, j), i < j -> {group: q}: unit u o
 class ManyResult:
     """What `merge_many` did and measured: JSON-ready via `to_dict`."""
 
-    method: str  # "universe" | "mergemany" | "anchor"
+    method: str  # "universe" | "mergemany" | "anchor" | "none" (plain averaging)
     alignment: str  # "activation" | "weight"
     repair: str  # "exact" | "reset_bn" | "none"
     weights: list[float]  # of each model in the average and in the REPAIR goals, summing to 1
     perms: list[Perms]  # per model: apply_perms(spec, perms[i], sd_i) is model i in the universe
     cycle_consistency: float | None  # of the maps P_j^-1 P_i over all triples (None for N < 3): 1.0 by construction
-    pairwise_consistency: float | None  # of the direct pairwise matchings (None for N < 3)
-    pairwise_agreement: float  # fraction of units where P_j^-1 P_i equals the direct pairwise matching of (i, j)
+    pairwise_consistency: float | None  # of the direct pairwise matchings (None for N < 3 or method "none")
+    pairwise_agreement: float | None  # fraction of units where P_j^-1 P_i equals the direct pairwise matching of (i, j)
     record: dict = field(default_factory=dict)  # sweeps, converged, objective (activation), examples
     seconds: dict = field(default_factory=dict)  # statistics, align, average, repair, diagnostics, total
     repair_passes: int = 0
@@ -95,21 +95,24 @@ class ManyResult:
 
 
 def joint_moments(
-    models: Sequence[nn.Module], sites: list[Site], data: Iterable, max_examples: int | None = 5000, full: bool = True
+    models: Sequence[nn.Module], sites: list[Site], data: Iterable, max_examples: int | None = 5000, full: bool = True,
+    chunk: int = 64,
 ) -> tuple[list[Moments], int]:
     """Float64 sums of [units of model 0 | ... | model N-1] at every site, in ONE pass (N forwards per batch).
 
     Returns (one Moments per site over (samples, N * units) columns, full second moments when `full`;
-    examples read). Conv activations (B, C, H, W) count as B*H*W samples. Models run in eval mode.
+    examples read). Conv activations (B, C, H, W) count as B*H*W samples. Models run in eval mode, on at
+    most `chunk` inputs at a time (every site of N models is held at once; the sums do not depend on it).
     """
     taps = [SiteTaps(m, sites) for m in models]
     moments = [Moments(full=full) for _ in sites]
     examples = 0
     with torch.no_grad(), eval_mode(*models):
         for x in batches(data, max_examples, device_of(models[0])):
-            acts = [tap(x)[1] for tap in taps]
-            for i, (m, s) in enumerate(zip(moments, sites)):
-                m.update(torch.cat([unit_matrix(a[i], s.dim) for a in acts], 1))
+            for part in x.split(chunk):
+                acts = [tap(part)[1] for tap in taps]
+                for i, (m, s) in enumerate(zip(moments, sites)):
+                    m.update(torch.cat([unit_matrix(a[i], s.dim) for a in acts], 1))
             examples += x.shape[0]
     return [m.all_reduce_() for m in moments], all_reduce_count(examples)
 
@@ -296,7 +299,8 @@ def align_many(
     Args:
         spec: the architecture's PermutationSpec (groups with sites for activation alignment).
         models: N >= 2 nn.Modules of one architecture (not modified).
-        method: "universe" | "mergemany" | "anchor"; alignment: "activation" (needs `data`) | "weight".
+        method: "universe" | "mergemany" | "anchor" | "none" (identity: plain averaging); alignment:
+            "activation" (needs `data`) | "weight".
         data: re-iterable x or (x, y) batches; the first `max_examples` inputs are read once (N forwards each).
         max_iter: sweeps of the iterative methods; seed: their visiting order.
     Returns:
@@ -304,10 +308,12 @@ def align_many(
          direct pairwise matchings {(i, j): perms}, i < j; record: sweeps, converged, objective per group, examples).
         Activation alignment matches groups without sites by weight (MergeMany sweeps over those groups only).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(METHODS)}")
+    if method not in (*METHODS, "none"):
+        raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(METHODS)}, none")
     if alignment not in ALIGNMENTS:
         raise ValueError(f"unknown alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)}")
+    if method == "none":
+        return [{g: torch.arange(grp.size) for g, grp in spec.groups.items()} for _ in models], {}, {}
     if alignment == "weight":
         return _weight_perms(spec, models, method, max_iter, seed)
     if data is None:
@@ -346,10 +352,10 @@ def cycle_consistency(maps: Pairwise, n_models: int) -> float | None:
     return sum(fractions) / len(fractions) if fractions else None
 
 
-def agreement(maps: Pairwise, direct: Pairwise) -> float:
-    """Fraction of units where two sets of pairwise maps agree, averaged over pairs and groups."""
+def agreement(maps: Pairwise, direct: Pairwise) -> float | None:
+    """Fraction of units where two sets of pairwise maps agree, averaged over pairs and groups (None: no maps)."""
     values = [(maps[pair][g] == q).double().mean().item() for pair, qs in direct.items() for g, q in qs.items()]
-    return sum(values) / len(values)
+    return sum(values) / len(values) if values else None
 
 
 # --- averaging and N-way REPAIR ------------------------------------------------------------------------------
@@ -419,7 +425,7 @@ def merge_many(
     Args:
         models: N >= 2 trained nn.Modules of one architecture (not modified).
         method: "universe" (cycle-consistent multi-model objective, C2M3's), "mergemany" (Ainsworth et al.
-            2022) or "anchor" (all aligned to model 0); see the module docstring.
+            2022), "anchor" (all aligned to model 0), or "none" (plain averaging); see the module docstring.
         repair: "exact" N-way REPAIR (goals: weighted mean of the endpoints' unit means and stds, Jordan et
             al. 2022 eqs. 3-4 generalised), "reset_bn" (BatchNorm statistics re-estimated, Sec. 5.2) or "none".
         weights: N non-negative weights of the average and of the goals (normalised; default uniform).
@@ -456,7 +462,7 @@ def merge_many(
     repaired_at = time.perf_counter()
     maps = induced_maps(perms)
     result = ManyResult(method, alignment, repair, w, perms, cycle_consistency(maps, len(models)),
-                        cycle_consistency(direct, len(models)), agreement(maps, direct), record,
+                        cycle_consistency(direct, len(models)) if direct else None, agreement(maps, direct), record,
                         {"align": aligned_at - start, "average": averaged_at - aligned_at, "repair": repaired_at - averaged_at,
                          "diagnostics": time.perf_counter() - repaired_at, "total": time.perf_counter() - start},
                         passes, fused, affines)  # fmt: skip
