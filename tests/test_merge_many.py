@@ -203,6 +203,8 @@ def test_nway_repair_meets_its_goal_statistics(name):
         np.testing.assert_allclose(got[site].std(0), goal_std, rtol=0, atol=1e-10)
         collapse.append(np.mean(plain[site].std(0) / goal_std))
     assert min(collapse) < 0.9, "the test needs variance collapse to correct"
+    again, reused = onebasin.merge_many(models, repair="exact", weights=weights, data=data, perms=result.perms)
+    assert torch.equal(outputs(again, data), outputs(merged, data)) and reused.pairwise_consistency is None
 
 
 def test_reset_bn_variant_reestimates_the_merged_batchnorms():

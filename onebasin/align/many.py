@@ -419,6 +419,7 @@ def merge_many(
     max_examples: int | None = 5000,
     max_iter: int = 100,
     seed: int = 0,
+    perms: list[Perms] | None = None,
 ) -> tuple[nn.Module, ManyResult]:
     """Merge N networks of one architecture into one: align into a universe, average, correct.
 
@@ -433,6 +434,8 @@ def merge_many(
             (first `max_examples` inputs). Only alignment="weight" with repair="none" and a `spec` needs none.
         alignment: "activation" (correlations from one pass with all N models) or "weight" (no data).
         spec: the PermutationSpec (traced from model 0 on the first batch when None).
+        perms: one {group: LongTensor} per model (e.g. `result.perms` of an earlier call) to use instead of
+            aligning; `method` is then only recorded, and the pairwise measures are None.
     Returns:
         (merged model, ManyResult with per-model perms, cycle-consistency measures, record and timings).
         The model has model 0's class when every REPAIR correction could be fused.
@@ -445,7 +448,10 @@ def merge_many(
         raise ValueError("merge_many needs data (training batches) to trace the model and to REPAIR")
     start = time.perf_counter()
     spec = spec or trace(models[0], next(iter(batches(data, 64, device_of(models[0])))))
-    perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples, max_iter=max_iter, seed=seed)
+    if perms is None:
+        perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples, max_iter=max_iter, seed=seed)
+    else:
+        direct, record = {}, {"given_perms": True}
     aligned_at = time.perf_counter()
     aligned = [permute_model(m, spec, p) for m, p in zip(models, perms)]
     merged = copy.deepcopy(models[0])
