@@ -22,9 +22,16 @@ same command is run again; --force discards it and overwrites OUT.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other input error of the CLI."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onebasin", description="Merge independently trained networks "
-                                "(permutation alignment, interpolation, REPAIR).")
+    p = _Parser(prog="onebasin", description="Merge independently trained networks "
+                "(permutation alignment, interpolation, REPAIR).")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model of the zoo with a paper recipe",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +99,7 @@ def cmd_train(args, fail) -> int:
     from onebasin.train import train_model
 
     _validate_train(args, fail)
+    _check_out_file(args.out, args.force, fail)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
@@ -103,9 +111,6 @@ def cmd_train(args, fail) -> int:
                                 progress=not args.no_progress, download=not args.no_download)
     except (FileExistsError, OnebasinError) as err:
         fail(str(err))
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume from the last finished epoch", file=sys.stderr)
-        return 130
     print(json.dumps({"out": args.out, "epochs_done": result.epochs_done, "train_acc": result.train_acc,
                       "test_acc": result.test_acc, "test_loss": result.test_loss,
                       "wall_time_s": round(result.wall_time_s, 1)}))
@@ -151,9 +156,9 @@ SWEEP_EXAMPLES = """example CONFIG.toml:
 Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs the first numeric axis.
 """
 
-METHODS = ["activation", "weight", "annealing", "functional"]
-MANY_METHODS = ["universe", "mergemany", "anchor"]
+METHODS = ["activation", "weight", "annealing", "functional", "orthogonal"]
 REPAIRS = ["exact", "closed", "reset_bn", "none"]
+MANY_METHODS = ["universe", "mergemany", "anchor"]
 
 
 def _sub(sub, name, help_, epilog):
@@ -194,6 +199,8 @@ def _add_pair(p, repairs):
     p.add_argument("--model-opts", nargs="*", default=[], metavar="KEY=VALUE", help="options of --model, e.g. width=128")
     p.add_argument("--data", help="dataset for calibration and evaluation (default: the checkpoints' dataset)")
     p.add_argument("--repair", default="exact", choices=repairs, help="correction after interpolating (default exact)")
+    p.add_argument("--allow-different-data", action="store_true",
+                   help="proceed (with a warning) when A and B were trained on different datasets")
 
 
 def _add_merge(sub):
@@ -210,7 +217,8 @@ def _add_merge(sub):
 def _add_barrier(sub):
     b = _sub(sub, "barrier", "barrier curves of two checkpoints: plain, aligned, aligned+REPAIR", BARRIER_EXAMPLES)
     _add_pair(b, REPAIRS[:3])
-    b.add_argument("--alphas", type=int, default=11, help="number of evenly spaced alphas in [0, 1] (default 11)")
+    b.add_argument("--alphas", type=int, default=11,
+                   help="how many evenly spaced alphas in [0, 1], a count: 11 gives 0, 0.1, ..., 1 (default 11)")
     _add_common(b, "report folder (report.json, barrier.csv, barrier.png, variance.png, index.html)")
 
 
@@ -234,44 +242,92 @@ def _parse_opts(items, fail) -> dict:
     return out
 
 
-def _refuse_overwrite(path, force, fail, folder=False):
+def _check_out_file(path, force, fail):
+    """Refuse a checkpoint OUT whose weights or sidecar (X.json) is a directory, or exists without --force."""
+    from onebasin._io import unwritable
+    from onebasin.checkpoint import checkpoint_paths
+
+    if problem := unwritable(path):
+        fail(problem)
+    for p in checkpoint_paths(path):
+        if p.is_dir():
+            fail(f"{p} is a directory; --out needs a checkpoint file name such as {p.with_suffix('') / 'model.safetensors'}")
+        if p.exists() and not force:
+            fail(f"{p} exists; pass --force to overwrite it")
+
+
+def _check_out_folder(path, force, fail):
+    """Refuse a report folder OUT that is a file, or that holds files without --force."""
     from pathlib import Path
 
+    from onebasin._io import unwritable
+
     p = Path(path)
-    if p.exists() and not force and (not folder or any(p.iterdir())):
+    if p.exists() and not p.is_dir():
+        fail(f"{p} is a file; --out needs a folder for the report")
+    if problem := unwritable(p / "report.json"):
+        fail(problem)
+    if p.exists() and any(p.iterdir()) and not force:
         fail(f"{p} exists; pass --force to overwrite it")
 
 
-def _endpoints(args, fail):
-    """(model A, model B, meta A) from the two paths: onebasin checkpoints or plain state_dicts with --model."""
+def _load_pair(args, fail):
+    """(A, B, meta of A, dataset name, calibration batches, {"test", "train": batches}) for merge and barrier.
+
+    A and B: onebasin checkpoints or plain state_dicts with --model; checked to share architecture,
+    dtype and (unless --allow-different-data) training dataset, and to run on the data.
+    """
+    import warnings
+
     from onebasin.checkpoint import load_any
-    from onebasin.checks import check_same_architecture
+    from onebasin.checks import (check_example_input, check_same_architecture, check_same_dataset, check_same_dtype,
+                                 first_input)
+    from onebasin.errors import DatasetMismatchError
 
     opts = _parse_opts(args.model_opts, fail)
-    a, meta_a = load_any(args.a, args.model, opts)
-    b, _ = load_any(args.b, args.model, opts or meta_a.get("model_kwargs"))
+    with warnings.catch_warnings(record=True) as caught:  # a stale sidecar or an old checksum: one line each
+        warnings.simplefilter("always")
+        a, meta_a = load_any(args.a, args.model, opts)
+        b, meta_b = load_any(args.b, args.model, opts or meta_a.get("model_kwargs"))
+    for w in caught:
+        _warn(args, w.message)
     check_same_architecture(a.state_dict(), b.state_dict())
-    return a, b, meta_a
+    check_same_dtype(a.state_dict(), b.state_dict())
+    try:
+        check_same_dataset(meta_a, meta_b, (str(args.a), str(args.b)))
+    except DatasetMismatchError as err:
+        if not args.allow_different_data:
+            fail(f"{err}; pass --allow-different-data to proceed anyway")
+        _warn(args, f"{err}; proceeding (--allow-different-data) on {args.data or meta_a['dataset']}")
+    name, calib, loaders = _pair_data(args, meta_a, fail)
+    check_example_input(a, first_input(calib))
+    return a, b, meta_a, name, calib, loaders
+
+
+def _warn(args, message) -> None:
+    print(f"onebasin {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _pair_data(args, meta, fail):
-    """(calibration batches, {"test": batches, "train": batches}) of the dataset of --data or the sidecar."""
+    """(dataset name, calibration batches, {"test": batches, "train": batches}) of --data or the checkpoints'."""
+    from onebasin.data import dataset_info
     from onebasin.experiment import evaluation_batches
     from onebasin.models import model_info
 
     name = args.data or meta.get("dataset")
     if name is None:
         fail("say which data to calibrate and evaluate on: --data DATASET")
+    name = dataset_info(name).name
     registered = ":" not in meta["model"]
     size = meta.get("image_size") or (model_info(meta["model"]).image_size if registered else None)
     loaders, calib = evaluation_batches(name, size, data_dir=args.data_dir, calib_examples=args.calib_examples)
-    return calib, loaders
+    return name, calib, loaders
 
 
 def _errors():
     from onebasin.errors import OnebasinError
 
-    return (OnebasinError, ValueError, FileExistsError, FileNotFoundError)
+    return (OnebasinError, ValueError, OSError)
 
 
 def cmd_demo(args, fail) -> int:
@@ -281,7 +337,7 @@ def cmd_demo(args, fail) -> int:
     from onebasin.models import model_info
 
     out = args.out or f"onebasin-demo/{time.strftime('%Y%m%d-%H%M%S')}"
-    _refuse_overwrite(out, args.force, fail, folder=True)
+    _check_out_folder(out, args.force, fail)
     try:
         kwargs = {"width": args.width, **({"depth": args.depth} if model_info(args.model).flat_input else {})}
         exp = Experiment(dataset=args.dataset, model=args.model, model_kwargs=kwargs, epochs=args.epochs,
@@ -304,19 +360,19 @@ def cmd_merge(args, fail) -> int:
 
     if args.more:
         return cmd_merge_many(args, fail)
-    _refuse_overwrite(args.out, args.force, fail)
+    _check_out_file(args.out, args.force, fail)
     if not 0 <= args.alpha <= 1:
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    _check_calib_examples(args, fail)
     try:
-        a, b, meta = _endpoints(args, fail)
-        calib, loaders = _pair_data(args, meta, fail)
+        a, b, meta, dataset, calib, loaders = _load_pair(args, fail)
         merged, result = merge(a, b, method=args.method, repair=args.repair, alpha=args.alpha, data=calib,
                                max_examples=args.calib_examples)
         measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
                     for name, m in (("model_a", a), ("model_b", b), ("merged", merged))}
-        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "dataset", "image_size") if k in meta},
+        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,
                     "merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(), "measured": measured,
-                    **({"repair_affines": result.affines} if result.affines else {})}
+                    **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
         save_checkpoint(args.out, merged.state_dict(), out_meta)
     except _errors() as err:
         fail(str(err))
@@ -326,30 +382,31 @@ def cmd_merge(args, fail) -> int:
 
 
 def cmd_merge_many(args, fail) -> int:
-    """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints."""
+    """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints (A and B checked as for two)."""
     from onebasin.align.many import merge_diagnostics, merge_many
     from onebasin.checkpoint import load_any, save_checkpoint
-    from onebasin.checks import check_same_architecture
+    from onebasin.checks import check_same_architecture, check_same_dtype
 
-    _refuse_overwrite(args.out, args.force, fail)
-    paths = [args.a, args.b, *args.more]
+    _check_out_file(args.out, args.force, fail)
+    _check_calib_examples(args, fail)
     if args.method not in ("activation", "weight"):
         fail(f"--method {args.method}: three or more models are aligned by activation or weight")
     if args.repair == "closed" or args.alpha != 0.5:
         fail("three or more models take --repair exact, reset_bn or none, and --weights instead of --alpha")
+    paths = [args.a, args.b, *args.more]
     try:
-        opts = _parse_opts(args.model_opts, fail)
-        first, meta = load_any(paths[0], args.model, opts)
-        models = [first] + [load_any(p, args.model, opts or meta.get("model_kwargs"))[0] for p in paths[1:]]
-        for p, m in zip(paths[1:], models[1:]):
-            check_same_architecture(first.state_dict(), m.state_dict(), (str(paths[0]), str(p)))
-        calib, loaders = _pair_data(args, meta, fail)
+        a, b, meta, dataset, calib, loaders = _load_pair(args, fail)
+        models = [a, b]
+        for p in args.more:
+            models.append(load_any(p, args.model, _parse_opts(args.model_opts, fail) or meta.get("model_kwargs"))[0])
+            check_same_architecture(a.state_dict(), models[-1].state_dict(), (str(args.a), str(p)))
+            check_same_dtype(a.state_dict(), models[-1].state_dict(), (str(args.a), str(p)))
         merged, result = merge_many(models, method=args.combine, repair=args.repair, weights=args.weights, data=calib,
                                     alignment=args.method, max_examples=args.calib_examples)
         measured = merge_diagnostics(models, merged, loaders["test"], result.weights)
-        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "dataset", "image_size") if k in meta},
+        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,
                     "merged_from": [str(p) for p in paths], "merge_many": result.to_dict(), "measured": measured,
-                    **({"repair_affines": result.affines} if result.affines else {})}
+                    **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
         save_checkpoint(args.out, merged.state_dict(), out_meta)
     except _errors() as err:
         fail(str(err))
@@ -363,12 +420,12 @@ def cmd_barrier(args, fail) -> int:
     from onebasin.experiment import summary_table
     from onebasin.report import write_comparison_report
 
-    _refuse_overwrite(args.out, args.force, fail, folder=True)
+    _check_out_folder(args.out, args.force, fail)
     if args.alphas < 2:
-        fail("--alphas must be >= 2")
+        fail(f"--alphas is a count and must be >= 2 (0 and 1), got {args.alphas}")
+    _check_calib_examples(args, fail)
     try:
-        a, b, meta = _endpoints(args, fail)
-        calib, loaders = _pair_data(args, meta, fail)
+        a, b, meta, _, calib, loaders = _load_pair(args, fail)
         alphas = [i / (args.alphas - 1) for i in range(args.alphas)]
         comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair,
                              alphas=alphas, max_examples=args.calib_examples, progress=not args.no_progress)
@@ -379,6 +436,11 @@ def cmd_barrier(args, fail) -> int:
     print(summary_table(comparison))
     print(f"report: {paths['html'].resolve()}")
     return 0
+
+
+def _check_calib_examples(args, fail) -> None:
+    if args.calib_examples < 1:
+        fail(f"--calib-examples must be >= 1, got {args.calib_examples}")
 
 
 def cmd_sweep(args, fail) -> int:
@@ -402,7 +464,18 @@ def main(argv=None) -> int:
         parser.exit(2, f"onebasin {args.command}: error: {one_line}\n")
 
     commands = {"train": cmd_train, "demo": cmd_demo, "merge": cmd_merge, "barrier": cmd_barrier, "sweep": cmd_sweep}
-    return commands[args.command](args, fail)
+    try:
+        return commands[args.command](args, fail)
+    except KeyboardInterrupt:
+        print(f"onebasin {args.command}: interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
+        return 130
+
+
+RESUME_HINTS = {
+    "train": ": run the same command again to resume from the last finished epoch",
+    "demo": ": run it again to resume training the endpoints from their last finished epoch",
+    "sweep": ": run the same command again to resume (finished cells are kept in results.csv)",
+}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Data directory: the explicit `data_dir`, then `$ONEBASIN_DATA`, then `~/.cache/o
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from onebasin.errors import OnebasinError
+from onebasin.errors import InvalidOptionError, OnebasinError
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -71,10 +72,10 @@ DATASETS = {
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """Metadata of dataset `name` (one of DATASETS); ValueError listing valid names otherwise."""
-    key = name.lower().replace("-", "").replace("_", "")
+    """Metadata of dataset `name` (one of DATASETS); InvalidOptionError (a ValueError) listing valid names otherwise."""
+    key = str(name).lower().replace("-", "").replace("_", "")
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+        raise InvalidOptionError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     return DATASETS[key]
 
 
@@ -157,11 +158,36 @@ def _read_torchvision(info: DatasetInfo, root: Path, train: bool, download: bool
     except (RuntimeError, OSError) as err:
         if not download:
             raise DataNotFoundError(_missing_message(info, root, "download disabled")) from err
+        new_dirs = _missing_dirs(root / info.folder if info.folder else root)
         try:
             ds = cls(str(root), download=True, **kw)
-        except Exception as err2:  # offline, read-only dir, server down: all end the same way
+        except BaseException as err2:  # offline, read-only dir, server down, Ctrl-C: nothing is left behind
+            _remove_new(new_dirs, root)
+            if not isinstance(err2, Exception):
+                raise
             raise DataNotFoundError(_missing_message(info, root, f"download failed: {err2}")) from err2
     return _to_tensors(info, ds)
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    folder = folder.absolute()
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def _remove_new(folders: list[Path], root: Path) -> None:
+    """Undo what a failed download created: folders inside `root` that did not exist before go with their
+    contents (all of it is the download's); `root` and its parents only if they are new and still empty."""
+    root = root.absolute()
+    inside = [p for p in folders if root in p.parents]
+    if inside:
+        shutil.rmtree(inside[-1], ignore_errors=True)
+    for p in folders:
+        if p not in inside:
+            try:
+                p.rmdir()
+            except OSError:  # not empty: something else lives there now
+                return
 
 
 def _to_tensors(info: DatasetInfo, ds):

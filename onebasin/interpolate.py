@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import check_same_architecture
+from .errors import EmptyDataError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -144,8 +145,9 @@ def barrier_curve(
         loaders: split name -> re-iterable of (x, y) batches, e.g. {"train": ..., "test": ...}.
         alphas: interpolation weights (default 0, 0.1, ..., 1); 0 and 1 are added if missing.
         correction: None, "reset_bn", "repair_exact" or "repair_closed", applied at every alpha (endpoints
-            included) with `calib_data` (default: loaders["train"], else the first loader), first
-            `max_examples` examples; `spec`/`sites` select the REPAIR sites.
+            included) with `calib_data` (default: loaders["train"]; without either, EmptyDataError: a
+            correction is never calibrated on a test split), first `max_examples` examples;
+            `spec`/`sites` select the REPAIR sites.
         loss_fn: loss(logits, targets) -> batch mean.
         endpoints: precomputed `repair.endpoint_stats(model_a, model_b, ...)` of those sites, for REPAIR.
         on_model: called as on_model(alpha, model) with each evaluated (corrected) network, e.g. to keep one.
@@ -153,7 +155,11 @@ def barrier_curve(
         BarrierCurve; `.barrier(split, "loss" | "error")` gives eq. (1).
     """
     alphas = sorted({0.0, 1.0, *(float(a) for a in (torch.linspace(0, 1, 11) if alphas is None else alphas))})
-    calib = calib_data if calib_data is not None else loaders.get("train", next(iter(loaders.values())))
+    calib = calib_data if calib_data is not None else loaders.get("train")
+    if correction is not None and calib is None:
+        raise EmptyDataError(f"barrier_curve(correction={correction!r}) needs calibration data: pass calib_data=<training "
+                             f"batches> (or a 'train' loader); the splits given are {list(loaders)}, and a correction "
+                             f"calibrated on a test split would measure a model fitted to its own test data")
     make = _corrector(model_a, model_b, correction, calib, max_examples, spec, sites, endpoints)
     loss = {split: [] for split in loaders}
     acc = {split: [] for split in loaders}

@@ -1,6 +1,7 @@
 """Datasets: metadata, data-dir rules, the offline error, biased split, batch loader and augmentation."""
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torchvision
 from onebasin.data import (DATASETS, Augment, DataNotFoundError, ImageData, batches, biased_split,
                            dataset_info, load_dataset, make_augment, num_batches, pad_images,
                            resolve_data_dir)
+from onebasin.errors import OnebasinError
 
 
 def test_dataset_info_of_every_dataset():
@@ -52,8 +54,43 @@ def test_failed_download_is_reported_as_missing_data(tmp_path, monkeypatch):
         load_dataset("cifar10", data_dir=tmp_path, download=True)
 
 
-def test_missing_data_error_is_a_file_not_found_error():
-    assert issubclass(DataNotFoundError, FileNotFoundError)
+def test_code_that_handles_a_missing_file_handles_missing_data(tmp_path):
+    """DataNotFoundError is caught where a missing file is (`except FileNotFoundError`) and where any onebasin error is."""
+    for handled in (FileNotFoundError, OnebasinError):
+        try:
+            load_dataset("mnist", data_dir=tmp_path, download=False)
+        except handled as err:
+            assert "train-images-idx3-ubyte" in str(err)
+        else:
+            pytest.fail("no error for a missing dataset")
+
+
+def test_train_without_data_exits_2_with_one_line(tmp_path, capsys):
+    from onebasin.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--model", "mlp", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-download",
+              "--out", str(tmp_path / "a.safetensors"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "download disabled" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, exists):
+    """Issue 12: an empty --data-dir was left holding MNIST/raw after a failed download."""
+
+    def half_download(url, root, filename=None, *args, **kwargs):
+        Path(root, filename or "part").write_bytes(b"half a file")
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", half_download)
+    data_dir = tmp_path / "data" / "deeper"
+    if exists:
+        data_dir.mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="download failed"):
+        load_dataset("mnist", data_dir=data_dir, download=True)
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == ([Path("data"), Path("data/deeper")] if exists else [])
 
 
 def test_biased_split_sizes_and_disjointness():

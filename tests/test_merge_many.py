@@ -278,3 +278,24 @@ def test_cli_merges_three_checkpoints(tmp_path, shared_data, capsys):
     with pytest.raises(SystemExit) as e:
         main(["merge", *map(str, paths), "--out", str(tmp_path / "x.safetensors"), "--method", "annealing"])
     assert e.value.code == 2 and "activation or weight" in capsys.readouterr().err
+
+
+def test_merged_resnet_with_unfused_corrections_saves_and_reloads(tmp_path):
+    from onebasin.checkpoint import load_model, save_checkpoint
+    from onebasin.models import create_model
+
+    kw = {"width": 1, "norm": "batchnorm", "in_channels": 1, "num_classes": 10}
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(create_model("resnet20", **kw).eval())
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 1, 12, 12, generator=gen) for _ in range(2)]
+    merged, result = onebasin.merge_many(models, data=data)
+    assert not result.fused and result.affines  # corrections after residual additions stay as modules
+    path = tmp_path / "merged.safetensors"
+    save_checkpoint(path, merged.state_dict(), {"model": "resnet20", "model_kwargs": kw, "repair_affines": result.affines,
+                                                "example_input": result.example_input})
+    reloaded, _ = load_model(path)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(data[0]), merged.eval()(data[0]), atol=1e-5)

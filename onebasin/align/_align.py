@@ -53,7 +53,8 @@ def align(
         options: passed to the method (max_examples, device, seed, budget, init, ...).
     Returns:
         (a permuted copy of B, the AlignResult: perms per group and the method's record, plus
-        record["check_max_diff"] when checked).
+        record["check_max_diff"] when checked). A method that also rewrites A (orthogonal) leaves the
+        rewritten A in `result.models[0]`: interpolate B's copy with that, not with A.
     """
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_same_architecture(sd_a, sd_b)
@@ -68,7 +69,7 @@ def align(
     if spec is None:
         spec = trace(model_a, example_input)
     result = fn(spec, model_a, model_b, data, **options)
-    permuted = permute_model(model_b, spec, result.perms)
+    permuted = result.models[1] if result.models is not None else permute_model(model_b, spec, result.perms)
     if check:
         result.record["check_max_diff"] = check_same_function(model_b, permuted, example_input)
     return permuted, result

@@ -26,11 +26,14 @@ class AlignResult:
 
     `perms[g]` is a LongTensor p (group size,) in the permute.py convention: unit i of the aligned B is
     unit p[i] of B, so `apply_perms(spec, perms, sd_b)` is B written in A's unit order. `record` holds
-    the method's name, iterations, objective values, seconds and examples used.
+    the method's name, iterations, objective values, seconds and examples used. A method that also
+    re-bases the networks beyond permutations (orthogonal) returns them as `models` = (A', B'): same
+    functions as A and B, B' in A''s basis; interpolate those.
     """
 
     perms: Perms
     record: dict = field(default_factory=dict)
+    models: tuple | None = None  # (A, B) rewritten by a method that does more than permute (orthogonal): use these
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checks import check_finite, check_same_architecture
-from ..errors import OnebasinError
+from ..checks import check_example_input, check_finite, check_same_architecture, check_same_dtype, first_input
+from ..errors import EmptyDataError, InvalidOptionError, OnebasinError
+from ..graph import batch_size, describe_input, model_inputs, take_rows
 from ..interpolate import evaluate
 from ..permute import Perms, StateDict, permute_model
 from ..repair import KINDS, correct, reset_bn, select_sites
 from ..spec import PermutationSpec, Site, trace
-from ..stats import Moments, SiteTaps, batches, eval_mode, unit_matrix
+from ..stats import Moments, SiteTaps, batches, eval_mode, site_matrix
 from ._registry import all_reduce_count, assign, device_of, matched, weights_of
 from .weight import match_weights, other_axes_permuted
 
@@ -84,6 +85,7 @@ class ManyResult:
     repair_passes: int = 0
     fused: bool = True  # False: the model holds RepairAffine modules (see `affines`)
     affines: dict = field(default_factory=dict)  # fx node -> unit axis of each unfused correction
+    example_input: dict = field(default_factory=dict)  # shapes/dtypes of the input (rebuilds the graph on reload)
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
@@ -96,24 +98,26 @@ class ManyResult:
 
 def joint_moments(
     models: Sequence[nn.Module], sites: list[Site], data: Iterable, max_examples: int | None = 5000, full: bool = True,
-    chunk: int = 64,
+    chunk: int = 64, graph=None,
 ) -> tuple[list[Moments], int]:
     """Float64 sums of [units of model 0 | ... | model N-1] at every site, in ONE pass (N forwards per batch).
 
     Returns (one Moments per site over (samples, N * units) columns, full second moments when `full`;
     examples read). Conv activations (B, C, H, W) count as B*H*W samples. Models run in eval mode, on at
     most `chunk` inputs at a time (every site of N models is held at once; the sums do not depend on it).
+    `graph`: the captured graph the sites' node names refer to (`spec.graph`).
     """
-    taps = [SiteTaps(m, sites) for m in models]
+    taps = [SiteTaps(m, sites, graph) for m in models]
     moments = [Moments(full=full) for _ in sites]
     examples = 0
     with torch.no_grad(), eval_mode(*models):
-        for x in batches(data, max_examples, device_of(models[0])):
-            for part in x.split(chunk):
-                acts = [tap(part)[1] for tap in taps]
+        for x in model_inputs(models[0], batches(data, max_examples, device_of(models[0]))):
+            n = batch_size(x)
+            for start in range(0, n, chunk):
+                acts = [tap(take_rows(x, slice(start, start + chunk)))[1] for tap in taps]
                 for i, (m, s) in enumerate(zip(moments, sites)):
-                    m.update(torch.cat([unit_matrix(a[i], s.dim) for a in acts], 1))
-            examples += x.shape[0]
+                    m.update(torch.cat([site_matrix(a[i], s) for a in acts], 1))
+            examples += n
     return [m.all_reduce_() for m in moments], all_reduce_count(examples)
 
 
@@ -215,7 +219,7 @@ def _activation_perms(spec, models, data, method, max_examples, max_iter, seed) 
     groups = [g for g in spec.groups.values() if g.sites]
     sites = [s for g in groups for s in g.sites]
     t0 = time.perf_counter()
-    moments, examples = joint_moments(models, sites, data, max_examples)
+    moments, examples = joint_moments(models, sites, data, max_examples, graph=spec.graph)
     record = {"examples": examples, "seconds_statistics": time.perf_counter() - t0, "objective": {}, "sweeps": {}, "converged": True}
     n_models, it = len(models), iter(moments)
     perms: list[Perms] = [{} for _ in models]
@@ -309,15 +313,17 @@ def align_many(
         Activation alignment matches groups without sites by weight (MergeMany sweeps over those groups only).
     """
     if method not in (*METHODS, "none"):
-        raise ValueError(f"unknown merge method {method!r}; valid methods: {', '.join(METHODS)}, none")
+        raise InvalidOptionError(f"unknown merge method {method!r}; valid methods: {', '.join(METHODS)}, none")
     if alignment not in ALIGNMENTS:
-        raise ValueError(f"unknown alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)}")
+        raise InvalidOptionError(f"unknown alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)}")
+    if structured := [g.name for g in spec.groups.values() if g.structured]:
+        raise OnebasinError(f"merge_many aligns free permutations only; groups with a block structure: {', '.join(structured)}")
     if method == "none":
         return [{g: torch.arange(grp.size) for g, grp in spec.groups.items()} for _ in models], {}, {}
     if alignment == "weight":
         return _weight_perms(spec, models, method, max_iter, seed)
     if data is None:
-        raise ValueError("activation alignment needs data: an iterable of x or (x, y) batches")
+        raise EmptyDataError("activation alignment needs data: an iterable of x or (x, y) batches")
     perms, direct, record = _activation_perms(spec, models, data, method, max_examples, max_iter, seed)
     fallback = [g for g, grp in spec.groups.items() if not grp.sites]
     if fallback:
@@ -371,14 +377,15 @@ def weighted_mean(state_dicts: Sequence[StateDict], weights: Sequence[float]) ->
 
 
 def goal_statistics(
-    models: Sequence[nn.Module], sites: list[Site], weights: Sequence[float], data: Iterable, max_examples: int | None = 5000
+    models: Sequence[nn.Module], sites: list[Site], weights: Sequence[float], data: Iterable, max_examples: int | None = 5000,
+    graph=None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Goals of N-way REPAIR at each site: sum_i w_i E[X_i] and sum_i w_i std(X_i) (eqs. 3-4 with N weights).
 
     `models` are the aligned endpoints (unit u of each in the same universe slot); one pass, N forwards per batch.
     Returns ([(units,) float64 goal mean per site], [goal std per site]).
     """
-    moments, _ = joint_moments(models, sites, data, max_examples, full=False)
+    moments, _ = joint_moments(models, sites, data, max_examples, full=False, graph=graph)
     w = torch.tensor(list(weights), dtype=torch.float64)[:, None]
     means, stds = [], []
     for m in moments:
@@ -393,18 +400,19 @@ def _normalised(weights, n_models: int) -> list[float]:
         return [1.0 / n_models] * n_models
     weights = [float(w) for w in weights]
     if len(weights) != n_models or any(not w >= 0 for w in weights) or sum(weights) <= 0:
-        raise OnebasinError(f"weights must be {n_models} non-negative numbers with a positive sum, got {weights}")
+        raise InvalidOptionError(f"weights must be {n_models} non-negative numbers with a positive sum, got {weights}")
     return [w / sum(weights) for w in weights]
 
 
 def _check_models(models: Sequence[nn.Module]) -> None:
     if len(models) < 2:
-        raise OnebasinError(f"merge_many needs at least 2 models, got {len(models)}")
+        raise InvalidOptionError(f"merge_many needs at least 2 models, got {len(models)}")
     sds = [m.state_dict() for m in models]
     for i, sd in enumerate(sds):
         check_finite(sd, f"model {i}")
         if i:
             check_same_architecture(sds[0], sd, ("model 0", f"model {i}"))
+            check_same_dtype(sds[0], sd, ("model 0", f"model {i}"))
 
 
 def merge_many(
@@ -441,13 +449,16 @@ def merge_many(
         The model has model 0's class when every REPAIR correction could be fused.
     """
     if repair not in REPAIRS:
-        raise ValueError(f"unknown repair {repair!r}; valid: {', '.join(REPAIRS)}")
+        raise InvalidOptionError(f"unknown repair {repair!r}; valid: {', '.join(REPAIRS)}")
     _check_models(models)
     w = _normalised(weights, len(models))
     if data is None and (spec is None or repair != "none"):
-        raise ValueError("merge_many needs data (training batches) to trace the model and to REPAIR")
+        raise EmptyDataError("merge_many needs data (training batches) to trace the model and to REPAIR")
     start = time.perf_counter()
-    spec = spec or trace(models[0], next(iter(batches(data, 64, device_of(models[0])))))
+    example = first_input(data, 64, device_of(models[0])) if data is not None else None
+    if example is not None:
+        check_example_input(models[0], example)
+    spec = spec or trace(models[0], example)
     if perms is None:
         perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples, max_iter=max_iter, seed=seed)
     else:
@@ -459,9 +470,9 @@ def merge_many(
     averaged_at = time.perf_counter()
     passes, fused, affines = 0, True, {}
     if repair == "exact":
-        sites = select_sites(spec, merged, KINDS)
-        goal_mean, goal_std = goal_statistics(aligned, sites, w, data, max_examples)
-        fixed = correct(merged, sites, goal_mean, goal_std, data, max_examples=max_examples)
+        sites = select_sites(spec, KINDS)
+        goal_mean, goal_std = goal_statistics(aligned, sites, w, data, max_examples, spec.graph)
+        fixed = correct(merged, sites, goal_mean, goal_std, data, graph=spec.graph, max_examples=max_examples)
         merged, passes, fused, affines = fixed.model, fixed.passes, fixed.fused, fixed.affines
     elif repair == "reset_bn":
         merged = reset_bn(merged, data, max_examples)
@@ -471,7 +482,7 @@ def merge_many(
                         cycle_consistency(direct, len(models)) if direct else None, agreement(maps, direct), record,
                         {"align": aligned_at - start, "average": averaged_at - aligned_at, "repair": repaired_at - averaged_at,
                          "diagnostics": time.perf_counter() - repaired_at, "total": time.perf_counter() - start},
-                        passes, fused, affines)  # fmt: skip
+                        passes, fused, affines, describe_input(example) if example is not None else {})  # fmt: skip
     return merged, result
 
 
