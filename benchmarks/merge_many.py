@@ -148,10 +148,21 @@ def run_setting(s: Setting, draw: int, threads: int) -> list[dict]:
             print(f"  {s.name} draw {draw} {method:<9} {repair:<8} acc {acc:.4f} ({result.seconds['total']:.1f} s)")
         rows.append(row)
     recipe = dataclasses.asdict(get_recipe(default_recipe(exp.model), epochs=exp.epochs, **exp.recipe_overrides))
-    extra = {"calib_examples": exp.calib_examples, "test_examples": exp.test_examples or "all", "threads": threads,
+    extra = {"code": _commit(), "calib_examples": exp.calib_examples, "test_examples": exp.test_examples or "all", "threads": threads,
              "seconds_evaluate_endpoints_and_ensemble": round(t_eval, 1), "model_kwargs": json.dumps(exp.model_kwargs),
              "recipe": json.dumps(recipe), "note": s.family.note}
     return [r | extra for r in rows]
+
+
+def _commit() -> str:
+    """The short hash of the checked-out commit (what produced a row), or "unknown"."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # --- output ----------------------------------------------------------------------------------------------
@@ -195,7 +206,8 @@ def print_tables() -> None:
                 continue
             sweeps = [json.loads(r["sweeps"]) for r in mine if r["sweeps"] not in ("", "null")]
             most = max((max(x.values()) if isinstance(x, dict) else x) for x in sweeps) if sweeps else "-"
-            print(f"| {mine[0]['family']} | {mine[0]['n_models']} | {method} | {num(_mean(mine, 'mean_matched_corr'), '{:.4f}')} | "
+            label = mine[0]["family"] + (f" ({mine[0]['alignment']} alignment)" if mine[0]["alignment"] != "activation" else "")
+            print(f"| {label} | {mine[0]['n_models']} | {method} | {num(_mean(mine, 'mean_matched_corr'), '{:.4f}')} | "
                   f"{num(_mean(mine, 'cycle_consistency'))} / {num(_mean(mine, 'pairwise_consistency'))} | "
                   f"{num(_mean(mine, 'pairwise_agreement'))} | {most} | {num(_mean(mine, 'seconds_align'), '{:.1f}')} | "
                   f"{num(_mean(mine, 'seconds_repair'), '{:.1f}')} | {_pct(_mean(mine, 'acc_reset_bn'))} |")
