@@ -145,6 +145,9 @@ MERGE_EXAMPLES = """examples:
   onebasin merge runs/bert_a runs/bert_b --calib-text corpus.txt --out runs/bert_merged
   # two checkpoints of `onebasin train` (model and dataset read from their sidecars)
   onebasin merge runs/a.safetensors runs/b.safetensors --method activation --repair exact --out merged.safetensors
+  # five models into one: aligned into a shared universe, averaged, N-way REPAIR
+  onebasin merge runs/s0.safetensors runs/s1.safetensors runs/s2.safetensors runs/s3.safetensors runs/s4.safetensors \\
+      --combine universe --repair exact --out merged5.safetensors
   # your own model: an importable factory and plain state_dict files, calibrated on MNIST
   onebasin merge a.pt b.pt --model mypkg.nets:make_net --model-opts hidden=256 --data mnist --out merged.safetensors
 """
@@ -171,6 +174,7 @@ Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs t
 
 METHODS = ["activation", "weight", "annealing", "functional", "orthogonal"]
 REPAIRS = ["exact", "closed", "reset_bn", "none"]
+MANY_METHODS = ["universe", "mergemany", "anchor"]
 
 
 def _sub(sub, name, help_, epilog):
@@ -226,8 +230,9 @@ def _add_pair(p, repairs):
 
 
 def _add_merge(sub):
-    m = _sub(sub, "merge", "merge two checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
+    m = _sub(sub, "merge", "merge two or more checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
     _add_pair(m, REPAIRS)
+    m.add_argument("more", nargs="*", metavar="C", help="further models: three or more are merged by onebasin.merge_many")
     m.add_argument("--alpha", type=float, default=0.5, help="interpolation weight, 0 = A, 1 = B (default 0.5)")
     m.add_argument("--sites", help="REPAIR sites: layer (Linear/Conv outputs, always folded into the weights) and/or "
                    "block (residual additions, kept as modules): default layer,block; layer for Hugging Face folders")
@@ -235,6 +240,9 @@ def _add_merge(sub):
     m.add_argument("--seq-len", type=int, default=64, help="Hugging Face folders: tokens per calibration window (default 64)")
     m.add_argument("--allow-onebasin-checkpoint", action="store_true",
                    help="Hugging Face folders: if some corrections cannot be folded, save an onebasin checkpoint instead")
+    m.add_argument("--combine", default="universe", choices=MANY_METHODS,
+                   help="three or more models: universe (default, cycle-consistent), mergemany or anchor (all to A)")
+    m.add_argument("--weights", type=float, nargs="+", metavar="W", help="three or more models: weight of each (default equal)")
     _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers); "
                    "for two save_pretrained folders, a new folder")
 
@@ -472,6 +480,8 @@ def cmd_merge(args, fail) -> int:
     from onebasin.interpolate import evaluate
     from onebasin.pipeline import merge
 
+    if args.more:
+        return cmd_merge_many(args, fail)
     _check_out_file(args.out, args.force, fail)
     if not 0 <= args.alpha <= 1:
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -491,6 +501,43 @@ def cmd_merge(args, fail) -> int:
         fail(str(err))
     if is_main():
         print(json.dumps({"out": args.out, **{k: round(v["test_acc"], 4) for k, v in measured.items()},
+                          "fused": result.fused}))
+    return 0
+
+
+def cmd_merge_many(args, fail) -> int:
+    """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints (A and B checked as for two)."""
+    from onebasin.align.many import merge_diagnostics, merge_many
+    from onebasin.checkpoint import load_any, save_checkpoint
+    from onebasin.distributed import is_main
+    from onebasin.checks import check_same_architecture, check_same_dtype
+
+    _check_out_file(args.out, args.force, fail)
+    _check_calib_examples(args, fail)
+    if args.method not in ("activation", "weight"):
+        fail(f"--method {args.method}: three or more models are aligned by activation or weight")
+    if args.repair == "closed" or args.alpha != 0.5:
+        fail("three or more models take --repair exact, reset_bn or none, and --weights instead of --alpha")
+    paths = [args.a, args.b, *args.more]
+    try:
+        a, b, meta, dataset, calib, loaders = _load_pair(args, fail)
+        models = [a, b]
+        for p in args.more:
+            models.append(load_any(p, args.model, _parse_opts(args.model_opts, fail) or meta.get("model_kwargs"), device=args.device)[0])
+            check_same_architecture(a.state_dict(), models[-1].state_dict(), (str(args.a), str(p)))
+            check_same_dtype(a.state_dict(), models[-1].state_dict(), (str(args.a), str(p)))
+        merged, result = merge_many(models, method=args.combine, repair=args.repair, weights=args.weights, data=calib,
+                                    alignment=args.method, max_examples=args.calib_examples)
+        measured = merge_diagnostics(models, merged, loaders["test"], result.weights)
+        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,
+                    "merged_from": [str(p) for p in paths], "merge_many": result.to_dict(), "measured": measured,
+                    **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
+        if is_main():
+            save_checkpoint(args.out, merged.state_dict(), out_meta)
+    except _errors() as err:
+        fail(str(err))
+    if is_main():
+        print(json.dumps({"out": args.out, **{k: round(measured[k]["acc"], 4) for k in ("merged", "endpoint_mean", "ensemble")},
                           "fused": result.fused}))
     return 0
 
