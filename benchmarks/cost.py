@@ -4,7 +4,8 @@
     python benchmarks/cost.py --models resnet20x8 --examples 256 --append
 
 For each model: two differently seeded random-init copies A and B (eval mode) and `--examples` random
-inputs of the model's shape in batches of `--batch` (default 512 examples in batches of 256, all threads).
+inputs of the model's shape in batches of `--batch` (default 512 examples in batches of 256, all threads;
+doubled for small networks until one forward pass takes 0.5 s, so that ratios are not timer noise).
 Steps: trace (PermutationSpec), activation matching (`align(..., check=False)`: statistics, assignment,
 permuting B), weight matching, endpoint statistics (one paired pass of A and B: the goals of REPAIR),
 exact REPAIR (the correction itself, given the endpoint statistics: one forward sweep of the interpolated
@@ -105,8 +106,10 @@ def bench(name, args, device) -> list[dict]:
     a, b = models
     g = torch.Generator().manual_seed(2)
     data = [torch.randn(args.batch, *shape, generator=g).to(device) for _ in range(args.examples // args.batch)]
-    n = len(data) * args.batch
     forward(a, data[:1])  # warm-up
+    while timed(lambda: forward(a, data), device)[1] < 0.5 and len(data) < 64:  # small nets: enough examples to time
+        data += [torch.randn(args.batch, *shape, generator=g).to(device) for _ in range(len(data))]
+    n = len(data) * args.batch
     t_fwd = statistics.median(timed(lambda: forward(a, data), device)[1] for _ in range(3))
     params = sum(p.numel() for p in a.parameters()) / 1e6
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
