@@ -104,7 +104,7 @@ def check_example_input(model: nn.Module, example: Example) -> None:
     if any(t.dim() and t.shape[0] == 0 for t in tensors):
         raise EmptyDataError(f"{what}: the batch has 0 rows")
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             _call(model, example)
     except Exception as err:  # any failure of the user's forward is an input mismatch here
         lines = str(err).strip().splitlines()
@@ -150,9 +150,11 @@ def _dtype(t: torch.Tensor) -> str:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode for the duration, then restore every submodule's own mode."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
     try:
         yield
     finally:

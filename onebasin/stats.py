@@ -11,13 +11,13 @@ tapped tensor, so what a site reports is the value the next op reads.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .checks import eval_mode  # noqa: F401  (re-exported: statistics run models in eval mode)
 from .errors import OnebasinError
 from .graph import Captured, as_call
 from .spec import Site
@@ -251,19 +251,6 @@ class SiteTaps(nn.Module):
             self._hooked[name] = output.clone()  # a later in-place op must not change what was read
 
         return hook
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode for the duration, then restore every submodule's own mode."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _presharded(data) -> bool:

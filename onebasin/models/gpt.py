@@ -2,7 +2,8 @@
 
 Token ids (B, T) -> token embedding + learned position embedding -> `depth` pre-norm causal blocks
 (the ViT's `Block` with causal scaled_dot_product_attention) -> final LayerNorm -> LM head, whose weight
-is the token embedding's (tied, as in GPT-2) unless `tie=False`. Output: next-token logits (B, T, vocab).
+is the token embedding's (tied, as in GPT-2) unless `tie=False` (then its own, with a bias: the orthogonal
+alignment of the residual stream folds the final LayerNorm into it). Output: next-token logits (B, T, vocab).
 No dropout; nanoGPT's init (normal(0, 0.02), residual projections scaled by 1/sqrt(2 * depth)).
 
 Permutation groups: the residual stream (embeddings, positions, every block's output projections and
@@ -42,7 +43,7 @@ class GPT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, causal=True) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
-        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=not cfg.tie)  # untied: a bias, so a final-norm shift can fold in
         init_weights(self, cfg.depth)
         nn.init.normal_(self.pos_embed, 0.0, 0.02)
         if cfg.tie:
