@@ -57,8 +57,7 @@ def test_two_gloo_processes_equal_one_process():
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         # fork (where available) starts the workers without re-importing torch: ~3x faster than spawn here
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, start_method=method)
+        mp.start_processes(worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, start_method="spawn")
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
     a, b, spec, data = setup()
     single = statistics(spec, a, b, data)
@@ -102,8 +101,7 @@ def test_merge_under_two_gloo_processes_equals_one_process(n_batches):
     """Issue 12 #7 and issue 14: with 1 batch, rank 1 reads nothing and still takes part in every all-reduce."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(merge_worker, args=(str(Path(tmp) / "init"), tmp, n_batches), nprocs=WORLD, start_method=method)
+        mp.start_processes(merge_worker, args=(str(Path(tmp) / "init"), tmp, n_batches), nprocs=WORLD, start_method="spawn")
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
     single = merged_and_stats(n_batches)
     for got in ranks:
