@@ -328,6 +328,15 @@ def _plt():
     return plt
 
 
+CHANCE_ACC = 0.2  # an endpoint below this test accuracy did not train (10 classes: chance is 0.1)
+
+
+def trained(rows: list[dict]) -> list[dict]:
+    """The seed pairs whose two endpoints both trained (test accuracy >= CHANCE_ACC); the plots and tables
+    use only these: a net stuck at chance (dead ReLUs) or blown up has no basin to compare."""
+    return [r for r in rows if min(float(r["test_acc_a"]), float(r["test_acc_b"])) >= CHANCE_ACC]
+
+
 def _stats(rows, key):
     vals = [float(r[key]) for r in rows]
     return sum(vals) / len(vals), min(vals), max(vals)
@@ -340,24 +349,28 @@ def _grouped(rows, by):
     return out
 
 
-def _band(ax, xs, groups, key, label, style):
-    """Mean over seed pairs as a line, min..max as a shaded band."""
+def _band(ax, xs, groups, key, label, style, full=3):
+    """Mean over seed pairs as a line, min..max as a shaded band; points with fewer than `full` pairs say so."""
     st = [_stats(g, key) for g in groups]
     line = ax.plot(xs, [s[0] for s in st], style, label=label, ms=4)[0]
     ax.fill_between(xs, [s[1] for s in st], [s[2] for s in st], color=line.get_color(), alpha=0.15)
+    for x, s, g in zip(xs, st, groups):
+        if len(g) < full:
+            ax.annotate(f"{len(g)} pair{'s' * (len(g) > 1)}", (x, s[0]), fontsize=6, color=line.get_color(),
+                        textcoords="offset points", xytext=(3, -9))
 
 
 def plot_width(rows, out: Path, cfg: Config) -> None:
     plt = _plt()
-    mlp = [r for r in rows if r["family"] == "mlp" and r["dataset"] == "mnist"]
+    mlp = [r for r in trained(rows) if r["family"] == "mlp" and r["dataset"] == "mnist"]
     fig, axes = plt.subplots(1, len(cfg.hidden), figsize=(4 * len(cfg.hidden), 3.6), sharey=True)
     for ax, h in zip(axes, cfg.hidden):
         g = _grouped([r for r in mlp if int(r["depth"]) == h and int(r["width"]) in cfg.widths], ["width"])
         ws = sorted(g, key=lambda k: int(k[0]))
         xs = [int(w[0]) for w in ws]
         for prefix, name in (("plain", "plain"), ("aligned", "activation matching")):
-            _band(ax, xs, [g[w] for w in ws], f"{prefix}_test_barrier", f"{name}, test", "o-")
-            _band(ax, xs, [g[w] for w in ws], f"{prefix}_train_barrier", f"{name}, train", "s--")
+            _band(ax, xs, [g[w] for w in ws], f"{prefix}_test_barrier", f"{name}, test", "o-", len(pairs(cfg)))
+            _band(ax, xs, [g[w] for w in ws], f"{prefix}_train_barrier", f"{name}, train", "s--", 0)
         ax.set_xscale("log", base=2), ax.set_title(f"{h} hidden layer{'s' * (h > 1)}"), ax.set_xlabel("width")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss barrier"), axes[0].legend(fontsize=7)
@@ -372,13 +385,13 @@ def plot_depth(rows, out: Path, cfg: Config) -> None:
             ("sconv", cfg.conv_width, "conv layers", f"s-conv CNN, {cfg.conv_width} channels")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, (family, width, xlabel, title) in zip(axes, fams):
-        sel = [r for r in rows if r["family"] == family and int(r["width"]) == width and r["dataset"] == "mnist"]
+        sel = [r for r in trained(rows) if r["family"] == family and int(r["width"]) == width and r["dataset"] == "mnist"]
         g = _grouped(sel, ["depth"])
         ds = sorted(g, key=lambda k: int(k[0]))
         xs = [int(d[0]) for d in ds]
         for prefix, name in (("plain", "plain"), ("aligned", "activation matching")):
-            _band(ax, xs, [g[d] for d in ds], f"{prefix}_test_barrier", f"{name}, test", "o-")
-            _band(ax, xs, [g[d] for d in ds], f"{prefix}_train_barrier", f"{name}, train", "s--")
+            _band(ax, xs, [g[d] for d in ds], f"{prefix}_test_barrier", f"{name}, test", "o-", len(pairs(cfg)))
+            _band(ax, xs, [g[d] for d in ds], f"{prefix}_train_barrier", f"{name}, train", "s--", 0)
         ax.set_xlabel(xlabel), ax.set_ylabel("loss barrier"), ax.set_title(title), ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("MNIST: barrier vs depth (mean over seed pairs, min..max shaded)", fontsize=10)
@@ -388,28 +401,41 @@ def plot_depth(rows, out: Path, cfg: Config) -> None:
 def task_points(rows, cfg: Config) -> list[dict]:
     """Per (architecture, dataset) of the task experiment: mean test error of the endpoints and mean barrier."""
     points = []
-    for (arch, dataset), g in _grouped(rows, ["arch", "dataset"]).items():
+    for (arch, dataset), g in _grouped(trained(rows), ["arch", "dataset"]).items():
         if arch not in cfg.task_archs:
             continue
         err = sum(2 - float(r["test_acc_a"]) - float(r["test_acc_b"]) for r in g) / (2 * len(g))
         points.append({"arch": arch, "dataset": dataset, "test_error": err, "pairs": len(g),
                        "plain_test_barrier": _stats(g, "plain_test_barrier")[0],
-                       "aligned_test_barrier": _stats(g, "aligned_test_barrier")[0]})
+                       "aligned_test_barrier": _stats(g, "aligned_test_barrier")[0],
+                       "plain_test_error_barrier": _stats(g, "plain_test_error_barrier")[0]})
     return points
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman rank correlation (no ties expected): Pearson correlation of the ranks."""
+    rank = lambda v: [sorted(v).index(x) for x in v]  # noqa: E731
+    rx, ry = rank(xs), rank(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
 
 
 def plot_task(rows, out: Path, cfg: Config) -> None:
     plt = _plt()
     points = task_points(rows, cfg)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     colors = {"mnist": "tab:blue", "fashionmnist": "tab:orange"}
-    for ax, key, title in ((axes[0], "plain_test_barrier", "plain"), (axes[1], "aligned_test_barrier", "activation matching")):
+    panels = (("plain_test_barrier", "test loss barrier", "plain"),
+              ("plain_test_error_barrier", "test error barrier", "plain"),
+              ("aligned_test_barrier", "test loss barrier", "after activation matching"))
+    for ax, (key, ylabel, title) in zip(axes, panels):
         for p in points:
             marker = "o" if p["arch"].startswith("mlp") else "^"
             ax.scatter(100 * p["test_error"], p[key], c=colors[p["dataset"]], marker=marker)
             ax.annotate(p["arch"].replace("-w", " w"), (100 * p["test_error"], p[key]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
-        ax.set_xlabel("test error of the endpoints (%)"), ax.set_ylabel("test loss barrier"), ax.set_title(title)
+        ax.set_xlabel("test error of the endpoints (%)"), ax.set_ylabel(ylabel), ax.set_title(title)
         ax.grid(alpha=0.3)
     for d, c in colors.items():
         axes[0].scatter([], [], c=c, label=d)
@@ -482,17 +508,27 @@ def print_tables(out: Path, cfg: Config) -> None:
     rows = read_csv(out / "barriers.csv")
     f3 = lambda st: f"{st[0]:.3f} ({st[1]:.3f}..{st[2]:.3f})"  # noqa: E731
     for experiment in ("width", "depth"):
-        print(f"\n{experiment}\n| arch | test acc (%) | plain train | plain test | aligned train | aligned test |\n|---|---|---|---|---|---|")
+        print(f"\n{experiment}\n| arch | pairs | test acc (%) | plain train | plain test | aligned train | aligned test |"
+              "\n|---|---|---|---|---|---|---|")
         for arch, dataset in archs_for(experiment, cfg):
-            g = [r for r in rows if (r["arch"], r["dataset"]) == (arch, dataset)]
-            if g:
-                acc = sum(float(r["test_acc_a"]) + float(r["test_acc_b"]) for r in g) / (2 * len(g))
-                cells = [f3(_stats(g, f"{p}_{s}_barrier")) for p in ("plain", "aligned") for s in ("train", "test")]
-                print(f"| {arch} | {100 * acc:.2f} | " + " | ".join(cells) + " |")
-    print("\ntask\n| arch | dataset | test error (%) | plain test barrier | aligned test barrier |\n|---|---|---|---|---|")
-    for p in task_points(rows, cfg):
+            every = [r for r in rows if (r["arch"], r["dataset"]) == (arch, dataset)]
+            g = trained(every)
+            if not g:
+                print(f"| {arch} | 0 of {len(every)} | | | | | |") if every else None
+                continue
+            acc = sum(float(r["test_acc_a"]) + float(r["test_acc_b"]) for r in g) / (2 * len(g))
+            cells = [f3(_stats(g, f"{p}_{s}_barrier")) for p in ("plain", "aligned") for s in ("train", "test")]
+            print(f"| {arch} | {len(g)} of {len(every)} | {100 * acc:.2f} | " + " | ".join(cells) + " |")
+    points = task_points(rows, cfg)
+    print("\ntask\n| arch | dataset | test error (%) | plain test loss barrier | plain test error barrier (%) "
+          "| aligned test loss barrier |\n|---|---|---|---|---|---|")
+    for p in points:
         print(f"| {p['arch']} | {p['dataset']} | {100 * p['test_error']:.2f} | {p['plain_test_barrier']:.3f} | "
-              f"{p['aligned_test_barrier']:.3f} |")
+              f"{100 * p['plain_test_error_barrier']:.1f} | {p['aligned_test_barrier']:.3f} |")
+    if len(points) > 2:
+        err = [p["test_error"] for p in points]
+        print("Spearman(test error, barrier) over all points: " + ", ".join(
+            f"{k} {spearman(err, [p[k] for p in points]):.2f}" for k in ("plain_test_barrier", "plain_test_error_barrier")))
     print("\nsearch\n| arch | world | " + " | ".join(SEARCH_METHODS) + " |\n|---|---|" + "---|" * len(SEARCH_METHODS))
     for (arch, dataset, world), g in _grouped(read_csv(out / "search.csv"), ["arch", "dataset", "world"]).items():
         by = {r["method"]: r for r in g}
