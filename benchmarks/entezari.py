@@ -63,6 +63,9 @@ class Config:
     sa_examples: int = 512  # the batch annealing's objective is measured on (training sample)
     sa_budget: int = 5_000  # annealing evaluations in `search` (n = 3 models)
     sa_budgets: tuple[int, ...] = (500, 2_000, 8_000)  # annealing evaluations in `fd-vs-sa` (n = 2)
+    sa_seeds: tuple[int, ...] = (0, 1)  # annealing runs per budget in `fd-vs-sa`
+    sa_long_budget: int = 32_000  # one more budget in `fd-vs-sa`, for the archs below only (w512: ~8 min a run)
+    sa_long_archs: tuple[str, ...] = ("mlp-h1-w16", "mlp-h1-w128", "mlp-h4-w64")
     seeds: tuple[int, ...] = (0, 1, 2)  # endpoints; pairs (0, 1), (0, 2), (1, 2)
     widths: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
     hidden: tuple[int, ...] = (1, 2, 4, 8)  # hidden layers of the width sweep
@@ -73,14 +76,14 @@ class Config:
     task_archs: tuple[str, ...] = ("mlp-h1-w512", "mlp-h2-w512", "mlp-h4-w512", "mlp-h8-w512",
                                    "sconv-c2-w16", "sconv-c4-w16", "sconv-c8-w16")
     search_archs: tuple[str, ...] = ("mlp-h1-w16", "mlp-h1-w128", "mlp-h1-w512", "mlp-h4-w64", "sconv-c2-w16")
-    search_datasets: tuple[str, ...] = ("mnist",)
+    search_datasets: tuple[str, ...] = ("mnist", "fashionmnist")
     fd_sa_archs: tuple[str, ...] = ("mlp-h1-w16", "mlp-h1-w128", "mlp-h1-w512", "mlp-h4-w64")
     history_arch: str = "mlp-h1-w128"  # whose largest-budget annealing runs are plotted over the evaluations
 
 
 FULL = Config()
 QUICK = Config(train_examples=1_000, epochs=2, eval_examples=500, calib_examples=500, sa_budget=200,
-               sa_budgets=(50, 200), widths=(4, 16, 64), hidden=(1, 2), depth_width=64, depth_hidden=(1, 2, 3),
+               sa_budgets=(50, 200), sa_seeds=(0,), sa_long_archs=(), search_datasets=("mnist",), widths=(4, 16, 64), hidden=(1, 2), depth_width=64, depth_hidden=(1, 2, 3),
                conv_layers=(2, 3), task_archs=("mlp-h1-w64", "sconv-c2-w16"), search_archs=("mlp-h1-w16",),
                fd_sa_archs=("mlp-h1-w16",), history_arch="mlp-h1-w16")
 
@@ -244,9 +247,8 @@ def search(method: str, models: list[nn.Module], calib, cfg: Config, **options) 
         return models, {}
     spec = onebasin.trace(models[0], calib[0][0][:64])
     if method == "annealing":
-        budget = options.pop("budget", cfg.sa_budget)
-        results = anneal_many(spec, models, calib, budget=budget, seed=0, max_examples=cfg.sa_examples,
-                              progress=False, **options)
+        options = {"budget": cfg.sa_budget, "seed": 0, **options}
+        results = anneal_many(spec, models, calib, max_examples=cfg.sa_examples, progress=False, **options)
         return [onebasin.permute_model(m, spec, r.perms) for m, r in zip(models, results)], results[0].record
     moved = [align(models[0], m, method, calib, spec=spec, max_examples=cfg.calib_examples) for m in models[1:]]
     return [models[0]] + [m for m, _ in moved], moved[-1][1].record
@@ -293,26 +295,28 @@ def run_fd_vs_sa(cfg: Config, out: Path, cache: Path) -> None:
     for arch in cfg.fd_sa_archs:
         for world, models in worlds(arch, "mnist", cfg, cache).items():
             pair = models[:2]
-            runs = [("functional", None)] + [("annealing", b) for b in cfg.sa_budgets]
-            for method, budget in runs:
-                key = (arch, world, method, str(budget or ""))
-                if any((r["arch"], r["world"], r["method"], r["budget"]) == key for r in read_csv(path)):
+            budgets = cfg.sa_budgets + ((cfg.sa_long_budget,) if arch in cfg.sa_long_archs else ())
+            runs = [("functional", None, None)] + [("annealing", b, s) for b in budgets for s in cfg.sa_seeds]
+            for method, budget, seed in runs:
+                key = (arch, world, method, str(budget or ""), str(seed if budget else ""))
+                if any((r["arch"], r["world"], r["method"], r["budget"], r["sa_seed"]) == key for r in read_csv(path)):
                     continue
                 _, _, loaders, calib = datasets("mnist", cfg)
                 t0 = time.perf_counter()
-                moved, record = search(method, pair, calib, cfg, **({"budget": budget} if budget else {}))
+                moved, record = search(method, pair, calib, cfg, **({"budget": budget, "seed": seed} if budget else {}))
                 seconds = time.perf_counter() - t0
                 row = {"arch": arch, "dataset": "mnist", "world": world, "method": method, "budget": budget or "",
+                       "sa_seed": seed if budget else "",
                        **pair_stats(moved, loaders), "seconds": round(seconds, 2),
                        "sa_objective_initial": record.get("objective", ["", ""])[0] if budget else "",
                        "sa_objective_best": record.get("objective", ["", ""])[1] if budget else "", **settings_of(cfg)}
-                if budget == max(cfg.sa_budgets):  # the objective over the evaluations, for the plot
+                if budget == max(cfg.sa_budgets) and seed == cfg.sa_seeds[0]:  # the objective over the search, plotted
                     hist = [{"arch": arch, "world": world, "budget": budget, "evaluation": e, "current": c, "best": b}
                             for e, c, b in record["history"]]
                     old = [h for h in read_csv(out / "sa_history.csv") if (h["arch"], h["world"]) != (arch, world)]
                     write_csv(out / "sa_history.csv", old + hist)
                 write_csv(path, read_csv(path) + [row])
-                print(f"fd-vs-sa: {arch} {world:<4} {method:<10} {budget or '':>5}: test barrier {row['test_barrier']:.4f}, "
+                print(f"fd-vs-sa: {arch} {world:<4} {method:<10} {budget or '':>5} seed {seed}: test barrier {row['test_barrier']:.4f}, "
                       f"train {row['train_barrier']:.4f}, {seconds:.1f} s")
 
 
@@ -465,30 +469,43 @@ def plot_search(rows, out: Path) -> None:
     fig.tight_layout(), fig.savefig(out / "search.png", dpi=110), plt.close(fig)
 
 
+def sa_points(rows) -> list[tuple[int, tuple, tuple]]:
+    """Annealing rows per budget: (budget, (mean, min, max) seconds, (mean, min, max) test barrier) over seeds."""
+    by = _grouped([r for r in rows if r["method"] == "annealing"], ["budget"])
+    return [(int(b), _stats(g, "seconds"), _stats(g, "test_barrier")) for (b,), g in sorted(by.items(), key=lambda kv: int(kv[0][0]))]
+
+
 def plot_fd_vs_sa(rows, history, out: Path) -> None:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    for (arch, world), g in _grouped(rows, ["arch", "world"]).items():
-        sa = sorted((r for r in g if r["method"] == "annealing"), key=lambda r: int(r["budget"]))
-        fd = [r for r in g if r["method"] == "functional"]
-        style = "-" if world == "real" else ":"
-        line = ax.plot([float(r["seconds"]) for r in sa], [float(r["test_barrier"]) for r in sa], "o" + style,
-                       label=f"{arch} {world}: SA", ms=4)[0]
-        for r in fd:
-            ax.scatter(float(r["seconds"]), float(r["test_barrier"]), marker="*", s=90, color=line.get_color())
-    ax.set_xscale("log"), ax.set_xlabel("wall time (s, 1 thread)"), ax.set_ylabel("test loss barrier")
-    ax.set_title("SA at budgets (dots) vs functional difference (stars)", fontsize=9), ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    ax = axes[1]
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    fig = plt.figure(figsize=(max(8, 3.4 * len(archs)), 7))
+    for k, arch in enumerate(archs):
+        ax = fig.add_subplot(2, len(archs), k + 1)
+        for world, style in (("real", "o-"), ("ours", "s:")):
+            g = [r for r in rows if (r["arch"], r["world"]) == (arch, world)]
+            pts = sa_points(g)
+            ys = [p[2][0] for p in pts]
+            err = [[y - p[2][1] for y, p in zip(ys, pts)], [p[2][2] - y for y, p in zip(ys, pts)]]
+            line = ax.errorbar([p[1][0] for p in pts], ys, yerr=err, fmt=style, ms=4, capsize=2,
+                               label=f"{world}: SA {'/'.join(str(p[0]) for p in pts)}")[0]
+            for r in (r for r in g if r["method"] == "functional"):
+                ax.scatter(float(r["seconds"]), float(r["test_barrier"]), marker="*", s=110, color=line.get_color(),
+                           label=f"{world}: FD", zorder=3)
+        ax.set_xscale("log"), ax.set_xlabel("wall time (s, 1 thread)"), ax.set_title(arch, fontsize=9), ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.axes[0].set_ylabel("test loss barrier (SA: mean, min..max over seeds)")
+    ax = fig.add_subplot(2, 1, 2)
     for world, h in _grouped(history, ["world"]).items():
         ev = [int(x["evaluation"]) for x in h]
         line = ax.plot(ev, [float(x["current"]) for x in h], lw=0.8, label=f"{world[0]}: current state")[0]
         ax.plot(ev, [float(x["best"]) for x in h], "--", color=line.get_color(), label=f"{world[0]}: best so far")
     if history:
-        ax.set_title(f"annealing {history[0]['arch']}, budget {history[0]['budget']}: objective over the search", fontsize=9)
-    ax.set_xlabel("objective evaluation"), ax.set_ylabel("midpoint loss barrier on the annealing batch")
+        ax.set_title(f"one annealing run ({history[0]['arch']}, budget {history[0]['budget']}, seed 0): "
+                     "the objective over the search", fontsize=9)
+    ax.set_xlabel("objective evaluation"), ax.set_ylabel("midpoint loss barrier, annealing batch")
     ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    fig.suptitle("Functional difference (stars) vs simulated annealing at several budgets (n = 2: seed 0 vs seed 1, "
+                 "or vs its permuted copy)", fontsize=10)
     fig.tight_layout(), fig.savefig(out / "fd_vs_sa.png", dpi=110), plt.close(fig)
 
 
@@ -534,10 +551,14 @@ def print_tables(out: Path, cfg: Config) -> None:
         by = {r["method"]: r for r in g}
         cells = [f"{float(by[m]['test_barrier']):.3f} / {float(by[m]['train_barrier']):.3f}" if m in by else "" for m in SEARCH_METHODS]
         print(f"| {arch} ({dataset}) | {world} | " + " | ".join(cells) + " |")
-    print("\nfd-vs-sa\n| arch | world | method | budget | test barrier | train barrier | seconds |\n|---|---|---|---|---|---|---|")
-    for r in read_csv(out / "fd_vs_sa.csv"):
-        print(f"| {r['arch']} | {r['world']} | {r['method']} | {r['budget']} | {float(r['test_barrier']):.3f} | "
-              f"{float(r['train_barrier']):.3f} | {float(r['seconds']):.1f} |")
+    budgets = cfg.sa_budgets + ((cfg.sa_long_budget,) if cfg.sa_long_archs else ())
+    print("\nfd-vs-sa\n| arch | world | FD test / train barrier (s) | " + " | ".join(
+        f"SA {b} test / train barrier (s)" for b in budgets) + " |\n|---|---|---|" + "---|" * len(budgets))
+    for (arch, world), g in _grouped(read_csv(out / "fd_vs_sa.csv"), ["arch", "world"]).items():
+        cell = lambda rs: f"{_stats(rs, 'test_barrier')[0]:.3f} / {_stats(rs, 'train_barrier')[0]:.3f} ({_stats(rs, 'seconds')[0]:.1f})"  # noqa: E731
+        cells = [cell([r for r in g if r["method"] == "functional"])]
+        cells += [cell([r for r in g if r["budget"] == str(b)]) if any(r["budget"] == str(b) for r in g) else "" for b in budgets]
+        print(f"| {arch} | {world} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
