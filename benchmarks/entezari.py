@@ -450,9 +450,9 @@ def plot_task(rows, out: Path, cfg: Config) -> None:
 
 def plot_search(rows, out: Path) -> None:
     plt = _plt()
-    settings = list(dict.fromkeys((r["arch"], r["dataset"]) for r in rows))
-    fig, axes = plt.subplots(1, len(settings), figsize=(max(7, 3.6 * len(settings)), 3.8), squeeze=False)
-    for ax, (arch, dataset) in zip(axes[0], settings):
+    archs, sets = list(dict.fromkeys(r["arch"] for r in rows)), list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(len(sets), len(archs), figsize=(max(7, 3.4 * len(archs)), 3.6 * len(sets)), squeeze=False)
+    for ax, (dataset, arch) in zip(axes.flat, [(d, a) for d in sets for a in archs]):
         for k, world in enumerate(("real", "ours")):
             sel = {r["method"]: r for r in rows if (r["arch"], r["dataset"], r["world"]) == (arch, dataset, world)}
             ms = [m for m in SEARCH_METHODS if m in sel]
@@ -464,7 +464,9 @@ def plot_search(rows, out: Path) -> None:
             ax.bar_label(bars, fmt="%.2f", fontsize=5, padding=1)
             ax.set_xticks([i + 0.2 for i in range(len(ms))], [m[:6] for m in ms], fontsize=7, rotation=30)
         ax.set_title(f"{arch} ({dataset})", fontsize=9), ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("test loss barrier (pairs: mean, min..max)"), axes[0][0].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("test loss barrier (pairs: mean, min..max)")
+    axes[0][0].legend(fontsize=7)
     fig.suptitle("Real world vs our model, before (none) and after permutation search", fontsize=10)
     fig.tight_layout(), fig.savefig(out / "search.png", dpi=110), plt.close(fig)
 
@@ -524,15 +526,28 @@ def print_tables(out: Path, cfg: Config) -> None:
     """The markdown tables of docs/results.md, section 6."""
     rows = read_csv(out / "barriers.csv")
     f3 = lambda st: f"{st[0]:.3f} ({st[1]:.3f}..{st[2]:.3f})"  # noqa: E731
-    for experiment in ("width", "depth"):
-        print(f"\n{experiment}\n| arch | pairs | test acc (%) | plain train | plain test | aligned train | aligned test |"
-              "\n|---|---|---|---|---|---|---|")
-        for arch, dataset in archs_for(experiment, cfg):
-            every = [r for r in rows if (r["arch"], r["dataset"]) == (arch, dataset)]
-            g = trained(every)
+    print("\nwidth (MNIST; plain: test / train loss barrier, aligned: test; mean over the trained seed pairs)\n| width | "
+          + " | ".join(f"{h} hidden: plain | aligned" for h in cfg.hidden) + " | test acc (%), " + ", ".join(
+          f"{h}h" for h in cfg.hidden) + " |\n|---|" + "---|---|" * len(cfg.hidden) + "---|")
+    for w in cfg.widths:
+        cells, accs = [], []
+        for h in cfg.hidden:
+            every = [r for r in rows if (r["arch"], r["dataset"]) == (mlp_name(h, w), "mnist")]
+            g, note = trained(every), "" if len(trained(every)) == len(every) else f" ({len(trained(every))} of {len(every)} pairs)"
             if not g:
-                print(f"| {arch} | 0 of {len(every)} | | | | | |") if every else None
+                cells += [f"no trained pair{note}", ""]
+                accs.append("-")
                 continue
+            cells += [f"{_stats(g, 'plain_test_barrier')[0]:.3f} / {_stats(g, 'plain_train_barrier')[0]:.3f}{note}",
+                      f"{_stats(g, 'aligned_test_barrier')[0]:.3f}"]
+            accs.append(f"{50 * (_stats(g, 'test_acc_a')[0] + _stats(g, 'test_acc_b')[0]):.1f}")
+        print(f"| {w} | " + " | ".join(cells) + f" | {', '.join(accs)} |")
+    print("\ndepth (MNIST)\n| arch | pairs | test acc (%) | plain train | plain test | aligned train | aligned test |"
+          "\n|---|---|---|---|---|---|---|")
+    for arch, dataset in archs_for("depth", cfg):
+        every = [r for r in rows if (r["arch"], r["dataset"]) == (arch, dataset)]
+        g = trained(every)
+        if g:
             acc = sum(float(r["test_acc_a"]) + float(r["test_acc_b"]) for r in g) / (2 * len(g))
             cells = [f3(_stats(g, f"{p}_{s}_barrier")) for p in ("plain", "aligned") for s in ("train", "test")]
             print(f"| {arch} | {len(g)} of {len(every)} | {100 * acc:.2f} | " + " | ".join(cells) + " |")
