@@ -18,7 +18,7 @@ Experiments (each a CSV and a PNG in benchmarks/results/entezari/):
 Rows `width`, `depth` and `task` share barriers.csv (one row per architecture, dataset and seed pair).
 Endpoints are trained once (seeds 0, 1, 2; `onebasin.train.train`, resumable per epoch) and cached under
 $ONEBASIN_CACHE/entezari (default /work/cache). Every row records its training and evaluation settings,
-including what was shortened against the paper (SGD, batch 64, up to 3000 epochs or train loss 0.01).
+including what was shortened against the paper (SGD, batch 64, lr 0.001, up to 3000 epochs or train loss 0.01).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import onebasin
-from onebasin.align import align, anneal_many, get_method
+from onebasin.align import align, anneal_many
 from onebasin.checkpoint import checkpoint_paths, load_checkpoint
 from onebasin.data import batches, load_dataset
 from onebasin.report import read_csv, write_csv
@@ -47,7 +46,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "entezari"
 DATA_DIR = os.environ.get("ONEBASIN_DATA", "/work/shared/data")
 CACHE = Path(os.environ.get("ONEBASIN_CACHE", "/work/cache"))
 EXPERIMENTS = ("width", "depth", "task", "search", "fd-vs-sa")
-PAPER_TRAINING = "paper: SGD momentum 0.9, batch 64, lr 0.001 cosine, up to 3000 epochs or train loss 0.01, full train set"
+PAPER_TRAINING = ("paper (released code and config): SGD momentum 0.9, batch 64, constant lr 0.001, up to 3000 epochs "
+                  "or train loss 0.01, full train set, 32x32 inputs")
 
 
 @dataclasses.dataclass(frozen=True)
