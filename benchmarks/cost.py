@@ -1,17 +1,19 @@
-"""Cost of merging: time and peak memory of each step, as a ratio to one forward pass of one model.
+"""Cost of merging: time and peak memory of each step, as ratios to forward passes measured in the same run.
 
-    python benchmarks/cost.py                              # ResNet20 x1/x2/x4, ResNet50, MLP depth 4/8/16
-    python benchmarks/cost.py --models resnet20x8 --examples 64 --append
+    python benchmarks/cost.py                    # ResNet20 x1/x4, ResNet50 (64x64), MLP depth 4/8/16, all threads
+    python benchmarks/cost.py --models resnet20x8 --examples 256 --append
 
 For each model: two differently seeded random-init copies A and B (eval mode) and `--examples` random
-inputs of the model's shape (3x32x32 for the ResNets, ResNet50 included; 1x28x28 for the MLPs) in
-batches of `--batch`. Steps: trace (PermutationSpec), activation matching and weight matching
-(`align(..., check=False)`: the algorithm plus permuting B), exact and closed-form REPAIR at alpha 0.5
-(`repair`, endpoint statistics included), BN reset (interpolate + `reset_bn`). `ratio` = step time /
-time of one no-grad forward pass of model A over the same examples (median of 3), measured in the same
-run, so contention from other jobs on the machine affects both. `peak` = peak memory above what was
-held before the step (see _common.py). Width growth: resnet20 x1..x8; depth growth: 10-layer-style MLP of
-width 512 with depth 4, 8, 16 (no BatchNorm: BN reset n/a). Rows go to benchmarks/results/cost.csv.
+inputs of the model's shape in batches of `--batch` (default 512 examples in batches of 256, all threads;
+doubled for small networks until one forward pass takes 0.5 s, so that ratios are not timer noise).
+Steps: trace (PermutationSpec), activation matching (`align(..., check=False)`: statistics, assignment,
+permuting B), weight matching, endpoint statistics (one paired pass of A and B: the goals of REPAIR),
+exact REPAIR (the correction itself, given the endpoint statistics: one forward sweep of the interpolated
+net), closed-form REPAIR, BN reset. `ratio` = step time / one no-grad forward pass of model A over the same
+examples (median of 3); activation matching and the endpoint statistics are also given per forward pass of
+A *and* B (`ratio_ab`), the unit of the goal in issue 14. `peak` = peak memory above what was held before the
+step (see _common.py); `sweep_MiB` = the activations one-sweep REPAIR kept (its own count). Rows go to
+benchmarks/results/cost.csv.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from _common import measure, timed
 from onebasin.align import align
 from onebasin.interpolate import interpolate_model
 from onebasin.models import create_model
-from onebasin.repair import repair, reset_bn
+from onebasin.repair import endpoint_stats, repair, reset_bn
 from onebasin.report import read_csv, write_csv
 from onebasin.spec import trace
 
@@ -41,16 +43,21 @@ def _resnet20(width):
     return lambda: (create_model("resnet20", width=width, num_classes=10), (3, 32, 32))
 
 
+def _vit():
+    return lambda: (create_model("vit", num_classes=10), (1, 28, 28))
+
+
 def _mlp(depth):
     return lambda: (create_model("mlp", width=512, depth=depth), (1, 28, 28))
 
 
 MODELS = {
     **{f"resnet20x{w}": _resnet20(w) for w in (1, 2, 4, 8)},
-    "resnet50": lambda: (torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
+    "resnet50": lambda: (torchvision.models.resnet50(num_classes=10), (3, 64, 64)),
+    "vit": _vit(),
     **{f"mlp512d{d}": _mlp(d) for d in (4, 8, 16)},
 }
-DEFAULT = "resnet20x1,resnet20x2,resnet20x4,resnet50,mlp512d4,mlp512d8,mlp512d16"
+DEFAULT = "resnet20x1,resnet20x4,resnet50,mlp512d4,mlp512d8,mlp512d16"
 
 
 def forward(model, data):
@@ -60,24 +67,34 @@ def forward(model, data):
 
 
 def steps(a, b, data, n):
-    """name -> zero-argument callable, in order; later steps reuse `state` (aligned B)."""
+    """name -> zero-argument callable returning a detail, in order; later steps reuse `state` (aligned B...)."""
     state = {}
 
     def act():
         state["b"], res = align(a, b, "activation", data, spec=state["spec"], check=False, max_examples=n)
         return res.record.get("iterations")
 
+    def ends():
+        state["ends"] = endpoint_stats(a, state["b"], data, state["spec"], max_examples=n)
+        return f"{len(state['ends'].sites)} sites"
+
     def rep(method):
-        return lambda: repair(a, state["b"], 0.5, data, spec=state["spec"], method=method, max_examples=n).passes
+        def run():
+            result = repair(a, state["b"], 0.5, data, spec=state["spec"], method=method, max_examples=n, endpoints=state["ends"])
+            state[f"{method}_sweep_MiB"] = result.peak_bytes / 2**20
+            return f"{result.passes} pass(es)"
+
+        return run
 
     return {
         "trace": lambda: state.__setitem__("spec", trace(a, data[0])) or len(state["spec"]),
         "activation matching": act,
         "weight matching": lambda: align(a, b, "weight", spec=state["spec"], check=False)[1].record.get("iterations"),
+        "endpoint statistics": ends,
         "REPAIR exact": rep("exact"),
         "REPAIR closed": rep("closed"),
         "BN reset": lambda: reset_bn(interpolate_model(a, state["b"], 0.5), data, n) and None,
-    }
+    }, state
 
 
 def bench(name, args, device) -> list[dict]:
@@ -89,8 +106,10 @@ def bench(name, args, device) -> list[dict]:
     a, b = models
     g = torch.Generator().manual_seed(2)
     data = [torch.randn(args.batch, *shape, generator=g).to(device) for _ in range(args.examples // args.batch)]
-    n = len(data) * args.batch
     forward(a, data[:1])  # warm-up
+    while timed(lambda: forward(a, data), device)[1] < 0.5 and len(data) < 64:  # small nets: enough examples to time
+        data += [torch.randn(args.batch, *shape, generator=g).to(device) for _ in range(len(data))]
+    n = len(data) * args.batch
     t_fwd = statistics.median(timed(lambda: forward(a, data), device)[1] for _ in range(3))
     params = sum(p.numel() for p in a.parameters()) / 1e6
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
@@ -101,17 +120,22 @@ def bench(name, args, device) -> list[dict]:
              "peak_MiB": round(fwd_peak, 1), "detail": ""}]
     print(f"\n{name}: {params:.2f}M params, {n} examples of {base['input']}")
     print(f"  {'forward (1 model)':<22} {t_fwd:8.3f} s  ratio {1:6.2f}  peak {fwd_peak:7.0f} MiB")
-    for step, fn in steps(a, b, data, n).items():
+    todo, state = steps(a, b, data, n)
+    for step, fn in todo.items():
         if step == "BN reset" and not has_bn:
             continue
         detail, t, peak = measure(fn, device)
+        sweep = state.get("exact_sweep_MiB") if step == "REPAIR exact" else None
+        ab = t / (2 * t_fwd) if step in ("activation matching", "endpoint statistics") else None
         rows.append({**base, "step": step, "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
-                     "peak_MiB": round(peak, 1), "detail": detail if detail is not None else ""})
-        print(f"  {step:<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  peak {peak:7.0f} MiB  ({detail})")
+                     "ratio_ab": "" if ab is None else round(ab, 2), "peak_MiB": round(peak, 1),
+                     "sweep_MiB": "" if sweep is None else round(sweep, 1), "detail": detail if detail is not None else ""})
+        extra = (f"  per A+B {ab:5.2f}" if ab is not None else "") + (f"  sweep {sweep:6.0f} MiB" if sweep is not None else "")
+        print(f"  {step:<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  peak {peak:7.0f} MiB{extra}  ({detail})")
     return rows
 
 
-STEPS = ["trace", "activation matching", "weight matching", "REPAIR exact", "REPAIR closed", "BN reset"]
+STEPS = ["trace", "activation matching", "weight matching", "endpoint statistics", "REPAIR exact", "REPAIR closed", "BN reset"]
 
 
 def print_table() -> None:
@@ -161,9 +185,9 @@ def plot_growth() -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=DEFAULT, help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--examples", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--examples", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default: all")
     parser.add_argument("--append", action="store_true", help="keep rows of other models already in cost.csv")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--table", action="store_true", help="only print cost.csv as a markdown table")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,10 +12,13 @@ from pathlib import Path
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    A crash at any point leaves either the previous file or the new one, never a half-written file.
+    A crash at any point leaves either the previous file or the new one, never a half-written file. The
+    temporary file is `.<name>.<pid>.tmp`; one left by a killed process (SIGKILL, power loss) is removed by
+    the next write into that folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -25,6 +30,50 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
             tmp.unlink()
     _fsync_dir(path.parent)
     return path
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the `.<name>.<pid>.tmp` files in `folder` whose process no longer runs; returns them.
+
+    A file is removed only when its pid is unknown to this machine (ESRCH); a live process of another user
+    (EPERM) keeps its file. (Writers on several machines sharing one folder cannot be told apart by pid.)
+    """
+    removed = []
+    for p in folder.glob(".*.tmp"):
+        m = _TEMP.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # exists but is not ours, or cannot tell: keep its file
+    return True
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why `path` (a file or folder to be created or replaced) cannot be written, or None if it can.
+
+    Looks at its nearest existing folder: it must be a folder, and writable. Lets a command refuse before
+    hours of work rather than when it saves.
+    """
+    p = Path(path).absolute()
+    ancestor = next(a for a in p.parents if a.exists())
+    if not ancestor.is_dir():
+        return f"cannot write {path}: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot write {path}: {ancestor} is not writable"
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

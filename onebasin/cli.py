@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 
 TRAIN_EXAMPLES = """examples:
@@ -16,24 +17,35 @@ TRAIN_EXAMPLES = """examples:
   # VGG11 (pads 28x28 data to 32x32), LayerNorm ResNet20 x4 on CIFAR-10
   onebasin train --model vgg11 --width 0.5 --dataset mnist --epochs 5 --out runs/vgg11.safetensors
   onebasin train --model resnet20 --width 4 --norm layernorm --dataset cifar10 --out runs/rn20x4_ln.safetensors
+  # the transformers (AdamW recipes vit and gpt, ~15 min each on one uncontended CPU core): docs/training.md
+  onebasin train --model vit --width 128 --dataset fashionmnist --threads 1 --out runs/vit_s0.safetensors
+  onebasin train --model gpt --width 192 --dataset pydoc --threads 1 --out runs/gpt_s0.safetensors
 
 An interrupted run resumes from its last epoch checkpoint (OUT with .resume.safetensors) when the
 same command is run again; --force discards it and overwrites OUT.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other input error of the CLI."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onebasin", description="Merge independently trained networks "
-                                "(permutation alignment, interpolation, REPAIR).")
+    p = _Parser(prog="onebasin", description="Merge independently trained networks "
+                "(permutation alignment, interpolation, REPAIR).")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model of the zoo with a paper recipe",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--model", required=True, help="registered model name (see `onebasin.models.list_models()`)")
-    t.add_argument("--width", type=float, help="hidden units (mlp) or channel multiplier (vgg*, resnet*)")
-    t.add_argument("--depth", type=int, help="number of Linear layers (mlp)")
+    t.add_argument("--width", type=float, help="hidden units (mlp), channel multiplier (vgg*, resnet*) or residual "
+                   "width (vit, gpt)")
+    t.add_argument("--depth", type=int, help="number of Linear layers (mlp) or transformer blocks (vit, gpt)")
     t.add_argument("--norm", choices=["batchnorm", "layernorm", "none"], help="normalisation (vgg*, resnet20/18_cifar)")
-    t.add_argument("--dataset", required=True, help="mnist, fashionmnist, svhn, cifar10 or cifar100")
-    t.add_argument("--recipe", help="mlp, vgg or resnet20 (default: the paper's recipe for the model)")
+    t.add_argument("--dataset", required=True, help="mnist, fashionmnist, svhn, cifar10, cifar100 or pydoc (text, for gpt)")
+    t.add_argument("--recipe", help="mlp, vgg, resnet20, vit or gpt (default: the model's own recipe)")
     t.add_argument("--epochs", type=int, help="override the recipe's epochs")
     t.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
     t.add_argument("--batch-size", type=int, help="override the recipe's batch size")
@@ -92,6 +104,7 @@ def cmd_train(args, fail) -> int:
     from onebasin.train import train_model
 
     _validate_train(args, fail)
+    _check_out_file(args.out, args.force, fail)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
@@ -103,11 +116,11 @@ def cmd_train(args, fail) -> int:
                                 progress=not args.no_progress, download=not args.no_download)
     except (FileExistsError, OnebasinError) as err:
         fail(str(err))
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume from the last finished epoch", file=sys.stderr)
-        return 130
+    from onebasin.experiment import is_text
+
+    bits = {"test_bits_per_char": result.test_loss / math.log(2)} if is_text(args.dataset) else {}
     print(json.dumps({"out": args.out, "epochs_done": result.epochs_done, "train_acc": result.train_acc,
-                      "test_acc": result.test_acc, "test_loss": result.test_loss,
+                      "test_acc": result.test_acc, "test_loss": result.test_loss, **bits,
                       "wall_time_s": round(result.wall_time_s, 1)}))
     return 0
 
@@ -116,14 +129,25 @@ DEMO_EXAMPLES = """examples:
   onebasin demo --data-dir ../shared/data                 # 10-layer MLPs (width 128) on MNIST, ~3 min on 2 CPU cores
   onebasin demo --dataset fashionmnist --width 512 --epochs 20 --out reports/fmnist512
   onebasin demo --model resnet20 --width 1 --dataset fashionmnist --epochs 2
+  onebasin demo --model vit --data-dir ../shared/data     # two ViTs on FashionMNIST (recipe vit, 3 epochs each)
+  onebasin demo --model gpt                               # two character-level GPTs on pydoc (recipe gpt)
+
+--model vit and --model gpt have their own defaults (dataset, width, epochs, calibration examples and the
+recipe's lr and warm-up: onebasin.experiment.TRANSFORMER_DEMOS); options given on the command line replace
+them. The GPT's loss is cross-entropy per character in nats; the demo also prints it in bits per character.
 
 Trained endpoints are cached ($ONEBASIN_CACHE, else ~/.cache/onebasin): a second run only compares.
 The report folder gets report.json, barrier.csv, barrier.png, variance.png and index.html.
 """
 
 MERGE_EXAMPLES = """examples:
+  # two Hugging Face folders (save_pretrained) of one architecture, calibrated on a text file
+  onebasin merge runs/bert_a runs/bert_b --calib-text corpus.txt --out runs/bert_merged
   # two checkpoints of `onebasin train` (model and dataset read from their sidecars)
   onebasin merge runs/a.safetensors runs/b.safetensors --method activation --repair exact --out merged.safetensors
+  # five models into one: aligned into a shared universe, averaged, N-way REPAIR
+  onebasin merge runs/s0.safetensors runs/s1.safetensors runs/s2.safetensors runs/s3.safetensors runs/s4.safetensors \\
+      --combine universe --repair exact --out merged5.safetensors
   # your own model: an importable factory and plain state_dict files, calibrated on MNIST
   onebasin merge a.pt b.pt --model mypkg.nets:make_net --model-opts hidden=256 --data mnist --out merged.safetensors
 """
@@ -148,8 +172,9 @@ SWEEP_EXAMPLES = """example CONFIG.toml:
 Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs the first numeric axis.
 """
 
-METHODS = ["activation", "weight", "annealing", "functional"]
+METHODS = ["activation", "weight", "annealing", "functional", "orthogonal"]
 REPAIRS = ["exact", "closed", "reset_bn", "none"]
+MANY_METHODS = ["universe", "mergemany", "anchor"]
 
 
 def _sub(sub, name, help_, epilog):
@@ -163,24 +188,34 @@ def _add_common(p, out_help, out_required=True):
     p.add_argument("--out", required=out_required, help=out_help)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device(p)
+
+
+def _add_device(p):
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available, else cpu; "
+                   "under torchrun each process takes cuda:LOCAL_RANK)")
 
 
 def _add_demo(sub):
     d = _sub(sub, "demo", "train two MLPs on MNIST, align, REPAIR, and write a report (the main job)", DEMO_EXAMPLES)
-    d.add_argument("--dataset", default="mnist", help="mnist (default), fashionmnist, svhn, cifar10, cifar100")
-    d.add_argument("--model", default="mlp", help="registered model name (default mlp)")
-    d.add_argument("--width", type=int, default=128, help="MLP hidden units or conv channel multiplier (default 128)")
-    d.add_argument("--depth", type=int, default=10, help="Linear layers of the MLP (default 10; ignored by conv nets)")
-    d.add_argument("--epochs", type=int, default=8, help="training epochs of each endpoint (default 8)")
-    d.add_argument("--lr", type=float, default=0.1,
-                   help="peak learning rate (default 0.1: the MLP recipe's 0.2 diverged to NaN in 8-epoch runs)")
-    d.add_argument("--warmup", type=float, default=0.25,
-                   help="fraction of steps warming up the learning rate (default 0.25; the recipe's is 0.05)")
+    d.add_argument("--dataset", help="mnist (default), fashionmnist, svhn, cifar10, cifar100, pydoc "
+                   "(vit: fashionmnist, gpt: pydoc)")
+    d.add_argument("--model", default="mlp", help="registered model name (default mlp; vit and gpt: see below)")
+    d.add_argument("--width", type=int, help="MLP hidden units, conv channel multiplier or transformer width "
+                   "(default 128; gpt: 192)")
+    d.add_argument("--depth", type=int, help="Linear layers of the MLP (default 10; ignored by conv nets) or "
+                   "transformer blocks (vit 6, gpt 4)")
+    d.add_argument("--epochs", type=int, help="training epochs of each endpoint (default 8; vit, gpt: their recipe's)")
+    d.add_argument("--lr", type=float, help="peak learning rate (default 0.1: the MLP recipe's 0.2 diverged to NaN "
+                   "in 8-epoch runs; vit, gpt: their recipe's)")
+    d.add_argument("--warmup", type=float, help="fraction of steps warming up the learning rate (default 0.25; the "
+                   "MLP recipe's is 0.05; vit, gpt: their recipe's)")
     d.add_argument("--repair", default="exact", choices=REPAIRS[:3], help="correction of the third curve (default exact)")
     d.add_argument("--train-limit", type=int, help="train on the first N examples only (quick looks)")
     d.add_argument("--test-examples", type=int, help="evaluate on the first N test examples (default: all)")
     d.add_argument("--cache-dir", help="trained endpoints (default: $ONEBASIN_CACHE, else ~/.cache/onebasin)")
     _add_common(d, "report folder (default: onebasin-demo/<date-time>, never overwritten)", out_required=False)
+    d.set_defaults(calib_examples=None)  # 5000; the transformer demos' own (2000 images, 256 sequences)
 
 
 def _add_pair(p, repairs):
@@ -190,19 +225,33 @@ def _add_pair(p, repairs):
     p.add_argument("--model-opts", nargs="*", default=[], metavar="KEY=VALUE", help="options of --model, e.g. width=128")
     p.add_argument("--data", help="dataset for calibration and evaluation (default: the checkpoints' dataset)")
     p.add_argument("--repair", default="exact", choices=repairs, help="correction after interpolating (default exact)")
+    p.add_argument("--allow-different-data", action="store_true",
+                   help="proceed (with a warning) when A and B were trained on different datasets")
 
 
 def _add_merge(sub):
-    m = _sub(sub, "merge", "merge two checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
+    m = _sub(sub, "merge", "merge two or more checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
     _add_pair(m, REPAIRS)
+    m.add_argument("more", nargs="*", metavar="C", help="further models: three or more are merged by onebasin.merge_many")
     m.add_argument("--alpha", type=float, default=0.5, help="interpolation weight, 0 = A, 1 = B (default 0.5)")
-    _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers)")
+    m.add_argument("--sites", help="REPAIR sites: layer (Linear/Conv outputs, always folded into the weights) and/or "
+                   "block (residual additions, kept as modules): default layer,block; layer for Hugging Face folders")
+    m.add_argument("--calib-text", help="Hugging Face folders: a text file to calibrate on (tokenised with A's tokenizer)")
+    m.add_argument("--seq-len", type=int, default=64, help="Hugging Face folders: tokens per calibration window (default 64)")
+    m.add_argument("--allow-onebasin-checkpoint", action="store_true",
+                   help="Hugging Face folders: if some corrections cannot be folded, save an onebasin checkpoint instead")
+    m.add_argument("--combine", default="universe", choices=MANY_METHODS,
+                   help="three or more models: universe (default, cycle-consistent), mergemany or anchor (all to A)")
+    m.add_argument("--weights", type=float, nargs="+", metavar="W", help="three or more models: weight of each (default equal)")
+    _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers); "
+                   "for two save_pretrained folders, a new folder")
 
 
 def _add_barrier(sub):
     b = _sub(sub, "barrier", "barrier curves of two checkpoints: plain, aligned, aligned+REPAIR", BARRIER_EXAMPLES)
     _add_pair(b, REPAIRS[:3])
-    b.add_argument("--alphas", type=int, default=11, help="number of evenly spaced alphas in [0, 1] (default 11)")
+    b.add_argument("--alphas", type=int, default=11,
+                   help="how many evenly spaced alphas in [0, 1], a count: 11 gives 0, 0.1, ..., 1 (default 11)")
     _add_common(b, "report folder (report.json, barrier.csv, barrier.png, variance.png, index.html)")
 
 
@@ -210,6 +259,7 @@ def _add_sweep(sub):
     s = _sub(sub, "sweep", "run a grid of experiments from a TOML file, resumably", SWEEP_EXAMPLES)
     s.add_argument("config", help="sweep CONFIG.toml")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device(s)
 
 
 def _parse_opts(items, fail) -> dict:
@@ -226,109 +276,289 @@ def _parse_opts(items, fail) -> dict:
     return out
 
 
-def _refuse_overwrite(path, force, fail, folder=False):
+def _check_out_file(path, force, fail):
+    """Refuse a checkpoint OUT whose weights or sidecar (X.json) is a directory, or exists without --force."""
+    from onebasin._io import unwritable
+    from onebasin.checkpoint import checkpoint_paths
+
+    if problem := unwritable(path):
+        fail(problem)
+    for p in checkpoint_paths(path):
+        if p.is_dir():
+            fail(f"{p} is a directory; --out needs a checkpoint file name such as {p.with_suffix('') / 'model.safetensors'}")
+        if p.exists() and not force:
+            fail(f"{p} exists; pass --force to overwrite it")
+
+
+def _check_out_folder(path, force, fail):
+    """Refuse a report folder OUT that is a file, or that holds files without --force."""
     from pathlib import Path
 
+    from onebasin._io import unwritable
+
     p = Path(path)
-    if p.exists() and not force and (not folder or any(p.iterdir())):
+    if p.exists() and not p.is_dir():
+        fail(f"{p} is a file; --out needs a folder for the report")
+    if problem := unwritable(p / "report.json"):
+        fail(problem)
+    if p.exists() and any(p.iterdir()) and not force:
         fail(f"{p} exists; pass --force to overwrite it")
 
 
-def _endpoints(args, fail):
-    """(model A, model B, meta A) from the two paths: onebasin checkpoints or plain state_dicts with --model."""
+def _load_pair(args, fail):
+    """(A, B, meta of A, dataset name, calibration batches, {"test", "train": batches}) for merge and barrier.
+
+    A and B: onebasin checkpoints or plain state_dicts with --model; checked to share architecture,
+    dtype and (unless --allow-different-data) training dataset, and to run on the data.
+    """
+    import warnings
+
     from onebasin.checkpoint import load_any
-    from onebasin.checks import check_same_architecture
+    from onebasin.checks import (check_example_input, check_same_architecture, check_same_dataset, check_same_dtype,
+                                 first_input)
+    from onebasin.errors import DatasetMismatchError
 
     opts = _parse_opts(args.model_opts, fail)
-    a, meta_a = load_any(args.a, args.model, opts)
-    b, _ = load_any(args.b, args.model, opts or meta_a.get("model_kwargs"))
+    with warnings.catch_warnings(record=True) as caught:  # a stale sidecar or an old checksum: one line each
+        warnings.simplefilter("always")
+        a, meta_a = load_any(args.a, args.model, opts, device=args.device)
+        b, meta_b = load_any(args.b, args.model, opts or meta_a.get("model_kwargs"), device=args.device)
+    for w in caught:
+        _warn(args, w.message)
     check_same_architecture(a.state_dict(), b.state_dict())
-    return a, b, meta_a
+    check_same_dtype(a.state_dict(), b.state_dict())
+    try:
+        check_same_dataset(meta_a, meta_b, (str(args.a), str(args.b)))
+    except DatasetMismatchError as err:
+        if not args.allow_different_data:
+            fail(f"{err}; pass --allow-different-data to proceed anyway")
+        _warn(args, f"{err}; proceeding (--allow-different-data) on {args.data or meta_a['dataset']}")
+    name, calib, loaders = _pair_data(args, meta_a, fail)
+    check_example_input(a, first_input(calib))
+    return a, b, meta_a, name, calib, loaders
+
+
+def _warn(args, message) -> None:
+    print(f"onebasin {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _pair_data(args, meta, fail):
-    """(calibration batches, {"test": batches, "train": batches}) of the dataset of --data or the sidecar."""
+    """(dataset name, calibration batches, {"test": batches, "train": batches}) of --data or the checkpoints'."""
+    from onebasin.data import dataset_info
     from onebasin.experiment import evaluation_batches
     from onebasin.models import model_info
 
     name = args.data or meta.get("dataset")
     if name is None:
         fail("say which data to calibrate and evaluate on: --data DATASET")
+    name = dataset_info(name).name
     registered = ":" not in meta["model"]
     size = meta.get("image_size") or (model_info(meta["model"]).image_size if registered else None)
     loaders, calib = evaluation_batches(name, size, data_dir=args.data_dir, calib_examples=args.calib_examples)
-    return calib, loaders
+    return name, calib, loaders
 
 
 def _errors():
     from onebasin.errors import OnebasinError
 
-    return (OnebasinError, ValueError, FileExistsError, FileNotFoundError)
+    return (OnebasinError, ValueError, OSError)
 
 
 def cmd_demo(args, fail) -> int:
     import time
 
-    from onebasin.experiment import Experiment, run_experiment, summary_table
+    from onebasin.experiment import TRANSFORMER_DEMOS, Experiment, bits_per_character, is_text, run_experiment, summary_table
     from onebasin.models import model_info
 
     out = args.out or f"onebasin-demo/{time.strftime('%Y%m%d-%H%M%S')}"
-    _refuse_overwrite(out, args.force, fail, folder=True)
+    _check_out_folder(out, args.force, fail)
     try:
-        kwargs = {"width": args.width, **({"depth": args.depth} if model_info(args.model).flat_input else {})}
-        exp = Experiment(dataset=args.dataset, model=args.model, model_kwargs=kwargs, epochs=args.epochs,
-                         recipe_overrides={"lr": args.lr, "warmup": args.warmup},
-                         method=args.method, repair=args.repair, calib_examples=args.calib_examples,
-                         train_limit=args.train_limit, test_examples=args.test_examples, out=out,
-                         data_dir=args.data_dir, cache_dir=args.cache_dir)
+        model_info(args.model)
+        settings = _transformer_demo(args) if args.model in TRANSFORMER_DEMOS else _mlp_demo(args)
+        exp = Experiment(model=args.model, method=args.method, repair=args.repair, train_limit=args.train_limit,
+                         test_examples=args.test_examples, out=out, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                         device=str(args.device), **settings)
         comparison, paths = run_experiment(exp, progress=not args.no_progress)
     except _errors() as err:
         fail(str(err))
     print(summary_table(comparison))
+    if is_text(exp.dataset):
+        print(bits_per_character(comparison))
     print(f"report: {paths['html'].resolve()}")
     return 0
 
 
+def _sites(args, default: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (args.sites or default).split(",") if x.strip())
+
+
+def cmd_merge_pretrained(args, fail) -> int:
+    """merge for two Hugging Face save_pretrained folders: the merged model is saved the same way."""
+    from pathlib import Path
+
+    from onebasin.checks import check_same_architecture
+    from onebasin.distributed import is_main
+    from onebasin.experiment import evaluation_batches
+    from onebasin.hf import is_pretrained_dir, load_pretrained, save_pretrained_atomic, text_batches
+    from onebasin.pipeline import merge
+
+    if not is_pretrained_dir(args.b):
+        fail(f"{args.b} is not a Hugging Face save_pretrained folder (no config.json) like {args.a}")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        fail(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        fail(f"{out} is a file; --out needs a folder for a Hugging Face model")
+    if (args.calib_text is None) == (args.data is None):
+        fail("say what to calibrate on: --calib-text FILE (text models) or --data DATASET (image models)")
+    try:
+        a, b = load_pretrained(args.a, args.device), load_pretrained(args.b, args.device)
+        check_same_architecture(a.state_dict(), b.state_dict())
+        if args.calib_text is not None:
+            calib = text_batches(args.calib_text, args.a, seq_len=args.seq_len, max_examples=args.calib_examples)
+        else:
+            size = getattr(a.config, "image_size", None)
+            _, images = evaluation_batches(args.data, size, data_dir=args.data_dir, calib_examples=args.calib_examples)
+            calib = [{"pixel_values": x} for x, _ in images]
+        merged, result = merge(a, b, method=args.method, repair=args.repair, alpha=args.alpha, data=calib,
+                               max_examples=args.calib_examples, sites=_sites(args, "layer"))
+        if not result.fused and not args.allow_onebasin_checkpoint:
+            fail(f"{len(result.affines)} REPAIR corrections cannot be folded into the weights (e.g. after residual "
+                 "additions), so from_pretrained could not load the result: use --sites layer, or pass "
+                 "--allow-onebasin-checkpoint to save an onebasin checkpoint instead")
+        if is_main():
+            if result.fused:
+                save_pretrained_atomic(merged, out, args.a)
+            else:
+                from onebasin.checkpoint import save_checkpoint
+
+                save_checkpoint(out / "onebasin.safetensors", merged.state_dict(),
+                                {"merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(),
+                                 "repair_affines": result.affines, "example_input": result.example_input})
+    except _errors() as err:
+        fail(str(err))
+    if is_main():
+        print(json.dumps({"out": str(out), "fused": result.fused, "format": "save_pretrained" if result.fused else "onebasin",
+                          "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+def _mlp_demo(args) -> dict:
+    """The MLP demo's settings (also for conv nets): MNIST, width 128, depth 10, 8 epochs at lr 0.1, 25 % warm-up."""
+    from onebasin.models import model_info
+
+    width, depth = _given(args.width, 128), _given(args.depth, 10)
+    return {"dataset": _given(args.dataset, "mnist"), "epochs": _given(args.epochs, 8),
+            "model_kwargs": {"width": width, **({"depth": depth} if model_info(args.model).flat_input else {})},
+            "recipe_overrides": {"lr": _given(args.lr, 0.1), "warmup": _given(args.warmup, 0.25)},
+            "calib_examples": _given(args.calib_examples, 5000)}
+
+
+def _transformer_demo(args) -> dict:
+    """`experiment.TRANSFORMER_DEMOS[model]` with the options given on the command line replacing its own."""
+    from onebasin.experiment import TRANSFORMER_DEMOS
+
+    preset = TRANSFORMER_DEMOS[args.model]
+    model_kwargs = {**preset["model_kwargs"], **{k: v for k, v in (("width", args.width), ("depth", args.depth))
+                                                 if v is not None}}
+    return {**preset, "dataset": _given(args.dataset, preset["dataset"]), "epochs": _given(args.epochs, preset["epochs"]),
+            "model_kwargs": model_kwargs, "calib_examples": _given(args.calib_examples, preset["calib_examples"]),
+            "recipe_overrides": {k: v for k, v in (("lr", args.lr), ("warmup", args.warmup)) if v is not None}}
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
 def cmd_merge(args, fail) -> int:
     from onebasin.checkpoint import save_checkpoint
+    from onebasin.distributed import is_main
+    from onebasin.hf import is_pretrained_dir
+
+    if is_pretrained_dir(args.a):
+        return cmd_merge_pretrained(args, fail)
     from onebasin.interpolate import evaluate
     from onebasin.pipeline import merge
 
-    _refuse_overwrite(args.out, args.force, fail)
+    if args.more:
+        return cmd_merge_many(args, fail)
+    _check_out_file(args.out, args.force, fail)
     if not 0 <= args.alpha <= 1:
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    _check_calib_examples(args, fail)
     try:
-        a, b, meta = _endpoints(args, fail)
-        calib, loaders = _pair_data(args, meta, fail)
+        a, b, meta, dataset, calib, loaders = _load_pair(args, fail)
         merged, result = merge(a, b, method=args.method, repair=args.repair, alpha=args.alpha, data=calib,
-                               max_examples=args.calib_examples)
+                               max_examples=args.calib_examples, sites=_sites(args, "layer,block"))
         measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
                     for name, m in (("model_a", a), ("model_b", b), ("merged", merged))}
-        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "dataset", "image_size") if k in meta},
+        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,
                     "merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(), "measured": measured,
-                    **({"repair_affines": result.affines} if result.affines else {})}
-        save_checkpoint(args.out, merged.state_dict(), out_meta)
+                    **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
+        if is_main():
+            save_checkpoint(args.out, merged.state_dict(), out_meta)
     except _errors() as err:
         fail(str(err))
-    print(json.dumps({"out": args.out, **{k: round(v["test_acc"], 4) for k, v in measured.items()},
-                      "fused": result.fused}))
+    if is_main():
+        print(json.dumps({"out": args.out, **{k: round(v["test_acc"], 4) for k, v in measured.items()},
+                          "fused": result.fused}))
+    return 0
+
+
+def cmd_merge_many(args, fail) -> int:
+    """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints (A and B checked as for two)."""
+    from onebasin.align.many import merge_diagnostics, merge_many
+    from onebasin.checkpoint import load_any, save_checkpoint
+    from onebasin.distributed import is_main
+    from onebasin.checks import check_same_architecture, check_same_dtype
+
+    _check_out_file(args.out, args.force, fail)
+    _check_calib_examples(args, fail)
+    if args.method not in ("activation", "weight"):
+        fail(f"--method {args.method}: three or more models are aligned by activation or weight")
+    if args.repair == "closed" or args.alpha != 0.5:
+        fail("three or more models take --repair exact, reset_bn or none, and --weights instead of --alpha")
+    paths = [args.a, args.b, *args.more]
+    try:
+        a, b, meta, dataset, calib, loaders = _load_pair(args, fail)
+        models = [a, b]
+        for p in args.more:
+            models.append(load_any(p, args.model, _parse_opts(args.model_opts, fail) or meta.get("model_kwargs"), device=args.device)[0])
+            check_same_architecture(a.state_dict(), models[-1].state_dict(), (str(args.a), str(p)))
+            check_same_dtype(a.state_dict(), models[-1].state_dict(), (str(args.a), str(p)))
+        merged, result = merge_many(models, method=args.combine, repair=args.repair, weights=args.weights, data=calib,
+                                    alignment=args.method, max_examples=args.calib_examples)
+        measured = merge_diagnostics(models, merged, loaders["test"], result.weights)
+        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,
+                    "merged_from": [str(p) for p in paths], "merge_many": result.to_dict(), "measured": measured,
+                    **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
+        if is_main():
+            save_checkpoint(args.out, merged.state_dict(), out_meta)
+    except _errors() as err:
+        fail(str(err))
+    if is_main():
+        print(json.dumps({"out": args.out, **{k: round(measured[k]["acc"], 4) for k in ("merged", "endpoint_mean", "ensemble")},
+                          "fused": result.fused}))
     return 0
 
 
 def cmd_barrier(args, fail) -> int:
+    from onebasin.distributed import is_main
     from onebasin.pipeline import compare
     from onebasin.experiment import summary_table
     from onebasin.report import write_comparison_report
 
-    _refuse_overwrite(args.out, args.force, fail, folder=True)
+    _check_out_folder(args.out, args.force, fail)
     if args.alphas < 2:
-        fail("--alphas must be >= 2")
+        fail(f"--alphas is a count and must be >= 2 (0 and 1), got {args.alphas}")
+    _check_calib_examples(args, fail)
     try:
-        a, b, meta = _endpoints(args, fail)
-        calib, loaders = _pair_data(args, meta, fail)
+        a, b, meta, _, calib, loaders = _load_pair(args, fail)
         alphas = [i / (args.alphas - 1) for i in range(args.alphas)]
         comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair,
                              alphas=alphas, max_examples=args.calib_examples, progress=not args.no_progress)
+        if not is_main():
+            return 0
         paths = write_comparison_report(comparison, args.out, f"{args.a} vs {args.b}",
                                         extra={"a": args.a, "b": args.b, "meta_a": meta})
     except _errors() as err:
@@ -338,11 +568,16 @@ def cmd_barrier(args, fail) -> int:
     return 0
 
 
+def _check_calib_examples(args, fail) -> None:
+    if args.calib_examples < 1:
+        fail(f"--calib-examples must be >= 1, got {args.calib_examples}")
+
+
 def cmd_sweep(args, fail) -> int:
     from onebasin.sweep import run_sweep
 
     try:
-        results = run_sweep(args.config, progress=not args.no_progress)
+        results = run_sweep(args.config, progress=not args.no_progress, device=str(args.device))
     except _errors() as err:
         fail(str(err))
     print(f"results: {results.resolve()}")
@@ -359,7 +594,32 @@ def main(argv=None) -> int:
         parser.exit(2, f"onebasin {args.command}: error: {one_line}\n")
 
     commands = {"train": cmd_train, "demo": cmd_demo, "merge": cmd_merge, "barrier": cmd_barrier, "sweep": cmd_sweep}
-    return commands[args.command](args, fail)
+    import torch
+
+    from onebasin.distributed import default_device, init_from_env, shutdown
+
+    if getattr(args, "device", None) is not None:
+        try:
+            args.device = default_device(args.device)
+        except RuntimeError as err:
+            fail(f"--device {args.device!r}: {err}")
+        if args.device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        init_from_env(args.device if getattr(args, "device", None) is not None else default_device())
+        return commands[args.command](args, fail)
+    except KeyboardInterrupt:
+        print(f"onebasin {args.command}: interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
+        return 130
+    finally:
+        shutdown()
+
+
+RESUME_HINTS = {
+    "train": ": run the same command again to resume from the last finished epoch",
+    "demo": ": run it again to resume training the endpoints from their last finished epoch",
+    "sweep": ": run the same command again to resume (finished cells are kept in results.csv)",
+}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Datasets of the REPAIR paper (Jordan et al. 2022): MNIST, FashionMNIST, SVHN, CIFAR-10, CIFAR-100.
+"""Datasets of the REPAIR paper (Jordan et al. 2022): MNIST, FashionMNIST, SVHN, CIFAR-10, CIFAR-100; and
+one text dataset, "pydoc" (the Python documentation shipped with CPython, character level; see `TextInfo`).
 
 Each dataset is read once through torchvision into uint8 tensors (`ImageData`), then served by
 `batches()`, which normalises with the dataset's standard mean/std and augments whole batches on
@@ -18,6 +19,7 @@ Data directory: the explicit `data_dir`, then `$ONEBASIN_DATA`, then `~/.cache/o
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from onebasin.errors import OnebasinError
+from onebasin.errors import InvalidOptionError, OnebasinError
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -70,11 +72,14 @@ DATASETS = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Metadata of dataset `name` (one of DATASETS); ValueError listing valid names otherwise."""
-    key = name.lower().replace("-", "").replace("_", "")
+def dataset_info(name: str) -> "DatasetInfo | TextInfo":
+    """Metadata of dataset `name` (one of DATASETS or TEXT_DATASETS); InvalidOptionError (a ValueError)
+    listing valid names otherwise."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key in TEXT_DATASETS:
+        return TEXT_DATASETS[key]
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+        raise InvalidOptionError(f"unknown dataset {name!r}; valid names: {', '.join([*DATASETS, *TEXT_DATASETS])}")
     return DATASETS[key]
 
 
@@ -107,7 +112,7 @@ class ImageData:
 
 def load_dataset(name: str, train: bool = True, data_dir=None, *, image_size: int | None = None,
                  limit: int | None = None, seed: int | None = None, download: bool = True) -> ImageData:
-    """Read a dataset split into memory as uint8 tensors.
+    """Read a dataset split into memory as uint8 tensors (a text dataset: `load_text`, a TextData).
 
     image_size: zero-pad the images (centred) to this size, e.g. 32 for VGG on MNIST.
     limit: keep n examples: the first n when `seed` is None, else n drawn without replacement with
@@ -115,6 +120,8 @@ def load_dataset(name: str, train: bool = True, data_dir=None, *, image_size: in
     download: let torchvision fetch missing files; failing that, DataNotFoundError names them.
     """
     info = dataset_info(name)
+    if isinstance(info, TextInfo):
+        return load_text(info, train, limit=limit, seed=seed)
     images, labels = _read_torchvision(info, resolve_data_dir(data_dir), train, download)
     data = ImageData(images, labels, info)
     if image_size is not None and image_size != info.image_size:
@@ -157,11 +164,36 @@ def _read_torchvision(info: DatasetInfo, root: Path, train: bool, download: bool
     except (RuntimeError, OSError) as err:
         if not download:
             raise DataNotFoundError(_missing_message(info, root, "download disabled")) from err
+        new_dirs = _missing_dirs(root / info.folder if info.folder else root)
         try:
             ds = cls(str(root), download=True, **kw)
-        except Exception as err2:  # offline, read-only dir, server down: all end the same way
+        except BaseException as err2:  # offline, read-only dir, server down, Ctrl-C: nothing is left behind
+            _remove_new(new_dirs, root)
+            if not isinstance(err2, Exception):
+                raise
             raise DataNotFoundError(_missing_message(info, root, f"download failed: {err2}")) from err2
     return _to_tensors(info, ds)
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    folder = folder.absolute()
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def _remove_new(folders: list[Path], root: Path) -> None:
+    """Undo what a failed download created: folders inside `root` that did not exist before go with their
+    contents (all of it is the download's); `root` and its parents only if they are new and still empty."""
+    root = root.absolute()
+    inside = [p for p in folders if root in p.parents]
+    if inside:
+        shutil.rmtree(inside[-1], ignore_errors=True)
+    for p in folders:
+        if p not in inside:
+            try:
+                p.rmdir()
+            except OSError:  # not empty: something else lives there now
+                return
 
 
 def _to_tensors(info: DatasetInfo, ds):
@@ -222,13 +254,31 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def batches(data: ImageData, batch_size: int, *, shuffle: bool = False, augment: Augment | None = None,
-            seed: int = 0, epoch: int = 0, drop_last: bool = False, device=None
+def batches(data: "ImageData | TextData", batch_size: int, *, shuffle: bool = False, augment: Augment | None = None,
+            seed: int = 0, epoch: int = 0, drop_last: bool = False, device=None, indices: torch.Tensor | None = None
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y): x (B, C, H, W) float32 normalised, y (B,) int64; on `device` if given."""
+    """Yield (x, y): x (B, C, H, W) float32 normalised, y (B,) int64; on `device` if given.
+
+    TextData: x (B, T) int64 character ids, y (B, T) the next characters (see `text_batches`).
+    indices: the examples to read, in this order (e.g. one process's share from a DistributedSampler);
+    default all of them, shuffled by (seed, epoch) when `shuffle`.
+    """
+    if isinstance(data, TextData):
+        return text_batches(data, batch_size, shuffle=shuffle, augment=augment, seed=seed, epoch=epoch,
+                            drop_last=drop_last, device=device, indices=indices)
+    return _image_batches(data, batch_size, shuffle, augment, seed, epoch, drop_last, device, indices)
+
+
+def _order(n: int, shuffle: bool, g: torch.Generator, indices: torch.Tensor | None) -> torch.Tensor:
+    if indices is not None:
+        return torch.as_tensor(indices, dtype=torch.long)
+    return torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+
+
+def _image_batches(data, batch_size, shuffle, augment, seed, epoch, drop_last, device, indices=None):
     g = epoch_generator(seed, epoch)
-    n = len(data)
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    order = _order(len(data), shuffle, g, indices)
+    n = len(order)
     stop = n - n % batch_size if drop_last else n
     mean = torch.tensor(data.info.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.info.std).view(1, -1, 1, 1)
@@ -278,3 +328,118 @@ def _cutout(x, size, g):
     rows = (ys >= cy) & (ys < cy + size)  # (B, H)
     cols = (xs >= cx) & (xs < cx + size)  # (B, W)
     return x.masked_fill((rows[:, :, None] & cols[:, None, :])[:, None], 0.0)
+
+
+# --- text: the Python documentation shipped with CPython, character level ----------------------------------
+
+# Fixed vocabulary: id 0 stands for every character outside it (typographic quotes, dashes...), id 1 is
+# the newline, ids 2..96 are the printable ASCII characters " " (32) to "~" (126). It does not depend on
+# the text, so every Python version's pydoc maps to the same ids.
+UNKNOWN = "\x00"
+ASCII_VOCAB = UNKNOWN + "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+@dataclass(frozen=True)
+class TextInfo:
+    """A character-level text dataset: vocabulary, sequence length and the fixed train/validation split."""
+
+    name: str
+    vocab: str  # character of each id; ids of characters outside it are 0 (vocab[0])
+    seq_len: int  # characters per example: x = text[s:s+T], y = text[s+1:s+T+1]
+    val_fraction: float  # the last fraction of every document is validation ("test"), the rest training
+    source: str  # where the text comes from
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of each output position: the vocabulary."""
+        return len(self.vocab)
+
+    @property
+    def image_size(self) -> None:
+        """Text has no image size; lets code that asks a dataset for one get None."""
+        return None
+
+
+TEXT_DATASETS = {
+    "pydoc": TextInfo("pydoc", ASCII_VOCAB, 128, 0.1,
+                      "pydoc_data.topics.topics of the running CPython (the help() texts of the language reference; "
+                      "about 465,000 characters in 79 topics on Python 3.11)"),
+}
+
+
+@dataclass
+class TextData:
+    """Fixed-length windows of one split of a text dataset; example i starts at `starts[i]`."""
+
+    ids: torch.Tensor  # (L,) int64 character ids of the whole split
+    starts: torch.Tensor  # (N,) int64 start of each example: x = ids[s:s+T], y = ids[s+1:s+T+1]
+    info: TextInfo
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def subset(self, idx) -> "TextData":
+        """The examples at `idx` (indices or a boolean mask), in that order."""
+        return TextData(self.ids, self.starts[torch.as_tensor(idx)], self.info)
+
+
+def encode(text: str, vocab: str = ASCII_VOCAB) -> torch.Tensor:
+    """(len(text),) int64 ids of `text`'s characters in `vocab`; characters outside it -> 0."""
+    table = {c: i for i, c in enumerate(vocab)}
+    return torch.tensor([table.get(c, 0) for c in text], dtype=torch.long)
+
+
+def decode(ids, vocab: str = ASCII_VOCAB) -> str:
+    """The text of a sequence of ids (id 0 -> "\\x00")."""
+    return "".join(vocab[int(i)] for i in ids)
+
+
+def pydoc_documents() -> list[str]:
+    """The topics of `pydoc_data.topics` (shipped with CPython, offline everywhere), in sorted-key order."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def split_text(documents: list[str], val_fraction: float, train: bool) -> str:
+    """One split of `documents`: the first 1 - val_fraction of each document's characters (training) or the
+    rest (validation), joined with newlines. Every topic is in both splits, validation always later text."""
+    parts = []
+    for doc in documents:
+        cut = round(len(doc) * (1 - val_fraction))
+        parts.append(doc[:cut] if train else doc[cut:])
+    return "\n".join(parts)
+
+
+def load_text(info: TextInfo, train: bool = True, *, limit: int | None = None, seed: int | None = None) -> TextData:
+    """One split of a text dataset as TextData: non-overlapping windows of seq_len + 1 characters (stride seq_len).
+
+    limit/seed: keep n windows, as `load_dataset` does for images.
+    """
+    ids = encode(split_text(pydoc_documents(), info.val_fraction, train), info.vocab)
+    starts = torch.arange(0, len(ids) - info.seq_len, info.seq_len)  # the last window needs seq_len + 1 ids
+    data = TextData(ids, starts, info)
+    if limit is not None and limit < len(data):
+        data = data.subset(take(len(data), limit, seed))
+    return data
+
+
+def text_batches(data: TextData, batch_size: int, *, shuffle: bool = False, augment: Augment | None = None,
+                 seed: int = 0, epoch: int = 0, drop_last: bool = False, device=None, indices: torch.Tensor | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y): x (B, T) int64 character ids, y (B, T) the ids one position later (next-character targets)."""
+    if augment is not None and augment != Augment():
+        raise InvalidOptionError(f"text data takes no image augmentation, got {augment}")
+    g = epoch_generator(seed, epoch)
+    order = _order(len(data), shuffle, g, indices)
+    n = len(order)
+    stop = n - n % batch_size if drop_last else n
+    offsets = torch.arange(data.info.seq_len + 1)
+    for i in range(0, stop, batch_size):
+        window = data.ids[data.starts[order[i:i + batch_size], None] + offsets]  # (B, T + 1)
+        x, y = window[:, :-1], window[:, 1:]
+        yield (x, y) if device is None else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))

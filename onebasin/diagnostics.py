@@ -44,7 +44,7 @@ def variance_ratios(
         [(site, ratio)]. Units with std_A + std_B == 0 (dead in both endpoints) are left out of the mean.
     """
     ends = endpoints or endpoint_stats(model_a, model_b, data, spec, sites, max_examples)
-    _, stds = site_stats(model_alpha, ends.sites, data, max_examples)
+    _, stds = site_stats(model_alpha, ends.sites, data, max_examples, ends.graph)
     rows = []
     for s, std, va, vb in zip(ends.sites, stds, ends.var_a, ends.var_b):
         ref = (va.sqrt() + vb.sqrt()) / 2

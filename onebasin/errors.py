@@ -19,3 +19,19 @@ class ArchitectureMismatchError(OnebasinError):
 
 class InvalidWeightsError(OnebasinError):
     """Weights contain NaN or infinite values."""
+
+
+class InvalidOptionError(OnebasinError, ValueError):
+    """An option has an unknown name or a bad value (method, repair, dataset, alpha, a sweep's grid...)."""
+
+
+class InputMismatchError(OnebasinError):
+    """The example input does not fit the model (shape, dtype, device): names the model class and the input."""
+
+
+class EmptyDataError(InputMismatchError):
+    """The data holds no batch, or a batch with no rows."""
+
+
+class DatasetMismatchError(OnebasinError):
+    """Two checkpoints were trained on different datasets."""

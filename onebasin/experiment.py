@@ -6,19 +6,27 @@ seeds (cached), compare plain / aligned / aligned+REPAIR interpolation, write a 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .align import list_methods
+from .distributed import default_device
 from .checkpoint import checkpoint_paths, load_model
 from .data import batches, dataset_info, load_dataset
-from .models import model_info
+from .errors import InvalidOptionError
+from .models import create_model, data_kwargs, model_info
 from .pipeline import Comparison, compare
 from .report import SUMMARY_HEADER, format_table, write_comparison_report
-from .train import train_model
+from .train import RECIPES, Recipe, default_recipe, train_model
 
 
 @dataclass
@@ -43,6 +51,92 @@ class Experiment:
     out: str = "onebasin-demo"  # report folder
     data_dir: str | None = None
     cache_dir: str | None = None  # trained endpoints; default $ONEBASIN_CACHE, else ~/.cache/onebasin
+    device: str | None = None  # where to train and compare (None: cuda when available, else cpu)
+
+
+CORRECTIONS = ("exact", "closed", "reset_bn")
+
+# `onebasin demo --model vit|gpt`: the Experiment fields that differ from the MLP demo's. Endpoints are trained
+# with the model's own recipe (all its epochs), so `onebasin train --model vit --width 128 --dataset
+# fashionmnist --out <cache>/endpoints/vit_width128_fashionmnist_e3_s0.safetensors` fills the demo's cache.
+# Calibration and train-split evaluation are cut to fit a CPU: a GPT example is a sequence of 128 characters
+# (256 of them: 32,768 positions); the test split is all of it (FashionMNIST: 10,000 images; pydoc: 363
+# validation sequences).
+TRANSFORMER_DEMOS = {
+    "vit": {"dataset": "fashionmnist", "model_kwargs": {"width": 128}, "epochs": RECIPES["vit"].epochs,
+            "calib_examples": 2000, "train_eval_examples": 2000},
+    "gpt": {"dataset": "pydoc", "model_kwargs": {"width": 192}, "epochs": RECIPES["gpt"].epochs,
+            "calib_examples": 256, "train_eval_examples": 256},
+}
+
+
+def validate_experiment(exp: Experiment) -> None:
+    """Raise InvalidOptionError naming the first bad setting of `exp`, before anything is trained or loaded.
+
+    Checks the names (dataset, model, method, repair, recipe fields), that `seeds` are two integers, counts
+    are integers >= 1, alphas numbers in [0, 1]; then builds the model once, so an option it does not take
+    (or a BatchNorm-free model with repair "reset_bn") fails here rather than after training.
+    """
+    info = dataset_info(exp.dataset)
+    _check(exp.method in list_methods(), f"unknown method {exp.method!r}; valid: {', '.join(list_methods())}")
+    _check(exp.repair in CORRECTIONS, f"unknown repair {exp.repair!r}; valid: {', '.join(CORRECTIONS)}")
+    seeds = exp.seeds
+    _check(isinstance(seeds, (tuple, list)) and len(seeds) == 2 and all(map(_is_int, seeds)),
+           f"seeds must be two integers, e.g. [0, 1], got {seeds!r}")
+    for name in ("epochs", "calib_examples", "train_eval_examples", "test_examples", "train_limit"):
+        value = getattr(exp, name)
+        _check((value is None and name in ("test_examples", "train_limit")) or (_is_int(value) and value >= 1),
+               f"{name} must be an integer >= 1, got {value!r}")
+    _check(isinstance(exp.alphas, (tuple, list)) and len(exp.alphas) > 0 and all(map(_is_alpha, exp.alphas)),
+           f"alphas must be a list of numbers in [0, 1], got {exp.alphas!r}")
+    _check(isinstance(exp.recipe_overrides, dict), f"recipe_overrides must be a table, got {exp.recipe_overrides!r}")
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name", "epochs"}
+    _check(set(exp.recipe_overrides) <= fields, f"unknown recipe_overrides {sorted(set(exp.recipe_overrides) - fields)}; "
+           f"valid: {', '.join(sorted(fields))}")
+    _check(isinstance(exp.model_kwargs, dict), f"model_kwargs must be a table, got {exp.model_kwargs!r}")
+    with warnings.catch_warnings():  # e.g. "Initializing zero-element tensors is a no-op": reported below
+        warnings.simplefilter("ignore")
+        model = _build(exp, info)
+    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+    _check(not empty, f"model {exp.model!r} with options {exp.model_kwargs} has an empty layer ({empty[0] if empty else ''}): "
+           f"widths must be >= 1")
+    if exp.repair == "reset_bn":
+        _check(any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+               f"repair 'reset_bn' needs BatchNorm layers; {exp.model} has none (use exact or closed)")
+
+
+def _build(exp: Experiment, info) -> torch.nn.Module:
+    try:
+        default_recipe(exp.model)
+        return create_model(exp.model, **exp.model_kwargs, **data_kwargs(exp.model, info))
+    except Exception as err:  # unknown model, an option it does not take, a bad value
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InvalidOptionError(f"model {exp.model!r} with options {exp.model_kwargs}: {line}") from err
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidOptionError(message)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_alpha(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+
+
+def settings_key(exp: Experiment) -> str:
+    """12 hex digits of sha256 over every setting that changes a result (all fields but out, data_dir, cache_dir, device)."""
+    settings = {k: v for k, v in asdict(exp).items() if k not in ("out", "data_dir", "cache_dir", "device")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def describe(exp: Experiment) -> str:
+    """A readable one-line title, e.g. 'mlp (width 128, depth 10) on mnist: activation matching + exact REPAIR'."""
+    opts = ", ".join(f"{k} {v}" for k, v in exp.model_kwargs.items())
+    return f"{exp.model}{f' ({opts})' if opts else ''} on {exp.dataset}: {exp.method} matching + {exp.repair} REPAIR"
 
 
 def cache_dir(explicit: str | None = None) -> Path:
@@ -69,8 +163,8 @@ def endpoint(exp: Experiment, seed: int, progress: bool = True) -> tuple[torch.n
     cached = checkpoint_paths(path)[0].exists()
     if not cached:
         train_model(exp.model, exp.dataset, model_kwargs=exp.model_kwargs, overrides={"epochs": exp.epochs, **exp.recipe_overrides},
-                    seed=seed, out=path, data_dir=exp.data_dir, limit=exp.train_limit, progress=progress)
-    model, meta = load_model(path, expect={"model": exp.model, "seed": seed})
+                    seed=seed, out=path, data_dir=exp.data_dir, limit=exp.train_limit, progress=progress, device=exp.device)
+    model, meta = load_model(path, expect={"model": exp.model, "seed": seed}, device=default_device(exp.device))
     return model, meta, cached
 
 
@@ -98,8 +192,9 @@ def evaluation_data(exp: Experiment) -> tuple[dict[str, list], list]:
 def run_experiment(exp: Experiment, progress: bool = True) -> tuple[Comparison, dict]:
     """Train or load both endpoints, compare the three interpolations, write the report to `exp.out`.
 
-    Returns (Comparison, {output name: path}).
+    Returns (Comparison, {output name: path}). Raises InvalidOptionError on a bad setting before training.
     """
+    validate_experiment(exp)
     start = time.perf_counter()
     ends = [endpoint(exp, s, progress) for s in exp.seeds]
     trained = time.perf_counter()
@@ -109,11 +204,22 @@ def run_experiment(exp: Experiment, progress: bool = True) -> tuple[Comparison, 
     run = {"experiment": asdict(exp),
            "endpoints": [{"seed": m["seed"], "cached": c, "test_acc": m.get("test_acc"), "epochs": m.get("epochs_done"),
                           "checkpoint": str(endpoint_path(exp, m["seed"]))} for _, m, c in ends],
-           "seconds": {"endpoints": trained - start, "compare": time.perf_counter() - trained}}  # fmt: skip
-    title = f"{exp.model} {exp.model_kwargs} on {exp.dataset}: {exp.method} matching + {exp.repair} REPAIR"
-    return comparison, write_comparison_report(comparison, exp.out, title, extra=run)
+           "seconds": {"endpoints": trained - start, "compare": time.perf_counter() - trained},
+           **({"loss": "cross-entropy per character, nats (bits = nats / ln 2)"} if is_text(exp.dataset) else {})}  # fmt: skip
+    return comparison, write_comparison_report(comparison, exp.out, describe(exp), extra=run)
 
 
 def summary_table(comparison: Comparison) -> str:
     """The endpoint and midpoint table (test set) that `onebasin demo` prints."""
     return format_table(SUMMARY_HEADER, comparison.summary_rows())
+
+
+def is_text(dataset: str) -> bool:
+    """Whether `dataset` is a text dataset (its loss is per character)."""
+    return hasattr(dataset_info(dataset), "vocab")
+
+
+def bits_per_character(comparison: Comparison) -> str:
+    """One line: the summary's test losses (nats per character) in bits per character (nats / ln 2)."""
+    rows = comparison.summary_rows()
+    return "test loss in bits per character: " + ", ".join(f"{r[0]} {r[2] / math.log(2):.4f}" for r in rows)

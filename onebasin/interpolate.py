@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import check_same_architecture
+from .errors import EmptyDataError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -84,19 +85,36 @@ class BarrierCurve:
 
 
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy) -> tuple[float, float]:
-    """(mean loss, accuracy) of `model` in eval mode over (x, y) batches; loss_fn(logits, y) returns a batch mean."""
+    """(mean loss, accuracy) of `model` in eval mode over (x, y) batches; loss_fn(logits, y) returns a batch mean.
+
+    Sequence outputs, logits (B, T, V) with targets (B, T) (a language model), are flattened to (B*T, V) and
+    (B*T,): the mean is per position (cross-entropy in nats per character; bits = nats / ln 2), accuracy the
+    fraction of positions predicted right. Under torch.distributed every process evaluates its share of
+    the batches and the sums are all-reduced (the result is the one-process value).
+    """
+    from .stats import _presharded, _reduce_device, distributed
+
     p = next(model.parameters())
+    rank, world = (0, 1) if _presharded(loader) else distributed()
     total_loss, correct, n = 0.0, 0, 0
     was = model.training
     model.eval()
     with torch.no_grad():
-        for x, y, *_ in loader:
+        for i, (x, y, *_) in enumerate(loader):
+            if i % world != rank:  # under torch.distributed each process evaluates its share of the batches
+                continue
             x = x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
             out, y = model(x), y.to(p.device)
+            if out.dim() > 2:  # (B, T, V) logits of (B, T) targets
+                out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
             total_loss += float(loss_fn(out, y)) * len(y)
             correct += int((out.argmax(-1) == y).sum())
             n += len(y)
     model.train(was)
+    if world > 1:
+        sums = torch.tensor([total_loss, correct, n], dtype=torch.float64, device=_reduce_device(p.device))
+        torch.distributed.all_reduce(sums)
+        total_loss, correct, n = sums[0].item(), int(sums[1].item()), int(sums[2].item())
     return total_loss / n, correct / n
 
 
@@ -144,8 +162,9 @@ def barrier_curve(
         loaders: split name -> re-iterable of (x, y) batches, e.g. {"train": ..., "test": ...}.
         alphas: interpolation weights (default 0, 0.1, ..., 1); 0 and 1 are added if missing.
         correction: None, "reset_bn", "repair_exact" or "repair_closed", applied at every alpha (endpoints
-            included) with `calib_data` (default: loaders["train"], else the first loader), first
-            `max_examples` examples; `spec`/`sites` select the REPAIR sites.
+            included) with `calib_data` (default: loaders["train"]; without either, EmptyDataError: a
+            correction is never calibrated on a test split), first `max_examples` examples;
+            `spec`/`sites` select the REPAIR sites.
         loss_fn: loss(logits, targets) -> batch mean.
         endpoints: precomputed `repair.endpoint_stats(model_a, model_b, ...)` of those sites, for REPAIR.
         on_model: called as on_model(alpha, model) with each evaluated (corrected) network, e.g. to keep one.
@@ -153,7 +172,11 @@ def barrier_curve(
         BarrierCurve; `.barrier(split, "loss" | "error")` gives eq. (1).
     """
     alphas = sorted({0.0, 1.0, *(float(a) for a in (torch.linspace(0, 1, 11) if alphas is None else alphas))})
-    calib = calib_data if calib_data is not None else loaders.get("train", next(iter(loaders.values())))
+    calib = calib_data if calib_data is not None else loaders.get("train")
+    if correction is not None and calib is None:
+        raise EmptyDataError(f"barrier_curve(correction={correction!r}) needs calibration data: pass calib_data=<training "
+                             f"batches> (or a 'train' loader); the splits given are {list(loaders)}, and a correction "
+                             f"calibrated on a test split would measure a model fitted to its own test data")
     make = _corrector(model_a, model_b, correction, calib, max_examples, spec, sites, endpoints)
     loss = {split: [] for split in loaders}
     acc = {split: [] for split in loaders}

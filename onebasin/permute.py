@@ -3,7 +3,8 @@
 Convention (as git-re-basin, Ainsworth et al. 2022): `perms[g]` is a LongTensor p of the group's size;
 permuting moves old unit p[i] to new index i, i.e. every member axis is indexed with p
 (`new = old.index_select(axis, p)`). Aligning B to A therefore returns, for each group, the index of the
-unit of B that matches unit i of A.
+unit of B that matches unit i of A. A structured group's permutation is an index vector too, of the form
+p[j*k + i] = sigma(j)*k + tau_j(i) (`block_perm`, `split_block_perm`), so invert and compose need no case.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .spec import PermutationSpec
+from .spec import Group, Member, PermutationSpec
 
 Perms = dict[str, torch.Tensor]
 StateDict = dict[str, torch.Tensor]
@@ -24,10 +25,63 @@ def identity_perms(spec: PermutationSpec) -> Perms:
     return {name: torch.arange(g.size) for name, g in spec.groups.items()}
 
 
+def block_perm(sigma: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The unit permutation (b*k,) that moves block sigma[j] to j and, inside it, unit tau[j, i] to i.
+
+    sigma: (b,) LongTensor; tau: (b, k) LongTensor, each row a permutation of range(k).
+    """
+    return (sigma[:, None] * tau.shape[1] + tau).reshape(-1)
+
+
+def split_block_perm(p: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma (b,), tau (b, k)) of a block-structured permutation p (b*k,); ValueError if p moves units across blocks."""
+    q = p.view(-1, block)
+    sigma = q[:, 0] // block
+    if not torch.equal(q // block, sigma[:, None].expand_as(q)):
+        raise ValueError(f"permutation moves units across blocks of {block}")
+    return sigma, q % block
+
+
 def random_perms(spec: PermutationSpec, seed: int = 0) -> Perms:
-    """A uniformly random permutation of every group, deterministic in `seed`."""
+    """A uniformly random permutation of every group, respecting block structure; deterministic in `seed`."""
     gen = torch.Generator().manual_seed(seed)
-    return {name: torch.randperm(g.size, generator=gen) for name, g in spec.groups.items()}
+    perms: Perms = {}
+
+    def draw(g: Group) -> None:
+        if g.name in perms:
+            return
+        if not g.structured:
+            perms[g.name] = torch.randperm(g.size, generator=gen)
+            return
+        if g.parent is not None:
+            draw(spec.groups[g.parent])
+        sigma = perms[g.parent] if g.parent else torch.arange(g.blocks) if g.fixed_blocks else torch.randperm(g.blocks, generator=gen)
+        rows = [torch.randperm(g.block, generator=gen) if g.inner else torch.arange(g.block) for _ in range(g.blocks)]
+        perms[g.name] = block_perm(sigma, torch.stack(rows))
+
+    for g in spec.groups.values():
+        draw(g)
+    return perms
+
+
+def check_perms(spec: PermutationSpec, perms: Perms) -> None:
+    """ValueError naming the group unless every permutation has its group's size and block structure."""
+    for name, p in perms.items():
+        g = spec.groups[name]
+        if p.shape != (g.size,) or not torch.equal(torch.sort(p).values, torch.arange(g.size)):
+            raise ValueError(f"group {name!r}: not a permutation of {g.size} units")
+        if not g.structured:
+            continue
+        try:
+            sigma, tau = split_block_perm(p, g.block)
+        except ValueError as err:
+            raise ValueError(f"group {name!r}: {err}") from None
+        if g.parent is not None and g.parent in perms and not torch.equal(sigma, perms[g.parent].to(sigma)):
+            raise ValueError(f"group {name!r}: its blocks must move as group {g.parent!r}")
+        if g.fixed_blocks and not torch.equal(sigma, torch.arange(g.blocks)):
+            raise ValueError(f"group {name!r}: its blocks must stay in place")
+        if not g.inner and not torch.equal(tau, torch.arange(g.block).expand_as(tau)):
+            raise ValueError(f"group {name!r}: units may not move inside their blocks")
 
 
 def invert_perms(perms: Perms) -> Perms:
@@ -55,6 +109,31 @@ def permute_tensor(t: torch.Tensor, axis: int, p: torch.Tensor, block: int = 1) 
     return t.index_select(axis, _block_index(p, block).to(t.device))
 
 
+def permute_member(t: torch.Tensor, m: Member, p: torch.Tensor) -> torch.Tensor:
+    """t with member m's axis re-indexed by its group's permutation p (any layout; see spec.Member)."""
+    p = p.to(t.device)
+    if m.diag:
+        return _permute_in_group(t, m.axis, p)
+    if m.layout is None:
+        return permute_tensor(t, m.axis, p, m.block)
+    pos = m.layout.positions().to(t.device)
+    index = torch.arange(t.shape[m.axis], device=t.device)
+    index[pos.reshape(-1)] = pos[p].reshape(-1)
+    return t.index_select(m.axis, index)
+
+
+def _permute_in_group(t: torch.Tensor, axis: int, p: torch.Tensor) -> torch.Tensor:
+    """Grouped conv weight (g*ko, ki, ...), rows already in their new order: inside row block j, the
+    input index i becomes tau_j(i) (p = the input group's permutation, g blocks of ki units)."""
+    ki = t.shape[axis]
+    tau = (p.view(-1, ki) % ki)  # (g, ki)
+    g = tau.shape[0]
+    grouped = t.reshape(g, t.shape[0] // g, *t.shape[1:])  # (g, ko, ki, ...)
+    shape = [g, 1, ki] + [1] * (t.ndim - 2)
+    index = tau.view(shape).expand(grouped.shape)
+    return torch.gather(grouped, axis + 1, index).reshape(t.shape)
+
+
 def apply_perms(spec: PermutationSpec, perms: Perms, state_dict: StateDict) -> StateDict:
     """A new state_dict with every group's axes permuted; tensors outside the spec are passed through.
 
@@ -64,11 +143,13 @@ def apply_perms(spec: PermutationSpec, perms: Perms, state_dict: StateDict) -> S
         state_dict: key -> tensor; not modified.
     """
     out = dict(state_dict)
-    for key, axes in spec.axes_of.items():
+    for key, members in spec.members_of.items():
+        if key not in state_dict:
+            continue
         t = state_dict[key]
-        for axis, group, block in axes:
+        for group, m in sorted(members, key=lambda gm: gm[1].diag):  # in-group axes after the rows they follow
             if group in perms:
-                t = permute_tensor(t, axis, perms[group], block)
+                t = permute_member(t, m, perms[group])
         out[key] = t
     return out
 

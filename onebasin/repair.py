@@ -7,55 +7,58 @@ every selected unit the statistics of eqs. (3)-(4),
     E[X_alpha] = (1 - alpha) E[X_A] + alpha E[X_B],    std(X_alpha) = (1 - alpha) std(X_A) + alpha std(X_B),
 
 with a per-unit affine correction y -> scale * y + shift applied at the spec's sites: kind "layer"
-(output of a Linear/Conv, or of the norm right after it) and kind "block" (output of a residual addition).
+(output of a Linear/Conv, or of the norm right after it) and kind "block" (output of a residual addition),
+the default; kind "norm" (output of any other norm, e.g. a pre-norm transformer's LayerNorms) is chosen
+for LayerNorm networks: ("layer", "norm") corrections all fold into weights and norms.
 
 * `method="exact"` (Sec. 4.2) measures the interpolated network's statistics on calibration data with
-  every earlier correction already in place. A site's statistics depend only on corrections of sites
-  upstream of it, so sites are grouped into dependency *levels* (level 0: no corrected site upstream;
-  level k: the deepest corrected site upstream is at level k-1) and one forward pass corrects a whole
-  level. Passes over the interpolated net = number of levels = the longest chain of corrected sites:
-  an MLP with H hidden layers takes H passes; the CIFAR ResNet20 layout with layer and block sites
-  takes 1 (stem) + 3 per block (conv1, conv2 with its shortcut, the addition) = 28, with layer sites only
-  1 + 2 per block = 19. Each pass runs the network only up to the deepest site it reads. The
-  paper's one-pass version (train-mode BatchNorm wrappers, App. B.2) uses per-batch statistics; this one
-  uses exact whole-calibration-set float64 sums, so the corrected statistics match the goals to rounding.
+  every earlier correction in place. It makes ONE forward sweep over the calibration set: the graph is
+  evaluated node by node for the whole set at once (`onebasin.graph.walk`); at each site, in forward
+  order, the statistics of all calibration examples are taken, the correction computed and applied to
+  the kept tensor, and the sweep moves on (as GPTQ calibrates quantisation). Exact float64 sums, so the
+  corrected statistics match the goals to rounding. The kept tensors take memory (the live activations
+  of the whole calibration set); over `max_memory` it falls back to one streaming pass per dependency
+  level (a site's level is 1 + that of the deepest corrected site upstream), with the same result.
 * `method="closed"` (Sec. 4.1, eq. 5) predicts std(X_alpha) = sqrt((1-a)^2 Var_A + a^2 Var_B + 2a(1-a) Cov_AB)
   and E[X_alpha] = (1-a) E[X_A] + a E[X_B] from the endpoints alone: no pass over the interpolated net.
   Exact for sites whose input does not depend on other hidden units (the first layer); an approximation
   deeper (measure how far with `repair_errors`).
 
 Fusion. A correction after a Linear/Conv output folds into its weight and bias; after a norm layer
-(BatchNorm, LayerNorm, GroupNorm, InstanceNorm with affine parameters) into the norm's weight and bias
-(for BatchNorm nets this is BN reset, Sec. 5.2). The result is then an instance of the original class.
-A correction cannot be folded, and stays as a `RepairAffine` module named `repair_<fx node>`, when it
-follows a residual addition (the identity shortcut carries an upstream tensor that other layers also
-read), a Linear/Conv without bias or a norm without affine bias (the shift has nowhere to go), a module
-called more than once, or a function call. The model is then a `torch.fx.GraphModule` named
-`Repaired<Class>`: the original modules and parameters (same state_dict keys) plus those modules.
+(BatchNorm, LayerNorm, GroupNorm with affine parameters) into the norm's weight and bias (for BatchNorm
+nets this is BN reset, Sec. 5.2). The result is then an instance of the original class. A correction
+cannot be folded, and stays as a `RepairAffine` module named `repair_<node>`, when it follows a residual
+addition (the identity shortcut carries an upstream tensor that other layers also read), a layer without
+bias or a norm without affine bias (the shift has nowhere to go), or a weight used more than once. The
+model is then a `torch.fx.GraphModule` named `Repaired<Class>` (the exported graph of the model: the
+original parameters under their state_dict keys, plus those modules).
 All statistics are taken in eval mode (BatchNorm uses its running statistics, dropout is off).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
 from .errors import OnebasinError
-from .interpolate import interpolate_model
-from .spec import PermutationSpec, Site, symbolic_trace, trace
-from .stats import Moments, batches, clone_before_inplace, eval_mode, is_inplace, unit_matrix
+from .graph import Captured, batch_size, capture, inputs_like, model_inputs, walk
+from .interpolate import lerp
+from .spec import PermutationSpec, Site, trace
+from .stats import Moments, batches, distributed, eval_mode
+from .stats import _reduce_device as _collective_device
 
-KINDS = ("layer", "block")
+KINDS = ("layer", "block")  # the default site kinds
+ALL_KINDS = ("layer", "block", "norm")
 METHODS = ("exact", "closed")
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+aten = torch.ops.aten
 
 
 class RepairAffine(nn.Module):
@@ -71,93 +74,127 @@ class RepairAffine(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[self.dim] = -1
-        return x * self.weight.view(shape) + self.bias.view(shape)
+        return affine(x, self.weight, self.bias, self.dim)
 
     def extra_repr(self) -> str:
         return f"units={self.weight.numel()}, dim={self.dim}"
 
 
-# --- sites and taps ------------------------------------------------------------------------------------
+def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
+    """x * scale + shift with (units,) vectors along axis `dim` (the one formula every path uses)."""
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    return x * scale.to(x).view(shape) + shift.to(x).view(shape)
 
 
-def select_sites(spec: PermutationSpec, model: nn.Module, kinds: Iterable[str] = KINDS) -> list[Site]:
-    """The spec's sites of the given kinds, each once, in forward (graph) order; module-only sites get their node."""
+# --- sites, graphs, data ---------------------------------------------------------------------------------
+
+
+def select_sites(spec: PermutationSpec, kinds: Iterable[str] = KINDS) -> list[Site]:
+    """The spec's sites of the given kinds, each once, in forward (graph) order."""
     kinds = tuple(kinds)
-    if bad := [k for k in kinds if k not in KINDS]:
-        raise ValueError(f"unknown site kind(s) {bad}; valid kinds: {list(KINDS)}")
-    graph = symbolic_trace(model).graph
-    order = {n.name: i for i, n in enumerate(graph.nodes)}
-    calls = {n.target: n.name for n in graph.nodes if n.op == "call_module"}
+    if bad := [k for k in kinds if k not in ALL_KINDS]:
+        raise ValueError(f"unknown site kind(s) {bad}; valid kinds: {list(ALL_KINDS)}")
+    if spec.graph is None:
+        raise OnebasinError("REPAIR needs a traced spec (onebasin.trace): a hand-written spec has no graph")
+    order = {n.name: i for i, n in enumerate(spec.graph.graph.nodes)}
     found: dict[str, Site] = {}
     for group in spec.groups.values():
         for s in group.sites:
-            if s.kind in kinds:
-                s = s if s.node else dataclasses.replace(s, node=calls[s.module])
-                found.setdefault(s.node, s)
+            if s.kind in kinds and s.node is not None:  # a part of a fused projection: correct the whole tensor
+                found.setdefault(s.node, dataclasses.replace(s, start=0, size=None))
     return sorted(found.values(), key=lambda s: order[s.node])
 
 
-def _is_wrapper(model: nn.Module) -> bool:
-    return isinstance(model, fx.GraphModule) and any(isinstance(m, RepairAffine) for m in model.modules())
+def _first_input(data: Iterable):
+    for x in batches(data, 2):
+        return x
+    raise OnebasinError("no data: the calibration data yielded no batch")
 
 
-def _tap(model: nn.Module, nodes: list[str], corrected: bool = True) -> fx.GraphModule:
-    """A GraphModule sharing `model`'s parameters that returns the tensors at fx nodes `nodes` (a tuple).
-
-    It computes only what those tensors need (a truncated forward; in-place ops are kept). A tensor that
-    a later op modifies in place (`out += x`, ReLU(inplace=True)) is cloned first. In a repaired wrapper,
-    a site is read after its RepairAffine when `corrected`, before it otherwise.
-    """
-    gm = model if _is_wrapper(model) else symbolic_trace(model)
-    graph, env = fx.Graph(), {}
-    graph.graph_copy(gm.graph, env)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    affine = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    picks = [env[(affine.get(f"repair_{name}") if corrected else None) or by_name[name]] for name in nodes]
-    graph.output(tuple(clone_before_inplace(gm, n) for n in picks))
-    tap = fx.GraphModule(gm, graph)
-    tap.graph.eliminate_dead_code(lambda n: n.is_impure() or is_inplace(tap, n))
-    tap.recompile()
-    return tap
+def _spec_and_sites(model: nn.Module, data: Iterable, spec: PermutationSpec | None, sites) -> tuple[Captured, list[Site]]:
+    """The captured graph and the site list: explicit Sites, or the spec's sites of the given kinds."""
+    explicit = bool(sites) and all(isinstance(s, Site) for s in sites)
+    if spec is not None and spec.graph is None:
+        raise OnebasinError("REPAIR needs a traced spec (onebasin.trace): a hand-written spec has no graph to read sites from")
+    if spec is None:
+        example = next(model_inputs(model, [_first_input(data)]))
+        spec = trace(model, example) if not explicit else None
+        graph = spec.graph if spec is not None else capture(model, example)
+    else:
+        graph = spec.graph
+    return graph, (list(sites) if explicit else select_sites(spec, sites))
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module):
-    """Run without gradients with every module in eval mode, then restore each module's own training flag."""
-    with torch.no_grad(), eval_mode(*models):
-        yield
+def _chunks(graph: Captured, data: Iterable, max_examples: int | None) -> list:
+    """Calibration inputs (on the model's device, in its floating dtype), as a list of batches."""
+    return list(inputs_like(graph, batches(data, max_examples)))
 
 
-def _inputs(data: Iterable, model: nn.Module, max_examples: int | None) -> Iterator[torch.Tensor]:
-    """Input batches on `model`'s device; floating inputs in its dtype."""
-    p = next(model.parameters())
-    for x in batches(data, max_examples, p.device):
-        yield x.to(p.dtype) if x.is_floating_point() else x
+# --- statistics ----------------------------------------------------------------------------------------
 
 
-def site_moments(
-    model: nn.Module, sites: list[Site], data: Iterable, max_examples: int | None = 5000, corrected: bool = True
-) -> list[Moments]:
-    """Exact float64 per-unit sums of `model`'s activations at `sites`, in one (truncated) forward pass.
+@dataclass
+class Corrected:
+    """A network as the graph's weights plus corrections at some nodes (node -> (scale, shift, dim))."""
+
+    graph: Captured
+    state: dict
+    corrections: dict = field(default_factory=dict)
+
+    def moments(self, sites: list[Site], chunks: list) -> list[Moments]:
+        """Exact float64 per-unit sums at `sites` over this process's input chunks (`_chunks`), corrections
+        applied, one streaming pass; all-reduced over processes."""
+        moments = {s.node: Moments() for s in sites}
+        sites_by = {s.node: s for s in sites}
+
+        def visitor(name):
+            def visit(values):
+                if name in self.corrections:
+                    values = [affine(v, *self.corrections[name]) for v in values]
+                if name in moments:
+                    for v in values:
+                        moments[name].update_units(v, sites_by[name])
+                return values
+
+            return visit
+
+        nodes = set(moments) | set(self.corrections)
+        visits = {n: visitor(n) for n in nodes}
+        for x in chunks:
+            if self.corrections:
+                walk(self.graph, self.state, [x], moments, visits)
+            else:
+                values = self.graph.run(self.state, x, list(moments), outputs=False)
+                for name, v in zip(moments, values):
+                    moments[name].update_units(v, sites_by[name])
+        return [moments[s.node].all_reduce_() for s in sites]
+
+
+def as_corrected(model: nn.Module, graph: Captured) -> Corrected:
+    """A model (plain, or a Repaired wrapper) as graph weights plus corrections."""
+    state = model.state_dict()
+    corrections = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, RepairAffine):
+            corrections[name.removeprefix("repair_")] = (mod.weight.detach(), mod.bias.detach(), mod.dim)
+    base = {k: v for k, v in state.items() if not k.startswith("repair_")}
+    return Corrected(graph, base, corrections)
+
+
+def site_moments(model: nn.Module, sites: list[Site], data: Iterable, max_examples: int | None = 5000, graph: Captured | None = None) -> list[Moments]:
+    """Exact float64 per-unit sums of `model`'s activations at `sites` (a Repaired wrapper: after its corrections).
 
     Returns one Moments per site (x: (samples, units), conv positions pooled as samples).
     """
-    tap = _tap(model, [s.node for s in sites], corrected)
-    moments = [Moments() for _ in sites]
-    with _eval_mode(tap):
-        for x in _inputs(data, model, max_examples):
-            for m, s, t in zip(moments, sites, tap(x)):
-                m.update(unit_matrix(t, s.dim))
-    return [m.all_reduce_() for m in moments]
+    graph = graph or capture(model, next(model_inputs(model, [_first_input(data)])))
+    with eval_mode(model):
+        return as_corrected(model, graph).moments(sites, _chunks(graph, data, max_examples))
 
 
-def site_stats(
-    model: nn.Module, sites: list[Site], data: Iterable, max_examples: int | None = 5000
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def site_stats(model: nn.Module, sites: list[Site], data: Iterable, max_examples: int | None = 5000, graph: Captured | None = None):
     """Per-unit mean and std (population, float64, (units,) each) of `model` at every site, one pass."""
-    moments = site_moments(model, sites, data, max_examples)
+    moments = site_moments(model, sites, data, max_examples, graph)
     return [m.mean_x for m in moments], [m.var_x.sqrt() for m in moments]
 
 
@@ -175,6 +212,7 @@ class EndpointStats:
     var_b: list[torch.Tensor]
     cov_ab: list[torch.Tensor]
     ndims: list[int]  # number of axes of each site's activation tensor
+    graph: Captured | None = field(default=None, repr=False)
 
     def goal(self, alpha: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Goal mean and std of every unit: eqs. (3) and (4)."""
@@ -210,49 +248,33 @@ def endpoint_stats(
     Returns:
         EndpointStats: one paired pass of A and B over the data (both in eval mode).
     """
-    site_list = _resolve_sites(model_a, data, spec, sites)
+    graph, site_list = _spec_and_sites(model_a, data, spec, sites)
     names = [s.node for s in site_list]
-    tap_a, tap_b = _tap(model_a, names), _tap(model_b, names)
-    moments, ndims = [Moments() for _ in site_list], [0] * len(site_list)
-    with _eval_mode(tap_a, tap_b):
-        for x in _inputs(data, model_a, max_examples):
-            for i, (s, a, b) in enumerate(zip(site_list, tap_a(x), tap_b(x))):
-                ua, ub = unit_matrix(a, s.dim), unit_matrix(b.to(a.device), s.dim)
-                moments[i].update(torch.cat([ua, ub, ua * ub], 1))  # E[ab] gives the per-unit covariance
-                ndims[i] = a.ndim
-    return _split_paired(site_list, [m.all_reduce_() for m in moments], ndims)
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    moments, ndims = [Moments(paired=True) for _ in site_list], [0] * len(site_list)
+    for x in _chunks(graph, data, max_examples):
+        for i, (s, a, b) in enumerate(zip(site_list, graph.run(sd_a, x, names, False), graph.run(sd_b, x, names, False))):
+            moments[i].update_pair(a, b, s, cross="diag")  # unit i of A with unit i of B: the per-unit covariance
+            ndims[i] = a.ndim
+    return _split_paired(site_list, [m.all_reduce_() for m in moments], ndims, graph)
 
 
-def _split_paired(sites: list[Site], moments: list[Moments], ndims: list[int]) -> EndpointStats:
-    """EndpointStats from Moments over [a, b, a*b] columns."""
+def _split_paired(sites: list[Site], moments: list[Moments], ndims: list[int], graph) -> EndpointStats:
+    """EndpointStats from paired Moments whose cross sums are per unit (diagonal)."""
     cols = {k: [] for k in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab")}
     for m in moments:
-        p = m.mean_x.numel() // 3
-        mean, var = m.mean_x, m.var_x
-        cols["mean_a"].append(mean[:p])
-        cols["var_a"].append(var[:p])
-        cols["mean_b"].append(mean[p : 2 * p])
-        cols["var_b"].append(var[p : 2 * p])
-        cols["cov_ab"].append(mean[2 * p :] - mean[:p] * mean[p : 2 * p])
-    return EndpointStats(sites, **cols, ndims=ndims)
-
-
-def _resolve_sites(model: nn.Module, data: Iterable, spec: PermutationSpec | None, sites) -> list[Site]:
-    """An explicit site list, or the spec's sites of the given kinds (tracing `model` on 2 examples if no spec)."""
-    if sites and all(isinstance(s, Site) for s in sites):
-        return list(sites)
-    if spec is None:
-        example = next(_inputs(data, model, 2), None)
-        if example is None:
-            raise ValueError("no data: the calibration data yielded no batch")
-        spec = trace(model, example)
-    return select_sites(spec, model, sites)
+        cols["mean_a"].append(m.mean_x)
+        cols["var_a"].append(m.var_x)
+        cols["mean_b"].append(m.mean_y)
+        cols["var_b"].append(m.var_y)
+        cols["cov_ab"].append(m.sums["xy"] / m.n - m.mean_x * m.mean_y)
+    return EndpointStats(sites, **cols, ndims=ndims, graph=graph)
 
 
 # --- corrections ---------------------------------------------------------------------------------------
 
 
-def _affine(mean, std, goal_mean, goal_std, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_to_goal(mean, std, goal_mean, goal_std, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) taking a unit of mean `mean`, std `std` to the goal; units constant to within
     rounding of the model's dtype (machine epsilon `eps`) keep scale 1 and only get their mean shifted."""
     tol = 100 * eps * mean.abs() + torch.finfo(torch.float64).tiny
@@ -260,45 +282,11 @@ def _affine(mean, std, goal_mean, goal_std, eps: float) -> tuple[torch.Tensor, t
     return scale, goal_mean - scale * mean
 
 
-def with_affines(model: nn.Module, affines: dict[str, RepairAffine]) -> fx.GraphModule:
-    """A GraphModule computing `model` with `affines[node]` applied to the output of each fx node.
-
-    The module for node X is registered as `repair_X`; every other module and parameter keeps its
-    state_dict key. To reload a saved wrapper, use `restore_affines`. `model` is not modified (the wrapper shares its parameters).
-    """
-    gm = symbolic_trace(model)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name, mod in affines.items():
-        target = f"repair_{name}"
-        gm.add_submodule(target, mod)
-        with gm.graph.inserting_after(nodes[name]):
-            new = gm.graph.call_module(target, (nodes[name],))
-        nodes[name].replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-    gm.recompile()
-    gm.__class__.__name__ = f"Repaired{type(model).__name__}"
-    return gm
-
-
-def restore_affines(model: nn.Module, affines: dict[str, int], state: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """`model` wrapped as `with_affines` with identity RepairAffines sized from `state`, ready for `load_state_dict(state)`.
-
-    Args:
-        model: a fresh instance of the merged model's original class.
-        affines: fx node -> unit axis, as `RepairResult.affines` (saved in a merged checkpoint's metadata).
-        state: the saved state_dict; `repair_<node>.weight` (units,) gives each correction's size.
-    """
-    identity = {}
-    for node, dim in affines.items():
-        units = state[f"repair_{node}.weight"].numel()
-        identity[node] = RepairAffine(torch.ones(units), torch.zeros(units), dim)
-    return with_affines(model, identity)
-
-
-def _levels(graph: fx.Graph, names: set[str]) -> dict[str, int]:
+def levels(graph: Captured, names: set[str]) -> dict[str, int]:
     """Dependency level of each site node: 0 if no other site is upstream, else 1 + the deepest upstream site's."""
     depth: dict[fx.Node, int] = {}
     level: dict[str, int] = {}
-    for n in graph.nodes:
+    for n in graph.graph.nodes:
         d = max((depth[i] for i in n.all_input_nodes), default=0)
         if n.name in names:
             level[n.name] = d
@@ -307,28 +295,90 @@ def _levels(graph: fx.Graph, names: set[str]) -> dict[str, int]:
     return level
 
 
-def _exact(interp, sites, goal_mean, goal_std, data, max_examples):
-    """Exact REPAIR (Sec. 4.2): one pass per dependency level, earlier corrections in place.
+def _estimate_bytes(graph: Captured, sites: list[Site], examples: int) -> int:
+    """Peak bytes of the tensors a one-sweep REPAIR keeps: the largest set of live activations, scaled
+    from the graph's example shapes to `examples` rows."""
+    from .graph import _ancestors, shape_of
 
-    Returns (levels, measured means, measured stds, scales, shifts), lists aligned with `sites`.
-    """
-    p = next(interp.parameters())
-    identity = [(torch.ones_like(m, dtype=p.dtype), torch.zeros_like(m, dtype=p.dtype)) for m in goal_mean]
-    affines = {s.node: RepairAffine(w, b, s.dim) for s, (w, b) in zip(sites, identity)}
-    gm = with_affines(interp, affines)
-    levels = _levels(gm.graph, set(affines))
-    n = len(sites)
-    means, stds, scales, shifts = [None] * n, [None] * n, [None] * n, [None] * n
-    for k in range(max(levels.values(), default=-1) + 1):
-        idx = [i for i, s in enumerate(sites) if levels[s.node] == k]
-        moments = site_moments(gm, [sites[i] for i in idx], data, max_examples, corrected=False)
-        for i, m in zip(idx, moments):
-            means[i], stds[i] = m.mean_x, m.var_x.sqrt()
-            scales[i], shifts[i] = _affine(means[i], stds[i], goal_mean[i], goal_std[i], torch.finfo(p.dtype).eps)
-            with torch.no_grad():
-                affines[sites[i].node].weight.copy_(scales[i])
-                affines[sites[i].node].bias.copy_(shifts[i])
-    return [levels[s.node] for s in sites], means, stds, scales, shifts
+    nodes = list(graph.graph.nodes)
+    need = _ancestors(nodes, {s.node for s in sites})
+    last = {a.name: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    rows = batch_size(graph.example)
+    live, peak = {}, 0
+    for i, n in enumerate(nodes):
+        if n.name not in need or n.name in graph.keys:
+            continue
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shape = shape_of(n)
+            numel = 1
+            for s in shape:
+                numel *= s
+            scale = examples / rows if shape and shape[0] == rows else 1
+            live[n.name] = int(numel * scale * val.element_size())
+        peak = max(peak, sum(live.values()))
+        for a in n.all_input_nodes:
+            if last.get(a.name) == i:
+                live.pop(a.name, None)
+    return peak
+
+
+@dataclass
+class _Exact:
+    """Exact REPAIR of one interpolated state: corrections at sites, what was measured, how."""
+
+    corrections: dict
+    means: list
+    stds: list
+    levels: list
+    passes: int
+    peak_bytes: int
+    note: str = ""
+
+
+def exact_corrections(graph: Captured, state: dict, sites: list[Site], goal_mean, goal_std, data, max_examples, max_memory: int | None) -> _Exact:
+    """Exact REPAIR (Sec. 4.2): one sweep over the calibration set, or one streaming pass per level."""
+    chunks = _chunks(graph, data, max_examples)  # this process's shard (it may hold none under torch.distributed)
+    if not chunks and distributed()[1] == 1:
+        raise OnebasinError("no data: the calibration data yielded no batch")
+    examples = sum(batch_size(x) for x in chunks)
+    eps = torch.finfo(next(v for v in state.values() if v.is_floating_point()).dtype).eps
+    lv = levels(graph, {s.node for s in sites})
+    index = {s.node: i for i, s in enumerate(sites)}
+    means, stds, corrections = [None] * len(sites), [None] * len(sites), {}
+
+    def correct(i: int, m: Moments) -> None:
+        means[i], stds[i] = m.mean_x, m.var_x.sqrt()
+        scale, shift = _affine_to_goal(means[i], stds[i], goal_mean[i], goal_std[i], eps)
+        corrections[sites[i].node] = (scale, shift, sites[i].dim)
+
+    if distributed()[1] > 1:  # every process must take the same path (their all-reduces pair up)
+        most = torch.tensor([float(examples)], dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        examples = int(most.item())
+    estimate = _estimate_bytes(graph, sites, examples)
+    if max_memory is None or estimate <= max_memory:
+        def visitor(i):
+            def visit(values):
+                m = Moments()
+                for v in values:
+                    m.update_units(v, sites[i])
+                correct(i, m.all_reduce_())
+                return [affine(v, *corrections[sites[i].node]) for v in values]
+
+            return visit
+
+        peak = walk(graph, state, chunks, index, {s.node: visitor(i) for i, s in enumerate(sites)})
+        return _Exact(corrections, means, stds, [lv[s.node] for s in sites], 1, peak)
+    note = (f"one-sweep REPAIR would keep ~{estimate / 2**30:.2f} GiB of activations (max_memory "
+            f"{max_memory / 2**30:.2f} GiB): corrected with one streaming pass per dependency level instead")
+    peak, passes = 0, max(lv.values(), default=-1) + 1
+    for k in range(passes):
+        todo = [s for s in sites if lv[s.node] == k]
+        known = Corrected(graph, state, dict(corrections))
+        for s, m in zip(todo, known.moments(todo, chunks)):
+            correct(index[s.node], m)
+    return _Exact(corrections, means, stds, [lv[s.node] for s in sites], passes, peak, note)
 
 
 @dataclass
@@ -336,7 +386,7 @@ class SiteRepair:
     """The correction of one site: goal, statistics before it, the affine map, whether it was folded."""
 
     site: Site
-    level: int  # exact: index of the pass that measured it; closed: 0
+    level: int  # exact: the site's dependency level; closed: 0
     goal_mean: torch.Tensor  # (units,) float64
     goal_std: torch.Tensor
     before_mean: torch.Tensor  # measured with earlier corrections in place (exact) or predicted by eq. 5 (closed)
@@ -347,31 +397,50 @@ class SiteRepair:
     fused: bool = False  # folded into the producing layer (else a RepairAffine module)
 
 
-def _closed(ends: EndpointStats, alpha: float, eps: float):
-    """Closed-form REPAIR (Sec. 4.1): corrections from the eq. (5) prediction, no pass over the interpolated net."""
-    goal_mean, goal_std = ends.goal(alpha)
-    means, stds = ends.predicted(alpha)
-    scales, shifts = [], []
-    for row in zip(means, stds, goal_mean, goal_std):
-        scale, shift = _affine(*row, eps)
-        scales.append(scale)
-        shifts.append(shift)
-    return [0] * len(means), means, stds, scales, shifts
-
-
 # --- fusion --------------------------------------------------------------------------------------------
 
+_LAYERS = {aten.linear.default: (0, "weight", "bias"), aten.conv1d.default: (0, "weight", "bias"),
+           aten.conv2d.default: (0, "weight", "bias"), aten.conv3d.default: (0, "weight", "bias"),
+           aten.conv1d.padding: (0, "weight", "bias"), aten.conv2d.padding: (0, "weight", "bias"),
+           aten.conv3d.padding: (0, "weight", "bias"), aten.addmm.default: (1, "mat2", "self")}  # fmt: skip
+_CHANNEL_NORMS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default,
+                  aten.native_group_norm.default, aten.group_norm.default}  # fmt: skip
+_LAST_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
 
-def _unit_axis(mod: nn.Module, dim: int, ndim: int) -> int | None:
-    """Axis of `mod.weight` indexed by its output units, or None if `mod` is not a per-unit affine output."""
-    if isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed):
-        return 0
-    if isinstance(mod, _NORMS):
-        return 0
-    if isinstance(mod, nn.LayerNorm):
-        axis = dim - (ndim - len(mod.normalized_shape))
-        return axis if axis >= 0 else None
-    return None
+
+def _producer(node: fx.Node) -> fx.Node:
+    """The op that produced a site's tensor (a multi-output norm, seen through its getitem 0)."""
+    return node.args[0] if node.target is operator.getitem and node.args[1] == 0 else node
+
+
+def _param_key(graph: Captured, arg) -> str | None:
+    """The state_dict key of a weight placeholder used by exactly one op and tied to no other key."""
+    if not isinstance(arg, fx.Node) or arg.op != "placeholder" or arg.name not in graph.keys or len(arg.users) != 1:
+        return None
+    key = graph.keys[arg.name]
+    return key if len(graph.aliases.get(key, (key,))) == 1 else None
+
+
+def _fold_targets(graph: Captured, site: Site, ndim: int) -> tuple[str, str, int] | None:
+    """(weight key, bias key, unit axis of the weight) a site's correction folds into, or None."""
+    from .rules._common import args_of
+
+    node = _producer(graph.node(site.node))
+    if node.op != "call_function":
+        return None
+    if node.target in _LAYERS:
+        (axis, w, b), a = _LAYERS[node.target], args_of(node)
+    elif node.target in _CHANNEL_NORMS:
+        a, axis, w, b = args_of(node), 0, "weight", "bias"
+    elif node.target in _LAST_NORMS:
+        a, w, b = args_of(node), "weight", "bias"
+        axis = site.dim - (ndim - len(a["normalized_shape"]))
+        if axis < 0:
+            return None
+    else:
+        return None
+    wk, bk = _param_key(graph, a.get(w)), _param_key(graph, a.get(b))
+    return (wk, bk, axis) if wk and bk else None
 
 
 def _along(v: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
@@ -381,44 +450,72 @@ def _along(v: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return v.view(shape)
 
 
-def _folded(sd: dict, name: str, mod: nn.Module, site: Site, ndim: int, scale, shift) -> dict | None:
-    """New `weight` and `bias` of module `name` with y -> scale * y + shift folded into its output, or None."""
-    axis = _unit_axis(mod, site.dim, ndim)
-    w, b = sd.get(f"{name}.weight"), sd.get(f"{name}.bias")
-    if axis is None or w is None or b is None:
-        return None
-    s, t = scale.to(w), shift.to(w)
-    new_b = b * _along(s, axis, b.ndim) + _along(t, axis, b.ndim)
-    return {f"{name}.weight": w * _along(s, axis, w.ndim), f"{name}.bias": new_b}
-
-
-def fuse_corrections(model: nn.Module, corrections: list[SiteRepair], fuse: bool = True) -> tuple[nn.Module, list[bool]]:
-    """`model` with y -> scale * y + shift after each correction's site, folded into the producing module if possible.
+def fuse_corrections(model: nn.Module, graph: Captured, state: dict, corrections: list[SiteRepair], fuse: bool = True) -> tuple[nn.Module, list[bool]]:
+    """A model computing `state` with y -> scale * y + shift after each correction's site, folded into the
+    producing layer or norm where possible.
 
     Args:
-        model: the network (not modified).
+        model: a module of the architecture (not modified; a copy receives the weights).
+        graph: its captured graph; state: the weights (e.g. the interpolated state_dict).
         corrections: SiteRepair rows (only `site`, `scale`, `shift` (units,), `ndim` are read).
         fuse: False keeps every correction as a RepairAffine module.
     Returns:
         (new model, per-correction True if folded). The new model is an instance of model's class when
         every correction folded, else a `Repaired<Class>` GraphModule holding the rest as `repair_<node>`.
     """
-    graph = symbolic_trace(model).graph
-    nodes = {n.name: n for n in graph.nodes}
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    p = next(model.parameters())
-    sd, left, folded = dict(model.state_dict()), {}, []
+    sd, left, folded = dict(state), {}, []
     for c in corrections:
-        node, new = nodes[c.site.node], None
-        if fuse and node.op == "call_module" and calls[node.target] == 1:
-            new = _folded(sd, node.target, model.get_submodule(node.target), c.site, c.ndim, c.scale, c.shift)
-        sd.update(new or {})
-        folded.append(new is not None)
-        if new is None:
+        target = _fold_targets(graph, c.site, c.ndim) if fuse else None
+        if target is not None:
+            wk, bk, axis = target
+            w, b = sd[wk], sd[bk]
+            sd[wk] = w * _along(c.scale.to(w), axis, w.ndim)
+            sd[bk] = b * c.scale.to(b) + c.shift.to(b)
+        else:
+            p = next(v for v in state.values() if v.is_floating_point())
             left[c.site.node] = RepairAffine(c.scale.to(p), c.shift.to(p), c.site.dim)
-    out = copy.deepcopy(model)
-    out.load_state_dict(sd)
-    return (with_affines(out, left) if left else out), folded
+        folded.append(target is not None)
+    if not left:
+        out = copy.deepcopy(model)
+        out.load_state_dict(sd)
+        return out, folded
+    return with_affines(graph, sd, left, type(model).__name__), folded
+
+
+def with_affines(graph: Captured, state: dict, affines: dict[str, RepairAffine], class_name: str | None = None) -> fx.GraphModule:
+    """A GraphModule computing the captured graph with weights `state` and `affines[node]` applied to the
+    output of each node (registered as `repair_<node>`; every other parameter keeps its state_dict key).
+    To reload a saved wrapper, use `restore_affines`."""
+    gm = copy.deepcopy(graph.program.module())
+    gm.load_state_dict(state, strict=False)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, mod in affines.items():
+        target = f"repair_{name}"
+        gm.add_submodule(target, mod)
+        with gm.graph.inserting_after(nodes[name]):
+            new = gm.graph.call_module(target, (nodes[name],))
+        nodes[name].replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    gm.recompile()
+    gm.__class__.__name__ = f"Repaired{class_name or type(graph.model).__name__}"
+    return gm.eval()
+
+
+def restore_affines(model: nn.Module, affines: dict[str, int], state: dict[str, torch.Tensor], example) -> fx.GraphModule:
+    """`model` wrapped as `with_affines` with identity RepairAffines sized from `state`, ready for `load_state_dict(state)`.
+
+    Args:
+        model: a fresh instance of the merged model's original class.
+        affines: node -> unit axis, as `RepairResult.affines` (saved in a merged checkpoint's metadata).
+        state: the saved state_dict; `repair_<node>.weight` (units,) gives each correction's size.
+        example: an input of the model (saved as the checkpoint's "example_input" shape/dtype).
+    """
+    graph = capture(model, example)
+    identity = {}
+    for node, dim in affines.items():
+        w = state[f"repair_{node}.weight"]
+        identity[node] = RepairAffine(torch.ones_like(w), torch.zeros_like(w), dim)
+    base = {k: v for k, v in state.items() if not k.startswith("repair_")}
+    return with_affines(graph, base, identity, type(model).__name__)
 
 
 # --- public API ----------------------------------------------------------------------------------------
@@ -433,6 +530,9 @@ class RepairResult:
     alpha: float
     passes: int  # forward passes over the calibration data through the interpolated net (closed: 0)
     stats: list[SiteRepair]
+    peak_bytes: int = 0  # exact: peak bytes of activations kept by the sweep
+    note: str = ""  # e.g. why the per-level fallback was used
+    graph: Captured | None = field(default=None, repr=False)  # the architecture's graph (sites name its nodes)
 
     @property
     def fused(self) -> bool:
@@ -440,12 +540,12 @@ class RepairResult:
 
     @property
     def unfused(self) -> list[str]:
-        """fx nodes whose correction stays a RepairAffine module (`repair_<node>`)."""
+        """Graph nodes whose correction stays a RepairAffine module (`repair_<node>`)."""
         return [s.site.node for s in self.stats if not s.fused]
 
     @property
     def affines(self) -> dict[str, int]:
-        """fx node -> unit axis of each unfused correction: what `restore_affines` needs to reload the model."""
+        """node -> unit axis of each unfused correction: what `restore_affines` needs to reload the model."""
         return {s.site.node: s.site.dim for s in self.stats if not s.fused}
 
     def summary(self) -> list[dict]:
@@ -455,6 +555,41 @@ class RepairResult:
              "std_ratio_before": float((s.before_std / s.goal_std.clamp_min(1e-300)).mean())}
             for s in self.stats
         ]  # fmt: skip
+
+
+def correct(
+    model: nn.Module,
+    sites: list[Site],
+    goal_mean: list[torch.Tensor],
+    goal_std: list[torch.Tensor],
+    data: Iterable,
+    *,
+    graph: Captured | None = None,
+    method: str = "exact",
+    max_examples: int | None = 5000,
+    fuse: bool = True,
+    ndims: list[int] | None = None,
+    max_memory: int | None = 4 << 30,
+    alpha: float = float("nan"),
+) -> RepairResult:
+    """REPAIR `model` so that each site's units reach the goal mean and std (float64 (units,) per site).
+
+    The exact variant of Jordan et al. 2022, Sec. 4.2, for any goals (two endpoints: eqs. 3-4; N models:
+    their weighted means). `graph` is the model's captured graph (captured from the first batch if None).
+    Returns a RepairResult (method "exact", passes 1 for the one-sweep path).
+    """
+    if method != "exact":
+        raise ValueError("correct() computes exact corrections; closed form needs endpoint statistics (repair())")
+    graph = graph or capture(model, next(model_inputs(model, [_first_input(data)])))
+    state = model.state_dict()
+    with eval_mode(model):
+        ex = exact_corrections(graph, state, sites, goal_mean, goal_std, data, max_examples, max_memory)
+    ndims = ndims or [len(graph.node(s.node).meta["val"].shape) for s in sites]
+    rows = [SiteRepair(s, lv, gm, gs, m, sd, *ex.corrections[s.node][:2], nd)
+            for s, lv, gm, gs, m, sd, nd in zip(sites, ex.levels, goal_mean, goal_std, ex.means, ex.stds, ndims)]  # fmt: skip
+    out, folded = fuse_corrections(model, graph, state, rows, fuse)
+    rows = [dataclasses.replace(r, fused=f) for r, f in zip(rows, folded)]
+    return RepairResult(out, method, alpha, ex.passes, rows, ex.peak_bytes, ex.note, graph)
 
 
 def repair(
@@ -469,6 +604,7 @@ def repair(
     sites: Iterable[str] | list[Site] = KINDS,
     fuse: bool = True,
     endpoints: EndpointStats | None = None,
+    max_memory: int | None = 4 << 30,
 ) -> RepairResult:
     """REPAIR the network interpolated between A and B at `alpha` (Jordan et al. 2022, Sec. 4, eqs. 3-5).
 
@@ -478,10 +614,12 @@ def repair(
         data: re-iterable calibration batches, x or (x, y, ...) with x e.g. (N, 3, 32, 32); the first
             `max_examples` examples are used (paper: ~5,000 training examples).
         spec: A's PermutationSpec (traced on the first batch when None).
-        method: "exact" (forward passes, one per dependency level) or "closed" (eq. 5, no pass).
+        method: "exact" (one forward sweep) or "closed" (eq. 5, no pass).
         sites: site kinds to correct, ("layer", "block") by default, or an explicit list of Sites.
         fuse: fold corrections into the preceding layer where possible (False: keep all as RepairAffine).
         endpoints: precomputed `endpoint_stats` (reuse across alphas); computed from `data` when None.
+        max_memory: bytes of activations the one-sweep exact REPAIR may keep (None: no limit); above
+            it, one streaming pass per dependency level (RepairResult.note says so).
     Returns:
         RepairResult with `.model` (corrected interpolated net), `.stats` (per site), `.passes`, `.fused`.
     """
@@ -489,25 +627,29 @@ def repair(
         raise ValueError(f"unknown REPAIR method {method!r}; valid methods: {list(METHODS)}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    ends = endpoints or endpoint_stats(model_a, model_b, data, spec, sites, max_examples)
-    site_list = ends.sites
+    ends = endpoints if endpoints is not None else endpoint_stats(model_a, model_b, data, spec, sites, max_examples)
+    graph = ends.graph or _spec_and_sites(model_a, data, spec, ends.sites)[0]
     goal_mean, goal_std = ends.goal(alpha)
-    interp = interpolate_model(model_a, model_b, alpha)
-    if method == "exact":
-        levels, before_mean, before_std, scales, shifts = _exact(interp, site_list, goal_mean, goal_std, data, max_examples)
-        passes = max(levels, default=-1) + 1
-    else:
-        eps = torch.finfo(next(interp.parameters()).dtype).eps
-        levels, before_mean, before_std, scales, shifts = _closed(ends, alpha, eps)
-        passes = 0
-    rows = zip(site_list, levels, goal_mean, goal_std, before_mean, before_std, scales, shifts, ends.ndims)
-    stats = [SiteRepair(*row) for row in rows]
-    model, folded = fuse_corrections(interp, stats, fuse)
-    stats = [dataclasses.replace(s, fused=f) for s, f in zip(stats, folded)]
-    return RepairResult(model, method, float(alpha), passes, stats)
+    state = lerp(model_a.state_dict(), model_b.state_dict(), alpha)
+    if method == "closed":
+        eps = torch.finfo(next(v for v in state.values() if v.is_floating_point()).dtype).eps
+        before_mean, before_std = ends.predicted(alpha)
+        pairs = [_affine_to_goal(*row, eps) for row in zip(before_mean, before_std, goal_mean, goal_std)]
+        rows = [SiteRepair(s, 0, gm, gs, bm, bs, sc, sh, nd) for s, gm, gs, bm, bs, (sc, sh), nd in
+                zip(ends.sites, goal_mean, goal_std, before_mean, before_std, pairs, ends.ndims)]  # fmt: skip
+        out, folded = fuse_corrections(model_a, graph, state, rows, fuse)
+        rows = [dataclasses.replace(r, fused=f) for r, f in zip(rows, folded)]
+        return RepairResult(out, method, float(alpha), 0, rows, graph=graph)
+    with eval_mode(model_a):
+        ex = exact_corrections(graph, state, ends.sites, goal_mean, goal_std, data, max_examples, max_memory)
+    rows = [SiteRepair(s, lv, gm, gs, m, sd, *ex.corrections[s.node][:2], nd) for s, lv, gm, gs, m, sd, nd in
+            zip(ends.sites, ex.levels, goal_mean, goal_std, ex.means, ex.stds, ends.ndims)]  # fmt: skip
+    out, folded = fuse_corrections(model_a, graph, state, rows, fuse)
+    rows = [dataclasses.replace(r, fused=f) for r, f in zip(rows, folded)]
+    return RepairResult(out, method, float(alpha), ex.passes, rows, ex.peak_bytes, ex.note, graph)
 
 
-def repair_errors(result: RepairResult, data: Iterable, max_examples: int | None = 5000) -> list[dict]:
+def repair_errors(result: RepairResult, data: Iterable, max_examples: int | None = 5000, graph: Captured | None = None) -> list[dict]:
     """How far `result.model`'s statistics are from the goals on `data` (one pass), per site.
 
     Returns rows {node, kind, mean_err, std_err, std_err_mean}: the largest |mean - goal_mean| and
@@ -515,7 +657,7 @@ def repair_errors(result: RepairResult, data: Iterable, max_examples: int | None
     scale), and the mean over units of the latter.
     """
     sites = [s.site for s in result.stats]
-    means, stds = site_stats(result.model, sites, data, max_examples)
+    means, stds = site_stats(result.model, sites, data, max_examples, graph or result.graph)
     rows = []
     for s, mean, std in zip(result.stats, means, stds):
         unit = s.goal_std.clamp_min(1e-300)
@@ -530,11 +672,13 @@ def reset_bn(model: nn.Module, data: Iterable, max_examples: int | None = 5000) 
     """A copy of `model` whose BatchNorm running statistics are re-estimated on `data` (Jordan et al. 2022, Sec. 5.2).
 
     Every BatchNorm's statistics are reset and re-accumulated as a cumulative average (momentum=None)
-    over the first `max_examples` examples, with the BatchNorms in train mode and everything else
-    (dropout...) in eval mode, without gradients; each BatchNorm sees inputs normalised by the batch
-    statistics of earlier ones, so use large batches. Batches of one example are skipped. For a net with
-    BatchNorm after every conv this is the paper's equivalent of REPAIR of the conv outputs. Raises OnebasinError if there is
-    no BatchNorm layer. `model` is not modified.
+    over the batches of the first `max_examples` examples, with the BatchNorms in train mode and
+    everything else (dropout...) in eval mode, without gradients; each BatchNorm sees inputs normalised
+    by the batch statistics of earlier ones, so use large batches. Batches of one example are skipped.
+    Under torch.distributed every rank reads its shard and the per-batch averages are combined across
+    ranks, so the result equals one process's. For a net with BatchNorm after every conv this is the
+    paper's equivalent of REPAIR of the conv outputs. Raises OnebasinError if there is no BatchNorm
+    layer. `model` is not modified.
     """
     new = copy.deepcopy(model)
     bns = [m for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -545,10 +689,27 @@ def reset_bn(model: nn.Module, data: Iterable, max_examples: int | None = 5000) 
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
+    p = next(new.parameters())
     with torch.no_grad():
-        for x in _inputs(data, new, max_examples):
+        for x in batches(data, max_examples, p.device):
+            x = x.to(p.dtype) if x.is_floating_point() else x
             if x.shape[0] > 1:
                 new(x)
+    if distributed()[1] > 1:
+        _combine_bn_stats(bns)
     for bn, old in zip(bns, (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))):
         bn.momentum = old.momentum
     return new.train(model.training)
+
+
+def _combine_bn_stats(bns: list) -> None:
+    """Cumulative per-batch averages of every rank -> the average over all batches of all ranks."""
+    for bn in bns:
+        count = bn.num_batches_tracked.double()
+        sums = torch.cat([bn.running_mean.double() * count, bn.running_var.double() * count, count.view(1)])
+        dist.all_reduce(sums)
+        n = sums[-1].clamp_min(1)
+        c = bn.running_mean.numel()
+        bn.running_mean.copy_(sums[:c] / n)
+        bn.running_var.copy_(sums[c : 2 * c] / n)
+        bn.num_batches_tracked.fill_(int(sums[-1].item()))

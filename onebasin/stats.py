@@ -4,24 +4,88 @@ Every statistic is kept as a sum over samples (count, sum x, sum x^2 or x x^T, s
 average of per-batch estimates: sums are exact in any batch order and combine across processes with
 one all-reduce (`Moments.all_reduce_`). Conv activations are pooled over spatial positions: a (N, C, H, W)
 tensor contributes N*H*W samples of C units (as in Jordan et al. 2022, Appendix B.2).
+
+Taps read the captured graph (`onebasin.graph`), which is functional: no later op can overwrite a
+tapped tensor, so what a site reports is the value the next op reads.
 """
 
 from __future__ import annotations
 
-import contextlib
-import operator
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .spec import Site, symbolic_trace
+from .checks import eval_mode  # noqa: F401  (re-exported: statistics run models in eval mode)
+from .errors import OnebasinError
+from .graph import Captured, as_call
+from .spec import Site
 
 
 def unit_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
     """(samples, units) float64 view of an activation whose units lie on axis `dim` (e.g. (N,C,H,W) -> (NHW, C))."""
     return t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()
+
+
+def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
+    """(samples, units) float64 matrix of a site's units in its tensor (its slice of a fused projection)."""
+    u = unit_matrix(t, site.dim)
+    return u if site.size is None else u[:, site.start : site.start + site.size]
+
+
+def _units_first(t: torch.Tensor, site: Site) -> torch.Tensor:
+    """(batch, units, positions) float64 of a site's units: one cast copy, the unit axis not moved for
+    (N, C, ...) tensors; (1, units, samples) (a transposed view) when the units are the last axis."""
+    d = site.dim
+    if site.size is not None:
+        t = t.narrow(d, site.start, site.size)
+    t = t.detach().double()
+    if d == t.ndim - 1:
+        return t.reshape(-1, t.shape[d]).T.unsqueeze(0)
+    t = t.movedim(d, 1) if d != 1 else t
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def unit_sums(t: torch.Tensor, site: Site) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(samples, sum x, sum x^2) per unit of a site, float64 (conv positions pooled as samples)."""
+    x = _units_first(t, site)
+    return x.shape[0] * x.shape[2], x.sum((0, 2)), (x * x).sum((0, 2))
+
+
+def _cross(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(p, q) sum over batch and positions of x y^T for (batch, p, positions) and (batch, q, positions):
+    batched products when positions outnumber units (conv maps), else one matrix product."""
+    if x.shape[0] == 1:
+        return x[0] @ y[0].T
+    if x.shape[2] >= x.shape[1]:
+        return torch.bmm(x, y.transpose(1, 2)).sum(0)
+    return x.transpose(0, 1).reshape(x.shape[1], -1) @ y.transpose(0, 1).reshape(y.shape[1], -1).T
+
+
+def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full") -> tuple[int, dict[str, torch.Tensor]]:
+    """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums
+    of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations) or only its
+    diagonal, unit i with unit i (cross="diag", for REPAIR's per-unit covariance)."""
+    x, y = _units_first(a, site), _units_first(b, site)
+    samples = x.shape[0] * x.shape[2]
+    sums = {"x": x.sum((0, 2)), "xx": (x * x).sum((0, 2)), "y": y.sum((0, 2)), "yy": (y * y).sum((0, 2))}
+    sums["xy"] = _cross(x, y) if cross == "full" else (x * y).sum((0, 2))
+    return samples, sums
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _reduce_device(like: torch.device | None = None) -> torch.device:
+    """Where collective tensors must live: the current CUDA device for NCCL, else `like` or the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like or torch.device("cpu")
 
 
 class Moments:
@@ -49,22 +113,60 @@ class Moments:
             self._add("yy", (y * y).sum(0))
             self._add("xy", x.T @ y)
 
+    def update_pair(self, a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full") -> None:
+        """Add the units of site `site` in activations a (of A) and b (of B) (paired=True), fast path.
+
+        The same sums as update(site_matrix(a, site), site_matrix(b, site)), without moving a conv's unit
+        axis last (see `paired_sums`); cross="diag" keeps only unit i with unit i in sums["xy"] (p,).
+        """
+        if self.full or not self.paired:
+            raise ValueError("update_pair fills paired moments of per-unit variances (full=False, paired=True)")
+        n, sums = paired_sums(a, b, site, cross)
+        self.n += n
+        for name, value in sums.items():
+            self._add(name, value)
+
+    def update_units(self, t: torch.Tensor, site: Site) -> None:
+        """Add the units of site `site` in activation t (full=False, unpaired), fast path (`unit_sums`)."""
+        n, total, squares = unit_sums(t, site)
+        self.n += n
+        self._add("x", total)
+        self._add("xx", squares)
+
     def all_reduce_(self) -> "Moments":
-        """Sum the statistics over all processes of an initialised torch.distributed group (in place)."""
-        if dist.is_available() and dist.is_initialized():
-            n = torch.tensor([float(self.n)], dtype=torch.float64)
-            dist.all_reduce(n)
-            self.n = int(n.item())
-            for name in sorted(self.sums):
-                dist.all_reduce(self.sums[name])
+        """Sum the statistics over all processes of an initialised torch.distributed group (in place).
+
+        Every rank takes part with the same tensors in the same order, also a rank that saw no batch
+        (its sums are zeros of the shapes the other ranks report).
+        """
+        if distributed()[1] == 1:
+            return self
+        shapes: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shapes, {k: tuple(v.shape) for k, v in self.sums.items()})
+        names = sorted({k: s for d in shapes for k, s in d.items()}.items())
+        device = _reduce_device(next(iter(self.sums.values())).device if self.sums else None)
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
+        dist.all_reduce(n)
+        self.n = int(n.item())
+        for name, shape in names:
+            t = self.sums.get(name)
+            t = torch.zeros(shape, dtype=torch.float64, device=device) if t is None else t.to(device)
+            dist.all_reduce(t)
+            self.sums[name] = t
         return self
+
+    def _check(self) -> None:
+        if self.n == 0:
+            raise OnebasinError("no samples: the data yielded no examples to measure")
 
     @property
     def mean_x(self) -> torch.Tensor:
+        self._check()
         return self.sums["x"] / self.n
 
     @property
     def mean_y(self) -> torch.Tensor:
+        self._check()
         return self.sums["y"] / self.n
 
     @property
@@ -84,6 +186,7 @@ class Moments:
     @property
     def second_moment_x(self) -> torch.Tensor:
         """(p, p) uncentred E[x x^T] (needs full=True)."""
+        self._check()
         return self.sums["xx"] / self.n
 
     @property
@@ -91,45 +194,52 @@ class Moments:
         """(p, q) cross-covariance of x and y (needs paired=True)."""
         return self.sums["xy"] / self.n - torch.outer(self.mean_x, self.mean_y)
 
-    def corr_xy(self, eps: float = 1e-12) -> torch.Tensor:
-        """(p, q) Pearson correlation between every unit of x and every unit of y."""
-        return self.cov_xy / torch.outer(self.var_x.sqrt() + eps, self.var_y.sqrt() + eps)
+    def corr_xy(self) -> torch.Tensor:
+        """(p, q) Pearson correlation between every unit of x and every unit of y, in [-1, 1].
+
+        A unit that is constant over the data (a dead ReLU) has no correlation: its rows/columns are 0.
+        Constant means its variance is at rounding level of its second moment (float64 sums).
+        """
+        sx, sy = _live_std(self.var_x, self.sums["xx"].diagonal() if self.full else self.sums["xx"], self.n), _live_std(
+            self.var_y, self.sums["yy"], self.n
+        )
+        denom = torch.outer(sx, sy)
+        corr = torch.where(denom > 0, self.cov_xy / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(denom))
+        return corr.clamp(-1, 1)
+
+
+def _live_std(var: torch.Tensor, sum_sq: torch.Tensor, n: int) -> torch.Tensor:
+    """std, with 0 for units whose variance is within float64 rounding of their mean square."""
+    return torch.where(var > 1e-12 * sum_sq / n, var.sqrt(), torch.zeros_like(var))
 
 
 class SiteTaps(nn.Module):
     """Wraps a model so one forward returns (output, [tensor at each site]).
 
-    Sites with an fx node name are read from a torch.fx trace of the model (which shares the model's
-    parameters, so later in-place weight changes are seen); sites given by module name only (hand-written
-    specs) are read with forward hooks. Either way the model runs exactly once per call.
+    Sites with a node name are read from `graph` (the captured graph of the architecture, e.g.
+    `spec.graph`), run with `model`'s current weights; sites given by module name only (hand-written
+    specs) are read with forward hooks. Either way the model runs exactly once per call; with
+    `outputs=False` (graph sites only) it runs only as far as the sites need and returns no output.
     """
 
-    def __init__(self, model: nn.Module, sites: list[Site]):
+    def __init__(self, model: nn.Module, sites: list[Site], graph: Captured | None = None, outputs: bool = True):
         super().__init__()
-        self.model, self.sites = model, list(sites)
-        self.gm = self._tapped_graph() if any(s.node for s in self.sites) else None
+        self.model, self.sites, self.graph, self.outputs = model, list(sites), graph, outputs
+        self.nodes = [s.node for s in self.sites if s.node]
+        if self.nodes and graph is None:
+            raise ValueError("sites with graph nodes need the captured graph: pass graph=spec.graph")
         self._hooked: dict[str, torch.Tensor] = {}
 
-    def _tapped_graph(self) -> torch.fx.GraphModule:
-        gm = symbolic_trace(self.model)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        taps = tuple(clone_before_inplace(gm, nodes[s.node]) for s in self.sites if s.node)
-        out.args = ((out.args[0], taps),)
-        gm.recompile()
-        return gm
-
-    def forward(self, *inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hooks = [
-            self.model.get_submodule(s.module).register_forward_hook(self._hook(s.module))
-            for s in self.sites
-            if not s.node
-        ]
+    def forward(self, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        hooks = [self.model.get_submodule(s.module).register_forward_hook(self._hook(s.module)) for s in self.sites if not s.node]
         try:
-            if self.gm is not None:
-                out, tapped = self.gm(*inputs)
+            if self.graph is not None and not hooks:
+                values = self.graph.run(self.model.state_dict(), inputs, self.nodes, self.outputs)  # outputs=False:
+                n_out = len(values) - len(self.nodes)  # only what the sites need is computed
+                out, tapped = values[0] if n_out else None, values[n_out:]
             else:
-                out, tapped = self.model(*inputs), ()
+                args, kwargs = as_call(inputs)
+                out, tapped = self.model(*args, **kwargs), ()
         finally:
             for h in hooks:
                 h.remove()
@@ -138,61 +248,40 @@ class SiteTaps(nn.Module):
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            self._hooked[name] = output
+            self._hooked[name] = output.clone()  # a later in-place op must not change what was read
 
         return hook
 
 
-_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+def _presharded(data) -> bool:
+    """Whether a DataLoader already gives each process its own shard (a DistributedSampler)."""
+    sampler = getattr(data, "sampler", None)
+    return isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
 
 
-def is_inplace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Whether fx node `node` may overwrite its first argument (ReLU(inplace=True), x.relu_(), torch.relu_, x += y)."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    inplace_fn = node.op == "call_function" and (node.target in _INPLACE_FUNCS or bool(node.kwargs.get("inplace")))
-    return node.op in ("call_method", "call_function") and (name.endswith("_") and not name.endswith("__") or inplace_fn)
+def batches(data: Iterable, max_examples: int | None = None, device: torch.device | str | None = None) -> Iterator:
+    """Input batches from a loader of x or (x, y, ...) batches, cut at `max_examples`, moved to `device`.
 
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode for the duration, then restore every submodule's own mode."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def clone_before_inplace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
-    """`node`, or a clone of it taken right away (in `node`'s graph) when a later op would modify it in place.
-
-    `gm` resolves call_module targets (it holds the modules of `node`'s graph, which may be a copy of gm.graph).
+    x may be a tensor or a dict of tensors (keyword inputs). When torch.distributed is initialised,
+    rank r of w keeps batches r, r+w, r+2w, ... (unless the loader's DistributedSampler already shards
+    it) so that sums gathered on every rank and all-reduced equal those of one process over all data.
+    A batch with no rows is an error (it would otherwise look like missing statistics).
     """
-    if not any(is_inplace(gm, u) and u.args and u.args[0] is node for u in node.users):
-        return node
-    with node.graph.inserting_after(node):
-        return node.graph.call_method("clone", (node,))
+    from .graph import batch_size, take_rows, to_device
 
-
-def batches(data: Iterable, max_examples: int | None = None, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
-    """Input tensors from a loader of x or (x, y, ...) batches, cut at `max_examples`, moved to `device`.
-
-    When torch.distributed is initialised, rank r of w keeps batches r, r+w, r+2w, ... so that sums
-    gathered on every rank and all-reduced equal those of one process over all the data.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = (0, 1) if _presharded(data) else distributed()
     seen = 0
     for i, batch in enumerate(data):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n = batch_size(x)
+        if n == 0:
+            raise OnebasinError(f"batch {i} of the data has no rows")
         if max_examples is not None:
             if seen >= max_examples:
                 return
-            x = x[: max_examples - seen]
-        seen += x.shape[0]
+            if n > max_examples - seen:
+                n = max_examples - seen
+                x = take_rows(x, slice(0, n))
+        seen += n
         if i % world == rank:
-            yield x.to(device) if device is not None else x
+            yield to_device(x, device) if device is not None else x

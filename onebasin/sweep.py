@@ -12,8 +12,12 @@ per cell, results appended to one CSV, and a summary plot of barrier vs the firs
     seeds = [[0, 1]]
     method = ["activation", "weight"]
 
-A cell whose row is already in results.csv is skipped; an interrupted cell resumes its training from
-the endpoints' epoch checkpoints.
+Every cell is validated before anything is trained (names, seeds, counts, model options). A cell is
+skipped when results.csv already holds its row for the same settings: the `settings` column is a hash
+of the cell's whole resolved Experiment (base + cell, all but out/data_dir/cache_dir). After an edit of
+[base] the old rows stay in results.csv (their `settings` differ) but are neither reused nor plotted:
+the cells run again, into report folders cells/<cell>-<settings>. An interrupted cell resumes its
+training from the endpoints' epoch checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import json
 import sys
 from pathlib import Path
 
-from .experiment import Experiment, run_experiment
+from ._io import unwritable
+from .errors import InvalidOptionError
+from .experiment import Experiment, run_experiment, settings_key, validate_experiment
 from .plots import plot_series
 from .report import read_csv, write_csv
 
@@ -36,22 +42,40 @@ else:  # pragma: no cover
 _FIELDS = {f.name for f in dataclasses.fields(Experiment)}
 
 
+class SweepConfigError(InvalidOptionError):
+    """A sweep CONFIG.toml is missing, not TOML, or holds an unknown key or a bad value."""
+
+
 def load_config(path) -> tuple[Experiment, dict[str, list], Path]:
-    """(base Experiment, grid {axis: values}, output folder) from a sweep TOML file; ValueError on bad keys."""
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
+    """(base Experiment, grid {axis: values}, output folder) from a sweep TOML file; SweepConfigError on bad keys."""
+    cfg = _read_toml(Path(path))
     unknown = set(cfg) - {"out", "base", "grid"}
     if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; expected out, [base], [grid]")
-    base = cfg.get("base", {})
+        raise SweepConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected out, [base], [grid]")
+    base, grid, out = cfg.get("base", {}), cfg.get("grid", {}), cfg.get("out", "runs/sweep")
+    if not isinstance(base, dict) or not isinstance(grid, dict) or not isinstance(out, str):
+        raise SweepConfigError(f"{path}: expected out = \"folder\", a [base] table and a [grid] table")
     if bad := set(base) - _FIELDS:
-        raise ValueError(f"{path}: unknown [base] keys {sorted(bad)}; valid: {sorted(_FIELDS)}")
-    if "seeds" in base:
+        raise SweepConfigError(f"{path}: unknown [base] keys {sorted(bad)}; valid: {sorted(_FIELDS)}")
+    if "seeds" in base and isinstance(base["seeds"], list):
         base["seeds"] = tuple(base["seeds"])
-    grid = cfg.get("grid", {})
+    if bad := set(grid) & {"out", "model_kwargs"}:
+        raise SweepConfigError(f"{path}: [grid] cannot vary {sorted(bad)} (put model options in the grid directly)")
     if not all(isinstance(v, list) and v for v in grid.values()):
-        raise ValueError(f"{path}: every [grid] entry must be a non-empty list")
-    return Experiment(**base), grid, Path(cfg.get("out", "runs/sweep"))
+        raise SweepConfigError(f"{path}: every [grid] entry must be a non-empty list")
+    return Experiment(**base), grid, Path(out)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SweepConfigError(f"no sweep config at {path}") from None
+    except IsADirectoryError:
+        raise SweepConfigError(f"{path} is a directory, not a sweep CONFIG.toml") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise SweepConfigError(f"{path} is not valid TOML: {err}") from None
 
 
 def cell_key(cell: dict) -> str:
@@ -61,16 +85,18 @@ def cell_key(cell: dict) -> str:
 
 def cell_experiment(base: Experiment, cell: dict, out: Path) -> Experiment:
     """The Experiment of one cell: grid values replace Experiment fields or go into model_kwargs."""
-    fields = {k: (tuple(v) if k == "seeds" else v) for k, v in cell.items() if k in _FIELDS}
+    fields = {k: (tuple(v) if k == "seeds" and isinstance(v, list) else v) for k, v in cell.items() if k in _FIELDS}
     kwargs = {**base.model_kwargs, **{k: v for k, v in cell.items() if k not in _FIELDS}}
-    folder = out / "cells" / cell_key(cell).replace("=", "-").replace(",", "_").replace(" ", "").replace('"', "")
-    return dataclasses.replace(base, **fields, model_kwargs=kwargs, out=str(folder))
+    exp = dataclasses.replace(base, **fields, model_kwargs=kwargs)
+    name = cell_key(cell).replace("=", "-").replace(",", "_").replace(" ", "").replace('"', "")
+    return dataclasses.replace(exp, out=str(out / "cells" / f"{name}-{settings_key(exp)}"))
 
 
-def result_row(key: str, cell: dict, comparison) -> dict:
-    """One CSV row: the cell, endpoint accuracies, and per curve the midpoint accuracy and barriers (test)."""
+def result_row(key: str, cell: dict, comparison, settings: str = "") -> dict:
+    """One CSV row: the cell, its settings hash, endpoint accuracies, and per curve the midpoint accuracy and
+    barriers (test)."""
     rows = comparison.summary_rows()
-    row = {"cell": key, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in cell.items()},
+    row = {"cell": key, "settings": settings, **{k: json.dumps(v) if isinstance(v, list) else v for k, v in cell.items()},
            "acc_a": rows[0][1], "acc_b": rows[1][1]}
     for name, acc, loss, loss_barrier, error_barrier in rows[2:]:
         label = name.removeprefix("midpoint ")
@@ -78,22 +104,40 @@ def result_row(key: str, cell: dict, comparison) -> dict:
     return row
 
 
-def run_sweep(path, progress: bool = True) -> Path:
-    """Run every cell of the sweep in CONFIG `path` not yet in results.csv; returns the CSV path."""
+def run_sweep(path, progress: bool = True, device: str | None = None) -> Path:
+    """Run every cell of the sweep in CONFIG `path` whose row (cell and settings) is not yet in results.csv.
+
+    `device` (e.g. "cuda") overrides the config's; it is not part of a cell's settings.
+
+    Every cell is validated first (SweepConfigError naming the cell), so a bad value stops the sweep before
+    any training. Returns the CSV path.
+    """
     base, grid, out = load_config(path)
+    if device is not None:
+        base = dataclasses.replace(base, device=device)
+    cells = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    plan = []  # (key, cell, experiment, settings)
+    for cell in cells:
+        exp = cell_experiment(base, cell, out)
+        try:
+            validate_experiment(exp)
+        except InvalidOptionError as err:
+            raise SweepConfigError(f"{path}: cell {cell_key(cell) or '[base]'}: {err}") from err
+        plan.append((cell_key(cell), cell, exp, settings_key(exp)))
     results = out / "results.csv"
+    if problem := unwritable(results):
+        raise SweepConfigError(f"{path}: {problem}")
     rows = read_csv(results)
-    done = {r["cell"] for r in rows}
-    for values in itertools.product(*grid.values()):
-        cell = dict(zip(grid, values))
-        key = cell_key(cell)
-        if key in done:
+    done = {(r["cell"], r.get("settings")) for r in rows}
+    for key, cell, exp, settings in plan:
+        if (key, settings) in done:
             continue
-        comparison, _ = run_experiment(cell_experiment(base, cell, out), progress)
-        rows.append(result_row(key, cell, comparison))
+        comparison, _ = run_experiment(exp, progress)
+        rows.append(result_row(key, cell, comparison, settings))
         write_csv(results, rows)
-    if rows and any(_numeric(v) for v in grid.values()):
-        plot_summary(rows, grid, out / "summary.png")
+    current = [r for r in rows if (r["cell"], r.get("settings")) in {(k, s) for k, _, _, s in plan}]
+    if current and any(_numeric(v) for v in grid.values()):
+        plot_summary(current, grid, out / "summary.png")
     return results
 
 

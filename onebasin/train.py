@@ -1,14 +1,20 @@
-"""Training recipes of the REPAIR paper (Jordan et al. 2022, App. B.1, Table 1) and a training loop.
+"""Training recipes of the REPAIR paper (Jordan et al. 2022, App. B.1, Table 1), CPU-sized AdamW recipes for
+the transformers (`vit`, `gpt`), and a training loop.
 
     recipe = get_recipe("mlp", epochs=10)               # a preset with overrides
     result = train(model, train_data, test_data, recipe, seed=0, checkpoint_path="runs/a.safetensors")
     model, result = train_model("mlp", "mnist", model_kwargs={"width": 128}, out="runs/a.safetensors",
                                 data_dir="../shared/data")   # what `onebasin train` runs
 
-SGD with momentum 0.9, learning rate set every step from the recipe's schedule. Shuffling and
-augmentation of epoch e come from a generator seeded by (seed, e), the model init from
-torch.manual_seed(seed), and an epoch checkpoint holds the weights and momentum buffers, so on CPU
-an interrupted run resumed from its last epoch checkpoint ends with bit-identical weights.
+SGD with momentum 0.9 (or AdamW, recipe field `optimizer`), learning rate set every step from the recipe's
+schedule, optional gradient-norm clipping. Shuffling and augmentation of epoch e come from a generator
+seeded by (seed, e), the model init from torch.manual_seed(seed), and an epoch checkpoint holds the weights
+and the optimizer's state (momentum buffers; AdamW's moments and step), so on CPU an interrupted run
+resumed from its last epoch checkpoint ends with bit-identical weights.
+
+Sequence outputs: a model returning (B, T, V) logits for (B, T) targets (the GPT) is scored per position:
+loss is the mean cross-entropy per character in nats (bits per character = nats / ln 2), accuracy the
+fraction of positions whose next character is predicted right.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from onebasin.distributed import default_device
+from onebasin.stats import distributed
 from onebasin.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
-from onebasin.data import ImageData, batches, dataset_info, load_dataset, make_augment, num_batches
+from onebasin.data import ImageData, TextData, batches, dataset_info, load_dataset, make_augment, num_batches
 from onebasin.errors import OnebasinError
-from onebasin.models import create_model, input_kwargs, model_info
+from onebasin.models import create_model, data_kwargs, model_info
 
 
 class TrainingDivergedError(OnebasinError):
@@ -37,17 +45,20 @@ class TrainingDivergedError(OnebasinError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """A training recipe of the paper (Table 1): SGD with momentum, a schedule and augmentations."""
+    """A training recipe: optimizer, batch, a learning-rate schedule, weight decay, clipping and augmentations."""
 
     name: str
-    batch_size: int  # examples per SGD step
+    batch_size: int  # examples per step (images, or sequences of seq_len characters)
     epochs: int  # passes over the training set
-    lr: float  # peak learning rate (for this batch size; SGD, not scaled further)
+    lr: float  # peak learning rate per step at this batch size (not scaled further)
     schedule: str  # "linear": up from 0 to lr over `warmup`, then linearly to 0; "cosine": lr -> 0
     warmup: float  # fraction of all steps spent warming up linearly from 0 to lr
-    weight_decay: float  # L2 coefficient on every parameter (SGD weight_decay)
+    weight_decay: float  # SGD: L2 coefficient on every parameter; AdamW: decoupled decay of weight matrices only
     augment: tuple[str, ...]  # from ("translate", "flip", "cutout"); flip/cutout skipped on MNIST, SVHN
-    momentum: float = 0.9  # SGD momentum (heavy ball)
+    momentum: float = 0.9  # SGD momentum (heavy ball); AdamW: beta1
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    beta2: float = 0.999  # AdamW's second-moment decay (unused by SGD)
+    grad_clip: float = 0.0  # clip the global gradient L2 norm to this before each step; 0 = off
 
 
 RECIPES = {
@@ -64,6 +75,13 @@ RECIPES = {
     # measured without it, ResNet20 x1 on FashionMNIST sat at chance (running acc 0.15 after 107 steps).
     "resnet20": Recipe("resnet20", batch_size=500, epochs=200, lr=0.4, schedule="cosine", warmup=0.05,
                        weight_decay=1e-4, augment=("flip", "translate", "cutout")),
+    # CPU-sized transformer recipes (not from the paper): AdamW, linear warm-up then cosine to 0, decoupled
+    # weight decay on weight matrices (not on biases, norm gains), gradient norm clipped to 1 (nanoGPT).
+    # Measured times and accuracies: docs/training.md.
+    "vit": Recipe("vit", batch_size=128, epochs=3, lr=1e-3, schedule="cosine", warmup=0.05,
+                  weight_decay=0.05, augment=(), optimizer="adamw", beta2=0.99, grad_clip=1.0),
+    "gpt": Recipe("gpt", batch_size=16, epochs=6, lr=2e-3, schedule="cosine", warmup=0.05,
+                  weight_decay=0.1, augment=(), optimizer="adamw", beta2=0.99, grad_clip=1.0),
 }
 
 
@@ -75,9 +93,30 @@ def get_recipe(name: str, **overrides) -> Recipe:
 
 
 def default_recipe(model_name: str) -> str:
-    """The paper's recipe for a registered model: mlp -> "mlp", vgg* -> "vgg", else "resnet20"."""
+    """The recipe for a registered model: mlp, vit, gpt -> their own; vgg* -> "vgg"; else "resnet20"."""
     model_info(model_name)
-    return "mlp" if model_name == "mlp" else "vgg" if model_name.startswith("vgg") else "resnet20"
+    if model_name in ("mlp", "vit", "gpt"):
+        return model_name
+    return "vgg" if model_name.startswith("vgg") else "resnet20"
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD (weight decay on every parameter, as the paper) or AdamW (decay on parameters of >= 2 dims only:
+    weight matrices, embeddings, positions; not biases or norm gains, as nanoGPT)."""
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                               weight_decay=recipe.weight_decay)
+    if recipe.optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {recipe.optimizer!r}; valid: sgd, adamw")
+    params = list(model.parameters())  # tied weights appear once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.momentum, recipe.beta2))
+
+
+def flat_outputs(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, [T,] V) and targets (B, [T]) as (N, V) and (N,): one row per scored position."""
+    return out.reshape(-1, out.shape[-1]), y.reshape(-1)
 
 
 def lr_at(step: int, total_steps: int, recipe: Recipe) -> float:
@@ -91,11 +130,6 @@ def lr_at(step: int, total_steps: int, recipe: Recipe) -> float:
     if recipe.schedule == "cosine":
         return recipe.lr * 0.5 * (1 + math.cos(math.pi * u))
     raise ValueError(f"unknown schedule {recipe.schedule!r}; valid: linear, cosine")
-
-
-def default_device() -> torch.device:
-    """The GPU when one is present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -116,20 +150,23 @@ class TrainResult:
 
 
 @torch.no_grad()
-def _accuracy_and_loss(model: nn.Module, data: ImageData, batch_size: int = 1000, device=None) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy loss) of `model` on `data`, in eval mode, with the GPU autocast of training.
+def _accuracy_and_loss(model: nn.Module, data: ImageData | TextData, batch_size: int = 1000, device=None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss per scored position) of `model` on `data`, in eval mode, with the
+    GPU autocast of training.
 
     Private: the public `onebasin.interpolate.evaluate` returns (loss, accuracy) over any batches.
     """
     device = device or next(model.parameters()).device
     model.eval()
-    correct, loss = 0, 0.0
+    correct, loss, n = 0, 0.0, 0
     for x, y in batches(data, batch_size, device=device):
         with _autocast(device):
             out = model(_to_memory_format(x, device)).float()
+        out, y = flat_outputs(out, y)
         loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
-    return correct / len(data), loss / len(data)
+        n += len(y)
+    return correct / n, loss / n
 
 
 def _autocast(device):
@@ -149,10 +186,10 @@ def resume_path(checkpoint_path) -> Path:
     return weights.with_name(weights.name.replace(".safetensors", ".resume.safetensors"))
 
 
-def train(model: nn.Module, train_data: ImageData, test_data: ImageData, recipe: Recipe, seed: int = 0, *,
+def train(model: nn.Module, train_data: ImageData | TextData, test_data: ImageData | TextData, recipe: Recipe, seed: int = 0, *,
           device=None, checkpoint_path=None, meta: dict | None = None, resume: bool = True,
           progress: bool = True, on_epoch_end=None) -> TrainResult:
-    """Train `model` in place with `recipe` (SGD, momentum, per-step schedule, augmentation).
+    """Train `model` in place with `recipe` (SGD or AdamW, per-step schedule, clipping, augmentation).
 
     checkpoint_path: final weights + sidecar go here; after each epoch the weights and momentum
         buffers go to `resume_path(checkpoint_path)`, removed once the final checkpoint is written.
@@ -165,21 +202,25 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData, recipe:
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    rank, world = distributed()
+    if world > 1:  # under torchrun: one replica per process, gradients averaged by DDP
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     run = _jsonable({**(meta or {}), "recipe": dataclasses.asdict(recipe), "seed": seed})
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay)
+    opt = make_optimizer(model, recipe)
     start, history, elapsed = 0, [], 0.0
     rpath = resume_path(checkpoint_path) if checkpoint_path else None
     if rpath is not None and resume and rpath.exists():
         start, history, elapsed = _load_resume(rpath, model, opt, run)
     augment = make_augment(recipe.augment, train_data.info)
     steps_per_epoch = num_batches(len(train_data), recipe.batch_size)
+    if rpath is not None and rank > 0:
+        rpath = None  # only rank 0 writes checkpoints
     bar = tqdm(total=steps_per_epoch * recipe.epochs, initial=start * steps_per_epoch, unit="step",
                disable=not progress, desc=f"train {run.get('model', type(model).__name__)}")
     try:
         for epoch in range(start, recipe.epochs):
             t0 = time.perf_counter()
-            record = _train_epoch(model, opt, train_data, recipe, augment, seed, epoch, device, bar)
+            record = _train_epoch(ddp if world > 1 else model, opt, train_data, recipe, augment, seed, epoch, device, bar)
             record["test_acc"], record["test_loss"] = _accuracy_and_loss(model, test_data, device=device)
             record["epoch_time_s"] = time.perf_counter() - t0
             elapsed += record["epoch_time_s"]
@@ -192,21 +233,21 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData, recipe:
                 on_epoch_end(epoch + 1, record)
     finally:
         bar.close()
-    return _finish(model, train_data, test_data, recipe, run, history, elapsed, device, checkpoint_path, rpath)
+    return _finish(model, train_data, test_data, recipe, run, history, elapsed, device,
+                   checkpoint_path if rank == 0 else None, rpath)
 
 
 def _train_epoch(model, opt, data, recipe, augment, seed, epoch, device, bar) -> dict:
-    """One pass of SGD over `data`; returns the epoch's record (running loss/accuracy, last lr)."""
+    """One pass of the optimizer over `data`; returns the epoch's record (running loss/accuracy, last lr)."""
     model.train()
     steps = num_batches(len(data), recipe.batch_size)
     n, correct, loss_sum, lr = 0, 0, 0.0, 0.0
-    for i, (x, y) in enumerate(batches(data, recipe.batch_size, shuffle=True, augment=augment,
-                                       seed=seed, epoch=epoch, device=device)):
+    for i, (x, y) in enumerate(_epoch_batches(data, recipe, augment, seed, epoch, device)):
         lr = lr_at(epoch * steps + i, steps * recipe.epochs, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
         with _autocast(device):
-            out = model(_to_memory_format(x, device))
+            out, y = flat_outputs(model(_to_memory_format(x, device)), y)
             loss = F.cross_entropy(out.float(), y)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
@@ -214,6 +255,8 @@ def _train_epoch(model, opt, data, recipe, augment, seed, epoch, device, bar) ->
                 f"lower the learning rate (--lr) or warm up longer (recipe field warmup)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
         n += len(y)
         loss_sum += loss.item() * len(y)
@@ -221,6 +264,21 @@ def _train_epoch(model, opt, data, recipe, augment, seed, epoch, device, bar) ->
         bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.4f}", refresh=False)
     return {"epoch": epoch + 1, "lr_end": lr, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
+
+
+def _epoch_batches(data, recipe, augment, seed, epoch, device):
+    """This process's batches of one epoch. Under torch.distributed a DistributedSampler (seeded, shuffled by
+    epoch) gives each of the w processes 1/w of the examples in batches of batch_size / w, so that the
+    averaged gradient is that of a batch of batch_size and an epoch has the same number of steps."""
+    rank, world = distributed()
+    if world == 1:
+        return batches(data, recipe.batch_size, shuffle=True, augment=augment, seed=seed, epoch=epoch, device=device)
+    sampler = torch.utils.data.distributed.DistributedSampler(range(len(data)), num_replicas=world, rank=rank,
+                                                              shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    local = max(1, recipe.batch_size // world)
+    return batches(data, local, augment=augment, seed=seed + 1000 * rank, epoch=epoch, device=device,
+                   indices=torch.tensor(list(sampler)))
 
 
 def _finish(model, train_data, test_data, recipe, run, history, elapsed, device, checkpoint_path, rpath):
@@ -249,6 +307,9 @@ def _save_resume(rpath, model, opt, run, history, elapsed):
     for p, s in opt.state.items():
         if s.get("momentum_buffer") is not None:
             state[f"momentum.{names[p]}"] = s["momentum_buffer"].detach().cpu()
+        for key in ("exp_avg", "exp_avg_sq", "step"):  # AdamW
+            if key in s:
+                state[f"adam.{key}.{names[p]}"] = torch.as_tensor(s[key]).detach().cpu()
     meta = {"run": run, "epochs_done": len(history), "history": history, "wall_time_s": elapsed}
     save_checkpoint(rpath, state, meta)
 
@@ -264,6 +325,9 @@ def _load_resume(rpath, model, opt, run):
     for k, v in state.items():
         if k.startswith("momentum."):
             opt.state[params[k[len("momentum."):]]]["momentum_buffer"] = v.to(device)
+        if k.startswith("adam."):
+            _, key, name = k.split(".", 2)
+            opt.state[params[name]][key] = v if key == "step" else v.to(device)  # AdamW keeps `step` on the CPU
     return meta["epochs_done"], meta["history"], meta["wall_time_s"]
 
 
@@ -276,7 +340,8 @@ def train_model(model: str, dataset: str, *, model_kwargs: dict | None = None, r
                 device=None, force: bool = False, progress: bool = True, download: bool = True):
     """Load `dataset`, build `model` seeded by `seed`, train it with a recipe; what `onebasin train` runs.
 
-    model_kwargs: model options (width, depth, norm); in/out sizes are filled in from the dataset.
+    model_kwargs: model options (width, depth, norm); in/out sizes (or vocabulary and sequence length)
+        are filled in from the dataset.
     recipe: preset name (default: the paper's for the model); overrides: Recipe fields to replace.
     out: checkpoint path; an existing one raises FileExistsError unless force. Without force an
         epoch checkpoint of the same run is resumed; with force the run starts afresh.
@@ -285,8 +350,8 @@ def train_model(model: str, dataset: str, *, model_kwargs: dict | None = None, r
     if out is not None and checkpoint_paths(out)[0].exists() and not force:
         raise FileExistsError(f"{checkpoint_paths(out)[0]} exists; pass --force (force=True) to overwrite it")
     info = dataset_info(dataset)
-    image_size = model_info(model).image_size or info.image_size
-    kwargs = {**(model_kwargs or {}), **input_kwargs(model, info.channels, image_size, info.num_classes)}
+    image_size = model_info(model).image_size or info.image_size  # None for text
+    kwargs = {**(model_kwargs or {}), **data_kwargs(model, info)}
     rec = get_recipe(recipe or default_recipe(model), **(overrides or {}))
     train_data = load_dataset(info.name, True, data_dir, image_size=image_size, limit=limit, download=download)
     test_data = load_dataset(info.name, False, data_dir, image_size=image_size, download=download)

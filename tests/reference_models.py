@@ -101,3 +101,38 @@ def reference_models():
         "tv_resnet50": (lambda: torchvision.models.resnet50(num_classes=7), (2, 3, 32, 32)),
         "tv_vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=7), (2, 3, 32, 32)),
     }
+
+
+class TinyTransformer(nn.Module):
+    """A pre-norm ViT-style transformer: patch Linear, class token, position embedding, `depth` blocks of
+    LayerNorm -> fused-qkv attention (H heads) and LayerNorm -> GELU MLP, final LayerNorm, linear head."""
+
+    def __init__(self, dim=8, heads=2, depth=2, tokens=4, features=6, hidden=12, num_classes=3):
+        super().__init__()
+        self.h = heads
+        self.embed = nn.Linear(features, dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.5)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"ln1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
+                           "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, hidden), "fc2": nn.Linear(hidden, dim)})
+            for _ in range(depth)
+        )  # fmt: skip
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                with torch.no_grad():
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.2)
+
+    def forward(self, x):  # (B, tokens, features)
+        x = self.embed(x)
+        B, N, C = x.shape
+        x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1) + self.pos
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](x)).reshape(B, N + 1, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+            a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N + 1, C)
+            x = x + blk["proj"](a)
+            x = x + blk["fc2"](nn.functional.gelu(blk["fc1"](blk["ln2"](x))))
+        return self.head(self.norm(x)[:, 0])

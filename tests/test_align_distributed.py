@@ -70,3 +70,46 @@ def test_two_gloo_processes_equal_one_process():
                 assert torch.equal(got[key], want), key
             else:
                 assert (got[key] - want).abs().max().item() <= 1e-10 * max(1.0, want.abs().max().item()), key
+
+
+def merge_worker(rank: int, init_file: str, out_dir: str, n_batches: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(merged_and_stats(n_batches), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def merged_and_stats(n_batches: int) -> dict:
+    """merge() with activation matching and exact REPAIR, plus the one-pass statistics, on the first batches."""
+    from onebasin.pipeline import merge
+
+    a, b, spec, data = setup()
+    data = data[:n_batches]
+    merged, result = merge(a, b, method="activation", repair="exact", data=data)
+    out = {f"weight/{k}": v for k, v in merged.state_dict().items()}
+    sites, examples = site_moments(spec, a, b, data)
+    out["examples"] = torch.tensor(examples)
+    for group, ms in sites.items():
+        out |= {f"site/{group}/{i}/{k}": v for i, m in enumerate(ms) for k, v in m.sums.items()}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_batches", [1, 7], ids=["one-rank-without-a-batch", "uneven-shards"])
+def test_merge_under_two_gloo_processes_equals_one_process(n_batches):
+    """Issue 12 #7 and issue 14: with 1 batch, rank 1 reads nothing and still takes part in every all-reduce."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        mp.start_processes(merge_worker, args=(str(Path(tmp) / "init"), tmp, n_batches), nprocs=WORLD, start_method=method)
+        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
+    single = merged_and_stats(n_batches)
+    for got in ranks:
+        assert set(got) == set(single)
+        for key, want in single.items():
+            if not want.is_floating_point():
+                assert torch.equal(got[key], want), key
+            else:
+                assert (got[key] - want).abs().max().item() <= 1e-10 * max(1.0, want.abs().max().item()), key

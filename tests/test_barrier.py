@@ -1,13 +1,17 @@
 """Barrier curves, variance collapse diagnostic and plots; on real MNIST, REPAIR beats plain alignment."""
 
+import copy
 import json
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import CountUses
 from onebasin.align import align
 from onebasin.diagnostics import ratio_series, ratio_table, site_label, variance_ratios
 from onebasin.errors import OnebasinError
@@ -116,7 +120,33 @@ def test_corrections_run_on_a_batchnorm_net_and_plot(tmp_path):
     with pytest.raises(ValueError, match="repair_exact"):
         barrier_curve(a, b, loaders, [0.5], "repair")
     with pytest.raises(OnebasinError, match="no BatchNorm"):
-        barrier_curve(mlp(0), mlp(1), {"test": loader(*blobs(64, 0))}, [0.5], "reset_bn")
+        barrier_curve(mlp(0), mlp(1), {"test": loader(*blobs(64, 0))}, [0.5], "reset_bn", calib_data=loader(*blobs(64, 1)))
+
+
+class CountingLoader(list):
+    """A list of batches that counts how often it is iterated."""
+
+    iterations = 0
+
+    def __iter__(self):
+        self.iterations += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("correction", ["reset_bn", "repair_exact", "repair_closed"])
+def test_corrections_are_never_calibrated_on_a_test_split(correction):
+    """Issue 12 #6: with no calib_data and no "train" split, barrier_curve used the first loader (a test set)."""
+    torch.manual_seed(0)
+    a, b = VGGish(bn=True).eval(), VGGish(bn=True).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 16, 16, generator=gen), torch.randint(5, (64,), generator=gen)
+    test = CountingLoader(loader(x[:32], y[:32], 16))
+    with pytest.raises(OnebasinError, match="pass calib_data"):
+        barrier_curve(a, b, {"test": test}, [0.5], correction)
+    train = CountingLoader(loader(x[32:], y[32:], 16))
+    barrier_curve(a, b, {"test": test, "train": train}, [0.5], correction)
+    assert test.iterations == 3  # evaluation only: one pass per alpha (0, 0.5, 1)
+    assert train.iterations > 3  # evaluation and calibration
 
 
 def test_variance_ratios_show_collapse_and_its_repair(tmp_path):
@@ -136,25 +166,60 @@ def test_variance_ratios_show_collapse_and_its_repair(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compare_measures_each_statistic_once_and_matches_the_separate_steps():
+def numpy_variance_ratios(a, b, mid, data, names):
+    """The diagnostic by hand: plain forward hooks, numpy std (1/n) per unit, mean of std_mid / ((std_a + std_b) / 2)."""
+
+    def activations(model):
+        out = {n: [] for n in names}
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: out[n].append(o.detach().numpy()))
+                 for n in names]
+        with torch.no_grad():
+            for x, _ in data:
+                model.eval()(x)
+        for h in hooks:
+            h.remove()
+        return {n: np.concatenate(v).astype(np.float64) for n, v in out.items()}
+
+    acts = [activations(m) for m in (a, b, mid)]
+    ratios = []
+    for n in names:
+        std_a, std_b, std_mid = (act[n].std(axis=0) for act in acts)
+        ref = (std_a + std_b) / 2
+        ratios.append(float(np.mean(std_mid[ref > 0] / ref[ref > 0])))
+    return ratios
+
+
+def midpoint_by_hand(a, b):
+    mid = copy.deepcopy(a)
+    sa, sb = a.state_dict(), b.state_dict()
+    mid.load_state_dict({k: (sa[k] + sb[k]) / 2 for k in sa})
+    return mid
+
+
+def test_compare_measures_each_statistic_once_and_matches_numpy():
     x, y = blobs(600, seed=0)
     a, b = (fit(mlp(s, width=16, depth=4), x, y, epochs=2, seed=s) for s in (0, 1))
     data, loaders = loader(x, y, 200), {"test": loader(*blobs(300, seed=1))}
     seen = []
     barrier_curve(a, b, loaders, [0.5], "repair_exact", calib_data=data, on_model=lambda alpha, m: seen.append(alpha))
     assert seen == [0.0, 0.5, 1.0]
-    calls, first = [], a[1]  # A's first Linear: counts A's own forward passes (copies of A inherit the hook)
-    first.register_forward_hook(lambda m, *_: calls.append(1) if m is first else None)
-    result = compare(a, b, loaders, data, alphas=[0.0, 0.5, 1.0], progress=False)
-    # trace (1 call), then three passes over the 3 calibration batches: alignment, plain and aligned endpoint stats
-    assert len(calls) == 1 + 3 * len(data)
+    with CountUses(a[1].weight) as uses:  # A's first Linear weight: counts passes that run A itself
+        result = compare(a, b, loaders, data, alphas=[0.0, 0.5, 1.0], progress=False)
+    # the input check's one forward of the 64-row example, then three passes over the 3 calibration batches:
+    # alignment, plain and aligned endpoint statistics (the curves evaluate copies of the interpolated weights)
+    assert uses.n == 1 + 3 * len(data)
+    names = ["1", "3", "5"]  # the hidden Linear layers of Sequential(Flatten, Linear, ReLU, ..., Linear)
+    assert [s.module for s, _ in result.variance["plain"]] == names
+    plain = numpy_variance_ratios(a, b, midpoint_by_hand(a, b), data, names)
+    assert [r for _, r in result.variance["plain"]] == pytest.approx(plain, rel=1e-5)
+    assert min(plain) < 0.95  # a real collapse, so the comparison can tell the curves apart
     aligned_b, _ = align(a, b, "activation", data)
+    aligned = numpy_variance_ratios(a, aligned_b, midpoint_by_hand(a, aligned_b), data, names)
+    assert [r for _, r in result.variance["aligned"]] == pytest.approx(aligned, rel=1e-5)
     merged, _ = merge(a, aligned_b, method="none", repair="exact", data=data)
-    expected = {"plain": variance_ratios(a, b, interpolate_model(a, b, 0.5), data),
-                "aligned+REPAIR": variance_ratios(a, aligned_b, merged, data)}
-    for label, rows in expected.items():
-        assert [s for s, _ in result.variance[label]] == [s for s, _ in rows]
-        assert [r for _, r in result.variance[label]] == pytest.approx([r for _, r in rows], abs=1e-9)
+    repaired = numpy_variance_ratios(a, aligned_b, merged, data, names)
+    assert [r for _, r in result.variance["aligned+REPAIR"]] == pytest.approx(repaired, rel=1e-5)
+    assert repaired == pytest.approx([1.0] * 3, abs=1e-4)  # REPAIR's goal: std_alpha = mean endpoint std (calib data)
 
 
 def mnist(train, n=None):

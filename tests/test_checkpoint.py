@@ -1,6 +1,9 @@
 """Checkpoints: round trip, sidecar, atomic writes under simulated crashes, clear errors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from onebasin.checkpoint import (CheckpointError, checkpoint_paths, load_checkpo
                                  save_checkpoint)
 from onebasin.errors import OnebasinError
 from onebasin.models import create_model
+from safetensors.torch import save_file
 
 META = {"model": "resnet20", "model_kwargs": {"width": 1, "norm": "batchnorm", "in_channels": 1, "num_classes": 10},
         "dataset": "fashionmnist", "seed": 0}
@@ -127,7 +131,7 @@ def test_merged_model_with_unfused_repair_reloads_as_saved(tmp_path):
     data = [torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     merged, result = merge(a, b, method="none", repair="exact", data=data)
     assert not result.fused and len(result.affines) == 9  # one correction after each residual addition
-    meta = {"model": "resnet20", "model_kwargs": kw, "repair_affines": result.affines}
+    meta = {"model": "resnet20", "model_kwargs": kw, "repair_affines": result.affines, "example_input": result.example_input}
     save_checkpoint(tmp_path / "m", merged.state_dict(), meta)
     loaded, _ = load_model(tmp_path / "m")
     x = torch.randn(3, 1, 16, 16)
@@ -139,5 +143,76 @@ def test_merged_model_with_unfused_repair_reloads_as_saved(tmp_path):
         load_model(tmp_path / "bad")
 
 
-def test_checkpoint_errors_are_onebasin_errors():
-    assert issubclass(CheckpointError, OnebasinError)
+def test_checkpoint_errors_are_caught_as_onebasin_errors_and_exit_2(tmp_path, capsys):
+    try:
+        load_checkpoint(tmp_path / "none.safetensors")
+    except OnebasinError as err:  # the one except clause an application needs
+        assert "no checkpoint at" in str(err)
+    else:
+        pytest.fail("no error for a missing checkpoint")
+    from onebasin.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", str(tmp_path / "none.safetensors"), str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "no checkpoint at" in err
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)  # exited and reaped: no process has this pid (until it is reused)
+
+
+def test_next_save_removes_temp_files_of_killed_saves(tmp_path):
+    """Issue 12: every SIGKILL during a save left a hidden full-size .X.<pid>.tmp file that was never removed."""
+    save_checkpoint(tmp_path / "a", small_state(), META)
+    dead = [tmp_path / f".a.safetensors.{_dead_pid()}.tmp", tmp_path / f".b.json.{_dead_pid()}.tmp"]
+    alive = tmp_path / f".c.safetensors.{os.getppid()}.tmp"  # a running process's save in progress
+    for p in (*dead, alive):
+        p.write_bytes(b"x" * 1000)
+    save_checkpoint(tmp_path / "b", small_state(), META)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", "a.safetensors", "b.json",
+                                                                 "b.safetensors", alive.name])
+
+
+def test_edited_metadata_is_detected(tmp_path):
+    """Issue 12 #4: the sha256 covered the tensors only, so an edited "dataset" in the header went unnoticed."""
+    path = save_checkpoint(tmp_path / "a", small_state(), META)
+    tensors, meta = load_checkpoint(path)
+    edited = {**meta, "dataset": "mnist"}  # was fashionmnist; sha256 left as saved
+    save_file(tensors, str(path), metadata={"onebasin": json.dumps(edited)})
+    with pytest.raises(CheckpointError, match="corrupt or was edited"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_with_a_tensor_only_checksum_still_load_with_a_note(tmp_path):
+    state = small_state()
+    meta = {**META, "onebasin_version": "0.1.0", "sha256": ckpt.tensor_digest(state)}  # as onebasin 0.1.0 saved it
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "old.safetensors"),
+              metadata={"onebasin": json.dumps(meta)})
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="covers the tensors only"):
+        loaded, read = load_checkpoint(tmp_path / "old.safetensors")
+    assert read == meta and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_merged_model_of_a_users_own_class_reloads(tmp_path):
+    """Issue 12: load_model called create_model, so a merged `module:factory` model could not be reloaded."""
+    from custom_nets import make_net
+    from onebasin.pipeline import merge
+    from onebasin.repair import RepairAffine
+
+    torch.manual_seed(0)
+    a, b = make_net().eval(), make_net().eval()
+    data = [torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    merged, result = merge(a, b, method="none", repair="exact", data=data)
+    assert not result.fused  # the corrections after the two residual additions stay as modules
+    meta = {"model": "custom_nets:make_net", "model_kwargs": {}, "repair_affines": result.affines,
+            "example_input": result.example_input}
+    save_checkpoint(tmp_path / "m", merged.state_dict(), meta)
+    x = torch.randn(3, 1, 12, 12)
+    for loaded, _ in (load_model(tmp_path / "m", expect={"model": "custom_nets:make_net"}),
+                      onebasin.load_any(tmp_path / "m.safetensors", "custom_nets:make_net")):  # what merge/barrier --model call
+        assert sum(isinstance(m, RepairAffine) for m in loaded.modules()) == 2
+        with torch.no_grad():
+            assert torch.equal(loaded(x), merged.eval()(x))

@@ -1,6 +1,7 @@
 """Datasets: metadata, data-dir rules, the offline error, biased split, batch loader and augmentation."""
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torchvision
 from onebasin.data import (DATASETS, Augment, DataNotFoundError, ImageData, batches, biased_split,
                            dataset_info, load_dataset, make_augment, num_batches, pad_images,
                            resolve_data_dir)
+from onebasin.errors import OnebasinError
 
 
 def test_dataset_info_of_every_dataset():
@@ -52,8 +54,43 @@ def test_failed_download_is_reported_as_missing_data(tmp_path, monkeypatch):
         load_dataset("cifar10", data_dir=tmp_path, download=True)
 
 
-def test_missing_data_error_is_a_file_not_found_error():
-    assert issubclass(DataNotFoundError, FileNotFoundError)
+def test_code_that_handles_a_missing_file_handles_missing_data(tmp_path):
+    """DataNotFoundError is caught where a missing file is (`except FileNotFoundError`) and where any onebasin error is."""
+    for handled in (FileNotFoundError, OnebasinError):
+        try:
+            load_dataset("mnist", data_dir=tmp_path, download=False)
+        except handled as err:
+            assert "train-images-idx3-ubyte" in str(err)
+        else:
+            pytest.fail("no error for a missing dataset")
+
+
+def test_train_without_data_exits_2_with_one_line(tmp_path, capsys):
+    from onebasin.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--model", "mlp", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-download",
+              "--out", str(tmp_path / "a.safetensors"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "download disabled" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, exists):
+    """Issue 12: an empty --data-dir was left holding MNIST/raw after a failed download."""
+
+    def half_download(url, root, filename=None, *args, **kwargs):
+        Path(root, filename or "part").write_bytes(b"half a file")
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", half_download)
+    data_dir = tmp_path / "data" / "deeper"
+    if exists:
+        data_dir.mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="download failed"):
+        load_dataset("mnist", data_dir=data_dir, download=True)
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == ([Path("data"), Path("data/deeper")] if exists else [])
 
 
 def test_biased_split_sizes_and_disjointness():
@@ -171,3 +208,64 @@ def test_load_limit_and_padding(shared_data):
     assert not torch.equal(first.labels, sampled.labels) and torch.equal(sampled.images, again.images)
     assert padded.images.shape == (100, 1, 32, 32)
     assert torch.equal(padded.images[:, :, 2:30, 2:30], first.images)
+
+
+# --- text: pydoc ---------------------------------------------------------------------------------------------
+
+def _id_by_hand(c: str) -> int:
+    """The documented vocabulary: newline 1, printable ASCII 32..126 -> 2..96, anything else 0."""
+    return 1 if c == "\n" else ord(c) - 30 if 32 <= ord(c) <= 126 else 0
+
+
+def test_pydoc_info_and_fixed_vocabulary():
+    from onebasin.data import TextInfo, decode, encode
+
+    info = dataset_info("pydoc")
+    assert isinstance(info, TextInfo) and info.vocab_size == info.num_classes == 97 and info.seq_len == 128
+    assert info.image_size is None and "pydoc_data" in info.source
+    text = 'def f(x):\n    return x ** 2  # “squared” ~ café\t'
+    assert encode(text).tolist() == [_id_by_hand(c) for c in text]
+    assert decode(encode("Hello, World!\n~")) == "Hello, World!\n~"
+    with pytest.raises(ValueError, match="valid names: .*pydoc"):
+        dataset_info("shakespeare")
+
+
+def test_pydoc_split_is_the_tail_of_every_topic():
+    from pydoc_data.topics import topics
+
+    from onebasin.data import decode
+
+    train, val = load_dataset("pydoc", train=True), load_dataset("pydoc", train=False)
+    keys = sorted(topics)
+    cuts = [round(len(topics[k]) * 0.9) for k in keys]
+    train_text = "\n".join(topics[k][:c] for k, c in zip(keys, cuts))
+    val_text = "\n".join(topics[k][c:] for k, c in zip(keys, cuts))
+    assert decode(train.ids) == "".join(c if _id_by_hand(c) else "\x00" for c in train_text)
+    assert decode(val.ids) == "".join(c if _id_by_hand(c) else "\x00" for c in val_text)
+    assert 0.085 < len(val.ids) / (len(train.ids) + len(val.ids)) < 0.115
+
+
+def test_text_batches_are_next_character_windows():
+    data = load_dataset("pydoc", train=False)
+    T, L = 128, len(data.ids)
+    starts = data.starts.tolist()
+    assert starts == list(range(0, T * len(starts), T))  # non-overlapping, stride T
+    assert starts[-1] + T + 1 <= L < starts[-1] + 2 * T + 1  # the last window that fits
+    xs, ys = zip(*batches(data, 100))
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == y.shape == (len(data), T) and x.dtype == torch.long
+    for i in (0, 5, len(data) - 1):
+        s = starts[i]
+        assert torch.equal(x[i], data.ids[s:s + T]) and torch.equal(y[i], data.ids[s + 1:s + T + 1])
+    shuffled = torch.cat([x for x, _ in batches(data, 100, shuffle=True, seed=3)])
+    assert not torch.equal(shuffled, x) and sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, x.tolist()))
+
+
+def test_pydoc_limit_and_augment():
+    full = load_dataset("pydoc", train=True)
+    few = load_dataset("pydoc", train=True, limit=10, seed=0)
+    assert len(few) == 10 and set(few.starts.tolist()) <= set(full.starts.tolist())
+    assert len(few.subset(torch.arange(3))) == 3
+    with pytest.raises(OnebasinError, match="no image augmentation"):
+        next(batches(few, 4, augment=Augment(translate=2)))
+    assert len(list(batches(few, 4, augment=make_augment((), few.info)))) == 3  # a recipe without augmentations

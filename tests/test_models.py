@@ -7,26 +7,32 @@ import torch
 import torch.nn as nn
 
 from onebasin.data import dataset_info
-from onebasin.models import create_model, input_kwargs, list_models, model_info
+from onebasin.models import create_model, data_kwargs, list_models, model_info
 
 SMALL_WIDTH = {"vgg11": 0.125, "vgg13": 0.125, "vgg16": 0.125, "vgg19": 0.125, "resnet18_cifar": 0.25,
-               "resnet50": 0.25}
+               "resnet50": 0.25, "vit": 32, "gpt": 32}
+SMALL_DEPTH = {"vit": 2, "gpt": 2}  # the default configs: tests/test_transformers_zoo.py
 
 
 def build(name, dataset=None, **kwargs):
-    """Model `name` sized for `dataset` (default: the one the paper trains it on), and an input batch."""
+    """Model `name` sized for `dataset` (default: the one the paper trains it on), and an input batch:
+    (2, C, H, W) images, or (2, 16) token ids for a model of tokens."""
     info = dataset_info(dataset or model_info(name).default_dataset)
-    size = model_info(name).image_size or info.image_size
     if name in SMALL_WIDTH:
         kwargs.setdefault("width", SMALL_WIDTH[name])
+    if name in SMALL_DEPTH:
+        kwargs.setdefault("depth", SMALL_DEPTH[name])
     torch.manual_seed(0)
-    model = create_model(name, **kwargs, **input_kwargs(name, info.channels, size, info.num_classes))
+    model = create_model(name, **kwargs, **data_kwargs(name, info))
+    if model_info(name).tokens:
+        return model, torch.randint(0, info.vocab_size, (2, 16)), info
+    size = model_info(name).image_size or info.image_size
     return model, torch.randn(2, info.channels, size, size), info
 
 
 def test_registry_holds_the_papers_models():
     assert set(list_models()) >= {"mlp", "vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet18_cifar",
-                                  "resnet18", "resnet50"}
+                                  "resnet18", "resnet50", "vit", "gpt"}
     assert list_models("vgg*") == ["vgg11", "vgg13", "vgg16", "vgg19"]
 
 
@@ -38,6 +44,9 @@ def test_unknown_model_lists_valid_names():
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_takes_num_classes_and_an_input_size(name):
     params = inspect.signature(model_info(name).fn).parameters
+    if model_info(name).tokens:
+        assert {"vocab_size", "block_size"} <= set(params)
+        return
     assert "num_classes" in params
     assert ("in_features" in params) if model_info(name).flat_input else ("in_channels" in params)
 
@@ -45,10 +54,11 @@ def test_every_model_takes_num_classes_and_an_input_size(name):
 @pytest.mark.parametrize("name", list_models())
 def test_forward_shape_on_default_dataset(name):
     model, x, info = build(name)
-    assert model.eval()(x).shape == (2, info.num_classes)
+    expected = (2, x.shape[1], info.vocab_size) if model_info(name).tokens else (2, info.num_classes)
+    assert model.eval()(x).shape == expected
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [n for n in list_models() if not model_info(n).tokens])
 def test_forward_shape_on_one_channel_28px_data(name):
     model, x, info = build(name, "fashionmnist")
     assert x.shape[1] == 1 and x.shape[-1] == (model_info(name).image_size or 28)
@@ -124,7 +134,7 @@ def test_random_permutation_preserves_function(name, kwargs):
 
     model, x, _ = build(name, **kwargs)
     model = model.double().eval()
-    x = x.double()
+    x = x.double() if x.is_floating_point() else x  # token ids stay integers
     for m in model.modules():  # non-trivial norm statistics, so that permuting them matters
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.2)

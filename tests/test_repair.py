@@ -1,5 +1,6 @@
 """REPAIR (Jordan et al. 2022): corrected statistics hit the goals, fusion is exact, permuted copies are untouched."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +10,8 @@ from onebasin.interpolate import interpolate_model
 from onebasin.permute import invert_perms, permute_model, random_perms
 from onebasin.repair import RepairAffine, endpoint_stats, fuse_corrections, repair, repair_errors, reset_bn, restore_affines
 from onebasin.spec import from_groups, trace
-from reference_models import ResNet20ish, VGGish, mlp, randomize_norm_stats
+from conftest import hooked_site_values
+from reference_models import ResNet20ish, TinyTransformer, VGGish, mlp, randomize_norm_stats
 
 # name -> (factory, input shape, exact passes with layer+block sites, with layer sites only)
 MODELS = {
@@ -35,22 +37,111 @@ def calib(name, n=64, batch=16, seed=0):
     return [torch.randn(batch, *shape, generator=gen, dtype=torch.float64) + 0.3 for _ in range(n // batch)]
 
 
+def numpy_stats(values: dict, spec_sites) -> dict:
+    """{node: (mean, std)} per unit, population statistics in numpy (conv positions pooled)."""
+    out = {}
+    for s in spec_sites:
+        u = np.moveaxis(values[s.node].numpy(), s.dim, -1).reshape(-1, values[s.node].shape[s.dim])
+        out[s.node] = (u.mean(0), u.std(0))
+    return out
+
+
+def corrected_values(model, data):
+    """Output of every RepairAffine of an unfused REPAIR wrapper, read with forward hooks."""
+    seen, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, RepairAffine):
+            hooks.append(mod.register_forward_hook(lambda m, a, o, n=name: seen.setdefault(n.removeprefix("repair_"), []).append(o)))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_exact_repair_hits_goal_statistics(name):
+    """Goals from A's and B's activations read with plain hooks (numpy statistics, eqs. 3-4); the repaired
+    net's corrected activations read from its RepairAffine modules: an oracle apart from the taps."""
     a, b, data = build(name, 0), build(name, 1), calib(name)
-    result = repair(a, b, 0.4, data)
-    assert result.passes == MODELS[name][2]
+    spec = trace(a, data[0])
+    result = repair(a, b, 0.4, data, spec=spec, fuse=False)
+    assert result.passes == 1  # one forward sweep, whatever the depth
+    sites = [s.site for s in result.stats]
+    x = torch.cat(data)
+    ref_a, ref_b = numpy_stats(hooked_site_values(a, spec, x), sites), numpy_stats(hooked_site_values(b, spec, x), sites)
+    got = numpy_stats(corrected_values(result.model, data), sites)
     collapse = min(float((s.before_std / s.goal_std).mean()) for s in result.stats)
     assert collapse < 0.9, "the test needs variance collapse to correct"
-    errors = repair_errors(result, data)  # measured on the returned (fused or wrapped) model
-    assert len(errors) == len(result.stats) > 0
-    assert max(e["std_err"] for e in errors) < 1e-3
-    assert max(e["mean_err"] for e in errors) < 1e-3
+    for s in sites:
+        (ma, sa), (mb, sb), (m, sd) = ref_a[s.node], ref_b[s.node], got[s.node]
+        goal_mean, goal_std = 0.6 * ma + 0.4 * mb, 0.6 * sa + 0.4 * sb
+        assert np.abs(m - goal_mean).max() < 1e-9 * max(1, np.abs(goal_mean).max()), s
+        assert np.abs(sd - goal_std).max() < 1e-9 * max(1, goal_std.max()), s
     if name in FIRST_LAYER_LINEAR:  # closed form: exact at the first layer, approximate deeper
-        closed = repair(a, b, 0.4, data, method="closed")
+        closed = repair(a, b, 0.4, data, spec=spec, method="closed")
         assert closed.passes == 0
         assert torch.allclose(closed.stats[0].before_std, result.stats[0].before_std, rtol=1e-9)
-        assert repair_errors(closed, data)[0]["std_err"] < 1e-9
+        assert repair_errors(closed, data, graph=spec.graph)[0]["std_err"] < 1e-9
+
+
+class InplaceBlockNet(nn.Module):
+    """torchvision-style in-place ops: ReLU(inplace=True) right after a site and `out += x` on a site's tensor."""
+
+    def __init__(self, w=6):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
+        self.conv2, self.bn2 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(w, 5)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(x))
+        out += x
+        out = self.relu(out)
+        return self.fc(out.mean((2, 3)))
+
+
+class TwoReaders(nn.Module):
+    """One hidden tensor read by two sites (two Linear layers), one of them inside a residual addition."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.out = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.out(torch.relu(self.b(h) + h) * torch.sigmoid(self.c(h)))
+
+
+SWEEP_MODELS = {
+    **{n: (MODELS[n][0], MODELS[n][1], MODELS[n][2]) for n in ("resnet20_bn", "resnet20_ln", "resnet20_fixup", "mlp")},
+    "transformer": (lambda: TinyTransformer(), (4, 6), None),
+    "two_readers": (TwoReaders, (12,), None),
+    "in_place": (InplaceBlockNet, (3, 6, 6), None),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEP_MODELS))
+def test_one_sweep_equals_one_pass_per_level(name):
+    """Exact REPAIR in one sweep gives the corrections of the per-level passes (float64, 1e-10): ResNet20 with
+    BatchNorm, LayerNorm and Fixup, a pre-norm transformer, a tensor read by two sites, in-place ops after sites."""
+    factory, shape, passes = SWEEP_MODELS[name]
+    torch.manual_seed(0)
+    a, b = (randomize_norm_stats(factory().double().eval()) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, *shape, generator=gen, dtype=torch.float64) + 0.3 for _ in range(4)]
+    spec = trace(a, data[0])
+    sweep = repair(a, b, 0.5, data, spec=spec)
+    levels = repair(a, b, 0.5, data, spec=spec, max_memory=0)
+    assert sweep.passes == 1 and levels.passes > 1 and "per dependency level" in levels.note
+    if passes is not None:
+        assert levels.passes == passes
+    for s, t in zip(sweep.stats, levels.stats):
+        assert (s.scale - t.scale).abs().max() < 1e-10 and (s.shift - t.shift).abs().max() < 1e-10
+    assert sweep.peak_bytes > 0
 
 
 @pytest.mark.parametrize("method", ["exact", "closed"])
@@ -66,25 +157,25 @@ def test_repair_at_an_endpoint_is_the_identity(method):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fused_model_equals_affine_modules_and_loads_strictly(name):
     a, b, data = build(name, 0), build(name, 1), calib(name)
-    result = repair(a, b, 0.5, data, sites=("layer",))
-    assert result.passes == MODELS[name][3]
-    interp = interpolate_model(a, b, 0.5)
-    unfused, folded = fuse_corrections(interp, result.stats, fuse=False)
+    spec = trace(a, data[0])
+    result = repair(a, b, 0.5, data, spec=spec, sites=("layer",))
+    state = interpolate_model(a, b, 0.5).state_dict()
+    unfused, folded = fuse_corrections(a, spec.graph, state, result.stats, fuse=False)
     assert not any(folded) and sum(isinstance(m, RepairAffine) for m in unfused.modules()) == len(result.stats)
     fused = result.model
     if name == "resnet20_fixup":  # its 1x1 shortcut convs have no bias and no norm: the shift cannot fold
-        assert result.unfused == ["blocks_3_shortcut_0", "blocks_6_shortcut_0"]
-        fused, folded = fuse_corrections(interp, [s for s in result.stats if s.fused])
+        assert [s.site.module for s in result.stats if not s.fused] == ["blocks.3.shortcut.0", "blocks.6.shortcut.0"]
+        fused, folded = fuse_corrections(a, spec.graph, state, [s for s in result.stats if s.fused])
         assert all(folded)
     assert type(fused) is type(a)
     fresh = MODELS[name][0]().double().eval()
     fresh.load_state_dict(fused.state_dict(), strict=True)
     x = torch.randn(8, *MODELS[name][1], dtype=torch.float64)
     with torch.no_grad():
-        assert (result.model(x) - unfused(x)).abs().max() < 1e-5
-        foldable_unfused = fuse_corrections(interp, [s for s in result.stats if s.fused], fuse=False)[0]
-        assert (fresh(x) - foldable_unfused(x)).abs().max() < 1e-5
-        assert (fresh(x) - interp(x)).abs().max() > 1e-3  # the corrections did something
+        assert (result.model(x) - unfused(x)).abs().max() < 1e-10
+        foldable_unfused = fuse_corrections(a, spec.graph, state, [s for s in result.stats if s.fused], fuse=False)[0]
+        assert (fresh(x) - foldable_unfused(x)).abs().max() < 1e-10
+        assert (fresh(x) - interpolate_model(a, b, 0.5)(x)).abs().max() > 1e-3  # the corrections did something
 
 
 @pytest.mark.parametrize("name", ["resnet20_bn", "resnet20_ln"])
@@ -98,9 +189,9 @@ def test_residual_block_corrections_stay_as_named_modules(name):
     extra = set(model.state_dict()) - set(a.state_dict())
     assert extra == {f"repair_{n}.{p}" for n in blocks for p in ("weight", "bias")}
     assert set(a.state_dict()) <= set(model.state_dict())
-    # the documented reload path: identity affines of the saved sizes, then load_state_dict
-    blank = restore_affines(interpolate_model(a, b, 0.5), result.affines, model.state_dict())
-    blank.double().load_state_dict(model.state_dict(), strict=True)
+    # the documented reload path: identity affines of the saved sizes on a fresh model, then load_state_dict
+    blank = restore_affines(MODELS[name][0]().double(), result.affines, model.state_dict(), data[0])
+    blank.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(4, *MODELS[name][1], dtype=torch.float64)
     with torch.no_grad():
         assert (blank(x) - model(x)).abs().max() < 1e-12
@@ -114,7 +205,8 @@ def test_bias_free_layer_keeps_its_shift_as_a_module_unless_a_norm_follows():
 
     data = [torch.randn(32, 12, dtype=torch.float64) for _ in range(2)]
     bare = repair(net(False, 0), net(False, 1), 0.5, data)
-    assert not bare.fused and bare.unfused == ["_0"] and isinstance(bare.model.repair__0, RepairAffine)
+    assert not bare.fused and [s.site.module for s in bare.stats] == ["0"]
+    assert isinstance(bare.model.get_submodule(f"repair_{bare.unfused[0]}"), RepairAffine)
     normed = repair(net(True, 0), net(True, 1), 0.5, data)
     assert normed.fused and normed.stats[0].site.module == "1"  # the shift went into the LayerNorm's bias
     net(True, 2).load_state_dict(normed.model.state_dict(), strict=True)
@@ -170,30 +262,12 @@ def test_bad_arguments_name_the_valid_choices():
         repair(a, b, 1.5, data)
 
 
-class InplaceBlockNet(nn.Module):
-    """torchvision-style in-place ops: ReLU(inplace=True) right after a site and `out += x` on a site's tensor."""
-
-    def __init__(self, w=6):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
-        self.conv2, self.bn2 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(w, 5)
-
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(x))
-        out += x
-        out = self.relu(out)
-        return self.fc(out.mean((2, 3)))
-
-
 def test_in_place_ops_do_not_corrupt_the_measured_statistics():
     torch.manual_seed(0)
     a, b = InplaceBlockNet().double().eval(), InplaceBlockNet().double().eval()
     data = [torch.randn(16, 3, 6, 6, dtype=torch.float64) for _ in range(2)]
     result = repair(a, b, 0.5, data)
-    assert [s.site.kind for s in result.stats] == ["layer", "layer", "block"] and result.passes == 3
+    assert [s.site.kind for s in result.stats] == ["layer", "layer", "block"] and result.passes == 1
     assert max(e["std_err"] for e in repair_errors(result, data)) < 1e-9
     with torch.no_grad():  # A's bn2 output, read before `out += x` changes it in place
         bn2_out = torch.cat([a.bn2(a.conv2(torch.relu(a.bn1(a.conv1(x))))) for x in data])
@@ -202,10 +276,21 @@ def test_in_place_ops_do_not_corrupt_the_measured_statistics():
     assert torch.allclose(ends.var_a[1], bn2_out.var((0, 2, 3), unbiased=False), atol=1e-12)
 
 
-def test_hand_written_spec_with_module_sites():
+def test_hand_written_spec_needs_the_traced_graph():
     a, b, data = build("mlp", 0), build("mlp", 1), calib("mlp")
     groups = {f"h{i}": [(f"{i}.weight", 0), (f"{i}.bias", 0), (f"{i + 2}.weight", 1)] for i in (1, 3, 5)}
     spec = from_groups(groups, a.state_dict(), sites={f"h{i}": [str(i)] for i in (1, 3, 5)})
-    result = repair(a, b, 0.5, data, spec=spec)
-    assert [s.site.node for s in result.stats] == ["_1", "_3", "_5"] and result.fused and result.passes == 3
+    with pytest.raises(OnebasinError, match="traced spec"):
+        repair(a, b, 0.5, data, spec=spec)
+
+
+def test_layer_and_norm_sites_of_a_transformer_all_fold_into_weights_and_norms():
+    """REPAIR of a LayerNorm network at ("layer", "norm") sites keeps it a plain model of its class."""
+    torch.manual_seed(0)
+    a, b = TinyTransformer().double().eval(), TinyTransformer().double().eval()
+    data = [torch.randn(16, 4, 6, dtype=torch.float64) for _ in range(3)]
+    result = repair(a, b, 0.5, data, sites=("layer", "norm"))
+    kinds = {s.site.kind for s in result.stats}
+    assert kinds == {"layer", "norm"} and result.fused and type(result.model) is TinyTransformer
+    assert sum(s.site.kind == "norm" for s in result.stats) == 5  # ln1, ln2 of two blocks and the final norm
     assert max(e["std_err"] for e in repair_errors(result, data)) < 1e-9

@@ -10,6 +10,8 @@ Methods (a registry: `list_methods()`, `get_method(name)`; each `fn(spec, model_
 * "weight": Ainsworth et al. 2022, coordinate descent on weight inner products, no data.
 * "annealing": Entezari et al. 2021, simulated annealing on the barrier (`anneal_many` for n >= 2 models).
 * "functional": He et al. 2018, functional difference with layer-input Hessians, one pass over the data.
+* "orthogonal": Theus et al. 2025, permutations plus an orthogonal map of the residual stream (pre-norm
+  transformers); it also rewrites A (result.models).
 
 Statistics are exact float64 sums: under torch.distributed each rank reads its shard and the sums are
 all-reduced before any assignment, giving the single-process result.
@@ -20,6 +22,7 @@ from .activation import activation_matching, correlation_matrix, site_moments
 from .annealing import anneal_many, annealing
 from .functional import functional_matching, input_moments
 from .weight import weight_matching
+from .orthogonal import orthogonal_alignment
 from ._align import align, check_same_function
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "get_method",
     "input_moments",
     "list_methods",
+    "orthogonal_alignment",
     "register_method",
     "site_moments",
     "weight_matching",

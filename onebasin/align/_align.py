@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
+from ..graph import as_call, to_device
 from ..checks import check_finite, check_same_architecture
 from ..permute import permute_model
 from ..spec import PermutationSpec, trace
@@ -12,13 +14,20 @@ from ..stats import eval_mode
 from ._registry import AlignResult, AlignmentError, device_of, first_examples, get_method
 
 
+def _flat_output(out) -> torch.Tensor:
+    """All floating tensors of a model's output (a tensor, tuple, dict or Hugging Face ModelOutput), flattened."""
+    leaves = [t.flatten() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.cat(leaves)
+
+
 def check_same_function(model: nn.Module, permuted: nn.Module, x: torch.Tensor) -> float:
     """Raise AlignmentError unless `permuted` computes what `model` does on x (eval mode); returns max |diff|.
 
     Tolerance: sqrt(machine epsilon) of the output dtype times the output's largest magnitude.
     """
+    args, kwargs = as_call(x)
     with torch.no_grad(), eval_mode(model, permuted):
-        out, out_p = model(x), permuted(x)
+        out, out_p = (_flat_output(m(*args, **kwargs)) for m in (model, permuted))
     scale = max(out.abs().max().item(), 1.0)
     diff = (out_p - out).abs().max().item()
     tol = torch.finfo(out.dtype).eps ** 0.5 * scale
@@ -53,7 +62,8 @@ def align(
         options: passed to the method (max_examples, device, seed, budget, init, ...).
     Returns:
         (a permuted copy of B, the AlignResult: perms per group and the method's record, plus
-        record["check_max_diff"] when checked).
+        record["check_max_diff"] when checked). A method that also rewrites A (orthogonal) leaves the
+        rewritten A in `result.models[0]`: interpolate B's copy with that, not with A.
     """
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_same_architecture(sd_a, sd_b)
@@ -64,11 +74,11 @@ def align(
             raise ValueError("align needs `data` or `example_input` to trace the model and check the result")
         example_input = first_examples(data, 64)[0]
     if example_input is not None:
-        example_input = example_input.to(device_of(model_a, options.get("device")))
+        example_input = to_device(example_input, device_of(model_a, options.get("device")))
     if spec is None:
         spec = trace(model_a, example_input)
     result = fn(spec, model_a, model_b, data, **options)
-    permuted = permute_model(model_b, spec, result.perms)
+    permuted = result.models[1] if result.models is not None else permute_model(model_b, spec, result.perms)
     if check:
         result.record["check_max_diff"] = check_same_function(model_b, permuted, example_input)
     return permuted, result

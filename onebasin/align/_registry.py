@@ -26,11 +26,14 @@ class AlignResult:
 
     `perms[g]` is a LongTensor p (group size,) in the permute.py convention: unit i of the aligned B is
     unit p[i] of B, so `apply_perms(spec, perms, sd_b)` is B written in A's unit order. `record` holds
-    the method's name, iterations, objective values, seconds and examples used.
+    the method's name, iterations, objective values, seconds and examples used. A method that also
+    re-bases the networks beyond permutations (orthogonal) returns them as `models` = (A', B'): same
+    functions as A and B, B' in A''s basis; interpolate those.
     """
 
     perms: Perms
     record: dict = field(default_factory=dict)
+    models: tuple | None = None  # (A, B) rewritten by a method that does more than permute (orthogonal): use these
 
 
 @dataclass(frozen=True)
@@ -134,20 +137,25 @@ def all_reduce_count(n: int) -> int:
     return n
 
 
-def first_examples(data: Iterable, max_examples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def first_examples(data: Iterable, max_examples: int):
     """The first `max_examples` inputs (and labels, when batches are (x, y)) of a loader, concatenated.
 
-    Unlike stats.batches this never shards by rank: every process sees the same examples.
+    Inputs may be tensors or dicts of tensors (keyword inputs). Unlike stats.batches this never shards
+    by rank: every process sees the same examples.
     """
+    from ..graph import batch_size, take_rows
+
     xs, ys, seen = [], [], 0
     for batch in data:
         x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
-        xs.append(x[: max_examples - seen])
+        rows = slice(0, max_examples - seen)
+        xs.append(take_rows(x, rows))
         if y is not None:
-            ys.append(y[: max_examples - seen])
-        seen += xs[-1].shape[0]
+            ys.append(y[rows])
+        seen += batch_size(xs[-1])
         if seen >= max_examples:
             break
     if not xs:
         raise ValueError("the data loader yielded no batches")
-    return torch.cat(xs), (torch.cat(ys) if len(ys) == len(xs) else None)
+    x = {k: torch.cat([d[k] for d in xs]) for k in xs[0]} if isinstance(xs[0], dict) else torch.cat(xs)
+    return x, (torch.cat(ys) if len(ys) == len(xs) else None)

@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 
 from ..spec import PermutationSpec
-from ..stats import Moments, SiteTaps, batches, eval_mode, unit_matrix
-from ._registry import AlignResult, all_reduce_count, assign, device_of, matched, register_method, require_module, weights_of
+from ..graph import batch_size, model_inputs
+from ..stats import Moments, SiteTaps, batches, eval_mode
+from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
+from ._structured import family_root, solve_families
 from .weight import match_weights
 
 
@@ -43,15 +45,15 @@ def site_moments(
     """
     groups = [g for g in spec.groups.values() if g.sites]
     sites = [s for g in groups for s in g.sites]
-    taps_a, taps_b = SiteTaps(model_a, sites), SiteTaps(model_b, sites)
+    taps_a, taps_b = SiteTaps(model_a, sites, spec.graph, False), SiteTaps(model_b, sites, spec.graph, False)
     moments = [Moments(paired=True) for _ in sites]
     examples = 0
     with torch.no_grad(), eval_mode(model_a, model_b):
-        for x in batches(data, max_examples, device_of(model_a, device)):
+        for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
             (_, acts_a), (_, acts_b) = taps_a(x), taps_b(x)
             for m, s, a, b in zip(moments, sites, acts_a, acts_b):
-                m.update(unit_matrix(a, s.dim), unit_matrix(b, s.dim))
-            examples += x.shape[0]
+                m.update_pair(a, b, s)
+            examples += batch_size(x)
     for m in moments:
         m.all_reduce_()
     it = iter(moments)
@@ -88,13 +90,14 @@ def activation_matching(
         raise ValueError("activation matching needs data: an iterable of x or (x, y) batches")
     t0 = time.perf_counter()
     moments, examples = site_moments(spec, require_module(model_a, "activation"), require_module(model_b, "activation"), data, max_examples=max_examples, device=device)
-    perms, objective, identity = {}, {}, {}
-    for name, ms in moments.items():
-        corr = correlation_matrix(ms)
-        perms[name] = assign(corr, maximize=True)
-        objective[name] = matched(corr, perms[name]) / (corr.shape[0] * len(ms))
-        identity[name] = matched(corr, torch.arange(corr.shape[0])) / (corr.shape[0] * len(ms))
-    fallback = [g for g in spec.groups if g not in moments]
+    corrs = {name: correlation_matrix(ms) for name, ms in moments.items()}
+    informed = {family_root(spec, g) for g in corrs}
+    perms = solve_families(spec, corrs, [g for g in spec.groups if family_root(spec, g) in informed])
+    objective, identity = {}, {}
+    for name, corr in corrs.items():
+        objective[name] = matched(corr, perms[name]) / (corr.shape[0] * len(moments[name]))
+        identity[name] = matched(corr, torch.arange(corr.shape[0])) / (corr.shape[0] * len(moments[name]))
+    fallback = [g for g in spec.groups if g not in perms]
     if fallback:
         perms, _ = match_weights(spec, weights_of(model_a), weights_of(model_b), init=perms, groups=fallback)
     record = {"method": "activation", "iterations": 1, "objective": objective, "identity": identity,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..permute import StateDict, apply_perms, permute_tensor
+from ..permute import StateDict, apply_perms, permute_member
 from ..spec import Group, PermutationSpec
 from ..stats import eval_mode
 from ._registry import AlignResult, device_of, first_examples, initial_perms, register_method, require_module
@@ -71,7 +71,7 @@ def _swapped(sd: StateDict, group: Group, t: torch.Tensor) -> StateDict:
     """A new state_dict with `group`'s units re-indexed by t on every tensor axis it permutes."""
     out = dict(sd)
     for m in group.members:
-        out[m.key] = permute_tensor(out[m.key], m.axis, t, m.block)
+        out[m.key] = permute_member(out[m.key], m, t)
     return out
 
 

@@ -26,7 +26,7 @@ from ..errors import UnsupportedOpError
 from ..permute import Perms, permute_tensor
 from ..spec import PermutationSpec
 from ..stats import Moments, batches, eval_mode
-from ._registry import AlignResult, all_reduce_count, assign, device_of, initial_perms, matched, register_method, require_module, weights_of
+from ._registry import AlignmentError, AlignResult, all_reduce_count, assign, device_of, initial_perms, matched, register_method, require_module, weights_of
 from .weight import other_axes_permuted, match_weights
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -229,6 +229,9 @@ def functional_matching(
         raise ValueError("functional matching needs data: an iterable of x or (x, y) batches")
     t0 = time.perf_counter()
     model_a, model_b = require_module(model_a, "functional"), require_module(model_b, "functional")
+    if structured := [g.name for g in spec.groups.values() if g.structured]:
+        raise AlignmentError(f"functional matching permutes free groups only; {structured[0]!r} has block structure "
+                             "(attention heads or conv groups): use activation or weight matching")
     moments, examples = input_moments(spec, model_a, model_b, data, max_examples=max_examples, device=device)
     layers = producing_layers(spec, model_a)
     owner = {n: g for g, names in layers.items() for n in names}

@@ -6,7 +6,9 @@
 
 Each registered function's name is its key; its keyword arguments are the model's options. Every
 model takes `num_classes`, and `in_features` (MLP) or `in_channels` (conv nets), so that it fits any
-dataset; `input_kwargs(name, channels, image_size, num_classes)` builds those for a dataset.
+dataset; `input_kwargs(name, channels, image_size, num_classes)` builds those for a dataset. Models of
+token ids (`gpt`, registered with tokens=True) take `vocab_size` and `block_size` instead;
+`data_kwargs(name, dataset_info(...))` builds the right ones for either kind.
 """
 
 from __future__ import annotations
@@ -28,18 +30,19 @@ class ModelInfo:
     flat_input: bool  # True: takes in_features (C*H*W), e.g. the MLP; False: takes in_channels
     image_size: int | None  # the input height/width the model needs; None: any size (>= 8 or so)
     default_dataset: str  # the dataset the paper trains it on (for tests and defaults)
+    tokens: bool = False  # True: takes (N, T) token ids and vocab_size/block_size (the GPT), not images
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(fn=None, *, flat_input=False, image_size=None, default_dataset="cifar10"):
+def register_model(fn=None, *, flat_input=False, image_size=None, default_dataset="cifar10", tokens=False):
     """Register `fn` under its own name; usable bare (`@register_model`) or with metadata."""
 
     def add(f):
         if f.__name__ in _REGISTRY:
             raise ValueError(f"model {f.__name__!r} is already registered")
-        _REGISTRY[f.__name__] = ModelInfo(f.__name__, f, flat_input, image_size, default_dataset)
+        _REGISTRY[f.__name__] = ModelInfo(f.__name__, f, flat_input, image_size, default_dataset, tokens)
         return f
 
     return add(fn) if fn is not None else add
@@ -86,6 +89,23 @@ def input_kwargs(name: str, channels: int, image_size: int, num_classes: int) ->
     return {"in_channels": channels, "num_classes": num_classes}
 
 
-from . import mlp, resnet, vgg  # noqa: E402,F401  (registers the models)
+def data_kwargs(name: str, info) -> dict:
+    """The input/output keyword arguments that fit model `name` to the dataset `info` (`data.dataset_info`):
+    `input_kwargs` for image data; vocab_size and block_size (the sequence length) for a model of token ids
+    on text. InvalidOptionError when one is text and the other is not."""
+    from onebasin.errors import InvalidOptionError
 
-__all__ = ["ModelInfo", "build_model", "create_model", "input_kwargs", "list_models", "model_info", "register_model"]
+    text = hasattr(info, "vocab")  # a data.TextInfo
+    if model_info(name).tokens != text:
+        raise InvalidOptionError(f"model {name!r} takes {'token ids' if model_info(name).tokens else 'images'}, but "
+                                 f"dataset {info.name!r} is {'text' if text else 'images'}")
+    if text:
+        return {"vocab_size": info.vocab_size, "block_size": info.seq_len}
+    size = model_info(name).image_size or info.image_size
+    return input_kwargs(name, info.channels, size, info.num_classes)
+
+
+from . import gpt, mlp, resnet, vgg, vit  # noqa: E402,F401  (registers the models)
+
+__all__ = ["ModelInfo", "build_model", "create_model", "data_kwargs", "input_kwargs", "list_models", "model_info",
+           "register_model"]

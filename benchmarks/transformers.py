@@ -1,0 +1,167 @@
+"""Merging two transformers trained from different seeds (issue 15): ViT on FashionMNIST, character GPT on pydoc.
+
+    python benchmarks/transformers.py                 # both pairs, every method, resumable
+    python benchmarks/transformers.py --only vit --table
+
+Endpoints: `onebasin train --model vit|gpt` seeds 0 and 1 with the recipes of docs/training.md, read from
+$ONEBASIN_CACHE/endpoints (the demo's cache names). For each pair and alignment (plain = none, activation,
+weight, orthogonal = permutations + an orthogonal map of the residual stream, Theus et al. 2025) and each
+correction (none; exact REPAIR at the Linear outputs and LayerNorm outputs, ("layer", "norm"), all folded
+into weights and norms): the barrier curve over 11 alphas on `--test` held-out examples, the loss barrier
+(eq. 1) and the midpoint's metric (test accuracy for the ViT, validation loss in bits per character for
+the GPT), and the wall time of the alignment. Rows go to benchmarks/results/transformers/results.csv,
+curves to curves_<pair>.png, the per-layer variance ratios of the aligned ViT midpoint (plain / aligned /
+aligned + REPAIR) to variance_vit.png and variance.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from onebasin.align import align
+from onebasin.checkpoint import load_model
+from onebasin.diagnostics import variance_ratios
+from onebasin.experiment import evaluation_batches
+from onebasin.interpolate import barrier_curve, interpolate_model
+from onebasin.plots import plot_series
+from onebasin.repair import endpoint_stats, repair
+from onebasin.report import read_csv, write_csv
+from onebasin.spec import trace
+
+print = functools.partial(print, flush=True)  # noqa: A001
+OUT = Path(__file__).resolve().parent / "results" / "transformers"
+PAIRS = {
+    "vit": ("vit_width128_fashionmnist_e3_s{}", "fashionmnist", 28),
+    "gpt": ("gpt_width192_pydoc_e6_s{}", "pydoc", None),
+}
+METHODS = ["none", "activation", "weight", "orthogonal"]
+SITES = ("layer", "norm")
+
+
+def endpoints(pair: str, cache: Path):
+    name = PAIRS[pair][0]
+    return [load_model(cache / "endpoints" / f"{name.format(s)}.safetensors")[0].eval() for s in (0, 1)]
+
+
+def data(pair: str, data_dir: str, calib: int, test: int):
+    _, dataset, size = PAIRS[pair]
+    loaders, calib_batches = evaluation_batches(dataset, size, data_dir=data_dir, calib_examples=calib,
+                                                train_examples=calib, test_examples=test)
+    return {"test": loaders["test"]}, calib_batches
+
+
+def run_pair(pair: str, args, rows: list[dict]) -> None:
+    a, b = endpoints(pair, Path(args.cache))
+    loaders, calib = data(pair, args.data_dir, args.calib, args.test)
+    spec = trace(a, calib[0][0][:64] if isinstance(calib[0], (tuple, list)) else calib[0])
+    alphas = [i / 10 for i in range(11)]
+    done = {(r["pair"], r["method"], r["correction"]) for r in rows}
+    for method in METHODS:
+        if all((pair, method, c) in done for c in ("none", "repair")):
+            continue
+        t0 = time.perf_counter()
+        if method == "none":
+            a_m, b_m = a, b
+        else:
+            b_m, result = align(a, b, method, calib, spec=spec, max_examples=args.calib)
+            a_m = result.models[0] if result.models is not None else a
+        align_s = time.perf_counter() - t0
+        for correction in ("none", "repair"):
+            if (pair, method, correction) in done:
+                continue
+            t1 = time.perf_counter()
+            curve = barrier_curve(a_m, b_m, loaders, alphas, "repair_exact" if correction == "repair" else None,
+                                  calib_data=calib, max_examples=args.calib, spec=spec, sites=SITES)
+            mid = alphas.index(0.5)
+            loss = curve.loss["test"]
+            row = {"pair": pair, "method": method, "correction": correction,
+                   "loss_a": loss[0], "loss_b": loss[-1], "mid_loss": loss[mid], "loss_barrier": curve.barrier("test", "loss"),
+                   "acc_a": curve.acc["test"][0], "acc_b": curve.acc["test"][-1], "mid_acc": curve.acc["test"][mid],
+                   "mid_bpc": loss[mid] / math.log(2), "align_s": round(align_s, 1), "curve_s": round(time.perf_counter() - t1, 1),
+                   "losses": " ".join(f"{v:.4f}" for v in loss), "calib": args.calib, "test": args.test}  # fmt: skip
+            rows.append(row)
+            write_csv(OUT / "results.csv", rows)
+            print(f"{pair} {method:>10} {correction:>6}: mid loss {row['mid_loss']:.4f} (endpoints {loss[0]:.4f}, "
+                  f"{loss[-1]:.4f}), barrier {row['loss_barrier']:.4f}, mid acc {row['mid_acc']:.4f}, align {align_s:.0f} s")
+
+
+def variance_study(args) -> None:
+    """Per-layer variance ratios of the ViT midpoint: plain, activation-aligned, aligned + REPAIR at SITES."""
+    a, b = endpoints("vit", Path(args.cache))
+    _, calib = data("vit", args.data_dir, args.calib, args.test)
+    spec = trace(a, calib[0][0][:64])
+    b_al, _ = align(a, b, "activation", calib, spec=spec, max_examples=args.calib)
+    ends = {"plain": endpoint_stats(a, b, calib, spec, max_examples=args.calib),
+            "aligned": endpoint_stats(a, b_al, calib, spec, max_examples=args.calib)}
+    mids = {"plain": (interpolate_model(a, b, 0.5), "plain"), "aligned": (interpolate_model(a, b_al, 0.5), "aligned"),
+            "aligned+REPAIR": (repair(a, b_al, 0.5, calib, spec=spec, sites=SITES, max_examples=args.calib).model, "aligned")}
+    rows, series = [], {}
+    for label, (model, ends_key) in mids.items():
+        other = b if ends_key == "plain" else b_al
+        ratios = variance_ratios(a, other, model, calib, endpoints=ends[ends_key], max_examples=args.calib)
+        series[label] = ([i for i in range(len(ratios))], [r for _, r in ratios])
+        rows += [{"curve": label, "index": i, "site": s.module or s.node, "kind": s.kind, "ratio": r} for i, (s, r) in enumerate(ratios)]
+    write_csv(OUT / "variance.csv", rows)
+    plot_series(series, OUT / "variance_vit.png", "site (forward order: layer, norm and residual sites)",
+                "std_alpha / mean(std_A, std_B)", title="ViT midpoint: variance collapse per site")
+    print(f"wrote {OUT / 'variance_vit.png'}")
+
+
+def plot_curves(rows: list[dict]) -> None:
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        series = {}
+        for r in rows:
+            if r["pair"] == pair:
+                losses = [float(v) for v in r["losses"].split()]
+                series[f"{r['method']}{' + REPAIR' if r['correction'] == 'repair' else ''}"] = ([i / 10 for i in range(11)], losses)
+        plot_series(series, OUT / f"curves_{pair}.png", "alpha", "test loss" if pair == "vit" else "validation loss (nats/char)",
+                    title=f"{pair}: loss along the interpolation path")
+
+
+def table(rows: list[dict]) -> None:
+    print("| pair | alignment | REPAIR | loss barrier | removed | midpoint | endpoints | align (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    plain = {r["pair"]: float(r["loss_barrier"]) for r in rows if r["method"] == "none" and r["correction"] == "none"}
+    for r in rows:
+        metric = (f"{float(r['mid_acc']) * 100:.2f} %", f"{float(r['acc_a']) * 100:.2f} / {float(r['acc_b']) * 100:.2f} %") if r["pair"] == "vit" \
+            else (f"{float(r['mid_bpc']):.3f} bpc", f"{float(r['loss_a']) / math.log(2):.3f} / {float(r['loss_b']) / math.log(2):.3f} bpc")
+        removed = 1 - float(r["loss_barrier"]) / plain[r["pair"]] if r["pair"] in plain else float("nan")
+        print(f"| {r['pair']} | {r['method']} | {'yes' if r['correction'] == 'repair' else 'no'} | {float(r['loss_barrier']):.3f} | "
+              f"{removed * 100:.0f} % | {metric[0]} | {metric[1]} | {r['align_s']} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default="vit,gpt")
+    p.add_argument("--cache", default=os.environ.get("ONEBASIN_CACHE", str(Path.home() / ".cache" / "onebasin")))
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--calib", type=int, default=2000, help="calibration examples (alignment and REPAIR statistics)")
+    p.add_argument("--test", type=int, default=2000, help="held-out examples of each curve")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", action="store_true", help="only print results.csv as markdown and redraw the plots")
+    p.add_argument("--variance", action="store_true", help="only the ViT variance-collapse study")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = read_csv(OUT / "results.csv")
+    if args.table:
+        table(rows), plot_curves(rows)
+        return
+    if args.variance:
+        variance_study(args)
+        return
+    for pair in args.only.split(","):
+        run_pair(pair, args, rows)
+    plot_curves(rows)
+    table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Orthogonal alignment of the residual stream of pre-norm transformers (Theus et al. 2025, "Generalized
+Linear Mode Connectivity for Transformers", Sec. 3; ../shared/notes/symmetries.md, Sec. 3).
+
+Permutations are not the only symmetry of a residual stream: any orthogonal Q that maps the ones vector
+to itself leaves a pre-norm transformer's function unchanged once the network is written in a canonical
+form. Both A and B are first rewritten, without changing their functions:
+
+1. every LayerNorm's gain and bias fold into the layers that read it (W' = W diag(gamma), b' = b + W beta;
+   gamma = 1, beta = 0);
+2. every tensor of the stream is centred along the stream axis (C = I - 11^T/n): writers then add only
+   centred vectors, and readers see LayerNorm outputs, which are centred already.
+
+LayerNorm is then plain normalisation of centred vectors, which commutes with Q, and re-basing the stream
+is one rule for every tensor that indexes it: apply Q along that axis (writers W -> Q W, readers
+W -> W Q^T, embedding rows e -> Q e). Q comes from orthogonal Procrustes on the stream activations of A
+and B (one pass, exact float64 sums of x_A x_B^T over every stream site), restricted to the complement
+of the ones vector. The other groups (MLP hidden units, attention heads) are permuted first by
+activation or weight matching. The merged model is a plain model of the original class (LayerNorms with
+unit gain and zero bias).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import time
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ..graph import model_inputs
+from ..permute import apply_perms, identity_perms
+from ..spec import Group, PermutationSpec
+from ..stats import SiteTaps, batches, eval_mode, site_matrix
+from ._registry import AlignmentError, AlignResult, device_of, get_method, register_method, require_module
+
+aten = torch.ops.aten
+_PASS = {aten.select.int, aten.slice.Tensor, aten.view.default, aten.reshape.default, aten.permute.default,
+         aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default, aten._to_copy.default,
+         aten.contiguous.default, aten.dropout.default, aten.expand.default, aten.flatten.using_ints,
+         aten.alias.default, aten.squeeze.dims}  # fmt: skip
+
+
+def stream_groups(spec: PermutationSpec) -> list[Group]:
+    """The residual streams: free groups read at a residual addition (a "block" site)."""
+    return [g for g in spec.groups.values() if not g.structured and any(s.kind == "block" for s in g.sites)]
+
+
+def _norm_readers(spec: PermutationSpec, group: Group) -> list[tuple[str, str | None, list[tuple[str, str | None]]]]:
+    """[(norm weight key, norm bias key, [(reader weight key, reader bias key)])] for each LayerNorm on the stream."""
+    graph = spec.graph
+    keys = {(m.key, m.axis) for m in group.members}
+    out = []
+    for node in graph.graph.nodes:
+        if node.target not in (aten.layer_norm.default, aten.native_layer_norm.default):
+            continue
+        w, b = (graph.keys.get(a.name) if a is not None else None for a in node.args[2:4])
+        if (w, 0) not in keys:
+            continue
+        readers, todo = [], list(node.users)
+        while todo:
+            user = todo.pop()
+            if user.target in _PASS or (user.target is operator.getitem and user.args[1] == 0):
+                todo += list(user.users)
+            elif user.target == aten.linear.default and user.args[0] is not None:
+                wk = graph.keys.get(user.args[1].name)
+                bk = graph.keys.get(user.args[2].name) if len(user.args) > 2 and user.args[2] is not None else None
+                readers.append((wk, bk))
+            else:
+                raise AlignmentError(f"orthogonal alignment: LayerNorm {w!r} feeds {user.target} ({user.name}); only "
+                                     "linear layers may read a LayerNorm of the residual stream")  # fmt: skip
+        out.append((w, b, readers))
+    return out
+
+
+def _along(t: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
+    """t with matrix q applied along `axis`: every vector v along that axis becomes q v."""
+    return torch.movedim(torch.tensordot(q.to(t), t, dims=([1], [axis])), 0, axis)
+
+
+def canonical(spec: PermutationSpec, model: nn.Module, streams: list[Group]) -> nn.Module:
+    """A copy of `model` with every stream LayerNorm folded into its readers and the stream centred (Sec. 3)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for group in streams:
+        norms = _norm_readers(spec, group)
+        if not norms:
+            raise AlignmentError(f"orthogonal alignment needs a pre-norm transformer: stream {group.name!r} has no LayerNorm")
+        skip = set()
+        for w, b, readers in norms:
+            gamma, beta = sd[w].double(), sd[b].double() if b else None
+            for rw, rb in readers:
+                if rb is None and beta is not None and beta.abs().max() > 0:
+                    raise AlignmentError(f"orthogonal alignment: {rw!r} has no bias to take LayerNorm {b!r}'s shift")
+                weight = sd[rw].double()
+                if rb is not None and beta is not None:
+                    sd[rb] = (sd[rb].double() + weight @ beta).to(sd[rb])
+                sd[rw] = (weight * gamma).to(sd[rw])
+            sd[w] = torch.ones_like(sd[w])
+            if b:
+                sd[b] = torch.zeros_like(sd[b])
+            skip |= {w, b}
+        n = group.size
+        centre = torch.eye(n, dtype=torch.float64) - 1.0 / n
+        for m in group.members:
+            if m.key not in skip:
+                _require_plain(m)
+                sd[m.key] = _along(sd[m.key].double(), m.axis, centre).to(sd[m.key])
+    out = copy.deepcopy(model)
+    out.load_state_dict(sd)
+    return out
+
+
+def _check_canonical(model: nn.Module, canon: nn.Module, data) -> None:
+    """AlignmentError unless the canonical form computes what the model computes (it does exactly when
+    every reader of the stream reads it through a LayerNorm: a pre-norm transformer)."""
+    x = next(iter(model_inputs(model, batches(data, 16))))
+    with torch.no_grad(), eval_mode(model, canon):
+        y, yc = model(x), canon(x)
+    y, yc = (t if isinstance(t, torch.Tensor) else torch.cat([v.flatten() for v in pytree.tree_leaves(t) if isinstance(v, torch.Tensor)]) for t in (y, yc))
+    tol = torch.finfo(y.dtype).eps ** 0.5 * max(1.0, y.abs().max().item())
+    if not (y - yc).abs().max().item() <= tol:
+        raise AlignmentError("orthogonal alignment needs a pre-norm transformer: some layer reads the residual stream "
+                             "without a LayerNorm in between, so centring the stream changes the function")
+
+
+def _require_plain(m) -> None:
+    if m.block != 1 or m.layout is not None or m.diag:
+        raise AlignmentError(f"orthogonal alignment: {m} is not a plain axis of the stream")
+
+
+def rebase(model: nn.Module, group: Group, q: torch.Tensor) -> nn.Module:
+    """A copy of a canonical `model` with its stream re-based by orthogonal q (n, n), q @ 1 = 1."""
+    sd = dict(model.state_dict())
+    for m in group.members:
+        _require_plain(m)
+        sd[m.key] = _along(sd[m.key].double(), m.axis, q).to(sd[m.key])
+    out = copy.deepcopy(model)
+    out.load_state_dict(sd)
+    return out
+
+
+def procrustes(cross: torch.Tensor) -> torch.Tensor:
+    """The orthogonal Q with Q 1 = 1 maximising tr(Q^T cross), cross = sum x_A x_B^T (n, n), float64.
+
+    Solved on the complement of the ones vector: with an orthonormal basis P of it (n, n-1),
+    Q = P U V^T P^T + 11^T/n where U S V^T is the SVD of P^T cross P.
+    """
+    n = cross.shape[0]
+    basis, _ = torch.linalg.qr(torch.eye(n, dtype=torch.float64) - 1.0 / n)
+    basis = basis[:, : n - 1]
+    u, _, vh = torch.linalg.svd(basis.T @ cross.double() @ basis)
+    return basis @ (u @ vh) @ basis.T + torch.full((n, n), 1.0 / n, dtype=torch.float64)
+
+
+def stream_cross(spec: PermutationSpec, group: Group, model_a: nn.Module, model_b: nn.Module, data, max_examples, device) -> tuple[torch.Tensor, int]:
+    """(sum over samples and stream sites of x_A x_B^T (n, n) float64, samples) in one pass."""
+    sites = list(group.sites)
+    taps_a, taps_b = SiteTaps(model_a, sites, spec.graph), SiteTaps(model_b, sites, spec.graph)
+    cross, samples = torch.zeros(group.size, group.size, dtype=torch.float64), 0
+    with torch.no_grad(), eval_mode(model_a, model_b):
+        for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
+            for s, a, b in zip(sites, taps_a(x)[1], taps_b(x)[1]):
+                ua, ub = site_matrix(a, s), site_matrix(b, s)
+                cross += (ua.T @ ub).cpu()
+                samples += ua.shape[0]
+    return cross, samples
+
+
+@register_method(name="orthogonal", reference="Theus, Cabodi, Pal, Ghosh, Singh 2025, Generalized Linear Mode Connectivity for Transformers, arXiv:2506.22712, Sec. 3")
+def orthogonal_alignment(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data=None,
+    *,
+    permutations: str = "activation",
+    max_examples: int | None = 10_000,
+    device=None,
+) -> AlignResult:
+    """Align B to A with permutations of the hidden groups and an orthogonal map of each residual stream.
+
+    Args:
+        spec: a traced spec of a pre-norm transformer (LayerNorm before every reader of the stream).
+        model_a, model_b: the networks; data: x or (x, y) batches (max_examples inputs are read).
+        permutations: "activation" or "weight": how the groups other than the stream are matched.
+    Returns:
+        AlignResult with perms (the stream's left as the identity) and `models` = (A, B) rewritten: A in the
+        canonical form, B permuted, canonical and re-based into A's stream basis. Both compute what the
+        originals compute; interpolating them gives a plain model of the original class. record: method,
+        stream_objective {group: mean cosine of matched stream coordinates before/after}, seconds.
+    """
+    if data is None:
+        raise ValueError("orthogonal alignment needs data: an iterable of x or (x, y) batches")
+    if spec.graph is None:
+        raise AlignmentError("orthogonal alignment needs a traced spec (onebasin.trace)")
+    t0 = time.perf_counter()
+    model_a, model_b = require_module(model_a, "orthogonal"), require_module(model_b, "orthogonal")
+    streams = stream_groups(spec)
+    if not streams:
+        raise AlignmentError("orthogonal alignment found no residual stream (a group read at a residual addition)")
+    inner = get_method(permutations)(spec, model_a, model_b, data, max_examples=max_examples, device=device)
+    perms = {**inner.perms, **{g.name: identity_perms(spec)[g.name] for g in streams}}
+    b = copy.deepcopy(model_b)
+    b.load_state_dict(apply_perms(spec, perms, model_b.state_dict()))
+    a, b = canonical(spec, model_a, streams), canonical(spec, b, streams)
+    _check_canonical(model_a, a, data)
+    objective = {}
+    for group in streams:
+        cross, samples = stream_cross(spec, group, a, b, data, max_examples, device)
+        q = procrustes(cross)
+        objective[group.name] = [float(cross.trace() / samples), float((q * cross).sum() / samples)]
+        b = rebase(b, group, q)
+    record = {"method": "orthogonal", "permutations": permutations, "inner_record": inner.record,
+              "stream_groups": [g.name for g in streams], "stream_objective": objective,
+              "examples": inner.record.get("examples"), "seconds": time.perf_counter() - t0}  # fmt: skip
+    return AlignResult(perms, record, models=(a, b))

@@ -1,0 +1,161 @@
+"""Rules for normalisation layers: BatchNorm/InstanceNorm (per channel), LayerNorm and RMSNorm over the
+permuted axis (equivariant: weight and bias follow it), GroupNorm (its groups become blocks). A norm
+right after a Linear/Conv moves that layer's site to the norm's output (REPAIR corrects there); any other
+norm's output is a site of kind "norm" (REPAIR of LayerNorm networks, folded into the norm's affine)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..spec import Site
+from ..tracer import Axis, Heads, Multi, Tracer, module_path
+from ._common import args_of
+
+
+def _members(t: Tracer, node: fx.Node, lab, keys, axis: int) -> None:
+    """Per-unit norm tensors (weight, bias, running stats) follow the input's units on `axis`."""
+    for arg in keys:
+        if arg is None:
+            continue
+        view = t.weight(arg)
+        if view is None:
+            if t.label(arg) is not None:
+                raise t.refuse(node, "a norm whose affine parameters are permuted activations")
+            t.fix_label(lab, node, "a norm with computed per-unit parameters")
+            return
+        for s in lab.segs:
+            t.add_member(s.var, view.key, view.axes[axis], s.layout)
+
+
+def norm_site(t: Tracer, src: fx.Node, out: fx.Node, lab) -> None:
+    """A norm directly after a Linear/Conv (its only reader): read that layer's units after the norm.
+    Any other norm output (a pre-norm transformer's LayerNorm of the residual stream) is a "norm" site."""
+    moved = False
+    if len(src.users) == 1:
+        for i, (var, site) in enumerate(t.sites):
+            if site.node == src.name and site.kind == "layer":
+                t.sites[i] = (var, Site(out.name, site.dim, "layer", module_path(out) or site.module))
+                moved = True
+    if not moved and isinstance(lab, Axis) and len(lab.segs) == 1 and lab.segs[0].layout.is_plain() and lab.segs[0].layout.block_size() == 1:
+        t.add_site(lab.segs[0].var, out, lab.dim, "norm")
+
+
+def _channel_norm(t: Tracer, node: fx.Node, x, params) -> object:
+    lab = t.label(x)
+    if lab is None:
+        return None
+    if not isinstance(lab, Axis) or lab.dim != 1:
+        raise t.refuse(node, "a per-channel norm on a tensor permuted along another axis")
+    _members(t, node, lab, params, 0)
+    return lab
+
+
+def batch_norm_no_training(t: Tracer, node: fx.Node):
+    a = args_of(node)
+    lab = _channel_norm(t, node, a["input"], (a["weight"], a["bias"], a["running_mean"], a["running_var"]))
+    t.pending_norms[node] = a["input"]
+    return Multi((lab, None, None))
+
+
+def batch_norm(t: Tracer, node: fx.Node):
+    a = args_of(node)
+    lab = _channel_norm(t, node, a["input"], (a["weight"], a["bias"], a["running_mean"], a["running_var"]))
+    if lab is not None:
+        norm_site(t, a["input"], node, lab)
+    return lab
+
+
+def _last_dims_norm(t: Tracer, node: fx.Node, x, normalized: int, params):
+    """LayerNorm/RMSNorm over the last `normalized` axes."""
+    lab = t.label(x)
+    if lab is None:
+        return None
+    ndim = len(t.shape(x))
+    first = ndim - normalized
+    if isinstance(lab, Axis):
+        if lab.dim >= first:
+            _members(t, node, lab, params, lab.dim - first)
+        return lab
+    if isinstance(lab, Heads):  # e.g. a per-head query/key norm: shared parameters keep the inside fixed
+        if lab.head_dim >= first:
+            raise t.refuse(node, "a norm over attention heads")
+        if lab.inner_dim >= first and any(p is not None for p in params):
+            t.vars.fix_inner(lab.var)
+            t.notes.append(f"{node.name}: a norm shared by all heads keeps the inside of heads in place")
+        return lab
+    raise t.refuse(node, "a norm over a tensor split into parts")
+
+
+def layer_norm(t: Tracer, node: fx.Node):
+    a = args_of(node)
+    lab = _last_dims_norm(t, node, a["input"], len(a["normalized_shape"]), (a["weight"], a["bias"]))
+    if isinstance(lab, Axis):
+        norm_site(t, a["input"], node, lab)
+    return lab
+
+
+def native_layer_norm(t: Tracer, node: fx.Node):
+    a = args_of(node)
+    lab = _last_dims_norm(t, node, a["input"], len(a["normalized_shape"]), (a["weight"], a["bias"]))
+    t.pending_norms[node] = a["input"]
+    return Multi((lab, None, None))
+
+
+def rms_norm(t: Tracer, node: fx.Node):
+    a = args_of(node)
+    lab = _last_dims_norm(t, node, a["input"], len(a["normalized_shape"]), (a["weight"],))
+    if isinstance(lab, Axis):
+        norm_site(t, a["input"], node, lab)
+    return lab
+
+
+def _group_norm(t: Tracer, node: fx.Node, x, groups: int, params):
+    lab = t.label(x)
+    if lab is None:
+        return None
+    channels = t.shape(x)[1]
+    if 1 < groups < channels:
+        if not (isinstance(lab, Axis) and len(lab.segs) == 1 and lab.segs[0].layout.is_plain() and lab.segs[0].layout.block_size() == 1):
+            raise t.refuse(node, f"GroupNorm with {groups} groups on concatenated channels")
+        t.vars.structure(lab.segs[0].var, groups)  # groups permute as blocks, channels inside each
+    return _channel_norm(t, node, x, params)
+
+
+def group_norm(t: Tracer, node: fx.Node):
+    a = args_of(node)
+    lab = _group_norm(t, node, a["input"], a["num_groups"], (a["weight"], a["bias"]))
+    if lab is not None:
+        norm_site(t, a["input"], node, lab)
+    return lab
+
+
+def native_group_norm(t: Tracer, node: fx.Node):
+    a = args_of(node)
+    lab = _group_norm(t, node, a["input"], a["group"], (a["weight"], a["bias"]))
+    t.pending_norms[node] = a["input"]
+    return Multi((lab, None, None))
+
+
+def getitem(t: Tracer, node: fx.Node):
+    """Item i of a multi-output op (a norm's output moves the site of the layer before it)."""
+    src, i = node.args
+    lab = t.labels.get(src)
+    if i == 0 and src in t.pending_norms and isinstance(lab, Multi) and isinstance(lab.items[0], Axis):
+        norm_site(t, t.pending_norms[src], node, lab.items[0])
+    return lab.items[i] if isinstance(lab, Multi) else None
+
+
+aten = torch.ops.aten
+RULES = {
+    aten._native_batch_norm_legit_no_training.default: batch_norm_no_training,
+    aten.batch_norm.default: batch_norm,
+    aten.layer_norm.default: layer_norm,
+    aten.native_layer_norm.default: native_layer_norm,
+    aten.rms_norm.default: rms_norm,
+    aten.group_norm.default: group_norm,
+    aten.native_group_norm.default: native_group_norm,
+    operator.getitem: getitem,
+}

@@ -1,0 +1,320 @@
+"""Tiny modules, one per permutation rule (symmetries note, Sec. 6): each uses one kind of op on a permuted
+axis. `RULE_MODELS[name] = (factory, input shape or input factory, expected)`: `expected` holds facts
+about the spec that a correct tracer must find (number of groups, a structured group's block size...)."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 3), nn.Linear(4, 5), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+class TokenMixing(nn.Module):
+    """A linear layer over the token axis of a tensor permuted along channels (MLP-Mixer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.mix, self.out = nn.Linear(4, 6), nn.Linear(3, 3), nn.Linear(6, 2)
+
+    def forward(self, x):  # (N, 3 tokens, 4)
+        h = self.a(x).transpose(1, 2)  # (N, 6, 3)
+        h = self.mix(h).transpose(1, 2)  # mixes tokens, channels stay
+        return self.out(torch.relu(h)).mean(1)
+
+
+class GroupedConv(nn.Module):
+    def __init__(self, groups=2, depth_multiplier=1):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 8 * depth_multiplier if groups == 8 else 12, 3, padding=1, groups=groups)
+        self.bn = nn.BatchNorm2d(self.g.out_channels)
+        self.out = nn.Conv2d(self.g.out_channels, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.g(torch.relu(self.a(x)))))).mean((2, 3))
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.gn, self.out = nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.gn(self.a(x)))).flatten(1)
+
+
+class FusedAttention(nn.Module):
+    """timm's Attention: one qkv Linear, reshape (B, N, 3, H, d), permute, unbind, fused SDPA."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.qkv, self.proj, self.head = nn.Linear(5, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # (B, N, 5)
+        x = self.embed(x)
+        B, N, C = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.head(x + self.proj(a)).mean(1)
+
+
+class ExplicitAttention(nn.Module):
+    """Separate q, k, v projections, q @ k^T, softmax, @ v (BERT's eager path), with a padding mask."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.embed = nn.Embedding(11, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def split(self, t):
+        return t.view(t.shape[0], t.shape[1], self.h, self.d).transpose(1, 2)
+
+    def forward(self, ids):  # (B, T) token ids
+        x = self.embed(ids)
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        mask = (ids[:, None, None, :] == 0).to(x.dtype) * -1e4
+        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.d) + mask, dim=-1)
+        a = (p @ v).transpose(1, 2).reshape(x.shape)
+        return self.head(self.ln(x + self.o(a)))
+
+
+class TorchMHA(nn.Module):
+    """nn.MultiheadAttention (fused in_proj_weight: Q (+) K (+) V) in a pre-norm block."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.embed, self.ln = nn.Linear(3, dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = self.ln(x)
+        return self.head(x + self.attn(h, h, h, need_weights=False)[0]).mean(1)
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class GQARope(nn.Module):
+    """Llama-style: RMSNorm, grouped-query attention (4 query heads, 2 kv heads), rotary embeddings,
+    SwiGLU MLP, tied embedding / LM head."""
+
+    def __init__(self, dim=16, heads=4, kv_heads=2, vocab=13):
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv_heads, dim // heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.n1, self.n2, self.nf = RMSNorm(dim), RMSNorm(dim), RMSNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k, self.v = nn.Linear(dim, kv_heads * self.d, bias=False), nn.Linear(dim, kv_heads * self.d, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.gate, self.up, self.down = nn.Linear(dim, 24, bias=False), nn.Linear(dim, 24, bias=False), nn.Linear(24, dim, bias=False)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, self.d, 2).float() / self.d), persistent=False)
+
+    def forward(self, ids):
+        B, T = ids.shape
+        x = self.embed(ids)
+        h = self.n1(x)
+        q = self.q(h).view(B, T, self.h, self.d).transpose(1, 2)
+        k = self.k(h).view(B, T, self.kv, self.d).transpose(1, 2)
+        v = self.v(h).view(B, T, self.kv, self.d).transpose(1, 2)
+        freqs = torch.arange(T, dtype=self.inv_freq.dtype)[:, None] * self.inv_freq[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        g = self.h // self.kv
+        k = k[:, :, None].expand(B, self.kv, g, T, self.d).reshape(B, self.h, T, self.d)
+        v = v[:, :, None].expand(B, self.kv, g, T, self.d).reshape(B, self.h, T, self.d)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+        x = x + self.o(a)
+        x = x + self.down(F.silu(self.gate(self.n2(x))) * self.up(self.n2(x)))
+        return self.lm_head(self.nf(x))
+
+
+class ViTish(nn.Module):
+    """Patch embedding conv, flatten + transpose, class token, position embedding, layer scale."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 5, dim))
+        self.fc1, self.fc2 = nn.Linear(dim, 12), nn.Linear(12, dim)
+        self.gamma = nn.Parameter(torch.rand(dim))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # (B, 3, 8, 8)
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1) + self.pos
+        t = t + self.gamma * self.fc2(F.gelu(self.fc1(self.ln(t))))
+        return self.head(self.ln(t)[:, 0])
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.r, self.e, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        s = torch.sigmoid(self.e(torch.relu(self.r(h.mean((2, 3), keepdim=True)))))
+        return self.out(h * s).amax((2, 3))
+
+
+class CalledTwice(nn.Module):
+    """One Linear applied twice (h(h(x))): its weight axes belong to both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.h, self.out = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(self.h(torch.relu(self.h(torch.relu(self.inp(x))))))
+
+
+class ReferenceMLP(nn.Module):
+    """The REPAIR reference code's MLP: x.reshape(len(x), -1) (not traceable by torch.fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = x.reshape(len(x), -1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class RelPosBias(nn.Module):
+    """Swin's relative position bias: a (positions, heads) table indexed by a buffer, added per head."""
+
+    def __init__(self, dim=8, heads=2, n=4):
+        super().__init__()
+        self.h, self.n = heads, n
+        self.embed, self.qkv, self.proj, self.head = nn.Linear(3, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 2)
+        self.table = nn.Parameter(torch.randn(2 * n - 1, heads))
+        idx = torch.arange(n)[:, None] - torch.arange(n)[None] + n - 1
+        self.register_buffer("index", idx.reshape(-1), persistent=False)
+        self.logit_scale = nn.Parameter(torch.rand(heads, 1, 1))
+
+    def forward(self, x):  # (B, n, 3)
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * torch.clamp(self.logit_scale, max=4.6).exp()
+        bias = self.table[self.index].view(N, N, -1).permute(2, 0, 1)
+        attn = (attn + bias.unsqueeze(0)).softmax(-1)
+        return self.head(x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))).mean(1)
+
+
+class PadShortcut(nn.Module):
+    """ResNet option-A shortcut: subsample, then zero-pad the channel axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        sc = F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+        return self.out(torch.relu(self.b(h) + sc).mean((2, 3)))
+
+
+class GLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(4, 12), nn.Linear(6, 2)
+
+    def forward(self, x):
+        u, g = self.a(x).chunk(2, dim=-1)
+        return self.out(u * torch.sigmoid(g))
+
+
+class WeightMatmul(nn.Module):
+    """x @ W with a parameter W (CLIP's projection), and GPT-2's Conv1D (addmm with a transposed weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 6))
+        self.w2, self.b2 = nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w1)
+        h = torch.addmm(self.b2, h, self.w2)
+        return self.out(torch.tanh(h))
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNetV2's unit: split channels, transform one half, concatenate, shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        x1, x2 = h.chunk(2, dim=1)
+        h = torch.cat((x1, torch.relu(self.b(x2))), dim=1)
+        n, c, hh, ww = h.shape
+        h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.out(torch.relu(self.c(h))).mean((2, 3))
+
+
+def ids(shape, vocab):
+    def make(dtype):
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(1, vocab, shape, generator=g)
+
+    return make
+
+
+RULE_MODELS = {
+    "concat": (Concat, (3, 4), {"groups": 2}),
+    "token_mixing": (TokenMixing, (2, 3, 4), {"groups": 1}),
+    "grouped_conv": (lambda: GroupedConv(groups=2), (2, 3, 6, 6), {"structured": 2}),
+    "depthwise_conv": (lambda: GroupedConv(groups=8), (2, 3, 6, 6), {"groups": 1}),
+    "depth_multiplier": (lambda: GroupedConv(groups=8, depth_multiplier=2), (2, 3, 6, 6), {"structured": 1}),
+    "group_norm": (GroupNormNet, (2, 3, 4, 4), {"structured": 1}),
+    "fused_attention": (FusedAttention, (2, 4, 5), {"structured": 2}),
+    "explicit_attention": (ExplicitAttention, ids((2, 5), 11), {"structured": 2}),
+    "torch_mha": (TorchMHA, (2, 4, 3), {"structured": 2}),
+    "gqa_rope": (GQARope, ids((2, 5), 13), {}),
+    "vit": (ViTish, (2, 3, 8, 8), {}),
+    "squeeze_excite": (SqueezeExcite, (2, 3, 6, 6), {"groups": 2}),
+    "called_twice": (CalledTwice, (2, 3), {}),
+    "reference_mlp": (ReferenceMLP, (2, 3, 4), {"groups": 2}),
+    "rel_pos_bias": (RelPosBias, (2, 4, 3), {"structured": 2}),
+    "pad_shortcut": (PadShortcut, (2, 3, 8, 8), {}),
+    "glu": (GLU, (3, 4), {"groups": 1}),
+    "weight_matmul": (WeightMatmul, (3, 4), {"groups": 2}),
+    "channel_shuffle": (ChannelShuffle, (2, 3, 4, 4), {}),
+}

@@ -1,0 +1,301 @@
+"""Merging N models: permuted copies merge back exactly, cycle consistency, N-way REPAIR goals, the CLI form."""
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import onebasin
+from onebasin.align.many import (
+    ALIGNMENTS,
+    METHODS,
+    cycle_consistency,
+    ensemble_evaluate,
+    induced_maps,
+    merge_diagnostics,
+    synchronise,
+)
+from onebasin.errors import ArchitectureMismatchError, OnebasinError
+from onebasin.interpolate import evaluate
+from onebasin.permute import apply_perms, permute_model, random_perms
+from onebasin.spec import trace
+from reference_models import ResNet20ish, VGGish, mlp, randomize_norm_stats
+
+MODELS = {
+    "mlp": (lambda: mlp(), (12,)),
+    "vgg_bn": (lambda: VGGish(bn=True), (3, 16, 16)),
+    "resnet20_bn": (lambda: ResNet20ish("bn"), (3, 8, 8)),
+}
+
+
+def build(name, seed):
+    """A float64 model in eval mode with non-trivial norm parameters and running statistics."""
+    torch.manual_seed(seed)
+    return randomize_norm_stats(MODELS[name][0]().double().eval())
+
+
+def data_for(name, n=64, batch=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *MODELS[name][1], generator=gen, dtype=torch.float64) + 0.3 for _ in range(n // batch)]
+
+
+def outputs(model, data):
+    with torch.no_grad():
+        return torch.cat([model.eval()(x) for x in data])
+
+
+# --- N permuted copies of one network --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["mlp", "resnet20_bn"])
+def test_permuted_copies_merge_back_exactly(name, method, alignment):
+    base, data = build(name, 0), data_for(name)
+    spec = trace(base, data[0])
+    copies = [permute_model(base, spec, random_perms(spec, seed=s)) for s in range(4)]
+    merged, result = onebasin.merge_many(copies, method=method, repair="none", data=data, alignment=alignment)
+    # every copy lands on the same weights, so the average is the network itself (up to one relabelling)
+    landed = [apply_perms(spec, p, c.state_dict()) for p, c in zip(result.perms, copies)]
+    for sd in landed[1:]:
+        assert all(torch.equal(sd[k], landed[0][k]) for k in sd)
+    assert torch.allclose(outputs(merged, data), outputs(base, data), rtol=0, atol=1e-12)
+    if alignment == "activation":  # REPAIR of the network itself changes nothing
+        repaired, _ = onebasin.merge_many(copies, method=method, repair="exact", data=data, alignment=alignment)
+        assert torch.allclose(outputs(repaired, data), outputs(base, data), rtol=0, atol=1e-10)
+    assert result.cycle_consistency == result.pairwise_consistency == result.pairwise_agreement == 1.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_models_equal_the_pairwise_merge(method):
+    """With N = 2 every method is pairwise activation matching, and N-way REPAIR is REPAIR at alpha = w_B."""
+    a, b, data = build("resnet20_bn", 0), build("resnet20_bn", 1), data_for("resnet20_bn")
+    many, _ = onebasin.merge_many([a, b], method=method, repair="exact", weights=[0.7, 0.3], data=data)
+    pair, _ = onebasin.merge(a, b, method="activation", repair="exact", alpha=0.3, data=data)
+    assert torch.allclose(outputs(many, data), outputs(pair, data), rtol=0, atol=1e-9)
+
+
+# --- cycle consistency ------------------------------------------------------------------------------------
+
+
+def test_cycle_consistency_counts_units_that_come_back():
+    """Hand-built maps on 4 units: 0->1->2->0 returns units 0 and 1 only (2 and 3 are swapped on the way back)."""
+    ident = torch.arange(4)
+    maps = {(0, 1): {"g": ident}, (1, 2): {"g": ident}, (0, 2): {"g": torch.tensor([0, 1, 3, 2])}}
+    assert cycle_consistency(maps, 3) == 0.5
+    assert cycle_consistency({(0, 1): {"g": ident}}, 2) is None
+
+
+def test_synchronisation_returns_consistent_matchings_unchanged_and_outvotes_one_wrong_pair():
+    gen = torch.Generator().manual_seed(0)
+    truth = [torch.randperm(12, generator=gen) for _ in range(5)]  # universe unit u = unit truth[i][u] of model i
+    pairwise = {(i, j): truth[j][torch.argsort(truth[i])] for i, j in combinations(range(5), 2)}
+    found = synchronise(pairwise, 5)
+    want = {pair: q.tolist() for pair, q in pairwise.items()}
+    assert {pair: m["g"].tolist() for pair, m in induced_maps([{"g": p} for p in found]).items()} == want
+    wrong = dict(pairwise)
+    wrong[(1, 3)] = pairwise[(1, 3)][torch.randperm(12, generator=gen)]
+    found = synchronise(wrong, 5)
+    assert {pair: m["g"].tolist() for pair, m in induced_maps([{"g": p} for p in found]).items()} == want
+
+
+def numpy_cycle_fraction(perms, group):
+    """Independent check: compose P_j^-1 P_i around every triple with numpy index arrays."""
+    p = [np.asarray(x[group]) for x in perms]
+    inv = [np.argsort(x) for x in p]
+    fracs = []
+    for i, j, k in combinations(range(len(p)), 3):
+        units = np.arange(len(p[i]))
+        to_j = p[j][inv[i][units]]
+        to_k = p[k][inv[j][to_j]]
+        back = p[i][inv[k][to_k]]
+        fracs.append(np.mean(back == units))
+    return float(np.mean(fracs))
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+def test_universe_permutations_are_cycle_consistent_where_pairwise_ones_are_not(alignment):
+    """Four different random networks: the direct pairwise matchings disagree around cycles, the universe maps never."""
+    models, data = [build("vgg_bn", s) for s in range(4)], data_for("vgg_bn")
+    _, result = onebasin.merge_many(models, method="universe", repair="none", data=data, alignment=alignment)
+    for g in result.perms[0]:
+        assert numpy_cycle_fraction(result.perms, g) == 1.0
+    assert result.cycle_consistency == 1.0
+    assert result.pairwise_consistency < 0.9, "the test needs inconsistent pairwise matchings"
+
+
+def mnist(n):
+    torchvision = pytest.importorskip("torchvision")
+    root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (root / "MNIST").exists():
+        pytest.skip(f"MNIST not found under {root}")
+    ds = torchvision.datasets.MNIST(root=str(root), train=True, download=False)
+    x = (ds.data[:n].float() / 255 - 0.1307) / 0.3081
+    return x.reshape(n, -1), ds.targets[:n]
+
+
+def train_mlp(seed, x, y, epochs=2, batch=100):
+    torch.manual_seed(seed)
+    model = mlp(width=32, depth=4, in_features=784, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(batch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_universe_is_cycle_consistent_on_trained_mnist_mlps_and_beats_plain_averaging():
+    x, y = mnist(3000)
+    models = [train_mlp(s, x[:2000], y[:2000]) for s in range(4)]
+    calib, test = list(zip(x[:2000].split(500), y[:2000].split(500))), [(x[2000:], y[2000:])]
+    merged, result = onebasin.merge_many(models, method="universe", repair="exact", data=calib)
+    # the direct pairwise matchings, by the two-model registry (an independent code path), are inconsistent
+    direct = [[onebasin.align.align(models[i], models[j], "activation", calib)[1].perms for j in range(4)] for i in range(4)]
+    for g in result.perms[0]:
+        assert numpy_cycle_fraction(result.perms, g) == 1.0
+        assert numpy_cycle_fraction([direct[0][j] for j in range(4)], g) == 1.0  # anchored at 0: consistent too
+        triple = direct[1][2][g][direct[0][1][g]]  # 0 -> 1 -> 2, vs 0 -> 2 directly
+        assert not torch.equal(triple, direct[0][2][g]), "pairwise matchings of trained nets should disagree"
+    plain, _ = onebasin.merge_many(models, method="anchor", repair="none", data=calib)
+    assert evaluate(merged, test)[1] > evaluate(plain, test)[1]
+    assert result.pairwise_consistency < 1.0 and result.cycle_consistency == 1.0
+
+
+# --- N-way REPAIR -------------------------------------------------------------------------------------------
+
+
+def hooked_units(model, modules, data):
+    """{module name: (samples, units) float64 numpy} of raw module outputs, read with plain forward hooks."""
+    seen = {m: [] for m in modules}
+    hooks = [model.get_submodule(m).register_forward_hook(lambda mod, i, out, m=m: seen[m].append(out.detach()))
+             for m in modules]
+    with torch.no_grad():
+        for x in data:
+            model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return {m: torch.cat(t).movedim(1, -1).reshape(-1, t[0].shape[1]).double().numpy() for m, t in seen.items()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_bn"])
+def test_nway_repair_meets_its_goal_statistics(name):
+    models, data, weights = [build(name, s) for s in range(3)], data_for(name), [0.5, 0.3, 0.2]
+    merged, result = onebasin.merge_many(models, method="universe", repair="exact", weights=weights, data=data)
+    assert result.fused and result.repair_passes > 0
+    spec = trace(models[0], data[0])
+    sites = [s.module for g in spec.groups.values() for s in g.sites]
+    aligned = [permute_model(m, spec, p) for m, p in zip(models, result.perms)]
+    ends = [hooked_units(m, sites, data) for m in aligned]
+    got = hooked_units(merged, sites, data)
+    plain = hooked_units(onebasin.merge_many(models, method="universe", repair="none", weights=weights, data=data)[0], sites, data)
+    collapse = []
+    for site in sites:
+        goal_mean = sum(w * e[site].mean(0) for w, e in zip(weights, ends))
+        goal_std = sum(w * e[site].std(0) for w, e in zip(weights, ends))
+        np.testing.assert_allclose(got[site].mean(0), goal_mean, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(got[site].std(0), goal_std, rtol=0, atol=1e-10)
+        collapse.append(np.mean(plain[site].std(0) / goal_std))
+    assert min(collapse) < 0.9, "the test needs variance collapse to correct"
+    again, reused = onebasin.merge_many(models, repair="exact", weights=weights, data=data, perms=result.perms)
+    assert torch.equal(outputs(again, data), outputs(merged, data)) and reused.pairwise_consistency is None
+
+
+def test_reset_bn_variant_reestimates_the_merged_batchnorms():
+    models, data = [build("vgg_bn", s) for s in range(3)], data_for("vgg_bn")
+    merged, result = onebasin.merge_many(models, repair="reset_bn", data=data)
+    bn = merged.features[1]
+    x = torch.cat(data)
+    with torch.no_grad():
+        pre = merged.features[0](x).movedim(1, -1).reshape(-1, bn.num_features)
+    np.testing.assert_allclose(bn.running_mean.numpy(), pre.mean(0).numpy(), atol=1e-10)
+    assert result.repair == "reset_bn"
+
+
+# --- diagnostics, validation, CLI ---------------------------------------------------------------------------
+
+
+def test_diagnostics_put_the_merged_model_beside_endpoints_and_ensemble():
+    models = [build("mlp", s) for s in range(3)]
+    gen = torch.Generator().manual_seed(2)
+    loader = [(torch.randn(20, 12, generator=gen, dtype=torch.float64), torch.randint(0, 5, (20,), generator=gen))]
+    d = merge_diagnostics(models, models[0], loader, weights=[1, 1, 2])
+    x, y = loader[0]
+    with torch.no_grad():
+        prob = (torch.softmax(models[0](x), -1) + torch.softmax(models[1](x), -1) + 2 * torch.softmax(models[2](x), -1)) / 4
+    assert d["ensemble"]["acc"] == pytest.approx(float((prob.argmax(-1) == y).double().mean()))
+    assert d["ensemble"]["loss"] == pytest.approx(float(-prob[torch.arange(20), y].log().mean()))
+    accs = [evaluate(m, loader)[1] for m in models]
+    assert d["endpoint_mean"]["acc"] == pytest.approx((accs[0] + accs[1] + 2 * accs[2]) / 4)
+    assert d["merged"]["acc"] == pytest.approx(accs[0])
+    assert ensemble_evaluate([models[1]], loader) == pytest.approx(evaluate(models[1], loader))
+
+
+def test_bad_inputs_name_the_cause():
+    models, data = [build("mlp", s) for s in range(3)], data_for("mlp")
+    with pytest.raises(ValueError, match="universe, mergemany, anchor"):
+        onebasin.merge_many(models, method="nope", data=data)
+    with pytest.raises(ValueError, match="exact, reset_bn, none"):
+        onebasin.merge_many(models, repair="closed", data=data)
+    with pytest.raises(ValueError, match="activation, weight"):
+        onebasin.merge_many(models, alignment="functional", data=data)
+    with pytest.raises(OnebasinError, match="at least 2 models"):
+        onebasin.merge_many(models[:1], data=data)
+    with pytest.raises(OnebasinError, match="weights must be 3"):
+        onebasin.merge_many(models, weights=[1, 2], data=data)
+    torch.manual_seed(0)
+    with pytest.raises(ArchitectureMismatchError, match="model 2"):
+        onebasin.merge_many(models[:2] + [mlp(width=8).double()], data=data)
+
+
+@pytest.mark.slow
+def test_cli_merges_three_checkpoints(tmp_path, shared_data, capsys):
+    from onebasin.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from onebasin.cli import main
+    from onebasin.models import create_model
+
+    kw = {"width": 16, "depth": 3, "in_features": 784, "num_classes": 10}
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        save_checkpoint(paths[-1], create_model("mlp", **kw).state_dict(), {"model": "mlp", "model_kwargs": kw, "dataset": "mnist", "seed": seed})
+    out = tmp_path / "merged.safetensors"
+    argv = [*paths, "--out", out, "--data-dir", shared_data, "--calib-examples", "500", "--combine", "mergemany", "--no-progress"]
+    assert main(["merge", *map(str, argv)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"out", "merged", "endpoint_mean", "ensemble", "fused"}
+    _, meta = load_checkpoint(out)
+    assert meta["merge_many"]["method"] == "mergemany" and meta["merged_from"] == [str(p) for p in paths]
+    assert len(meta["merge_many"]["perms"]) == 3 and len(meta["measured"]["endpoints"]) == 3
+    assert isinstance(load_model(out)[0], nn.Module)
+    with pytest.raises(SystemExit) as e:
+        main(["merge", *map(str, paths), "--out", str(tmp_path / "x.safetensors"), "--method", "annealing"])
+    assert e.value.code == 2 and "activation or weight" in capsys.readouterr().err
+
+
+def test_merged_resnet_with_unfused_corrections_saves_and_reloads(tmp_path):
+    from onebasin.checkpoint import load_model, save_checkpoint
+    from onebasin.models import create_model
+
+    kw = {"width": 1, "norm": "batchnorm", "in_channels": 1, "num_classes": 10}
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(create_model("resnet20", **kw).eval())
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 1, 12, 12, generator=gen) for _ in range(2)]
+    merged, result = onebasin.merge_many(models, data=data)
+    assert not result.fused and result.affines  # corrections after residual additions stay as modules
+    path = tmp_path / "merged.safetensors"
+    save_checkpoint(path, merged.state_dict(), {"model": "resnet20", "model_kwargs": kw, "repair_affines": result.affines,
+                                                "example_input": result.example_input})
+    reloaded, _ = load_model(path)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(data[0]), merged.eval()(data[0]), atol=1e-5)

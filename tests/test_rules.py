@@ -1,0 +1,97 @@
+"""Each permutation rule on a tiny module: a random permutation of every group (structured groups included)
+leaves the output unchanged in float64, permuting moves weights, and permute-then-invert is the identity."""
+
+import pytest
+import torch
+
+from onebasin.permute import apply_perms, check_perms, invert_perms, permute_model, random_perms
+from onebasin.spec import trace
+from rule_models import RULE_MODELS
+
+
+def build(name):
+    factory, shape, expected = RULE_MODELS[name]
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    for m in model.modules():  # non-trivial norm statistics, so permuting them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    x = shape(torch.float64) if callable(shape) else torch.randn(*shape, dtype=torch.float64)
+    return model, x, expected
+
+
+@pytest.mark.parametrize("name", list(RULE_MODELS))
+def test_random_structured_permutation_keeps_the_function(name):
+    model, x, expected = build(name)
+    spec = trace(model, x)
+    perms = random_perms(spec, seed=1)
+    check_perms(spec, perms)
+    permuted = permute_model(model, spec, perms)
+    with torch.no_grad():
+        y, y_perm = model(x), permuted(x)
+    assert (y - y_perm).abs().max().item() < 1e-9 * max(1.0, y.abs().max().item())
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, permuted.state_dict()[k])]
+    assert moved, "a random permutation should move some weights"
+    sd = model.state_dict()
+    back = apply_perms(spec, invert_perms(perms), apply_perms(spec, perms, sd))
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    if "groups" in expected:
+        assert len(spec) == expected["groups"], str(spec)
+    if "structured" in expected:
+        assert sum(g.structured for g in spec.groups.values()) == expected["structured"], str(spec)
+
+
+def test_attention_heads_share_the_block_permutation():
+    model, x, _ = build("explicit_attention")
+    spec = trace(model, x)
+    qk = next(g for g in spec.groups.values() if any(m.key == "q.weight" and m.axis == 0 for m in g.members))
+    vo = next(g for g in spec.groups.values() if any(m.key == "v.weight" and m.axis == 0 for m in g.members))
+    assert qk is not vo and qk.block == vo.block == 4 and qk.inner and vo.inner
+    assert qk.parent is not None and qk.parent == vo.parent
+    assert {m.key for m in qk.members} >= {"k.weight", "k.bias", "q.bias"}
+    assert ("o.weight", 1) in {(m.key, m.axis) for m in vo.members}
+
+
+def test_rotary_embeddings_fix_the_inside_of_query_key_heads_but_not_the_heads():
+    model, x, _ = build("gqa_rope")
+    spec = trace(model, x)
+    qk = next(g for g in spec.groups.values() if any(m.key == "k.weight" and m.axis == 0 for m in g.members))
+    assert qk.structured and not qk.inner
+    assert qk.parent is not None or not qk.fixed_blocks
+    vo = next(g for g in spec.groups.values() if any(m.key == "v.weight" and m.axis == 0 for m in g.members))
+    assert vo.inner, "rotary embeddings do not touch values: their heads stay free inside"
+
+
+def test_tied_embedding_and_lm_head_are_one_member_each():
+    model, x, _ = build("gqa_rope")
+    spec = trace(model, x)
+    stream = next(g for g in spec.groups.values() if any(m.key == "embed.weight" for m in g.members))
+    keys = {(m.key, m.axis) for m in stream.members}
+    assert ("embed.weight", 1) in keys and ("lm_head.weight", 1) in keys
+
+
+def test_a_module_called_twice_keeps_its_function():
+    """Issue 12 #2: both calls of one Linear share its weight's axes, so their groups are one."""
+    model, x, _ = build("called_twice")
+    spec = trace(model, x)
+    h_rows = [g.name for g in spec.groups.values() if any(m.key == "h.weight" and m.axis == 0 for m in g.members)]
+    assert len(h_rows) <= 1
+
+
+def test_unknown_op_is_refused_by_name_or_fixed_on_request():
+    from onebasin.errors import UnsupportedOpError
+
+    class Sorts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.special.bessel_j0(self.a(x)))
+
+    model, x = Sorts().double(), torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(UnsupportedOpError, match="bessel_j0"):
+        trace(model, x)
+    spec = trace(model, x, unknown="fix")
+    assert len(spec) == 0 and any("bessel_j0" in n for n in spec.notes)
