@@ -127,6 +127,60 @@ def test_annealing_refines_from_init_and_searches_n_models():
     assert all(torch.equal(p, torch.arange(len(p))) for p in results[0].perms.values())  # model 0 is the reference
 
 
+def numpy_mlp_barrier(model_a, model_b, spec, perms_b, x, y, alphas=(0.5,)):
+    """Eq. 1 of Entezari et al. on (x, y) in numpy: B's hidden units re-indexed by hand (unit i of the
+    permuted B is unit perms_b[g][i] of B), weights averaged, plain forward passes, cross-entropy."""
+    linears = [k[: -len(".weight")] for k, v in model_a.state_dict().items() if k.endswith(".weight")]
+    out_perm = {}  # linear layer -> the permutation of its output units
+    for g in spec.groups.values():
+        for m in g.members:
+            if m.axis == 0 and m.key.endswith(".weight"):
+                out_perm[m.key[: -len(".weight")]] = np.asarray(perms_b[g.name])
+    sd_a = {k: v.detach().double().numpy() for k, v in model_a.state_dict().items()}
+    sd_b = {k: v.detach().double().numpy() for k, v in model_b.state_dict().items()}
+    layers_a, layers_b, prev = [], [], None
+    for name in linears:
+        w, b = sd_b[name + ".weight"], sd_b[name + ".bias"]
+        if name in out_perm:
+            w, b = w[out_perm[name]], b[out_perm[name]]
+        if prev is not None:
+            w = w[:, prev]
+        prev = out_perm.get(name)
+        layers_a.append((sd_a[name + ".weight"], sd_a[name + ".bias"]))
+        layers_b.append((w, b))
+
+    def loss(layers):
+        h = x.reshape(len(x), -1).double().numpy()
+        for i, (w, b) in enumerate(layers):
+            h = h @ w.T + b
+            h = np.maximum(h, 0) if i < len(layers) - 1 else h
+        h = h - h.max(1, keepdims=True)
+        logp = h - np.log(np.exp(h).sum(1, keepdims=True))
+        return -logp[np.arange(len(y)), y.numpy()].mean()
+
+    ends = loss(layers_a), loss(layers_b)
+    mixed = lambda a: [((1 - a) * wa + a * wb, (1 - a) * ba + a * bb) for (wa, ba), (wb, bb) in zip(layers_a, layers_b)]  # noqa: E731
+    return max(loss(mixed(a)) - ((1 - a) * ends[0] + a * ends[1]) for a in alphas)
+
+
+def test_annealing_record_matches_the_barrier_recomputed_in_numpy():
+    torch.manual_seed(0)
+    a, b = mlp(width=6, depth=3), mlp(width=6, depth=3)  # two different random nets: no zero-barrier state
+    data = random_data((12,), sizes=(40, 40), labels=True)
+    spec = trace(a, data[0][0])
+    alphas = (0.25, 0.5, 0.75)
+    result = get_method("annealing")(spec, a, b, data, budget=400, seed=0, alphas=alphas, max_examples=64, progress=False)
+    x, y = torch.cat([d[0] for d in data])[:64], torch.cat([d[1] for d in data])[:64]
+    initial, best = result.record["objective"]
+    identity = {g: torch.arange(spec.groups[g].size) for g in spec.groups}
+    assert initial == pytest.approx(numpy_mlp_barrier(a, b, spec, identity, x, y, alphas), abs=1e-5)
+    assert best == pytest.approx(numpy_mlp_barrier(a, b, spec, result.perms, x, y, alphas), abs=1e-5)
+    assert best < initial - 1e-3, "400 swaps of 6-unit layers should find a lower barrier"
+    history = result.record["history"]
+    assert history[0] == (1, initial, initial) and history[-1][0] == 400 and history[-1][2] == best
+    assert all(h1[2] <= h0[2] and h1[2] <= h1[1] for h0, h1 in zip(history, history[1:]))  # best never rises
+
+
 # --- exact one-pass statistics -------------------------------------------------------------------------
 
 
@@ -409,9 +463,11 @@ def test_alignment_lowers_the_midpoint_loss_of_mnist_mlps():
     for method in ("activation", "weight"):
         aligned, result = align(a, b, method, loader)
         losses[method] = midpoint_loss(a, aligned, x_test, y_test)
-    refined, annealed = align(a, b, "annealing", loader, init=result, budget=300, max_examples=500)
+    refined, annealed = align(a, b, "annealing", loader, init=result, budget=300, max_examples=500, progress=False)
     losses["weight+annealing"] = midpoint_loss(a, refined, x_test, y_test)
-    assert annealed.record["objective"][1] <= annealed.record["objective"][0]
+    spec = trace(a, x[:2])
+    recomputed = numpy_mlp_barrier(a, b, spec, annealed.perms, x[:500], y[:500])  # the held-out batch: the first 500
+    assert annealed.record["objective"][1] == pytest.approx(recomputed, abs=1e-4)
     with torch.no_grad():
         endpoints = [F.cross_entropy(m(x_test), y_test).item() for m in (a, b)]
     print(f"\nMNIST MLP 784-64-64-10, test loss: endpoints {endpoints}, midpoints {losses}")

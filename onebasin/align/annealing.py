@@ -7,6 +7,9 @@ otherwise, T cooling geometrically from `t0` to `t0 * cooling` over the evaluati
 (Entezari et al. eq. 1, on one held-out batch): the barrier of the models' average,
 loss(sum_i w_i theta_i) - sum_i w_i loss(theta_i), with w uniform for n models, or for n = 2 the
 largest barrier over the interpolation weights `alphas` (default the midpoint).
+
+The record keeps the objective over the search, `history`: (evaluation, current barrier, best barrier)
+at most ~500 times per run, always at the first and the last evaluation.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from ..permute import StateDict, apply_perms, permute_member
 from ..spec import Group, PermutationSpec
@@ -91,6 +95,7 @@ def anneal_many(
     init: list | None = None,
     fix_first: bool = True,
     device=None,
+    progress: bool = True,
 ) -> list[AlignResult]:
     """Search permutations of n >= 2 models at once by simulated annealing (Entezari et al. 2021, Alg. 1).
 
@@ -106,9 +111,11 @@ def anneal_many(
         init: per model, None or an AlignResult / perms dict to start from (refinement).
         fix_first: keep model 0 as the reference (the objective is invariant to permuting all models
             alike, so this loses nothing and halves the search space for n = 2).
+        progress: show a tqdm bar over the evaluations (with the best barrier so far).
     Returns:
         one AlignResult per model (the best state seen); all share one record: evaluations, accepted,
-        objective [initial, best], history [(evaluation, current barrier)], seconds, examples.
+        objective [initial, best], history [(evaluation, current barrier, best barrier)] (every
+        max(1, budget // 500) evaluations and the last), t0, endpoint_losses, seconds, examples.
     """
     if len(models) < 2:
         raise ValueError(f"annealing needs at least 2 models, got {len(models)}")
@@ -125,21 +132,25 @@ def anneal_many(
         objective = _Objective(models[0], cur, mixes, x.to(dev), None if y is None else y.to(dev), loss_fn)
         merged = [_mix(cur, w, cur[0].keys()) for w in mixes]
         value = initial = best = objective(merged)
-        best_perms, accepted, history = [dict(p) for p in perms], 0, [(1, value)]
+        best_perms, accepted, history = [dict(p) for p in perms], 0, [(1, value, value)]
         t0 = t0 if t0 is not None else 0.1 * max(abs(value), 1e-6)
-        for k in range(1, evaluations):
-            i, g = rng.choice(chosen), rng.choice(movable)
-            t = _swap(g.size, *rng.sample(range(g.size), 2))
-            trial = cur[:i] + [_swapped(cur[i], g, t)] + cur[i + 1 :]
-            trial_merged = [{**mg, **_mix(trial, w, {m.key for m in g.members})} for mg, w in zip(merged, mixes)]
-            trial_value = objective(trial_merged)
-            if _metropolis(rng, trial_value - value, t0 * cooling ** (k / budget)):
-                cur, merged, value, accepted = trial, trial_merged, trial_value, accepted + 1
-                perms[i] = {**perms[i], g.name: perms[i][g.name][t]}
-                if value < best:
-                    best, best_perms = value, [dict(p) for p in perms]
-            if k % max(1, budget // 50) == 0:
-                history.append((k + 1, value))
+        every = max(1, budget // 500)
+        with tqdm(total=evaluations, initial=1, unit="eval", desc="annealing", disable=not progress) as bar:
+            for k in range(1, evaluations):
+                i, g = rng.choice(chosen), rng.choice(movable)
+                t = _swap(g.size, *rng.sample(range(g.size), 2))
+                trial = cur[:i] + [_swapped(cur[i], g, t)] + cur[i + 1 :]
+                trial_merged = [{**mg, **_mix(trial, w, {m.key for m in g.members})} for mg, w in zip(merged, mixes)]
+                trial_value = objective(trial_merged)
+                if _metropolis(rng, trial_value - value, t0 * cooling ** (k / budget)):
+                    cur, merged, value, accepted = trial, trial_merged, trial_value, accepted + 1
+                    perms[i] = {**perms[i], g.name: perms[i][g.name][t]}
+                    if value < best:
+                        best, best_perms = value, [dict(p) for p in perms]
+                if k % every == 0 or k == evaluations - 1:
+                    history.append((k + 1, value, best))
+                    bar.set_postfix(best=f"{best:.4g}", current=f"{value:.4g}", refresh=False)
+                bar.update(1)
     record = {"method": "annealing", "iterations": evaluations, "evaluations": evaluations, "accepted": accepted,
               "objective": [initial, best], "history": history, "t0": t0, "endpoint_losses": objective.endpoint_losses,
               "examples": x.shape[0], "seconds": time.perf_counter() - t_start}  # fmt: skip
@@ -151,7 +162,8 @@ def annealing(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, dat
     """Align B to A by simulated annealing on the barrier (Entezari et al. 2021, Alg. 1; the n = 2 case).
 
     A stays fixed; `init` (an AlignResult or perms of B, e.g. activation matching's) is refined. Options
-    as `anneal_many`: budget (default 2000 evaluations), seed, t0, cooling, alphas, loss_fn, max_examples.
+    as `anneal_many`: budget (default 2000 evaluations), seed, t0, cooling, alphas, loss_fn, max_examples,
+    progress.
     """
     if data is None:
         raise ValueError("annealing needs data: an iterable of x or (x, y) batches (the held-out batch)")
