@@ -271,6 +271,7 @@ class Tracer:
     notes: list[str] = field(default_factory=list)
     shapes: dict = field(default_factory=dict)  # state_dict key -> shape
     pending_norms: dict = field(default_factory=dict)  # multi-output norm node -> its input (for site moves)
+    varying: dict = field(default_factory=dict)  # unpermuted node -> axes along which its value may vary
 
     # helpers for rules -----------------------------------------------------------------------------------
     def shape(self, node) -> tuple[int, ...] | None:
@@ -324,10 +325,7 @@ class Tracer:
 
     # the walk ---------------------------------------------------------------------------------------------
     def run(self) -> None:
-        from .rules import RULES
-
         self.shapes = {k: tuple(v.shape) for k, v in self.captured.model.state_dict().items()}
-
         for node in self.captured.graph.nodes:
             if node.op == "placeholder":
                 key = self.key(node)
@@ -336,16 +334,42 @@ class Tracer:
             elif node.op == "output":
                 for n in self.captured.user_outputs():
                     self.fix_label(self.label(n))  # the network's outputs are never permuted
-            elif node.op == "call_function":
-                rule = RULES.get(node.target)
-                if rule is None:
-                    rule = RULES.get(getattr(node.target, "overloadpacket", None), default_rule)
-                try:
-                    self.labels[node] = rule(self, node)
-                except StructureError as err:
-                    raise self.refuse(node, str(err)) from None
             else:
-                self.labels[node] = None
+                self.visit(node)
+
+    def visit(self, node: fx.Node) -> None:
+        """Label one call_function node by its rule (unknown ops: `default_rule`)."""
+        from .rules import RULES
+
+        if node.op != "call_function":
+            self.labels[node] = None
+            return
+        rule = RULES.get(node.target)
+        if rule is None:
+            rule = RULES.get(getattr(node.target, "overloadpacket", None), default_rule)
+        try:
+            self.labels[node] = rule(self, node)
+        except StructureError as err:
+            raise self.refuse(node, str(err)) from None
+
+    def walk(self, graph: fx.Graph, inputs: list, module_stack=None):
+        """Label a small graph (a composite op's decomposition) whose placeholders carry `inputs`' labels;
+        returns the label of its output (Multi for several)."""
+        placeholders = iter(inputs)
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                self.labels[node] = next(placeholders)
+            elif node.op == "output":
+                outs = node.args[0]
+                if not isinstance(outs, (tuple, list)):
+                    return self.labels.get(outs)
+                labels = tuple(self.labels.get(o) for o in outs)
+                return labels[0] if len(labels) == 1 else Multi(labels)
+            else:
+                if module_stack:
+                    node.meta["nn_module_stack"] = module_stack
+                self.visit(node)
+        return None
 
     # result -----------------------------------------------------------------------------------------------
     def spec(self) -> PermutationSpec:

@@ -289,6 +289,51 @@ class ChannelShuffle(nn.Module):
         return self.out(torch.relu(self.c(h))).mean((2, 3))
 
 
+class MaskedMeanPool(nn.Module):
+    """Sentence-transformers mean pooling: mask.unsqueeze(-1).expand_as(h).type_as(h) (shape and dtype lent)."""
+
+    def __init__(self, dim=6, vocab=11):
+        super().__init__()
+        self.embed, self.fc, self.out = nn.Embedding(vocab, dim), nn.Linear(dim, 8), nn.Linear(8, 2)
+
+    def forward(self, ids):  # (B, T) token ids, 0 = padding
+        h = torch.relu(self.fc(self.embed(ids)))
+        mask = (ids != 0).unsqueeze(-1).expand_as(h).type_as(h)
+        return self.out((h * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
+
+
+class ReshapeAs(nn.Module):
+    """LeViT's BatchNorm on tokens: x.flatten(0, 1) -> BatchNorm1d -> reshape_as(x); view_as likewise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.out = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x):  # (B, N, 4)
+        h = self.a(x)
+        h = self.bn(h.flatten(0, 1)).reshape_as(h)
+        return self.out(torch.relu(h).view_as(h)).mean(1)
+
+
+class EinsumAttention(nn.Module):
+    """torchvision MaxViT's attention: heads on their own axis, q.k and p.v as einsums, an einsum with a weight."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.h = heads
+        self.embed, self.qkv, self.head = nn.Linear(3, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, 2)
+        self.w_out = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
+
+    def forward(self, x):  # (B, G, N, 3): G windows of N tokens
+        x = self.embed(x)
+        B, G, N, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(B, G, N, self.h, C // self.h).permute(0, 1, 3, 2, 4) for t in (q, k, v))
+        p = torch.einsum("bghid,bghjd->bghij", q, k).softmax(-1)
+        a = torch.einsum("bghij,bghjd->bghid", p, v).permute(0, 1, 3, 2, 4).reshape(B, G, N, C)
+        return self.head(x + torch.einsum("bgnc,cd->bgnd", a, self.w_out)).mean((1, 2))
+
+
 def ids(shape, vocab):
     def make(dtype):
         g = torch.Generator().manual_seed(0)
@@ -317,4 +362,7 @@ RULE_MODELS = {
     "glu": (GLU, (3, 4), {"groups": 1}),
     "weight_matmul": (WeightMatmul, (3, 4), {"groups": 2}),
     "channel_shuffle": (ChannelShuffle, (2, 3, 4, 4), {}),
+    "masked_mean_pool": (MaskedMeanPool, lambda dtype: torch.tensor([[3, 5, 7, 0], [2, 0, 0, 0]]), {"groups": 2}),
+    "reshape_as": (ReshapeAs, (2, 3, 4), {"groups": 1}),
+    "einsum_attention": (EinsumAttention, (2, 3, 4, 3), {"structured": 2}),
 }

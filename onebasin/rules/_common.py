@@ -188,7 +188,8 @@ def weight_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node, v
     axis becomes a member; a weight that varies along the inside of heads forces those to stay."""
     shape = t.shape(operand)
     shift = len(out_shape) - len(shape)
-    axis_of = {d + shift: view.axes[d] for d in range(len(shape)) if shape[d] != 1}
+    broadcast = lambda d: view.axes[d] is not None and t.shapes[view.key][view.axes[d]] == 1  # noqa: E731 (an expanded axis)
+    axis_of = {d + shift: view.axes[d] for d in range(len(shape)) if shape[d] != 1 and not broadcast(d)}
     if isinstance(label, Axis):
         if label.dim in axis_of:
             if axis_of[label.dim] is None:
@@ -212,7 +213,7 @@ def constant_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node)
     if shape is None:
         return
     shift = len(out_shape) - len(shape)
-    varies = {d + shift for d in range(len(shape)) if shape[d] != 1}
+    varies = {d + shift for d in varying_dims(t, operand)}
     if isinstance(label, Axis) and label.dim in varies:
         t.fix_label(label, node, f"{operand.name} varies along the permuted axis {label.dim}: kept in place")
     elif isinstance(label, Heads):
@@ -224,6 +225,51 @@ def constant_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node)
             t.notes.append(f"{node.name}: {operand.name} varies over the heads: heads kept in place")
     elif isinstance(label, Parts) and label_dims_of(label) & varies:
         t.fix_label(label, node, f"{operand.name} varies along a permuted axis")
+
+
+_BROADCASTS = {"expand", "expand_as", "type_as"}  # the second argument lends only a shape or dtype
+_REDUCES = {"sum", "mean", "amax", "amin", "max", "min", "prod", "any", "all", "logsumexp"}
+
+
+def varying_dims(t: Tracer, node: fx.Node, depth: int = 0) -> set[int]:
+    """Axes along which an unpermuted computed tensor may vary: not those of size 1, nor those it was
+    expanded along (a padding mask expanded over the hidden axis), through casts, elementwise ops and
+    reductions. Conservative: an op it does not know varies along every axis longer than 1."""
+    if node in t.varying:
+        return t.varying[node]
+    shape = t.shape(node) or ()
+    out = {d for d in range(len(shape)) if shape[d] != 1}
+    packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", None) if node.op == "call_function" else None
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) and t.shape(node.args[0]) is not None else None
+    if src is not None and depth < 64:
+        if packet in _BROADCASTS:
+            shift = len(shape) - len(t.shape(src))
+            out &= {d + shift for d in varying_dims(t, src, depth + 1)}  # expanded axes do not vary
+        elif packet in _REDUCES and isinstance(node.args[1] if len(node.args) > 1 else None, (int, list, tuple)):
+            out &= _reduced(t, node, varying_dims(t, src, depth + 1))
+        elif _elementwise(t, node):
+            inner: set[int] = set()
+            for a in node.all_input_nodes:
+                if t.shape(a) is not None:
+                    inner |= {d + len(shape) - len(t.shape(a)) for d in varying_dims(t, a, depth + 1)}
+            out &= inner
+    t.varying[node] = out
+    return out
+
+
+def _reduced(t: Tracer, node: fx.Node, dims: set[int]) -> set[int]:
+    """Varying axes of a reduction's input, renumbered for its output (keepdim or not)."""
+    ndim = len(t.shape(node.args[0]))
+    red = node.args[1]
+    red = {norm_dim(d, ndim) for d in ((red,) if isinstance(red, int) else red)} or set(range(ndim))
+    keep = len(t.shape(node)) == ndim
+    return {d if keep else d - sum(r < d for r in red) for d in dims if d not in red}
+
+
+def _elementwise(t: Tracer, node: fx.Node) -> bool:
+    from .elementwise import ELEMENTWISE
+
+    return node.target in ELEMENTWISE
 
 
 def label_dims_of(label) -> set[int]:
@@ -286,10 +332,13 @@ def _unit_dims(coords, dst_dims) -> list[int]:
 
 def _per_unit(c: np.ndarray) -> np.ndarray:
     """(units, r') unique sorted values per row (each row must have the same count)."""
-    rows = [np.unique(r) for r in c]
-    if len({len(r) for r in rows}) != 1:
+    s = np.sort(c, axis=1)
+    keep = np.ones(s.shape, dtype=bool)
+    keep[:, 1:] = s[:, 1:] != s[:, :-1]
+    counts = keep.sum(1)
+    if (counts != counts[0]).any():
         raise StructureError("a reshape that spreads units unevenly")
-    return np.stack(rows)
+    return s[keep].reshape(len(s), counts[0])
 
 
 def _constants(coords, udims: list[int], dst_dims: list[int]) -> dict[int, int]:

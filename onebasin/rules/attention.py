@@ -66,12 +66,15 @@ def _batch_shift(lab, shift: int):
 def _times_weight(t: Tracer, node: fx.Node, la, w: WeightView, sa, sb, so):
     """x @ W: W's rows follow x's units; its columns are a new variable (a linear layer without bias)."""
     last = len(sa) - 1
-    if la is not None and not (isinstance(la, Axis) and la.dim == last) or len(sb) != 2:
+    if la is not None and not (isinstance(la, Axis) and la.dim == last) or any(s != 1 for s in sb[:-2]):
         raise t.refuse(node, "a product of a permuted tensor with a weight along another axis")
+    rows, cols = w.axes[-2], w.axes[-1]  # leading axes of size 1: a weight broadcast over the batch (einsum)
+    if rows is None or cols is None:
+        raise t.refuse(node, "a product with a weight viewed in a way that mixes its axes")
     for s in la.segs if la is not None else ():
-        t.add_member(s.var, w.key, w.axes[0], s.layout)
+        t.add_member(s.var, w.key, rows, s.layout)
     var = t.new_var(node, so[-1])
-    t.add_member(var, w.key, w.axes[1])
+    t.add_member(var, w.key, cols)
     t.add_site(var, node, len(so) - 1)
     return plain_axis(var, len(so) - 1, so[-1])
 

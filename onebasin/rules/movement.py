@@ -351,6 +351,9 @@ RULES = {
     aten.squeeze.dims: squeeze,
     aten.squeeze.default: squeeze,
     aten.expand.default: expand,
+    aten.expand_as.default: expand,  # the second tensor lends only its shape
+    aten.view_as.default: reshape,
+    aten.reshape_as.default: reshape,
     aten.view.default: reshape,
     aten.reshape.default: reshape,
     aten._unsafe_view.default: reshape,

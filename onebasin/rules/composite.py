@@ -1,0 +1,60 @@
+"""Rules for composite ops (einsum): trace the op's own decomposition into simpler ATen ops (permute, view,
+bmm, mul, sum) on meta tensors of the same shapes, then walk that small graph with the same rules and the
+same variables. The decomposition is the op's definition, so every constraint it implies is found, and an
+op inside it without a rule is refused as usual (named with the composite node)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..errors import UnsupportedOpError
+from ..spec import Layout
+from ..tracer import Axis, StructureError, Tracer, label_vars
+
+
+def _decompose(node: fx.Node) -> fx.GraphModule:
+    """The op of `node` on meta tensors of its inputs' shapes, traced below autograd (composites decompose)."""
+    leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
+    tensors = [i for i, x in enumerate(leaves) if isinstance(x, fx.Node)]
+
+    def meta(x: fx.Node) -> torch.Tensor:
+        val = x.meta["val"]
+        return torch.empty([int(s) for s in val.shape], dtype=val.dtype, device="meta")
+
+    def call(*xs):
+        full = list(leaves)
+        for i, x in zip(tensors, xs):
+            full[i] = x
+        args, kwargs = pytree.tree_unflatten(full, spec)
+        return node.target(*args, **kwargs)
+
+    return make_fx(call)(*[meta(leaves[i]) for i in tensors])
+
+
+def decomposed(t: Tracer, node: fx.Node):
+    """Walk the decomposition of `node` with the inputs' labels; its output's label is the node's."""
+    inputs = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
+    if not any(t.labels.get(a) is not None for a in inputs):
+        return None
+    gm = _decompose(node)
+    before = len(t.sites)
+    stack = node.meta.get("nn_module_stack")
+    try:
+        out = t.walk(gm.graph, [t.labels.get(a) for a in inputs], stack)
+    except (UnsupportedOpError, StructureError) as err:
+        raise t.refuse(node, f"{node.target} decomposed: {str(err).split(' touches ')[0]}") from None
+    del t.sites[before:]  # sites inside the decomposition are not nodes of the captured graph
+    if isinstance(out, Axis) and len(out.segs) == 1 and out.segs[0].layout == Layout.plain(out.segs[0].layout.units):
+        old = {t.vars.find(v) for a in inputs for v in label_vars(t.labels.get(a))}
+        if t.vars.find(out.segs[0].var) not in old:  # a new hidden axis (a product with a weight): its site
+            t.add_site(out.segs[0].var, node, out.dim)
+    return out
+
+
+aten = torch.ops.aten
+RULES = {
+    aten.einsum.default: decomposed,
+}
