@@ -330,7 +330,8 @@ class Tracer:
             if node.op == "placeholder":
                 key = self.key(node)
                 shape = self.shape(node)
-                self.labels[node] = WeightView(key, tuple(range(len(shape)))) if key and shape is not None else None
+                stored = key in self.shapes  # a non-persistent buffer is a constant: it cannot be permuted
+                self.labels[node] = WeightView(key, tuple(range(len(shape)))) if stored and shape is not None else None
             elif node.op == "output":
                 for n in self.captured.user_outputs():
                     self.fix_label(self.label(n))  # the network's outputs are never permuted

@@ -274,18 +274,22 @@ class WeightMatmul(nn.Module):
 
 
 class ChannelShuffle(nn.Module):
-    """ShuffleNetV2's unit: split channels, transform one half, concatenate, shuffle."""
+    """ShuffleNetV2's units: split channels, transform one half, concatenate, shuffle; the next unit splits
+    the shuffled channels again (each half holds interleaved units of both branches)."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+        self.a, self.b, self.b2, self.c, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+
+    @staticmethod
+    def unit(h, branch):
+        x1, x2 = h.chunk(2, dim=1)
+        h = torch.cat((x1, torch.relu(branch(x2))), dim=1)
+        n, c, hh, ww = h.shape
+        return h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
 
     def forward(self, x):
-        h = torch.relu(self.a(x))
-        x1, x2 = h.chunk(2, dim=1)
-        h = torch.cat((x1, torch.relu(self.b(x2))), dim=1)
-        n, c, hh, ww = h.shape
-        h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        h = self.unit(self.unit(torch.relu(self.a(x)), self.b), self.b2)
         return self.out(torch.relu(self.c(h))).mean((2, 3))
 
 
@@ -334,6 +338,36 @@ class EinsumAttention(nn.Module):
         return self.head(x + torch.einsum("bgnc,cd->bgnd", a, self.w_out)).mean((1, 2))
 
 
+class Upsample(nn.Module):
+    """HRNet's fuse layer: a low-resolution branch upsampled (nearest, bilinear) and added to the high one."""
+
+    def __init__(self):
+        super().__init__()
+        self.hi, self.lo, self.out = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        lo = self.lo(x)
+        h = self.hi(x) + F.interpolate(lo, scale_factor=2.0, mode="nearest") + F.interpolate(lo, size=x.shape[-2:], mode="bilinear")
+        return self.out(torch.relu(h)).mean((2, 3))
+
+
+class AutocastBlock(nn.Module):
+    """EfficientViT's `with torch.autocast(..., enabled=False)` inside forward: export wraps the block in a
+    higher-order op with its own subgraph (no_grad likewise)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        with torch.autocast("cpu", enabled=False):
+            h = torch.relu(self.b(h)) * h
+        with torch.no_grad():
+            h = h - h.mean(-1, keepdim=True)
+        return self.out(h)
+
+
 def ids(shape, vocab):
     def make(dtype):
         g = torch.Generator().manual_seed(0)
@@ -364,5 +398,7 @@ RULE_MODELS = {
     "channel_shuffle": (ChannelShuffle, (2, 3, 4, 4), {}),
     "masked_mean_pool": (MaskedMeanPool, lambda dtype: torch.tensor([[3, 5, 7, 0], [2, 0, 0, 0]]), {"groups": 2}),
     "reshape_as": (ReshapeAs, (2, 3, 4), {"groups": 1}),
+    "upsample": (Upsample, (2, 3, 6, 6), {"groups": 1}),
+    "autocast_block": (AutocastBlock, (3, 4), {"groups": 1}),
     "einsum_attention": (EinsumAttention, (2, 3, 4, 3), {"structured": 2}),
 }

@@ -4,6 +4,7 @@ through reshapes by tracking where each unit's positions go (see ../tracer.py fo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch.fx as fx
@@ -154,18 +155,24 @@ def seg_end(seg: Seg) -> int:
 
 
 def cut_segs(t: Tracer, node, segs, bounds: list[int]) -> list[Seg]:
-    """Segments split at the given positions (a variable in one run is split into parts there)."""
+    """Segments split at the given positions: a variable whose units lie on both sides of a bound is split
+    into parts of consecutive units there (a run, or units interleaved with another segment's by a
+    channel shuffle); a bound through the positions of one unit is refused."""
     out = []
     for g in segs:
-        inner = [b for b in bounds if g.layout.start < b < seg_end(g)]
+        pos = seg_positions(g)
+        inner = [b for b in sorted(set(bounds)) if pos.min() < b <= pos.max()]
         if not inner:
             out.append(g)
             continue
-        if not is_run(g.layout):
+        side = np.searchsorted(np.asarray(inner), pos, side="right")
+        if len(g.layout.unit_shape) != 1 or not (side == side[:, :1]).all() or (np.diff(side[:, 0]) < 0).any():
             raise t.refuse(node, "a slice through units laid out in blocks")
-        edges = [g.layout.start, *inner, seg_end(g)]
-        parts = t.vars.split(g.var, [b - a for a, b in zip(edges, edges[1:])])
-        out += [Seg(p, Layout(a, (b - a,), (1,))) for p, a, b in zip(parts, edges, edges[1:])]
+        sizes = [int(n) for n in np.bincount(side[:, 0]) if n]
+        parts = t.vars.split(g.var, sizes)
+        first = np.cumsum([0, *sizes[:-1]])
+        step = g.layout.unit_strides[0]
+        out += [Seg(p, replace(g.layout, start=g.layout.start + int(u) * step, unit_shape=(n,))) for p, u, n in zip(parts, first, sizes)]
     return out
 
 
@@ -350,13 +357,16 @@ def _constants(coords, udims: list[int], dst_dims: list[int]) -> dict[int, int]:
     return out
 
 
-def map_positions(t: Tracer, node, var: int, flat: np.ndarray, dst: tuple[int, ...], dst_dims: list[int]):
+def map_positions(t: Tracer, node, var: int, flat: np.ndarray, dst: tuple[int, ...], dst_dims: list[int], prefer: int | None = None):
     """(label, constants) of one variable's units at flat positions (units, r) of a group, after viewing the
     group as the destination axes `dst_dims`. The label is Axis or Heads (Parts for a split into parts);
-    constants are the axes on which all its positions share one coordinate {axis: value}."""
+    constants are the axes on which all its positions share one coordinate {axis: value}. A variable of one
+    unit lies on axis `prefer` (that of the tensor's other pieces), else on the last axis."""
     coords = np.unravel_index(flat, tuple(dst[d] for d in dst_dims))
     udims = _unit_dims(coords, dst_dims)
     units = flat.shape[0]
+    if len(udims) == 0 and units == 1:
+        udims = [dst_dims.index(prefer) if prefer in dst_dims else len(dst_dims) - 1]
     consts = _constants(coords, udims, dst_dims)
     if len(udims) == 0:
         raise StructureError("a reshape that makes units indistinguishable")
@@ -409,11 +419,13 @@ def reshape_label(t: Tracer, node: fx.Node, label, src: tuple[int, ...], dst: tu
         return remap(label, untouched)
     if isinstance(label, Heads) and group_of[label.head_dim] is not group_of[label.inner_dim]:
         return _reshape_heads_axis(t, node, label, src, dst, group_of)
-    outs = []
-    for var, coords, (si, dj) in _unit_coords(t, node, label, group_of):
-        flat = _flat(src, si, coords)
-        outs.append(map_positions(t, node, var, flat, dst, dj))
-    return _combine(t, node, outs)
+    pieces = [(var, _flat(src, si, coords), dj) for var, coords, (si, dj) in _unit_coords(t, node, label, group_of)]
+    outs = {i: map_positions(t, node, var, flat, dst, dj) for i, (var, flat, dj) in enumerate(pieces) if len(flat) > 1}
+    dims = [lab.dim for lab, _ in outs.values() if isinstance(lab, Axis)]
+    for i, (var, flat, dj) in enumerate(pieces):  # one-unit variables (a shuffle's finest parts) lie beside the others
+        if i not in outs:
+            outs[i] = map_positions(t, node, var, flat, dst, dj, prefer=dims[0] if dims else None)
+    return _combine(t, node, [outs[i] for i in range(len(pieces))])
 
 
 def _reshape_heads_axis(t: Tracer, node, label: Heads, src, dst, group_of) -> Heads:
@@ -469,13 +481,20 @@ def _combine(t: Tracer, node, outs: list):
         return Axis(labels[0].dim, tuple(s for lab in labels for s in lab.segs))
     axes = set.intersection(*(set(c) for _, c in outs))
     for d in sorted(axes):
-        values = [c[d] for _, c in outs]
-        if len(set(values)) == len(values):
-            parts = [None] * (max(values) + 1)
-            for lab, v in zip(labels, values):
-                parts[v] = lab
+        by_value: dict[int, list] = {}
+        for lab, c in outs:
+            by_value.setdefault(c[d], []).extend(lab.segs)
+        if all(_disjoint(segs) for segs in by_value.values()):
+            parts = [None] * (max(by_value) + 1)
+            for v, segs in by_value.items():
+                parts[v] = Axis(labels[0].dim, tuple(segs))
             return Parts(d, tuple(parts))
     raise t.refuse(node, "a reshape that overlaps concatenated parts")
+
+
+def _disjoint(segs) -> bool:
+    positions = np.concatenate([seg_positions(s).reshape(-1) for s in segs])
+    return len(np.unique(positions)) == len(positions)
 
 
 def weight_view_through(label, dims_map: dict[int, int | None], ndim: int):

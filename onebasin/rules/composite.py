@@ -1,4 +1,4 @@
-"""Rules for composite ops (einsum): trace the op's own decomposition into simpler ATen ops (permute, view,
+"""Rules for composite ops (einsum) and wrapped blocks (autocast, no_grad): trace the op's own decomposition into simpler ATen ops (permute, view,
 bmm, mul, sum) on meta tensors of the same shapes, then walk that small graph with the same rules and the
 same variables. The decomposition is the op's definition, so every constraint it implies is found, and an
 op inside it without a rule is refused as usual (named with the composite node)."""
@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import UnsupportedOpError
 from ..spec import Layout
-from ..tracer import Axis, StructureError, Tracer, label_vars
+from ..tracer import Axis, Multi, StructureError, Tracer, label_vars
 
 
 def _decompose(node: fx.Node) -> fx.GraphModule:
@@ -54,7 +54,27 @@ def decomposed(t: Tracer, node: fx.Node):
     return out
 
 
+def wrapped(submodule_arg: int):
+    """A block the export wrapped in a higher-order op (`with torch.autocast(...)` or `torch.no_grad()` inside
+    forward): its subgraph is walked in place, the operands following the submodule argument."""
+
+    def rule(t: Tracer, node: fx.Node):
+        sub = t.captured.program.graph_module.get_submodule(node.args[submodule_arg].target)
+        operands = list(node.args[submodule_arg + 1 :])
+        before = len(t.sites)
+        try:
+            out = t.walk(sub.graph, [t.labels.get(a) for a in operands], node.meta.get("nn_module_stack"))
+        except (UnsupportedOpError, StructureError) as err:
+            raise t.refuse(node, f"inside {node.target}: {str(err).split(' touches ')[0]}") from None
+        del t.sites[before:]  # nodes of the subgraph cannot be tapped by name
+        return out if isinstance(out, Multi) else Multi((out,))
+
+    return rule
+
+
 aten = torch.ops.aten
 RULES = {
     aten.einsum.default: decomposed,
+    torch.ops.higher_order.wrap_with_autocast: wrapped(4),  # (device, dtype, enabled, cache, submodule, *operands)
+    torch.ops.higher_order.wrap_with_set_grad_enabled: wrapped(1),  # (enabled, submodule, *operands)
 }

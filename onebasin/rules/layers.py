@@ -79,6 +79,8 @@ def _grouped_conv(t: Tracer, node: fx.Node, a: dict, g: int):
     cin, cout = t.shape(a["input"])[1], t.shape(node)[1]
     w = _weight(t, node, a["weight"], 0, 1)
     bias = a["bias"]
+    if cin == g == cout and isinstance(lab, Axis) and lab.dim == 1 and w is not None and (bias is None or _bias_key(t, bias)):
+        return _depthwise(t, node, lab, w[0], w[1], bias)
     if lab is not None and not (isinstance(lab, Axis) and lab.dim == 1 and len(lab.segs) == 1 and lab.segs[0].layout.is_plain()
                                 and lab.segs[0].layout.block_size() == 1):  # fmt: skip
         raise t.refuse(node, f"a conv with groups={g} on channels that are concatenated or laid out otherwise")
@@ -92,8 +94,6 @@ def _grouped_conv(t: Tracer, node: fx.Node, a: dict, g: int):
     if lab is None:
         out = t.new_var(node, cout)
         t.vars.fix(t.vars.structure(out, g))  # inputs stay: so do the groups
-    elif cin == g and cout == cin:  # depthwise: every filter follows its channel
-        out = lab.segs[0].var
     else:
         vin = lab.segs[0].var
         heads = t.vars.structure(vin, g)
@@ -106,6 +106,18 @@ def _grouped_conv(t: Tracer, node: fx.Node, a: dict, g: int):
         t.add_member(out, _bias_key(t, bias), 0)
     t.add_site(out, node, 1)
     return plain_axis(out, 1, cout)
+
+
+def _depthwise(t: Tracer, node: fx.Node, lab: Axis, key: str, axis: int, bias) -> Axis:
+    """Depthwise conv: each filter (and bias) follows its channel, wherever the channel lies (concatenated
+    or shuffled channels too); the output is labelled as the input."""
+    for s in lab.segs:
+        t.add_member(s.var, key, axis, s.layout)
+        if bias is not None:
+            t.add_member(s.var, _bias_key(t, bias), 0, s.layout)
+    if len(lab.segs) == 1 and lab.segs[0].layout.is_plain():
+        t.add_site(lab.segs[0].var, node, 1)
+    return lab
 
 
 def embedding(t: Tracer, node: fx.Node):

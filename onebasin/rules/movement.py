@@ -268,7 +268,8 @@ def pad(t: Tracer, node: fx.Node):
 
 
 def pool(spatial: int):
-    """max/avg/adaptive pooling over the last `spatial` axes: the permuted axis must not be one of them."""
+    """Pooling and upsampling (interpolation) over the last `spatial` axes, each channel alike: the permuted
+    axis must not be one of them."""
 
     def rule(t: Tracer, node: fx.Node):
         x = node.args[0]
@@ -277,7 +278,7 @@ def pool(spatial: int):
             return None
         ndim = len(t.shape(x))
         if label_dims(lab) & set(range(ndim - spatial, ndim)):
-            raise t.refuse(node, "pooling over the permuted axis")
+            raise t.refuse(node, "pooling or interpolation over the permuted axis")
         return lab
 
     return rule
@@ -342,6 +343,10 @@ def shape_only(t: Tracer, node: fx.Node):
     return None
 
 
+_UPSAMPLE = {"upsample_nearest1d": 1, "upsample_nearest2d": 2, "upsample_nearest3d": 3, "_upsample_nearest_exact1d": 1,
+             "_upsample_nearest_exact2d": 2, "_upsample_nearest_exact3d": 3, "upsample_linear1d": 1,
+             "upsample_bilinear2d": 2, "upsample_bicubic2d": 2, "upsample_trilinear3d": 3, "_upsample_bilinear2d_aa": 2,
+             "_upsample_bicubic2d_aa": 2}  # fmt: skip
 RULES = {
     aten.permute.default: permute,
     aten.transpose.int: transpose,
@@ -384,6 +389,7 @@ RULES = {
     aten.max_pool3d_with_indices.default: pool_with_indices(3),
     aten.adaptive_max_pool1d.default: pool_with_indices(1),
     aten.adaptive_max_pool2d.default: pool_with_indices(2),
+    **{getattr(aten, op): pool(n) for op, n in _UPSAMPLE.items()},  # every overload (.vec, .default)
     aten.roll.default: order_moving,
     aten.flip.default: order_moving,
     aten.repeat.default: order_moving,
