@@ -107,7 +107,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> Expor
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "t", "permute", "expand", "unsqueeze",
           "squeeze", "as_strided", "diagonal", "unfold", "alias", "split", "chunk", "unbind", "narrow", "flatten",
-          "unflatten", "view_as", "expand_as", "detach"}  # fmt: skip
+          "unflatten", "view_as", "expand_as", "reshape_as", "detach", "to", "contiguous", "type_as", "movedim",
+          "swapaxes", "transpose_copy", "split_with_sizes", "unsafe_split", "view_as_real", "view_as_complex", "real",
+          "imag", "_reshape_alias", "ravel", "conj", "resolve_conj", "resolve_neg", "positive", "lift_fresh"}  # may alias
+_WRITE_BACK = {"slice", "select", "alias", "detach", "transpose", "t", "permute", "unsqueeze"}  # views written back exactly
 
 
 def _mutated_arg(node: fx.Node):
@@ -119,14 +122,16 @@ def _mutated_arg(node: fx.Node):
     return node.args[writes[0]] if writes == [0] and node.args else False
 
 
+def _packet(node: fx.Node) -> str | None:
+    packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+    return packet.__name__ if packet is not None else None
+
+
 def _is_view(node: fx.Node) -> bool:
     """Whether a node's value may share memory with its first argument (a view op, or an item of a split)."""
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem:
+    if node.op == "call_function" and node.target is operator.getitem:
         return isinstance(node.args[0], fx.Node) and _is_view(node.args[0])
-    packet = getattr(node.target, "overloadpacket", None)
-    return packet is not None and packet.__name__ in _VIEWS
+    return _packet(node) in _VIEWS
 
 
 def _aliases(node: fx.Node) -> set[fx.Node]:
@@ -143,37 +148,103 @@ def _aliases(node: fx.Node) -> set[fx.Node]:
     return out
 
 
+def _chain(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(base, [views from the base down to node]) when every view on the way can be written back, else None."""
+    chain = []
+    while _is_view(node):
+        if _packet(node) not in _WRITE_BACK:
+            return None
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+def _functional(node: fx.Node):
+    """The out-of-place twin of an in-place aten op (relu_ -> relu, fill_.Tensor -> fill.Tensor), or None."""
+    packet = getattr(torch.ops.aten, node.target.overloadpacket.__name__.rstrip("_"), None)
+    return getattr(packet, node.target._overloadname, None)
+
+
 def _functionalize(gm: fx.GraphModule) -> bool:
-    """Rewrite in-place ops (relu_, add_, dropout_ ...) as out-of-place ones, in place; later readers of the
-    written tensor read the new node. Returns False (graph unchanged) when that is not provably the same
-    function: a write into a weight or an input, into a tensor whose other views (or base) are read
-    later, or an in-place op without a functional twin."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    plan, latest = [], {}
+    """Rewrite in-place ops (relu_, add_, dropout_, a masked fill of a slice...) as out-of-place ones, in
+    place: the new value of the written tensor is computed, written back through the views it was reached
+    by (slice_scatter, select_scatter, inverse transposes), and later readers of the base tensor, or of
+    views made from it earlier, read the new value. Returns False (graph unchanged) when that is not
+    provably the same function: a write into a weight or an input, through a view that cannot be written
+    back, or an in-place op without a functional twin."""
     for node in gm.graph.nodes:
         arg = _mutated_arg(node)
         if arg is None:
             continue
-        packet = node.target.overloadpacket.__name__
-        functional = getattr(getattr(torch.ops.aten, packet.rstrip("_"), None), node.target._overloadname, None)
-        if arg is False or functional is None or not isinstance(arg, fx.Node):
+        found = _chain(arg) if isinstance(arg, fx.Node) else None
+        if found is None or _functional(node) is None or found[0].op != "call_function":
             return False
-        arg = latest.get(arg, arg)
-        shared = _aliases(arg)
-        if any(n.op != "call_function" for n in shared):
+        if any(n.op != "call_function" for n in _aliases(found[0])):
             return False
-        if any(order[u] > order[node] and u is not node for n in shared - {arg} for u in n.users):
-            return False
-        plan.append((node, arg, functional))
-        latest[arg] = latest[node.args[0]] = node
-    for node, arg, functional in plan:
-        node.target = functional
-        node.args = (arg, *node.args[1:])
-        for user in list(arg.users):
-            if order[user] > order[node]:
-                user.replace_input_with(arg, node)
+    for node in list(gm.graph.nodes):
+        if _mutated_arg(node) is not None:
+            _rewrite(gm.graph, node)
     gm.recompile()
     return True
+
+
+def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
+    """One in-place op as its functional twin, written back to its base; later readers rewired."""
+    base, chain = _chain(node.args[0])
+    node.target = _functional(node)
+    new = [node]
+    for view in reversed(chain):  # the new value of each view's input
+        new.append(_write_back(graph, view, new[-1]))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    after = lambda u: order[u] > order[node] and u not in new  # noqa: E731
+    for user in [u for u in base.users if after(u)]:
+        user.replace_input_with(base, new[-1])
+    for old in _aliases(base) - {base}:  # views taken before the write and read after it: taken again
+        later = [u for u in old.users if after(u)]
+        if later:
+            again = _replay(graph, old, base, new[-1])
+            for user in later:
+                user.replace_input_with(old, again)
+
+
+def _write_back(graph: fx.Graph, view: fx.Node, value: fx.Node) -> fx.Node:
+    """The value of `view`'s input after `view` was overwritten by `value` (inserted after `value`)."""
+    aten, parent, kind = torch.ops.aten, view.args[0], _packet(view)
+    rest = list(view.args[1:])
+    if kind == "slice":
+        rest += [0, None, None, 1][len(rest):]
+        target, args = aten.slice_scatter.default, (parent, value, *rest)
+    elif kind == "select":
+        target, args = aten.select_scatter.default, (parent, value, *rest)
+    elif kind in ("alias", "detach"):
+        return value
+    elif kind == "t":
+        target, args = aten.t.default, (value,)
+    elif kind == "transpose":
+        target, args = aten.transpose.int, (value, *rest)
+    elif kind == "permute":
+        dims = [d % len(rest[0]) for d in rest[0]]
+        target, args = aten.permute.default, (value, [dims.index(i) for i in range(len(dims))])
+    else:  # unsqueeze
+        target, args = aten.squeeze.dim, (value, rest[0])
+    with graph.inserting_after(value):
+        out = graph.call_function(target, tuple(args), dict(view.kwargs) if kind in ("slice", "select") else {})
+    out.meta = {**parent.meta}
+    return out
+
+
+def _replay(graph: fx.Graph, old: fx.Node, base: fx.Node, new_base: fx.Node) -> fx.Node:
+    """The views that made `old` from `base`, taken again from `new_base` (inserted after it)."""
+    chain = []
+    while old is not base:
+        chain.append(old)
+        old = old.args[0]
+    prev = new_base
+    for view in reversed(chain):
+        with graph.inserting_after(prev):
+            prev = graph.call_function(view.target, (prev, *view.args[1:]), dict(view.kwargs))
+        prev.meta = {**view.meta}
+    return prev
 
 
 def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:

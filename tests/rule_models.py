@@ -368,6 +368,25 @@ class AutocastBlock(nn.Module):
         return self.out(h)
 
 
+class SliceAssign(nn.Module):
+    """In-place writes through views (functionalised as slice/select scatters): Swin's attention mask built by
+    slice assignment into new_zeros, a token slice of an activation scaled in place, a transposed view written."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):  # (B, 4 tokens, 3)
+        h = self.a(x)
+        mask = h.new_zeros(4, 4)
+        mask[:2, 2:] = -1.0
+        mask[2:, :2] = -2.0
+        mask.t()[0] += 0.5
+        h[:, 1:3] *= 2
+        h[:, 0] = h[:, 0] + 1
+        return self.out(torch.relu(h) * (1 + mask.sum(-1, keepdim=True))).mean(1)
+
+
 def ids(shape, vocab):
     def make(dtype):
         g = torch.Generator().manual_seed(0)
@@ -400,5 +419,6 @@ RULE_MODELS = {
     "reshape_as": (ReshapeAs, (2, 3, 4), {"groups": 1}),
     "upsample": (Upsample, (2, 3, 6, 6), {"groups": 1}),
     "autocast_block": (AutocastBlock, (3, 4), {"groups": 1}),
+    "slice_assign": (SliceAssign, (2, 4, 3), {"groups": 1}),
     "einsum_attention": (EinsumAttention, (2, 3, 4, 3), {"structured": 2}),
 }

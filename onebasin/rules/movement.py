@@ -11,7 +11,8 @@ import torch
 import torch.fx as fx
 
 from ..tracer import Axis, Heads, Multi, Parts, Seg, Tracer, WeightView, label_dims, remap
-from ._common import args_of, constant_joins, cut_segs, heads_to_parts, norm_dim, seg_end, reshape_label, unify_labels, weight_joins
+from ._common import (args_of, constant_joins, cut_segs, heads_to_parts, norm_dim, reshape_label, seg_end, unify_labels,
+                      varying_dims, weight_joins)
 
 aten = torch.ops.aten
 
@@ -249,6 +250,51 @@ def _join_along(t: Tracer, node: fx.Node, tensors, dim: int, out_shape):
     return ref
 
 
+def copy(t: Tracer, node: fx.Node):
+    """copy(self, src): src's values broadcast to self's shape (a functionalised `x[...] = src`)."""
+    src = node.args[1]
+    lab = t.labels.get(src) if isinstance(src, fx.Node) else None
+    if lab is None or isinstance(lab, WeightView):
+        return None if lab is None or t.shape(src) != t.shape(node) else lab
+    shift = len(t.shape(node)) - len(t.shape(src))
+    for d in label_dims(lab):
+        if t.shape(src)[d] != t.shape(node)[d + shift]:
+            raise t.refuse(node, "a copy that broadcasts along the permuted axis")
+    return remap(lab, {d: d + shift for d in label_dims(lab)})
+
+
+def scatter(t: Tracer, node: fx.Node):
+    """slice_scatter/select_scatter(base, src, dim, ...): src written into a slice of base (an in-place write,
+    functionalised). Along another axis both share the permutation; along the permuted axis they stay."""
+    a = args_of(node)
+    base, src = a["self"], a["src"]
+    ndim = len(t.shape(base))
+    dim = norm_dim(a["dim"], ndim)
+    lb, ls = t.label(base), t.label(src)
+    if ls is not None and node.target == aten.select_scatter.default:
+        ls = remap(ls, {d: d + (d >= dim) for d in label_dims(ls)})
+    if lb is None and ls is None:
+        return None
+    if dim in label_dims(lb) | label_dims(ls):
+        for lab in (lb, ls):
+            t.fix_label(lab, node, "a write into a slice of the permuted axis keeps its units in place")
+        return None
+    ref = lb if lb is not None else ls
+    if lb is not None and ls is not None:
+        unify_labels(t, node, lb, ls)
+    other = src if lb is not None else base
+    if t.weight(other) is not None:
+        raise t.refuse(node, "a weight written into a slice of a permuted tensor")
+    if t.labels.get(other) is None:  # a constant: where it varies along a permuted axis, that axis stays
+        varies = varying_dims(t, other)
+        if other is src and node.target == aten.select_scatter.default:
+            varies = {d + (d >= dim) for d in varies}
+        if varies & label_dims(ref):
+            t.fix_label(ref, node, f"{other.name} varies along a permuted axis: kept in place")
+            return None
+    return ref
+
+
 def pad(t: Tracer, node: fx.Node):
     x, pads = node.args[0], node.args[1]
     lab = t.labels.get(x)
@@ -373,6 +419,9 @@ RULES = {
     aten.unbind.int: unbind,
     aten.cat.default: cat,
     aten.stack.default: stack,
+    aten.copy.default: copy,
+    aten.slice_scatter.default: scatter,
+    aten.select_scatter.default: scatter,
     aten.constant_pad_nd.default: pad,
     aten.pad.default: pad,
     aten.max_pool1d.default: pool(1),
