@@ -164,12 +164,31 @@ class Vars:
             self.fix(a)
 
     def _union_parts(self, a: int, b: int) -> None:
-        pa, pb = self.split(a, self.part_sizes(b)), self.split(b, self.part_sizes(a))
-        if [self.root(p).size for p in pa] != [self.root(p).size for p in pb]:
-            raise StructureError("two different splits of one axis")
+        """Union of two axes of which one at least is a direct sum: both are cut at every edge of either's
+        parts (nested parts where needed), then matching pieces are united."""
+        edges = sorted(set(self._edges(a)) | set(self._edges(b)))
+        pa, pb = self._cut(a, edges), self._cut(b, edges)
         self.v[b].parent = a
         for x, y in zip(pa, pb):
             self.union(x, y)
+
+    def _edges(self, a: int, offset: int = 0) -> list[int]:
+        """Offsets of the edges of every (nested) part of `a`, 0 and its size included."""
+        r = self.root(a)
+        if not r.parts:
+            return [offset, offset + r.size]
+        return [e for p, o in r.parts for e in self._edges(p, offset + o)]
+
+    def _cut(self, a: int, edges: list[int]) -> list[int]:
+        """The variables of the consecutive pieces of `a` between `edges` (splitting parts where needed)."""
+        r = self.root(a)
+        inner = [e for e in edges if 0 < e < r.size]
+        if not inner:
+            return [self.find(a)]
+        if not r.parts:
+            bounds = [0, *inner, r.size]
+            return self.split(a, [y - x for x, y in zip(bounds, bounds[1:])])
+        return [v for p, o in list(r.parts) for v in self._cut(p, [e - o for e in edges])]
 
     def part_sizes(self, a: int) -> list[int]:
         r = self.root(a)

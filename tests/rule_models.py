@@ -387,6 +387,23 @@ class SliceAssign(nn.Module):
         return self.out(torch.relu(h) * (1 + mask.sum(-1, keepdim=True))).mean(1)
 
 
+class PartialResidual(nn.Module):
+    """ReXNet's shortcut into the first channels of a wider output: cat([y[:, :c] + x, y[:, c:]]), three times,
+    so that the residual stream is cut at a different place in each block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.out = nn.Conv2d(3, 4, 1), nn.Conv2d(11, 2, 1)
+        self.c = nn.ModuleList([nn.Conv2d(4, 6, 1), nn.Conv2d(6, 9, 1), nn.Conv2d(9, 11, 1)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv in self.c:
+            y = conv(torch.relu(x))
+            x = torch.cat([y[:, : x.shape[1]] + x, y[:, x.shape[1] :]], dim=1)
+        return self.out(x).mean((2, 3))
+
+
 def ids(shape, vocab):
     def make(dtype):
         g = torch.Generator().manual_seed(0)
@@ -420,5 +437,6 @@ RULE_MODELS = {
     "upsample": (Upsample, (2, 3, 6, 6), {"groups": 1}),
     "autocast_block": (AutocastBlock, (3, 4), {"groups": 1}),
     "slice_assign": (SliceAssign, (2, 4, 3), {"groups": 1}),
+    "partial_residual": (PartialResidual, (2, 3, 4, 4), {"groups": 4}),
     "einsum_attention": (EinsumAttention, (2, 3, 4, 3), {"structured": 2}),
 }
