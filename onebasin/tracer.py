@@ -17,7 +17,9 @@ A label says where a tensor's units are:
 * `Multi(items)`: the outputs of an op returning several tensors;
 * `WeightView(key, axes)`: not permuted yet, but a view of the weight `key` (axes[i]: the weight axis
   that tensor axis i reads, None if none), so that where it meets a permuted tensor the weight becomes a
-  member (class tokens, position embeddings, layer scales, relative position bias tables).
+  member (class tokens, position embeddings, layer scales, relative position bias tables);
+* `Pieces(dim, items)`: weights and constants concatenated along `dim` (a bias built by `cat`); kept apart
+  in `Tracer.pieces` (the node's label is None), read only by a layer taking it as its bias.
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ class Multi:
 class WeightView:
     key: str
     axes: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Not permuted: weights (and constants) concatenated along axis `dim`, e.g. BEiT's bias
+    cat(q_bias, zeros, v_bias); items are (offset, length, WeightView or the constant's node)."""
+
+    dim: int
+    items: tuple
 
 
 def plain_axis(var: int, dim: int, units: int) -> Axis:
@@ -291,6 +302,7 @@ class Tracer:
     shapes: dict = field(default_factory=dict)  # state_dict key -> shape
     pending_norms: dict = field(default_factory=dict)  # multi-output norm node -> its input (for site moves)
     varying: dict = field(default_factory=dict)  # unpermuted node -> axes along which its value may vary
+    pieces: dict = field(default_factory=dict)  # cat node of weights and constants -> Pieces
 
     # helpers for rules -----------------------------------------------------------------------------------
     def shape(self, node) -> tuple[int, ...] | None:
@@ -300,6 +312,13 @@ class Tracer:
         """The activation label of an argument (None when unpermuted or not a node; WeightView excluded)."""
         lab = self.labels.get(arg) if isinstance(arg, fx.Node) else None
         return None if isinstance(lab, WeightView) else lab
+
+    def constant(self, arg):
+        """The value of a constant input of the graph (a non-persistent buffer, a lifted tensor), else None."""
+        if not isinstance(arg, fx.Node) or arg.op != "placeholder":
+            return None
+        spec = next((s for s in self.captured.program.graph_signature.input_specs if s.arg.name == arg.name), None)
+        return self.captured.program.constants.get(spec.target) if spec is not None and spec.target else None
 
     def weight(self, arg) -> WeightView | None:
         lab = self.labels.get(arg) if isinstance(arg, fx.Node) else None

@@ -404,6 +404,45 @@ class PartialResidual(nn.Module):
         return self.out(x).mean((2, 3))
 
 
+class ConcatenatedBias(nn.Module):
+    """BEiT's attention: F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias)), k_bias a non-persistent zero
+    buffer (a constant that does not vary: its part of the output is free too); fused attention whose mask is
+    a relative position bias table indexed per head."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.h = heads
+        self.embed, self.qkv, self.head = nn.Linear(3, dim), nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, 2)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.table = nn.Parameter(torch.randn(7, heads))
+        self.register_buffer("index", (torch.arange(4)[:, None] - torch.arange(4)[None] + 3).reshape(-1), persistent=False)
+
+    def forward(self, x):  # (B, N, 3)
+        x = self.embed(x)
+        B, N, C = x.shape
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)  # a relative position bias per head
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, N, C)
+        return self.head(x + a).mean(1)
+
+
+class StackWithWeight(nn.Module):
+    """An activation stacked with a weight and a constant on a new axis, then reduced (a weight that meets a
+    permuted tensor through stack must follow it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 5), nn.Linear(5, 2)
+        self.w = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):  # (B, 3)
+        h = self.a(x)
+        s = torch.stack([h, self.w.expand_as(h), torch.ones_like(h)], dim=1)  # (B, 3, 5)
+        return self.out(torch.relu(s).prod(1))
+
+
 def ids(shape, vocab):
     def make(dtype):
         g = torch.Generator().manual_seed(0)
@@ -438,5 +477,7 @@ RULE_MODELS = {
     "autocast_block": (AutocastBlock, (3, 4), {"groups": 1}),
     "slice_assign": (SliceAssign, (2, 4, 3), {"groups": 1}),
     "partial_residual": (PartialResidual, (2, 3, 4, 4), {"groups": 4}),
+    "concatenated_bias": (ConcatenatedBias, (2, 4, 3), {"structured": 2}),
+    "stack_with_weight": (StackWithWeight, (3, 3), {"groups": 1}),
     "einsum_attention": (EinsumAttention, (2, 3, 4, 3), {"structured": 2}),
 }

@@ -190,10 +190,11 @@ def heads_to_parts(t: Tracer, node, lab: Heads) -> Parts:
 # --- members from weights that meet a permuted tensor ---------------------------------------------------
 
 
-def weight_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node, view: WeightView) -> None:
+def weight_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node, view: WeightView, shape=None) -> None:
     """A weight (view) combined elementwise with a permuted tensor: the weight axis along each permuted
-    axis becomes a member; a weight that varies along the inside of heads forces those to stay."""
-    shape = t.shape(operand)
+    axis becomes a member; a weight that varies along the inside of heads forces those to stay. `shape`:
+    the operand's shape as the view sees it (default: the operand's own)."""
+    shape = shape or t.shape(operand)
     shift = len(out_shape) - len(shape)
     broadcast = lambda d: view.axes[d] is not None and t.shapes[view.key][view.axes[d]] == 1  # noqa: E731 (an expanded axis)
     axis_of = {d + shift: view.axes[d] for d in range(len(shape)) if shape[d] != 1 and not broadcast(d)}
@@ -235,6 +236,7 @@ def constant_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node)
 
 
 _BROADCASTS = {"expand", "expand_as", "type_as"}  # the second argument lends only a shape or dtype
+_FILLS = {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full", "zeros", "ones", "full", "scalar_tensor"}
 _REDUCES = {"sum", "mean", "amax", "amin", "max", "min", "prod", "any", "all", "logsumexp"}
 
 
@@ -246,9 +248,16 @@ def varying_dims(t: Tracer, node: fx.Node, depth: int = 0) -> set[int]:
         return t.varying[node]
     shape = t.shape(node) or ()
     out = {d for d in range(len(shape)) if shape[d] != 1}
+    value = t.constant(node)
+    if value is not None and value.shape == shape:  # a constant known here: where its values differ
+        out = {d for d in out if not bool((value == value.narrow(d, 0, 1)).all())}
     packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", None) if node.op == "call_function" else None
     src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) and t.shape(node.args[0]) is not None else None
-    if src is not None and depth < 64:
+    if packet in _FILLS:  # one value everywhere
+        out = set()
+    elif packet == "lift_fresh_copy" and src is not None:
+        out &= varying_dims(t, src, depth + 1)
+    elif src is not None and depth < 64:
         if packet in _BROADCASTS:
             shift = len(shape) - len(t.shape(src))
             out &= {d + shift for d in varying_dims(t, src, depth + 1)}  # expanded axes do not vary

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from ..spec import Layout
 from ..tracer import Axis, Heads, Seg, Tracer, WeightView, label_dims
-from ._common import args_of, constant_joins, plain_axis
+from ._common import args_of, constant_joins, plain_axis, unify_labels, weight_joins
 
 
 def _heads_of(t: Tracer, lab: Heads) -> Axis:
@@ -129,13 +129,14 @@ def sdpa(t: Tracer, node: fx.Node):
     else:
         _gqa_heads(t, node, q, v)
     mask = a.get("attn_mask")
-    if mask is not None and t.label(mask) is None and t.weight(mask) is None:
+    if mask is not None:  # added to the scores (B, heads, queries, keys): a relative position bias follows the heads
         scores = (*t.shape(node)[:-1], t.shape(a["key"])[-2])
-        constant_joins(t, node, _heads_of(t, q), scores, mask)
-    elif mask is not None and t.label(mask) is not None:
-        from ._common import unify_labels
-
-        unify_labels(t, node, _heads_of(t, q), t.label(mask))
+        if t.label(mask) is not None:
+            unify_labels(t, node, _heads_of(t, q), t.label(mask))
+        elif t.weight(mask) is not None:
+            weight_joins(t, node, _heads_of(t, q), scores, mask, t.weight(mask))
+        else:
+            constant_joins(t, node, _heads_of(t, q), scores, mask)
     if _head_positions(v.heads) == _head_positions(q.heads):
         return replace(v, inner_dim=out_ndim - 1)
     g = q.heads.units // v.heads.units  # enable_gqa: query head j reads kv head j // g

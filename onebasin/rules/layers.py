@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..tracer import Axis, Tracer
-from ._common import args_of, plain_axis
+from ..tracer import Axis, Tracer, WeightView
+from ._common import args_of, plain_axis, varying_dims
 
 
 def _weight(t: Tracer, node: fx.Node, arg, out_axis: int, in_axis: int):
@@ -41,14 +41,33 @@ def _layer(t: Tracer, node: fx.Node, x, weight, bias, in_dim: int, out_dim: int,
             for s in lab.segs:
                 t.add_member(s.var, w[0], w[2], s.layout)
     var = t.new_var(node, units)
-    if w is None or (bias is not None and _bias_key(t, bias) is None):
+    if w is None:
         t.vars.fix(var)
     else:
         t.add_member(var, w[0], w[1])
-        if bias is not None:
-            t.add_member(var, _bias_key(t, bias), 0)
+        _bias(t, var, bias)
     t.add_site(var, node, out_dim)
     return plain_axis(var, out_dim, units)
+
+
+def _bias(t: Tracer, var: int, bias) -> None:
+    """The bias follows the output units: a weight is a member; weights concatenated with constants (Pieces)
+    split the output into parts, each following its piece (a constant piece that varies keeps its part)."""
+    if bias is None:
+        return
+    if _bias_key(t, bias) is not None:
+        t.add_member(var, _bias_key(t, bias), 0)
+        return
+    pieces = t.pieces.get(bias)
+    if pieces is None or t.label(bias) is not None:
+        t.vars.fix(var)
+        return
+    parts = t.vars.split(var, [n for _, n, _ in pieces.items])
+    for part, (_, _, item) in zip(parts, pieces.items):
+        if isinstance(item, WeightView) and item.axes[pieces.dim] is not None:
+            t.add_member(part, item.key, item.axes[pieces.dim])
+        elif isinstance(item, WeightView) or varying_dims(t, item):
+            t.vars.fix(part)
 
 
 def linear(t: Tracer, node: fx.Node):

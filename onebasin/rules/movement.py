@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from ..tracer import Axis, Heads, Multi, Parts, Seg, Tracer, WeightView, label_dims, remap
+from ..tracer import Axis, Heads, Multi, Parts, Pieces, Seg, Tracer, WeightView, label_dims, remap
 from ._common import (args_of, constant_joins, cut_segs, heads_to_parts, norm_dim, reshape_label, seg_end, unify_labels,
                       varying_dims, weight_joins)
 
@@ -215,8 +215,13 @@ def stack(t: Tracer, node: fx.Node):
     for lab in acts[1:]:
         unify_labels(t, node, ref, lab)
     for x, lab in zip(tensors, labs):
-        if lab is None:
-            constant_joins(t, node, ref, out_shape, x)
+        shape = list(t.shape(x))
+        shape.insert(dim, 1)
+        if isinstance(lab, WeightView):
+            weight_joins(t, node, ref, out_shape, x, lab, tuple(shape))
+        elif lab is None and {d + (d >= dim) for d in varying_dims(t, x)} & label_dims(ref):
+            t.fix_label(ref, node, f"{x.name} varies along a permuted axis: kept in place")
+            return None
     return ref
 
 
@@ -224,8 +229,9 @@ def _join_along(t: Tracer, node: fx.Node, tensors, dim: int, out_shape):
     """cat: along a permuted axis the segments of each input are placed at its offset; along another axis
     every input shares the permutation (class token + patches: the token is a member)."""
     labs = [t.labels.get(x) for x in tensors]
-    acts = [(x, lab) for x, lab in zip(tensors, labs) if lab is not None and not isinstance(lab, WeightView)]
+    acts = [(x, lab) for x, lab in zip(tensors, labs) if t.label(x) is not None]
     if not acts:
+        t.pieces[node] = _weight_pieces(t, tensors, labs, dim)
         return None
     along = [dim in label_dims(lab) for _, lab in acts]
     if all(along):
@@ -293,6 +299,18 @@ def scatter(t: Tracer, node: fx.Node):
             t.fix_label(ref, node, f"{other.name} varies along a permuted axis: kept in place")
             return None
     return ref
+
+
+def _weight_pieces(t: Tracer, tensors, labs, dim: int):
+    """A concatenation of weights and constants (no activation): Pieces, so that a layer using it as its bias
+    can permute each weight (BEiT's cat(q_bias, zeros, v_bias)); None when no weight is in it."""
+    if not any(isinstance(lab, WeightView) for lab in labs):
+        return None
+    items, offset = [], 0
+    for x, lab in zip(tensors, labs):
+        items.append((offset, t.shape(x)[dim], lab if isinstance(lab, WeightView) else x))
+        offset += t.shape(x)[dim]
+    return Pieces(dim, tuple(items))
 
 
 def pad(t: Tracer, node: fx.Node):
