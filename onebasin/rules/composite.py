@@ -16,22 +16,26 @@ from ..tracer import Axis, Multi, StructureError, Tracer, label_vars
 
 
 def _decompose(node: fx.Node) -> fx.GraphModule:
-    """The op of `node` on meta tensors of its inputs' shapes, traced below autograd (composites decompose)."""
+    """The op of `node` on meta tensors of its inputs' shapes, traced below autograd (composites decompose);
+    one trace per op, arguments, shapes and dtypes (MaxViT has dozens of identical einsums)."""
     leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
     tensors = [i for i, x in enumerate(leaves) if isinstance(x, fx.Node)]
+    metas = [(tuple(int(s) for s in leaves[i].meta["val"].shape), leaves[i].meta["val"].dtype) for i in tensors]
+    key = (node.target, str(spec), tuple(str(x) if i not in tensors else metas[tensors.index(i)] for i, x in enumerate(leaves)))
+    if key not in _TRACES:
 
-    def meta(x: fx.Node) -> torch.Tensor:
-        val = x.meta["val"]
-        return torch.empty([int(s) for s in val.shape], dtype=val.dtype, device="meta")
+        def call(*xs):
+            full = list(leaves)
+            for i, x in zip(tensors, xs):
+                full[i] = x
+            args, kwargs = pytree.tree_unflatten(full, spec)
+            return node.target(*args, **kwargs)
 
-    def call(*xs):
-        full = list(leaves)
-        for i, x in zip(tensors, xs):
-            full[i] = x
-        args, kwargs = pytree.tree_unflatten(full, spec)
-        return node.target(*args, **kwargs)
+        _TRACES[key] = make_fx(call)(*[torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in metas])
+    return _TRACES[key]
 
-    return make_fx(call)(*[meta(leaves[i]) for i in tensors])
+
+_TRACES: dict = {}
 
 
 def decomposed(t: Tracer, node: fx.Node):
@@ -47,6 +51,9 @@ def decomposed(t: Tracer, node: fx.Node):
     except (UnsupportedOpError, StructureError) as err:
         raise t.refuse(node, f"{node.target} decomposed: {str(err).split(' touches ')[0]}") from None
     del t.sites[before:]  # sites inside the decomposition are not nodes of the captured graph
+    for sub in gm.graph.nodes:  # the decomposition is reused for the next node like this one
+        t.labels.pop(sub, None)
+        t.varying.pop(sub, None)
     if isinstance(out, Axis) and len(out.segs) == 1 and out.segs[0].layout == Layout.plain(out.segs[0].layout.units):
         old = {t.vars.find(v) for a in inputs for v in label_vars(t.labels.get(a))}
         if t.vars.find(out.segs[0].var) not in old:  # a new hidden axis (a product with a weight): its site
