@@ -303,6 +303,8 @@ class Tracer:
     pending_norms: dict = field(default_factory=dict)  # multi-output norm node -> its input (for site moves)
     varying: dict = field(default_factory=dict)  # unpermuted node -> axes along which its value may vary
     pieces: dict = field(default_factory=dict)  # cat node of weights and constants -> Pieces
+    standardized: dict = field(default_factory=dict)  # batch_norm node standardising a weight -> (key, gain view)
+    companions: dict = field(default_factory=dict)  # (key, axis) -> [(key, axis)] that move with it (a gain)
 
     # helpers for rules -----------------------------------------------------------------------------------
     def shape(self, node) -> tuple[int, ...] | None:
@@ -338,6 +340,8 @@ class Tracer:
         layout = layout or Layout.plain(length if diag else self.vars.root(var).size, 1)
         for k in self.captured.aliases.get(key, (key,)):
             self.members.append((var, layout.member(k, axis, length, diag)))
+        for other, other_axis in self.companions.get((key, axis), ()):
+            self.add_member(var, other, other_axis, layout, diag)
 
     def add_site(self, var: int, node: fx.Node, dim: int, kind: str = "layer") -> None:
         self.sites.append((var, Site(node.name, dim, kind, module_path(node) if kind == "layer" else None)))

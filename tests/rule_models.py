@@ -443,6 +443,28 @@ class StackWithWeight(nn.Module):
         return self.out(torch.relu(s).prod(1))
 
 
+class StdConv(nn.Conv2d):
+    """NFNet's ScaledStdConv2d: the weight standardised per output channel by a functional batch_norm, with a gain."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=(self.gain * 0.7).reshape(-1),
+                         training=True, momentum=0.0, eps=1e-5).reshape_as(self.weight)  # fmt: skip
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class WeightStandardization(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = StdConv(3, 6, 3, padding=1), StdConv(6, 5, 1), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
 def ids(shape, vocab):
     def make(dtype):
         g = torch.Generator().manual_seed(0)
@@ -479,5 +501,6 @@ RULE_MODELS = {
     "partial_residual": (PartialResidual, (2, 3, 4, 4), {"groups": 4}),
     "concatenated_bias": (ConcatenatedBias, (2, 4, 3), {"structured": 2}),
     "stack_with_weight": (StackWithWeight, (3, 3), {"groups": 1}),
+    "weight_standardization": (WeightStandardization, (2, 3, 5, 5), {"groups": 2}),
     "einsum_attention": (EinsumAttention, (2, 3, 4, 3), {"structured": 2}),
 }

@@ -418,7 +418,7 @@ def reshape_label(t: Tracer, node: fx.Node, label, src: tuple[int, ...], dst: tu
         for si, dj in groups:
             if len(si) == 1 and len(dj) == 1:
                 axes[dj[0]] = label.axes[si[0]]
-            elif any(label.axes[d] is not None for d in si):
+            elif any(label.axes[d] is not None and src[d] != 1 for d in si):  # dropping a size-1 axis loses nothing
                 return None
         return WeightView(label.key, tuple(axes))
     untouched = {d: group_of[d][1][0] for d in range(len(src)) if len(group_of[d][0]) == 1 and len(group_of[d][1]) == 1}

@@ -74,9 +74,18 @@ def expand(t: Tracer, node: fx.Node):
 def reshape(t: Tracer, node: fx.Node):
     x = node.args[0]
     lab = t.labels.get(x)
+    if x in t.standardized and t.shape(node) == t.shapes[t.standardized[x][0]]:
+        return _standardized(t, *t.standardized[x])
     if lab is None:
         return None
     return reshape_label(t, node, lab, t.shape(x), t.shape(node))
+
+
+def _standardized(t: Tracer, key: str, gain) -> WeightView:
+    """A standardised weight viewed back in its shape: a view of the weight whose output channels carry the gain."""
+    if gain is not None:
+        t.companions.setdefault((key, 0), []).append((gain.key, gain.axes[0]))
+    return WeightView(key, tuple(range(len(t.shapes[key]))))
 
 
 def select(t: Tracer, node: fx.Node):
