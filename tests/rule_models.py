@@ -27,7 +27,8 @@ class TokenMixing(nn.Module):
 
     def forward(self, x):  # (N, 3 tokens, 4)
         h = self.a(x).transpose(1, 2)  # (N, 6, 3)
-        h = self.mix(h).transpose(1, 2)  # mixes tokens, channels stay
+        h = self.mix(h).swapaxes(1, 2)  # mixes tokens, channels stay
+        h = torch.movedim(h[:, :, :, None], (1, 2), (3, 1)).movedim(3, 1)[..., 0]  # (N, 3, 6) again
         return self.out(torch.relu(h)).mean(1)
 
 

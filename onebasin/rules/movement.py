@@ -47,6 +47,20 @@ def transpose(t: Tracer, node: fx.Node):
     return _moved(t, node, t.labels.get(x), mapping)
 
 
+def movedim(t: Tracer, node: fx.Node):
+    """movedim/moveaxis(x, source, destination): the same reordering torch.movedim computes."""
+    x, src, dst = node.args[0], node.args[1], node.args[2]
+    ndim = len(t.shape(x))
+    src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))
+    src, dst = [norm_dim(d, ndim) for d in src], [norm_dim(d, ndim) for d in dst]
+    order = [None] * ndim  # order[new axis] = old axis
+    for a, b in zip(src, dst):
+        order[b] = a
+    rest = iter(d for d in range(ndim) if d not in src)
+    order = [next(rest) if o is None else o for o in order]
+    return _moved(t, node, t.labels.get(x), {old: new for new, old in enumerate(order)})
+
+
 def unsqueeze(t: Tracer, node: fx.Node):
     x = node.args[0]
     ndim = len(t.shape(x))
@@ -424,6 +438,12 @@ RULES = {
     aten.permute.default: permute,
     aten.transpose.int: transpose,
     aten.t.default: transpose,
+    aten.swapaxes.default: transpose,
+    aten.swapdims.default: transpose,
+    aten.movedim.int: movedim,
+    aten.movedim.intlist: movedim,
+    aten.moveaxis.int: movedim,
+    aten.moveaxis.intlist: movedim,
     aten.unsqueeze.default: unsqueeze,
     aten.squeeze.dim: squeeze,
     aten.squeeze.dims: squeeze,
