@@ -466,6 +466,31 @@ class WeightStandardization(nn.Module):
         return self.out(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
 
 
+class CrossCovarianceAttention(nn.Module):
+    """XCiT's XCA: attention over channels, softmax(q^T k * temperature) v with q, k normalised over tokens,
+    then CoaT's factorised attention q @ (softmax(k)^T v): products whose two kept axes are both insides of
+    heads (the tracer keeps one and holds the other in place)."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.h = heads
+        self.embed, self.qkv, self.qkv2 = nn.Linear(3, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        self.proj, self.proj2, self.head = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 2)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+
+    def forward(self, x):  # (B, N, 3)
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 4, 1).unbind(0)  # (B, h, d, N)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(-1)  # (B, h, d, d)
+        x = x + self.proj((attn @ v).permute(0, 3, 1, 2).reshape(B, N, C))
+        q, k, v = self.qkv2(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+        factor = k.softmax(dim=2).transpose(-1, -2) @ v  # (B, h, d, d)
+        x = x + self.proj2((q @ factor).transpose(1, 2).reshape(B, N, C))
+        return self.head(x).mean(1)
+
+
 def ids(shape, vocab):
     def make(dtype):
         g = torch.Generator().manual_seed(0)
@@ -503,5 +528,6 @@ RULE_MODELS = {
     "concatenated_bias": (ConcatenatedBias, (2, 4, 3), {"structured": 2}),
     "stack_with_weight": (StackWithWeight, (3, 3), {"groups": 1}),
     "weight_standardization": (WeightStandardization, (2, 3, 5, 5), {"groups": 2}),
+    "cross_covariance_attention": (CrossCovarianceAttention, (2, 5, 3), {}),
     "einsum_attention": (EinsumAttention, (2, 3, 4, 3), {"structured": 2}),
 }
