@@ -15,8 +15,10 @@ The batch axis is exported as dynamic where the model allows it; a model that fi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
+import operator
 import traceback
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +31,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
+from .checks import _eval_mode, check_example_input
 from .errors import InputMismatchError, UntraceableModelError
 
 StateDict = dict[str, torch.Tensor]
@@ -63,10 +66,14 @@ def to_device(example, device):
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example)
 
 
-def _dynamic_batch(args: tuple, kwargs: dict):
-    """dynamic_shapes for torch.export: axis 0 of every input tensor may vary (Dim.AUTO), nothing else."""
+def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict):
+    """dynamic_shapes for torch.export: axis 0 of every input tensor may vary (Dim.AUTO), nothing else.
+    Positional inputs only: a tuple; with keyword inputs: a dict by the forward's argument names."""
     spec = lambda t: {0: Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim else None  # noqa: E731
-    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}) if kwargs else tuple(spec(a) for a in args)
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    names = list(inspect.signature(model.forward).parameters)
+    return {**{names[i]: spec(a) for i, a in enumerate(args)}, **{k: spec(v) for k, v in kwargs.items()}}
 
 
 def _where(err: BaseException) -> str:
@@ -94,13 +101,16 @@ def _quiet():
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> ExportedProgram:
     with _quiet():
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_batch(args, kwargs) if dynamic else None, strict=False)
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs) if dynamic else None, strict=False)
         return ep if _functionalize(ep.graph_module) else ep.run_decompositions({})
 
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "t", "permute", "expand", "unsqueeze",
           "squeeze", "as_strided", "diagonal", "unfold", "alias", "split", "chunk", "unbind", "narrow", "flatten",
-          "unflatten", "view_as", "expand_as", "detach"}  # fmt: skip
+          "unflatten", "view_as", "expand_as", "reshape_as", "detach", "to", "contiguous", "type_as", "movedim",
+          "swapaxes", "transpose_copy", "split_with_sizes", "unsafe_split", "view_as_real", "view_as_complex", "real",
+          "imag", "_reshape_alias", "ravel", "conj", "resolve_conj", "resolve_neg", "positive", "lift_fresh"}  # may alias
+_WRITE_BACK = {"slice", "select", "alias", "detach", "transpose", "t", "permute", "unsqueeze"}  # views written back exactly
 
 
 def _mutated_arg(node: fx.Node):
@@ -112,32 +122,129 @@ def _mutated_arg(node: fx.Node):
     return node.args[writes[0]] if writes == [0] and node.args else False
 
 
+def _packet(node: fx.Node) -> str | None:
+    packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+    return packet.__name__ if packet is not None else None
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether a node's value may share memory with its first argument (a view op, or an item of a split)."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _is_view(node.args[0])
+    return _packet(node) in _VIEWS
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """Every node whose value may share memory with `node`'s: its bases and all views of them."""
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in out:
+            continue
+        out.add(n)
+        if _is_view(n) and isinstance(n.args[0], fx.Node):
+            stack.append(n.args[0])
+        stack.extend(u for u in n.users if _is_view(u))
+    return out
+
+
+def _chain(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(base, [views from the base down to node]) when every view on the way can be written back, else None."""
+    chain = []
+    while _is_view(node):
+        if _packet(node) not in _WRITE_BACK:
+            return None
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+def _functional(node: fx.Node):
+    """The out-of-place twin of an in-place aten op (relu_ -> relu, fill_.Tensor -> fill.Tensor), or None."""
+    packet = getattr(torch.ops.aten, node.target.overloadpacket.__name__.rstrip("_"), None)
+    return getattr(packet, node.target._overloadname, None)
+
+
 def _functionalize(gm: fx.GraphModule) -> bool:
-    """Rewrite in-place ops (relu_, add_, ...) as out-of-place ones, in place; later readers of the written
-    tensor read the new node. Returns False (graph unchanged) when that is not provably the same function:
-    a write into a view, a weight or an input, or an in-place op without a functional twin."""
-    plan = []
+    """Rewrite in-place ops (relu_, add_, dropout_, a masked fill of a slice...) as out-of-place ones, in
+    place: the new value of the written tensor is computed, written back through the views it was reached
+    by (slice_scatter, select_scatter, inverse transposes), and later readers of the base tensor, or of
+    views made from it earlier, read the new value. Returns False (graph unchanged) when that is not
+    provably the same function: a write into a weight or an input, through a view that cannot be written
+    back, or an in-place op without a functional twin."""
     for node in gm.graph.nodes:
         arg = _mutated_arg(node)
         if arg is None:
             continue
-        packet = node.target.overloadpacket.__name__
-        functional = getattr(getattr(torch.ops.aten, packet.rstrip("_"), None), node.target._overloadname, None)
-        if arg is False or functional is None or not isinstance(arg, fx.Node) or arg.op != "call_function":
+        found = _chain(arg) if isinstance(arg, fx.Node) else None
+        if found is None or _functional(node) is None or found[0].op != "call_function":
             return False
-        views = [u for u in arg.users if u.op == "call_function" and getattr(u.target, "overloadpacket", None) is not None
-                 and u.target.overloadpacket.__name__ in _VIEWS]  # fmt: skip
-        if views or getattr(arg.target, "overloadpacket", None) is not None and arg.target.overloadpacket.__name__ in _VIEWS:
+        if any(n.op != "call_function" for n in _aliases(found[0])):
             return False
-        plan.append((node, arg, functional))
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node, arg, functional in plan:
-        node.target = functional
-        for user in list(arg.users):
-            if order[user] > order[node]:
-                user.replace_input_with(arg, node)
+    for node in list(gm.graph.nodes):
+        if _mutated_arg(node) is not None:
+            _rewrite(gm.graph, node)
     gm.recompile()
     return True
+
+
+def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
+    """One in-place op as its functional twin, written back to its base; later readers rewired."""
+    base, chain = _chain(node.args[0])
+    node.target = _functional(node)
+    new = [node]
+    for view in reversed(chain):  # the new value of each view's input
+        new.append(_write_back(graph, view, new[-1]))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    after = lambda u: order[u] > order[node] and u not in new  # noqa: E731
+    for user in [u for u in base.users if after(u)]:
+        user.replace_input_with(base, new[-1])
+    for old in _aliases(base) - {base}:  # views taken before the write and read after it: taken again
+        later = [u for u in old.users if after(u)]
+        if later:
+            again = _replay(graph, old, base, new[-1])
+            for user in later:
+                user.replace_input_with(old, again)
+
+
+def _write_back(graph: fx.Graph, view: fx.Node, value: fx.Node) -> fx.Node:
+    """The value of `view`'s input after `view` was overwritten by `value` (inserted after `value`)."""
+    aten, parent, kind = torch.ops.aten, view.args[0], _packet(view)
+    rest = list(view.args[1:])
+    if kind == "slice":
+        rest += [0, None, None, 1][len(rest):]
+        target, args = aten.slice_scatter.default, (parent, value, *rest)
+    elif kind == "select":
+        target, args = aten.select_scatter.default, (parent, value, *rest)
+    elif kind in ("alias", "detach"):
+        return value
+    elif kind == "t":
+        target, args = aten.t.default, (value,)
+    elif kind == "transpose":
+        target, args = aten.transpose.int, (value, *rest)
+    elif kind == "permute":
+        dims = [d % len(rest[0]) for d in rest[0]]
+        target, args = aten.permute.default, (value, [dims.index(i) for i in range(len(dims))])
+    else:  # unsqueeze
+        target, args = aten.squeeze.dim, (value, rest[0])
+    with graph.inserting_after(value):
+        out = graph.call_function(target, tuple(args), dict(view.kwargs) if kind in ("slice", "select") else {})
+    out.meta = {**parent.meta}
+    return out
+
+
+def _replay(graph: fx.Graph, old: fx.Node, base: fx.Node, new_base: fx.Node) -> fx.Node:
+    """The views that made `old` from `base`, taken again from `new_base` (inserted after it)."""
+    chain = []
+    while old is not base:
+        chain.append(old)
+        old = old.args[0]
+    prev = new_base
+    for view in reversed(chain):
+        with graph.inserting_after(prev):
+            prev = graph.call_function(view.target, (prev, *view.args[1:]), dict(view.kwargs))
+        prev.meta = {**view.meta}
+    return prev
 
 
 def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
@@ -231,76 +338,39 @@ class Captured:
         return self._by_batch[n]
 
 
-def check_dtypes(model: nn.Module, example) -> None:
-    """InputMismatchError unless floating inputs share the dtype and device of the model's floating parameters."""
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    args, kwargs = as_call(example)
-    for t in pytree.tree_leaves((args, kwargs)):
-        if not isinstance(t, torch.Tensor):
-            continue
-        if t.ndim and t.shape[0] == 0:
-            raise InputMismatchError(f"the example input of {type(model).__name__} has no rows (shape {tuple(t.shape)})")
-        if p is not None and t.is_floating_point() and t.dtype != p.dtype:
-            raise InputMismatchError(f"{type(model).__name__} has {p.dtype} weights but the input is {t.dtype}: convert one (e.g. x.to({p.dtype}))")
-        if p is not None and t.device != p.device:
-            raise InputMismatchError(f"{type(model).__name__} is on {p.device} but the input is on {t.device}: move one")
-
-
 def capture(model: nn.Module, example) -> Captured:
     """Export `model` (in eval mode) on `example` into a functional ATen graph.
 
     Args:
-        model: any nn.Module; its train/eval mode is restored afterwards.
+        model: any nn.Module; exported in eval mode, each submodule's mode restored afterwards.
         example: the model's input: a tensor (N, ...), a tuple of positional inputs, or a dict of keyword
             inputs (e.g. {"input_ids": (N, T) LongTensor}); N >= 2 keeps the batch axis dynamic.
     Returns:
         Captured graph; `run(state_dict, inputs, taps)` evaluates it.
     Raises:
-        InputMismatchError: the input's dtype, device or shape does not fit the model.
+        InputMismatchError: the input's dtype, device or shape does not fit the model (one eager forward,
+            `checks.check_example_input`, before anything is exported).
         UntraceableModelError: torch.export cannot follow the model (names the error and the user's source line).
     """
-    check_dtypes(model, example)
+    check_example_input(model, example)
     args, kwargs = as_call(example)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         try:
-            program = _export(model, args, kwargs, dynamic=True)
-        except Exception:  # some models refuse a dynamic batch axis: export at the example's batch size
-            program = _export(model, args, kwargs, dynamic=False)
-    except Exception as err:  # export raises many types (UserError, RuntimeError, TypeError, ...)
-        _raise_untraceable(model, example, err)
-    finally:
-        model.train(was_training)
+            try:
+                program = _export(model, args, kwargs, dynamic=True)
+            except Exception:  # some models refuse a dynamic batch axis: export at the example's batch size
+                program = _export(model, args, kwargs, dynamic=False)
+        except Exception as err:  # export raises many types (UserError, RuntimeError, TypeError, ...)
+            _raise_untraceable(model, err)
     return _captured(model, program, example)
 
 
-def _raise_untraceable(model: nn.Module, example, err: Exception):
+def _raise_untraceable(model: nn.Module, err: Exception):
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, (RuntimeError, ValueError, IndexError, TypeError)) and _fails_eagerly(model, example):
-        raise InputMismatchError(
-            f"{type(model).__name__} fails on an input of shape {_shapes(example)}: {type(err).__name__}: {first}"
-        ) from None
     raise UntraceableModelError(
         f"cannot trace {type(model).__name__} with torch.export{_where(err)}: {type(err).__name__}: {first}. "
         "Write the permutation spec by hand with onebasin.spec.from_groups(...), or make that code traceable."
     ) from None
-
-
-def _fails_eagerly(model: nn.Module, example) -> bool:
-    args, kwargs = as_call(example)
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception:
-        return True
-    return False
-
-
-def _shapes(example) -> str:
-    args, kwargs = as_call(example)
-    shapes = pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, (args, kwargs))
-    return str(shapes[1] if kwargs else (shapes[0][0] if len(shapes[0]) == 1 else shapes[0]))
 
 
 def _captured(model: nn.Module, program: ExportedProgram, example) -> Captured:

@@ -17,7 +17,9 @@ A label says where a tensor's units are:
 * `Multi(items)`: the outputs of an op returning several tensors;
 * `WeightView(key, axes)`: not permuted yet, but a view of the weight `key` (axes[i]: the weight axis
   that tensor axis i reads, None if none), so that where it meets a permuted tensor the weight becomes a
-  member (class tokens, position embeddings, layer scales, relative position bias tables).
+  member (class tokens, position embeddings, layer scales, relative position bias tables);
+* `Pieces(dim, items)`: weights and constants concatenated along `dim` (a bias built by `cat`); kept apart
+  in `Tracer.pieces` (the node's label is None), read only by a layer taking it as its bias.
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ class Multi:
 class WeightView:
     key: str
     axes: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Not permuted: weights (and constants) concatenated along axis `dim`, e.g. BEiT's bias
+    cat(q_bias, zeros, v_bias); items are (offset, length, WeightView or the constant's node)."""
+
+    dim: int
+    items: tuple
 
 
 def plain_axis(var: int, dim: int, units: int) -> Axis:
@@ -164,12 +175,31 @@ class Vars:
             self.fix(a)
 
     def _union_parts(self, a: int, b: int) -> None:
-        pa, pb = self.split(a, self.part_sizes(b)), self.split(b, self.part_sizes(a))
-        if [self.root(p).size for p in pa] != [self.root(p).size for p in pb]:
-            raise StructureError("two different splits of one axis")
+        """Union of two axes of which one at least is a direct sum: both are cut at every edge of either's
+        parts (nested parts where needed), then matching pieces are united."""
+        edges = sorted(set(self._edges(a)) | set(self._edges(b)))
+        pa, pb = self._cut(a, edges), self._cut(b, edges)
         self.v[b].parent = a
         for x, y in zip(pa, pb):
             self.union(x, y)
+
+    def _edges(self, a: int, offset: int = 0) -> list[int]:
+        """Offsets of the edges of every (nested) part of `a`, 0 and its size included."""
+        r = self.root(a)
+        if not r.parts:
+            return [offset, offset + r.size]
+        return [e for p, o in r.parts for e in self._edges(p, offset + o)]
+
+    def _cut(self, a: int, edges: list[int]) -> list[int]:
+        """The variables of the consecutive pieces of `a` between `edges` (splitting parts where needed)."""
+        r = self.root(a)
+        inner = [e for e in edges if 0 < e < r.size]
+        if not inner:
+            return [self.find(a)]
+        if not r.parts:
+            bounds = [0, *inner, r.size]
+            return self.split(a, [y - x for x, y in zip(bounds, bounds[1:])])
+        return [v for p, o in list(r.parts) for v in self._cut(p, [e - o for e in edges])]
 
     def part_sizes(self, a: int) -> list[int]:
         r = self.root(a)
@@ -271,6 +301,10 @@ class Tracer:
     notes: list[str] = field(default_factory=list)
     shapes: dict = field(default_factory=dict)  # state_dict key -> shape
     pending_norms: dict = field(default_factory=dict)  # multi-output norm node -> its input (for site moves)
+    varying: dict = field(default_factory=dict)  # unpermuted node -> axes along which its value may vary
+    pieces: dict = field(default_factory=dict)  # cat node of weights and constants -> Pieces
+    standardized: dict = field(default_factory=dict)  # batch_norm node standardising a weight -> (key, gain view)
+    companions: dict = field(default_factory=dict)  # (key, axis) -> [(key, axis)] that move with it (a gain)
 
     # helpers for rules -----------------------------------------------------------------------------------
     def shape(self, node) -> tuple[int, ...] | None:
@@ -280,6 +314,13 @@ class Tracer:
         """The activation label of an argument (None when unpermuted or not a node; WeightView excluded)."""
         lab = self.labels.get(arg) if isinstance(arg, fx.Node) else None
         return None if isinstance(lab, WeightView) else lab
+
+    def constant(self, arg):
+        """The value of a constant input of the graph (a non-persistent buffer, a lifted tensor), else None."""
+        if not isinstance(arg, fx.Node) or arg.op != "placeholder":
+            return None
+        spec = next((s for s in self.captured.program.graph_signature.input_specs if s.arg.name == arg.name), None)
+        return self.captured.program.constants.get(spec.target) if spec is not None and spec.target else None
 
     def weight(self, arg) -> WeightView | None:
         lab = self.labels.get(arg) if isinstance(arg, fx.Node) else None
@@ -299,6 +340,8 @@ class Tracer:
         layout = layout or Layout.plain(length if diag else self.vars.root(var).size, 1)
         for k in self.captured.aliases.get(key, (key,)):
             self.members.append((var, layout.member(k, axis, length, diag)))
+        for other, other_axis in self.companions.get((key, axis), ()):
+            self.add_member(var, other, other_axis, layout, diag)
 
     def add_site(self, var: int, node: fx.Node, dim: int, kind: str = "layer") -> None:
         self.sites.append((var, Site(node.name, dim, kind, module_path(node) if kind != "block" else None)))
@@ -324,28 +367,52 @@ class Tracer:
 
     # the walk ---------------------------------------------------------------------------------------------
     def run(self) -> None:
-        from .rules import RULES
-
         self.shapes = {k: tuple(v.shape) for k, v in self.captured.model.state_dict().items()}
-
         for node in self.captured.graph.nodes:
             if node.op == "placeholder":
                 key = self.key(node)
                 shape = self.shape(node)
-                self.labels[node] = WeightView(key, tuple(range(len(shape)))) if key and shape is not None else None
+                stored = key in self.shapes  # a non-persistent buffer is a constant: it cannot be permuted
+                self.labels[node] = WeightView(key, tuple(range(len(shape)))) if stored and shape is not None else None
             elif node.op == "output":
                 for n in self.captured.user_outputs():
                     self.fix_label(self.label(n))  # the network's outputs are never permuted
-            elif node.op == "call_function":
-                rule = RULES.get(node.target)
-                if rule is None:
-                    rule = RULES.get(getattr(node.target, "overloadpacket", None), default_rule)
-                try:
-                    self.labels[node] = rule(self, node)
-                except StructureError as err:
-                    raise self.refuse(node, str(err)) from None
             else:
-                self.labels[node] = None
+                self.visit(node)
+
+    def visit(self, node: fx.Node) -> None:
+        """Label one call_function node by its rule (unknown ops: `default_rule`)."""
+        from .rules import RULES
+
+        if node.op != "call_function":
+            self.labels[node] = None
+            return
+        rule = RULES.get(node.target)
+        if rule is None:
+            rule = RULES.get(getattr(node.target, "overloadpacket", None), default_rule)
+        try:
+            self.labels[node] = rule(self, node)
+        except StructureError as err:
+            raise self.refuse(node, str(err)) from None
+
+    def walk(self, graph: fx.Graph, inputs: list, module_stack=None):
+        """Label a small graph (a composite op's decomposition) whose placeholders carry `inputs`' labels;
+        returns the label of its output (Multi for several)."""
+        placeholders = iter(inputs)
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                self.labels[node] = next(placeholders)
+            elif node.op == "output":
+                outs = node.args[0]
+                if not isinstance(outs, (tuple, list)):
+                    return self.labels.get(outs)
+                labels = tuple(self.labels.get(o) for o in outs)
+                return labels[0] if len(labels) == 1 else Multi(labels)
+            else:
+                if module_stack:
+                    node.meta["nn_module_stack"] = module_stack
+                self.visit(node)
+        return None
 
     # result -----------------------------------------------------------------------------------------------
     def spec(self) -> PermutationSpec:

@@ -4,6 +4,7 @@ through reshapes by tracking where each unit's positions go (see ../tracer.py fo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch.fx as fx
@@ -154,18 +155,24 @@ def seg_end(seg: Seg) -> int:
 
 
 def cut_segs(t: Tracer, node, segs, bounds: list[int]) -> list[Seg]:
-    """Segments split at the given positions (a variable in one run is split into parts there)."""
+    """Segments split at the given positions: a variable whose units lie on both sides of a bound is split
+    into parts of consecutive units there (a run, or units interleaved with another segment's by a
+    channel shuffle); a bound through the positions of one unit is refused."""
     out = []
     for g in segs:
-        inner = [b for b in bounds if g.layout.start < b < seg_end(g)]
+        pos = seg_positions(g)
+        inner = [b for b in sorted(set(bounds)) if pos.min() < b <= pos.max()]
         if not inner:
             out.append(g)
             continue
-        if not is_run(g.layout):
+        side = np.searchsorted(np.asarray(inner), pos, side="right")
+        if len(g.layout.unit_shape) != 1 or not (side == side[:, :1]).all() or (np.diff(side[:, 0]) < 0).any():
             raise t.refuse(node, "a slice through units laid out in blocks")
-        edges = [g.layout.start, *inner, seg_end(g)]
-        parts = t.vars.split(g.var, [b - a for a, b in zip(edges, edges[1:])])
-        out += [Seg(p, Layout(a, (b - a,), (1,))) for p, a, b in zip(parts, edges, edges[1:])]
+        sizes = [int(n) for n in np.bincount(side[:, 0]) if n]
+        parts = t.vars.split(g.var, sizes)
+        first = np.cumsum([0, *sizes[:-1]])
+        step = g.layout.unit_strides[0]
+        out += [Seg(p, replace(g.layout, start=g.layout.start + int(u) * step, unit_shape=(n,))) for p, u, n in zip(parts, first, sizes)]
     return out
 
 
@@ -183,12 +190,14 @@ def heads_to_parts(t: Tracer, node, lab: Heads) -> Parts:
 # --- members from weights that meet a permuted tensor ---------------------------------------------------
 
 
-def weight_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node, view: WeightView) -> None:
+def weight_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node, view: WeightView, shape=None) -> None:
     """A weight (view) combined elementwise with a permuted tensor: the weight axis along each permuted
-    axis becomes a member; a weight that varies along the inside of heads forces those to stay."""
-    shape = t.shape(operand)
+    axis becomes a member; a weight that varies along the inside of heads forces those to stay. `shape`:
+    the operand's shape as the view sees it (default: the operand's own)."""
+    shape = shape or t.shape(operand)
     shift = len(out_shape) - len(shape)
-    axis_of = {d + shift: view.axes[d] for d in range(len(shape)) if shape[d] != 1}
+    broadcast = lambda d: view.axes[d] is not None and t.shapes[view.key][view.axes[d]] == 1  # noqa: E731 (an expanded axis)
+    axis_of = {d + shift: view.axes[d] for d in range(len(shape)) if shape[d] != 1 and not broadcast(d)}
     if isinstance(label, Axis):
         if label.dim in axis_of:
             if axis_of[label.dim] is None:
@@ -212,7 +221,7 @@ def constant_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node)
     if shape is None:
         return
     shift = len(out_shape) - len(shape)
-    varies = {d + shift for d in range(len(shape)) if shape[d] != 1}
+    varies = {d + shift for d in varying_dims(t, operand)}
     if isinstance(label, Axis) and label.dim in varies:
         t.fix_label(label, node, f"{operand.name} varies along the permuted axis {label.dim}: kept in place")
     elif isinstance(label, Heads):
@@ -224,6 +233,59 @@ def constant_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node)
             t.notes.append(f"{node.name}: {operand.name} varies over the heads: heads kept in place")
     elif isinstance(label, Parts) and label_dims_of(label) & varies:
         t.fix_label(label, node, f"{operand.name} varies along a permuted axis")
+
+
+_BROADCASTS = {"expand", "expand_as", "type_as"}  # the second argument lends only a shape or dtype
+_FILLS = {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full", "zeros", "ones", "full", "scalar_tensor"}
+_REDUCES = {"sum", "mean", "amax", "amin", "max", "min", "prod", "any", "all", "logsumexp"}
+
+
+def varying_dims(t: Tracer, node: fx.Node, depth: int = 0) -> set[int]:
+    """Axes along which an unpermuted computed tensor may vary: not those of size 1, nor those it was
+    expanded along (a padding mask expanded over the hidden axis), through casts, elementwise ops and
+    reductions. Conservative: an op it does not know varies along every axis longer than 1."""
+    if node in t.varying:
+        return t.varying[node]
+    shape = t.shape(node) or ()
+    out = {d for d in range(len(shape)) if shape[d] != 1}
+    value = t.constant(node)
+    if value is not None and value.shape == shape:  # a constant known here: where its values differ
+        out = {d for d in out if not bool((value == value.narrow(d, 0, 1)).all())}
+    packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", None) if node.op == "call_function" else None
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) and t.shape(node.args[0]) is not None else None
+    if packet in _FILLS:  # one value everywhere
+        out = set()
+    elif packet == "lift_fresh_copy" and src is not None:
+        out &= varying_dims(t, src, depth + 1)
+    elif src is not None and depth < 64:
+        if packet in _BROADCASTS:
+            shift = len(shape) - len(t.shape(src))
+            out &= {d + shift for d in varying_dims(t, src, depth + 1)}  # expanded axes do not vary
+        elif packet in _REDUCES and isinstance(node.args[1] if len(node.args) > 1 else None, (int, list, tuple)):
+            out &= _reduced(t, node, varying_dims(t, src, depth + 1))
+        elif _elementwise(t, node):
+            inner: set[int] = set()
+            for a in node.all_input_nodes:
+                if t.shape(a) is not None:
+                    inner |= {d + len(shape) - len(t.shape(a)) for d in varying_dims(t, a, depth + 1)}
+            out &= inner
+    t.varying[node] = out
+    return out
+
+
+def _reduced(t: Tracer, node: fx.Node, dims: set[int]) -> set[int]:
+    """Varying axes of a reduction's input, renumbered for its output (keepdim or not)."""
+    ndim = len(t.shape(node.args[0]))
+    red = node.args[1]
+    red = {norm_dim(d, ndim) for d in ((red,) if isinstance(red, int) else red)} or set(range(ndim))
+    keep = len(t.shape(node)) == ndim
+    return {d if keep else d - sum(r < d for r in red) for d in dims if d not in red}
+
+
+def _elementwise(t: Tracer, node: fx.Node) -> bool:
+    from .elementwise import ELEMENTWISE
+
+    return node.target in ELEMENTWISE
 
 
 def label_dims_of(label) -> set[int]:
@@ -286,10 +348,13 @@ def _unit_dims(coords, dst_dims) -> list[int]:
 
 def _per_unit(c: np.ndarray) -> np.ndarray:
     """(units, r') unique sorted values per row (each row must have the same count)."""
-    rows = [np.unique(r) for r in c]
-    if len({len(r) for r in rows}) != 1:
+    s = np.sort(c, axis=1)
+    keep = np.ones(s.shape, dtype=bool)
+    keep[:, 1:] = s[:, 1:] != s[:, :-1]
+    counts = keep.sum(1)
+    if (counts != counts[0]).any():
         raise StructureError("a reshape that spreads units unevenly")
-    return np.stack(rows)
+    return s[keep].reshape(len(s), counts[0])
 
 
 def _constants(coords, udims: list[int], dst_dims: list[int]) -> dict[int, int]:
@@ -301,13 +366,16 @@ def _constants(coords, udims: list[int], dst_dims: list[int]) -> dict[int, int]:
     return out
 
 
-def map_positions(t: Tracer, node, var: int, flat: np.ndarray, dst: tuple[int, ...], dst_dims: list[int]):
+def map_positions(t: Tracer, node, var: int, flat: np.ndarray, dst: tuple[int, ...], dst_dims: list[int], prefer: int | None = None):
     """(label, constants) of one variable's units at flat positions (units, r) of a group, after viewing the
     group as the destination axes `dst_dims`. The label is Axis or Heads (Parts for a split into parts);
-    constants are the axes on which all its positions share one coordinate {axis: value}."""
+    constants are the axes on which all its positions share one coordinate {axis: value}. A variable of one
+    unit lies on axis `prefer` (that of the tensor's other pieces), else on the last axis."""
     coords = np.unravel_index(flat, tuple(dst[d] for d in dst_dims))
     udims = _unit_dims(coords, dst_dims)
     units = flat.shape[0]
+    if len(udims) == 0 and units == 1:
+        udims = [dst_dims.index(prefer) if prefer in dst_dims else len(dst_dims) - 1]
     consts = _constants(coords, udims, dst_dims)
     if len(udims) == 0:
         raise StructureError("a reshape that makes units indistinguishable")
@@ -350,7 +418,7 @@ def reshape_label(t: Tracer, node: fx.Node, label, src: tuple[int, ...], dst: tu
         for si, dj in groups:
             if len(si) == 1 and len(dj) == 1:
                 axes[dj[0]] = label.axes[si[0]]
-            elif any(label.axes[d] is not None for d in si):
+            elif any(label.axes[d] is not None and src[d] != 1 for d in si):  # dropping a size-1 axis loses nothing
                 return None
         return WeightView(label.key, tuple(axes))
     untouched = {d: group_of[d][1][0] for d in range(len(src)) if len(group_of[d][0]) == 1 and len(group_of[d][1]) == 1}
@@ -360,11 +428,13 @@ def reshape_label(t: Tracer, node: fx.Node, label, src: tuple[int, ...], dst: tu
         return remap(label, untouched)
     if isinstance(label, Heads) and group_of[label.head_dim] is not group_of[label.inner_dim]:
         return _reshape_heads_axis(t, node, label, src, dst, group_of)
-    outs = []
-    for var, coords, (si, dj) in _unit_coords(t, node, label, group_of):
-        flat = _flat(src, si, coords)
-        outs.append(map_positions(t, node, var, flat, dst, dj))
-    return _combine(t, node, outs)
+    pieces = [(var, _flat(src, si, coords), dj) for var, coords, (si, dj) in _unit_coords(t, node, label, group_of)]
+    outs = {i: map_positions(t, node, var, flat, dst, dj) for i, (var, flat, dj) in enumerate(pieces) if len(flat) > 1}
+    dims = [lab.dim for lab, _ in outs.values() if isinstance(lab, Axis)]
+    for i, (var, flat, dj) in enumerate(pieces):  # one-unit variables (a shuffle's finest parts) lie beside the others
+        if i not in outs:
+            outs[i] = map_positions(t, node, var, flat, dst, dj, prefer=dims[0] if dims else None)
+    return _combine(t, node, [outs[i] for i in range(len(pieces))])
 
 
 def _reshape_heads_axis(t: Tracer, node, label: Heads, src, dst, group_of) -> Heads:
@@ -420,13 +490,20 @@ def _combine(t: Tracer, node, outs: list):
         return Axis(labels[0].dim, tuple(s for lab in labels for s in lab.segs))
     axes = set.intersection(*(set(c) for _, c in outs))
     for d in sorted(axes):
-        values = [c[d] for _, c in outs]
-        if len(set(values)) == len(values):
-            parts = [None] * (max(values) + 1)
-            for lab, v in zip(labels, values):
-                parts[v] = lab
+        by_value: dict[int, list] = {}
+        for lab, c in outs:
+            by_value.setdefault(c[d], []).extend(lab.segs)
+        if all(_disjoint(segs) for segs in by_value.values()):
+            parts = [None] * (max(by_value) + 1)
+            for v, segs in by_value.items():
+                parts[v] = Axis(labels[0].dim, tuple(segs))
             return Parts(d, tuple(parts))
     raise t.refuse(node, "a reshape that overlaps concatenated parts")
+
+
+def _disjoint(segs) -> bool:
+    positions = np.concatenate([seg_positions(s).reshape(-1) for s in segs])
+    return len(np.unique(positions)) == len(positions)
 
 
 def weight_view_through(label, dims_map: dict[int, int | None], ndim: int):

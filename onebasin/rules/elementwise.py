@@ -30,6 +30,11 @@ def unary(t: Tracer, node: fx.Node):
     return lab
 
 
+def cast_like(t: Tracer, node: fx.Node):
+    """type_as(x, other): x's values in other's dtype; `other` lends only its dtype."""
+    return t.labels.get(node.args[0])
+
+
 def _operands(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes]
 
@@ -175,7 +180,7 @@ UNARY = [
     aten.lift_fresh_copy.default, aten.dropout.default, aten.contiguous.default, aten.mul.Scalar, aten.div.Scalar,
     aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.pow.Scalar, aten.floor.default, aten.ceil.default,
     aten.round.default, aten.trunc.default,
-    aten.masked_fill.Scalar, aten.nan_to_num.default, aten.type_as.default, aten.threshold.default,
+    aten.masked_fill.Scalar, aten.nan_to_num.default, aten.threshold.default,
     aten.hardshrink.default, aten.softshrink.default, aten.logical_not.default, aten.bitwise_not.default,
     aten.isnan.default, aten.isinf.default, aten.fill.Scalar,
 ]  # fmt: skip
@@ -189,6 +194,7 @@ JOINS = [
     aten.__or__.Tensor, aten.copysign.Tensor, aten.fmod.Tensor, aten.remainder.Tensor, aten.floor_divide.default,
     aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar, aten.hypot.default, aten.xlogy.Tensor,
 ]  # fmt: skip
+ELEMENTWISE = {*UNARY, *JOINS}  # outputs vary only where some operand does
 REDUCTIONS = [
     aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default, aten.amin.default,
     aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim, aten.linalg_vector_norm.default,
@@ -207,6 +213,7 @@ RULES = {
     aten.softmax.int: softmax,
     aten._log_softmax.default: softmax,
     aten.log_softmax.int: softmax,
+    aten.type_as.default: cast_like,
     aten.cumsum.default: order_dependent,
     aten.cumprod.default: order_dependent,
     aten.sort.default: order_dependent,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..tracer import Axis, Tracer
-from ._common import args_of, plain_axis
+from ..tracer import Axis, Tracer, WeightView
+from ._common import args_of, plain_axis, varying_dims
 
 
 def _weight(t: Tracer, node: fx.Node, arg, out_axis: int, in_axis: int):
@@ -41,14 +41,33 @@ def _layer(t: Tracer, node: fx.Node, x, weight, bias, in_dim: int, out_dim: int,
             for s in lab.segs:
                 t.add_member(s.var, w[0], w[2], s.layout)
     var = t.new_var(node, units)
-    if w is None or (bias is not None and _bias_key(t, bias) is None):
+    if w is None:
         t.vars.fix(var)
     else:
         t.add_member(var, w[0], w[1])
-        if bias is not None:
-            t.add_member(var, _bias_key(t, bias), 0)
+        _bias(t, var, bias)
     t.add_site(var, node, out_dim)
     return plain_axis(var, out_dim, units)
+
+
+def _bias(t: Tracer, var: int, bias) -> None:
+    """The bias follows the output units: a weight is a member; weights concatenated with constants (Pieces)
+    split the output into parts, each following its piece (a constant piece that varies keeps its part)."""
+    if bias is None:
+        return
+    if _bias_key(t, bias) is not None:
+        t.add_member(var, _bias_key(t, bias), 0)
+        return
+    pieces = t.pieces.get(bias)
+    if pieces is None or t.label(bias) is not None:
+        t.vars.fix(var)
+        return
+    parts = t.vars.split(var, [n for _, n, _ in pieces.items])
+    for part, (_, _, item) in zip(parts, pieces.items):
+        if isinstance(item, WeightView) and item.axes[pieces.dim] is not None:
+            t.add_member(part, item.key, item.axes[pieces.dim])
+        elif isinstance(item, WeightView) or varying_dims(t, item):
+            t.vars.fix(part)
 
 
 def linear(t: Tracer, node: fx.Node):
@@ -79,6 +98,8 @@ def _grouped_conv(t: Tracer, node: fx.Node, a: dict, g: int):
     cin, cout = t.shape(a["input"])[1], t.shape(node)[1]
     w = _weight(t, node, a["weight"], 0, 1)
     bias = a["bias"]
+    if cin == g == cout and isinstance(lab, Axis) and lab.dim == 1 and w is not None and (bias is None or _bias_key(t, bias)):
+        return _depthwise(t, node, lab, w[0], w[1], bias)
     if lab is not None and not (isinstance(lab, Axis) and lab.dim == 1 and len(lab.segs) == 1 and lab.segs[0].layout.is_plain()
                                 and lab.segs[0].layout.block_size() == 1):  # fmt: skip
         raise t.refuse(node, f"a conv with groups={g} on channels that are concatenated or laid out otherwise")
@@ -92,8 +113,6 @@ def _grouped_conv(t: Tracer, node: fx.Node, a: dict, g: int):
     if lab is None:
         out = t.new_var(node, cout)
         t.vars.fix(t.vars.structure(out, g))  # inputs stay: so do the groups
-    elif cin == g and cout == cin:  # depthwise: every filter follows its channel
-        out = lab.segs[0].var
     else:
         vin = lab.segs[0].var
         heads = t.vars.structure(vin, g)
@@ -106,6 +125,18 @@ def _grouped_conv(t: Tracer, node: fx.Node, a: dict, g: int):
         t.add_member(out, _bias_key(t, bias), 0)
     t.add_site(out, node, 1)
     return plain_axis(out, 1, cout)
+
+
+def _depthwise(t: Tracer, node: fx.Node, lab: Axis, key: str, axis: int, bias) -> Axis:
+    """Depthwise conv: each filter (and bias) follows its channel, wherever the channel lies (concatenated
+    or shuffled channels too); the output is labelled as the input."""
+    for s in lab.segs:
+        t.add_member(s.var, key, axis, s.layout)
+        if bias is not None:
+            t.add_member(s.var, _bias_key(t, bias), 0, s.layout)
+    if len(lab.segs) == 1 and lab.segs[0].layout.is_plain():
+        t.add_site(lab.segs[0].var, node, 1)
+    return lab
 
 
 def embedding(t: Tracer, node: fx.Node):

@@ -10,8 +10,9 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from ..tracer import Axis, Heads, Multi, Parts, Seg, Tracer, WeightView, label_dims, remap
-from ._common import args_of, constant_joins, cut_segs, heads_to_parts, norm_dim, seg_end, reshape_label, unify_labels, weight_joins
+from ..tracer import Axis, Heads, Multi, Parts, Pieces, Seg, Tracer, WeightView, label_dims, remap
+from ._common import (args_of, constant_joins, cut_segs, heads_to_parts, norm_dim, reshape_label, seg_end, unify_labels,
+                      varying_dims, weight_joins)
 
 aten = torch.ops.aten
 
@@ -46,6 +47,20 @@ def transpose(t: Tracer, node: fx.Node):
     return _moved(t, node, t.labels.get(x), mapping)
 
 
+def movedim(t: Tracer, node: fx.Node):
+    """movedim/moveaxis(x, source, destination): the same reordering torch.movedim computes."""
+    x, src, dst = node.args[0], node.args[1], node.args[2]
+    ndim = len(t.shape(x))
+    src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))
+    src, dst = [norm_dim(d, ndim) for d in src], [norm_dim(d, ndim) for d in dst]
+    order = [None] * ndim  # order[new axis] = old axis
+    for a, b in zip(src, dst):
+        order[b] = a
+    rest = iter(d for d in range(ndim) if d not in src)
+    order = [next(rest) if o is None else o for o in order]
+    return _moved(t, node, t.labels.get(x), {old: new for new, old in enumerate(order)})
+
+
 def unsqueeze(t: Tracer, node: fx.Node):
     x = node.args[0]
     ndim = len(t.shape(x))
@@ -73,9 +88,18 @@ def expand(t: Tracer, node: fx.Node):
 def reshape(t: Tracer, node: fx.Node):
     x = node.args[0]
     lab = t.labels.get(x)
+    if x in t.standardized and t.shape(node) == t.shapes[t.standardized[x][0]]:
+        return _standardized(t, *t.standardized[x])
     if lab is None:
         return None
     return reshape_label(t, node, lab, t.shape(x), t.shape(node))
+
+
+def _standardized(t: Tracer, key: str, gain) -> WeightView:
+    """A standardised weight viewed back in its shape: a view of the weight whose output channels carry the gain."""
+    if gain is not None:
+        t.companions.setdefault((key, 0), []).append((gain.key, gain.axes[0]))
+    return WeightView(key, tuple(range(len(t.shapes[key]))))
 
 
 def select(t: Tracer, node: fx.Node):
@@ -214,8 +238,13 @@ def stack(t: Tracer, node: fx.Node):
     for lab in acts[1:]:
         unify_labels(t, node, ref, lab)
     for x, lab in zip(tensors, labs):
-        if lab is None:
-            constant_joins(t, node, ref, out_shape, x)
+        shape = list(t.shape(x))
+        shape.insert(dim, 1)
+        if isinstance(lab, WeightView):
+            weight_joins(t, node, ref, out_shape, x, lab, tuple(shape))
+        elif lab is None and {d + (d >= dim) for d in varying_dims(t, x)} & label_dims(ref):
+            t.fix_label(ref, node, f"{x.name} varies along a permuted axis: kept in place")
+            return None
     return ref
 
 
@@ -223,8 +252,9 @@ def _join_along(t: Tracer, node: fx.Node, tensors, dim: int, out_shape):
     """cat: along a permuted axis the segments of each input are placed at its offset; along another axis
     every input shares the permutation (class token + patches: the token is a member)."""
     labs = [t.labels.get(x) for x in tensors]
-    acts = [(x, lab) for x, lab in zip(tensors, labs) if lab is not None and not isinstance(lab, WeightView)]
+    acts = [(x, lab) for x, lab in zip(tensors, labs) if t.label(x) is not None]
     if not acts:
+        t.pieces[node] = _weight_pieces(t, tensors, labs, dim)
         return None
     along = [dim in label_dims(lab) for _, lab in acts]
     if all(along):
@@ -249,6 +279,63 @@ def _join_along(t: Tracer, node: fx.Node, tensors, dim: int, out_shape):
     return ref
 
 
+def copy(t: Tracer, node: fx.Node):
+    """copy(self, src): src's values broadcast to self's shape (a functionalised `x[...] = src`)."""
+    src = node.args[1]
+    lab = t.labels.get(src) if isinstance(src, fx.Node) else None
+    if lab is None or isinstance(lab, WeightView):
+        return None if lab is None or t.shape(src) != t.shape(node) else lab
+    shift = len(t.shape(node)) - len(t.shape(src))
+    for d in label_dims(lab):
+        if t.shape(src)[d] != t.shape(node)[d + shift]:
+            raise t.refuse(node, "a copy that broadcasts along the permuted axis")
+    return remap(lab, {d: d + shift for d in label_dims(lab)})
+
+
+def scatter(t: Tracer, node: fx.Node):
+    """slice_scatter/select_scatter(base, src, dim, ...): src written into a slice of base (an in-place write,
+    functionalised). Along another axis both share the permutation; along the permuted axis they stay."""
+    a = args_of(node)
+    base, src = a["self"], a["src"]
+    ndim = len(t.shape(base))
+    dim = norm_dim(a["dim"], ndim)
+    lb, ls = t.label(base), t.label(src)
+    if ls is not None and node.target == aten.select_scatter.default:
+        ls = remap(ls, {d: d + (d >= dim) for d in label_dims(ls)})
+    if lb is None and ls is None:
+        return None
+    if dim in label_dims(lb) | label_dims(ls):
+        for lab in (lb, ls):
+            t.fix_label(lab, node, "a write into a slice of the permuted axis keeps its units in place")
+        return None
+    ref = lb if lb is not None else ls
+    if lb is not None and ls is not None:
+        unify_labels(t, node, lb, ls)
+    other = src if lb is not None else base
+    if t.weight(other) is not None:
+        raise t.refuse(node, "a weight written into a slice of a permuted tensor")
+    if t.labels.get(other) is None:  # a constant: where it varies along a permuted axis, that axis stays
+        varies = varying_dims(t, other)
+        if other is src and node.target == aten.select_scatter.default:
+            varies = {d + (d >= dim) for d in varies}
+        if varies & label_dims(ref):
+            t.fix_label(ref, node, f"{other.name} varies along a permuted axis: kept in place")
+            return None
+    return ref
+
+
+def _weight_pieces(t: Tracer, tensors, labs, dim: int):
+    """A concatenation of weights and constants (no activation): Pieces, so that a layer using it as its bias
+    can permute each weight (BEiT's cat(q_bias, zeros, v_bias)); None when no weight is in it."""
+    if not any(isinstance(lab, WeightView) for lab in labs):
+        return None
+    items, offset = [], 0
+    for x, lab in zip(tensors, labs):
+        items.append((offset, t.shape(x)[dim], lab if isinstance(lab, WeightView) else x))
+        offset += t.shape(x)[dim]
+    return Pieces(dim, tuple(items))
+
+
 def pad(t: Tracer, node: fx.Node):
     x, pads = node.args[0], node.args[1]
     lab = t.labels.get(x)
@@ -268,7 +355,8 @@ def pad(t: Tracer, node: fx.Node):
 
 
 def pool(spatial: int):
-    """max/avg/adaptive pooling over the last `spatial` axes: the permuted axis must not be one of them."""
+    """Pooling and upsampling (interpolation) over the last `spatial` axes, each channel alike: the permuted
+    axis must not be one of them."""
 
     def rule(t: Tracer, node: fx.Node):
         x = node.args[0]
@@ -277,7 +365,7 @@ def pool(spatial: int):
             return None
         ndim = len(t.shape(x))
         if label_dims(lab) & set(range(ndim - spatial, ndim)):
-            raise t.refuse(node, "pooling over the permuted axis")
+            raise t.refuse(node, "pooling or interpolation over the permuted axis")
         return lab
 
     return rule
@@ -342,15 +430,28 @@ def shape_only(t: Tracer, node: fx.Node):
     return None
 
 
+_UPSAMPLE = {"upsample_nearest1d": 1, "upsample_nearest2d": 2, "upsample_nearest3d": 3, "_upsample_nearest_exact1d": 1,
+             "_upsample_nearest_exact2d": 2, "_upsample_nearest_exact3d": 3, "upsample_linear1d": 1,
+             "upsample_bilinear2d": 2, "upsample_bicubic2d": 2, "upsample_trilinear3d": 3, "_upsample_bilinear2d_aa": 2,
+             "_upsample_bicubic2d_aa": 2}  # fmt: skip
 RULES = {
     aten.permute.default: permute,
     aten.transpose.int: transpose,
     aten.t.default: transpose,
+    aten.swapaxes.default: transpose,
+    aten.swapdims.default: transpose,
+    aten.movedim.int: movedim,
+    aten.movedim.intlist: movedim,
+    aten.moveaxis.int: movedim,
+    aten.moveaxis.intlist: movedim,
     aten.unsqueeze.default: unsqueeze,
     aten.squeeze.dim: squeeze,
     aten.squeeze.dims: squeeze,
     aten.squeeze.default: squeeze,
     aten.expand.default: expand,
+    aten.expand_as.default: expand,  # the second tensor lends only its shape
+    aten.view_as.default: reshape,
+    aten.reshape_as.default: reshape,
     aten.view.default: reshape,
     aten.reshape.default: reshape,
     aten._unsafe_view.default: reshape,
@@ -365,6 +466,9 @@ RULES = {
     aten.unbind.int: unbind,
     aten.cat.default: cat,
     aten.stack.default: stack,
+    aten.copy.default: copy,
+    aten.slice_scatter.default: scatter,
+    aten.select_scatter.default: scatter,
     aten.constant_pad_nd.default: pad,
     aten.pad.default: pad,
     aten.max_pool1d.default: pool(1),
@@ -381,6 +485,7 @@ RULES = {
     aten.max_pool3d_with_indices.default: pool_with_indices(3),
     aten.adaptive_max_pool1d.default: pool_with_indices(1),
     aten.adaptive_max_pool2d.default: pool_with_indices(2),
+    **{getattr(aten, op): pool(n) for op, n in _UPSAMPLE.items()},  # every overload (.vec, .default)
     aten.roll.default: order_moving,
     aten.flip.default: order_moving,
     aten.repeat.default: order_moving,

@@ -5,6 +5,7 @@ norm's output is a site of kind "norm" (REPAIR of LayerNorm networks, folded int
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -62,10 +63,35 @@ def batch_norm_no_training(t: Tracer, node: fx.Node):
 
 def batch_norm(t: Tracer, node: fx.Node):
     a = args_of(node)
+    standardized = _standardized_weight(t, a)
+    if standardized is not None:
+        t.standardized[node] = standardized
+        return None
     lab = _channel_norm(t, node, a["input"], (a["weight"], a["bias"], a["running_mean"], a["running_var"]))
     if lab is not None:
         norm_site(t, a["input"], node, lab)
     return lab
+
+
+def _standardized_weight(t: Tracer, a: dict):
+    """(key, gain view or None) when the batch_norm standardises a weight W: F.batch_norm(W.reshape(1, C, -1),
+    None, None, gain, training=True) (NFNet's ScaledStdConv2d, BiT's StdConv2d). Each output channel's row is
+    normalised by its own statistics, which no permutation of its entries changes; its gain follows it."""
+    x, gain = a["input"], a["weight"]
+    if not a["training"] or any(a[k] is not None for k in ("running_mean", "running_var", "bias")):
+        return None
+    if not isinstance(x, fx.Node) or x.op != "call_function" or x.target not in (aten.reshape.default, aten.view.default):
+        return None
+    w = t.weight(x.args[0])
+    if w is None or w.axes != tuple(range(len(t.shapes[w.key]))):
+        return None
+    shape = t.shapes[w.key]
+    if t.shape(x) != (1, shape[0], math.prod(shape[1:])):
+        return None
+    g = t.weight(gain) if gain is not None else None
+    if gain is not None and (g is None or len(g.axes) != 1 or g.axes[0] is None):
+        return None
+    return w.key, g
 
 
 def _last_dims_norm(t: Tracer, node: fx.Node, x, normalized: int, params):
