@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .checks import _eval_mode, check_example_input
+from .checks import check_example_input, eval_mode
 from .errors import InputMismatchError, UntraceableModelError
 
 StateDict = dict[str, torch.Tensor]
@@ -354,7 +354,7 @@ def capture(model: nn.Module, example) -> Captured:
     """
     check_example_input(model, example)
     args, kwargs = as_call(example)
-    with _eval_mode(model):
+    with eval_mode(model):
         try:
             try:
                 program = _export(model, args, kwargs, dynamic=True)

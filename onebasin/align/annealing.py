@@ -1,7 +1,9 @@
 """Simulated annealing over permutations (Entezari, Sedghi, Saukh, Neyshabur 2021, "The role of
 permutation invariance in linear mode connectivity", Algorithm 1).
 
-State: one permutation per group per model. A move swaps two units of one group of one model; it is
+State: one permutation per group per model. A move swaps two units of one group of one model; in a
+structured group (attention heads, conv groups) it swaps two whole blocks (carrying along the groups
+whose blocks follow it) or two units inside one block, so every state keeps the block structure. It is
 accepted by the Metropolis rule, always if the objective drops and with probability exp(-delta / T)
 otherwise, T cooling geometrically from `t0` to `t0 * cooling` over the evaluation budget. Objective
 (Entezari et al. eq. 1, on one held-out batch): the barrier of the models' average,
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..permute import StateDict, apply_perms, permute_member
+from ..permute import StateDict, apply_perms, block_perm, permute_member
 from ..spec import Group, PermutationSpec
 from ..stats import eval_mode
 from ._registry import AlignResult, device_of, first_examples, initial_perms, register_method, require_module
@@ -44,7 +46,7 @@ class _Objective:
 
     def run(self, sd: StateDict) -> torch.Tensor:
         with torch.no_grad():
-            return functional_call(self.scratch, sd, (self.x,))
+            return functional_call(self.scratch, sd, (self.x,), tie_weights=False)  # tied keys are permuted alike
 
     def __call__(self, merged: list[StateDict]) -> float:
         return max(self.loss_fn(self.run(sd), self.target).item() - e for sd, e in zip(merged, self.endpoint))
@@ -67,11 +69,48 @@ def _swap(size: int, u: int, v: int) -> torch.Tensor:
     return t
 
 
-def _swapped(sd: StateDict, group: Group, t: torch.Tensor) -> StateDict:
-    """A new state_dict with `group`'s units re-indexed by t on every tensor axis it permutes."""
+def _moves(spec: PermutationSpec) -> list[tuple[Group, str]]:
+    """Every kind of move that keeps the block structure: (group, "units" | "blocks" | "inside")."""
+    out = []
+    for g in spec.groups.values():
+        if not g.structured and g.parent is None and g.size >= 2:
+            out.append((g, "units"))
+        if g.structured and g.parent is None and not g.fixed_blocks and g.blocks >= 2:
+            out.append((g, "blocks"))
+        if g.structured and g.inner and g.block >= 2:
+            out.append((g, "inside"))
+    return out
+
+
+def _draw(rng: random.Random, spec: PermutationSpec, group: Group, kind: str) -> dict[str, torch.Tensor]:
+    """One random transposition as {group name: permutation of its units}, with the groups whose blocks
+    follow a moved group (e.g. each head's query/key and value units when the heads swap)."""
+    if kind == "inside":
+        b, (u, v) = rng.randrange(group.blocks), rng.sample(range(group.block), 2)
+        t = _swap(group.size, b * group.block + u, b * group.block + v)
+    elif kind == "blocks":
+        t = block_perm(_swap(group.blocks, *rng.sample(range(group.blocks), 2)), torch.arange(group.block).expand(group.blocks, -1))
+    else:
+        t = _swap(group.size, *rng.sample(range(group.size), 2))
+    moved = {group.name: t}
+    _follow(spec, group.name, t, moved)
+    return moved
+
+
+def _follow(spec: PermutationSpec, name: str, t: torch.Tensor, moved: dict) -> None:
+    """Add the block permutation of every group whose blocks follow the units of group `name`, moved by t
+    (recursively)."""
+    for c in spec.children(name):
+        moved[c.name] = block_perm(t, torch.arange(c.block).expand(len(t), -1))
+        _follow(spec, c.name, moved[c.name], moved)
+
+
+def _swapped(sd: StateDict, spec: PermutationSpec, moved: dict[str, torch.Tensor]) -> StateDict:
+    """A new state_dict with each moved group's units re-indexed by its permutation on every axis it permutes."""
     out = dict(sd)
-    for m in group.members:
-        out[m.key] = permute_member(out[m.key], m, t)
+    for name, t in moved.items():
+        for m in spec.groups[name].members:
+            out[m.key] = permute_member(out[m.key], m, t)
     return out
 
 
@@ -126,8 +165,8 @@ def anneal_many(
     mixes = [[1 - a, a] for a in alphas] if n == 2 else [[1 / n] * n]
     perms = [initial_perms(spec, (init or [None] * n)[i]) for i in range(n)]
     cur = [apply_perms(spec, p, {k: v.detach().to(dev) for k, v in m.state_dict().items()}) for p, m in zip(perms, models)]
-    movable, chosen = [g for g in spec.groups.values() if g.size >= 2], list(range(1 if fix_first else 0, n))
-    evaluations = budget if movable else 1
+    moves, chosen = _moves(spec), list(range(1 if fix_first else 0, n))
+    evaluations = budget if moves else 1
     with eval_mode(models[0]):
         objective = _Objective(models[0], cur, mixes, x.to(dev), None if y is None else y.to(dev), loss_fn)
         merged = [_mix(cur, w, cur[0].keys()) for w in mixes]
@@ -137,14 +176,14 @@ def anneal_many(
         every = max(1, budget // 500)
         with tqdm(total=evaluations, initial=1, unit="eval", desc="annealing", disable=not progress) as bar:
             for k in range(1, evaluations):
-                i, g = rng.choice(chosen), rng.choice(movable)
-                t = _swap(g.size, *rng.sample(range(g.size), 2))
-                trial = cur[:i] + [_swapped(cur[i], g, t)] + cur[i + 1 :]
-                trial_merged = [{**mg, **_mix(trial, w, {m.key for m in g.members})} for mg, w in zip(merged, mixes)]
+                i, moved = rng.choice(chosen), _draw(rng, spec, *rng.choice(moves))
+                trial = cur[:i] + [_swapped(cur[i], spec, moved)] + cur[i + 1 :]
+                keys = {m.key for name in moved for m in spec.groups[name].members}
+                trial_merged = [{**mg, **_mix(trial, w, keys)} for mg, w in zip(merged, mixes)]
                 trial_value = objective(trial_merged)
                 if _metropolis(rng, trial_value - value, t0 * cooling ** (k / budget)):
                     cur, merged, value, accepted = trial, trial_merged, trial_value, accepted + 1
-                    perms[i] = {**perms[i], g.name: perms[i][g.name][t]}
+                    perms[i] = {**perms[i], **{name: perms[i][name][t] for name, t in moved.items()}}
                     if value < best:
                         best, best_perms = value, [dict(p) for p in perms]
                 if k % every == 0 or k == evaluations - 1:
