@@ -39,7 +39,7 @@ print = functools.partial(print, flush=True)  # noqa: A001
 OUT = Path(__file__).resolve().parent / "results" / "transformers"
 PAIRS = {
     "vit": ("vit_width128_fashionmnist_e3_s{}", "fashionmnist", 28),
-    "gpt": ("gpt_width192_pydoc_e6_s{}", "pydoc", None),
+    "gpt": ("gpt_tieFalse_width192_pydoc_e6_s{}", "pydoc", None),  # untied head (with a bias): orthogonal needs it
 }
 METHODS = ["none", "activation", "weight", "orthogonal"]
 SITES = ("layer", "norm")

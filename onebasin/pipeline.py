@@ -82,11 +82,13 @@ def _check_models(model_a: nn.Module, model_b: nn.Module) -> None:
     check_finite(sd_a, "model A"), check_finite(sd_b, "model B")
 
 
-def _example(model: nn.Module, data: Iterable, name: str = "the data") -> torch.Tensor:
-    """The first batch's input (64 rows) on the model's device, checked to run through `model`."""
+def _example(model: nn.Module, data: Iterable, name: str = "the data", check: bool = True) -> torch.Tensor:
+    """The first batch's input (64 rows) on the model's device, checked to run through `model` (`check`;
+    `trace` checks it itself)."""
     param = next(model.parameters(), None)
     example = first_input(data, 64, param.device if param is not None else None, name=name)
-    check_example_input(model, example)
+    if check:
+        check_example_input(model, example)
     return example
 
 
@@ -130,7 +132,7 @@ def merge(
         raise EmptyDataError(f"merge(method={method!r}, repair={repair!r}) needs data: pass data=<training batches> "
                              f"(only method='weight' or 'none' with repair='none' run without)")
     start = time.perf_counter()
-    example = _example(model_a, data) if data is not None else None
+    example = _example(model_a, data, check=spec is not None) if data is not None else None
     if spec is None and example is not None:
         spec = trace(model_a, example)
     result = MergeResult(method, repair, float(alpha))
@@ -220,7 +222,7 @@ def compare(
         raise EmptyDataError("compare needs at least one evaluation split, e.g. loaders={'test': test_batches}")
     for split, loader in loaders.items():
         first_input(loader, name=f"loaders[{split!r}]")
-    spec = trace(model_a, _example(model_a, calib_data, "calib_data"))
+    spec = trace(model_a, _example(model_a, calib_data, "calib_data", check=False))
     fixed = f"aligned+{'REPAIR' if repair == 'exact' else repair}"
     steps = tqdm(total=5, desc="compare", disable=not progress)
 
