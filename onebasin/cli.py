@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    "width (vit, gpt)")
     t.add_argument("--depth", type=int, help="number of Linear layers (mlp) or transformer blocks (vit, gpt)")
     t.add_argument("--norm", choices=["batchnorm", "layernorm", "none"], help="normalisation (vgg*, resnet20/18_cifar)")
+    t.add_argument("--model-opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="any other option of the model, e.g. tie=false (gpt: an untied LM head with a bias)")
     t.add_argument("--dataset", required=True, help="mnist, fashionmnist, svhn, cifar10, cifar100 or pydoc (text, for gpt)")
     t.add_argument("--recipe", help="mlp, vgg, resnet20, vit or gpt (default: the model's own recipe)")
     t.add_argument("--epochs", type=int, help="override the recipe's epochs")
@@ -66,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_kwargs(args) -> dict:
-    kw = {"depth": args.depth, "norm": args.norm}
+def _model_kwargs(args, fail) -> dict:
+    kw = {**_parse_opts(args.model_opts, fail), "depth": args.depth, "norm": args.norm}
     if args.width is not None:
         kw["width"] = int(args.width) if float(args.width).is_integer() else args.width
     return {k: v for k, v in kw.items() if v is not None}
@@ -92,7 +94,7 @@ def _validate_train(args, fail) -> None:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name} must be > 0")
     accepted = inspect.signature(model_info(args.model).fn).parameters
-    for key in _model_kwargs(args):
+    for key in _model_kwargs(args, fail):
         if key not in accepted:
             fail(f"model {args.model!r} has no option --{key} (its options: {', '.join(accepted)})")
 
@@ -110,7 +112,7 @@ def cmd_train(args, fail) -> int:
     overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                  "weight_decay": args.weight_decay}
     try:
-        _, result = train_model(args.model, args.dataset, model_kwargs=_model_kwargs(args), recipe=args.recipe,
+        _, result = train_model(args.model, args.dataset, model_kwargs=_model_kwargs(args, fail), recipe=args.recipe,
                                 overrides=overrides, seed=args.seed, out=args.out, data_dir=args.data_dir,
                                 limit=args.limit, device=args.device, force=args.force,
                                 progress=not args.no_progress, download=not args.no_download)

@@ -420,7 +420,8 @@ def load_text(info: TextInfo, train: bool = True, *, limit: int | None = None, s
 
     limit/seed: keep n windows, as `load_dataset` does for images.
     """
-    ids = encode(split_text(pydoc_documents(), info.val_fraction, train), info.vocab)
+    documents = {"pydoc": pydoc_documents}[info.name]()
+    ids = encode(split_text(documents, info.val_fraction, train), info.vocab)
     starts = torch.arange(0, len(ids) - info.seq_len, info.seq_len)  # the last window needs seq_len + 1 ids
     data = TextData(ids, starts, info)
     if limit is not None and limit < len(data):

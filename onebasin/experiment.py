@@ -21,7 +21,7 @@ import torch
 from .align import list_methods
 from .distributed import default_device
 from .checkpoint import checkpoint_paths, load_model
-from .data import batches, dataset_info, load_dataset
+from .data import TextInfo, batches, dataset_info, load_dataset
 from .errors import InvalidOptionError
 from .models import create_model, data_kwargs, model_info
 from .pipeline import Comparison, compare
@@ -216,7 +216,7 @@ def summary_table(comparison: Comparison) -> str:
 
 def is_text(dataset: str) -> bool:
     """Whether `dataset` is a text dataset (its loss is per character)."""
-    return hasattr(dataset_info(dataset), "vocab")
+    return isinstance(dataset_info(dataset), TextInfo)
 
 
 def bits_per_character(comparison: Comparison) -> str:

@@ -77,7 +77,10 @@ RECIPES = {
                        weight_decay=1e-4, augment=("flip", "translate", "cutout")),
     # CPU-sized transformer recipes (not from the paper): AdamW, linear warm-up then cosine to 0, decoupled
     # weight decay on weight matrices (not on biases, norm gains), gradient norm clipped to 1 (nanoGPT).
-    # Measured times and accuracies: docs/training.md.
+    # Measured (docs/training.md), seeds 0 / 1, one thread: vit (width 128) on FashionMNIST 86.35 / 86.75 %
+    # test accuracy (MNIST not trained yet); gpt (width 192) on pydoc 1.403 / 1.407 nats (2.02 / 2.03 bits) per
+    # character, 60.7 / 60.8 % of next characters right (untied head: 1.411 / 1.425 nats, 8 min each, two at
+    # once on a quiet 2-core machine). The ViT: about 14 min on one free core (0.58 s per step).
     "vit": Recipe("vit", batch_size=128, epochs=3, lr=1e-3, schedule="cosine", warmup=0.05,
                   weight_decay=0.05, augment=(), optimizer="adamw", beta2=0.99, grad_clip=1.0),
     "gpt": Recipe("gpt", batch_size=16, epochs=6, lr=2e-3, schedule="cosine", warmup=0.05,

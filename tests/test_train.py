@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from onebasin.checkpoint import CheckpointError, load_checkpoint
 from onebasin.cli import main
@@ -145,6 +146,8 @@ def test_cli_train_help(capsys):
     (["--model", "mlp", "--dataset", "mnist", "--epochs", "0"], "--epochs must be >= 1"),
     (["--model", "resnet20", "--depth", "3", "--dataset", "mnist"], "no option --depth"),
     (["--model", "vgg12", "--dataset", "mnist"], "unknown model 'vgg12'"),
+    (["--model", "gpt", "--dataset", "pydoc", "--model-opts", "tie=false", "heads=4", "untie=true"], "no option --untie"),
+    (["--model", "gpt", "--dataset", "pydoc", "--model-opts", "tie"], "expects KEY=VALUE"),
     (["--model", "mlp", "--dataset", "imagenet"], "unknown dataset"),
 ])
 def test_cli_rejects_bad_arguments_with_exit_2(tmp_path, capsys, argv, message):
@@ -179,3 +182,15 @@ def test_cli_trains_on_real_mnist_and_refuses_to_overwrite(shared_data, tmp_path
     assert exit_.value.code == 2 and "--force" in capsys.readouterr().err
     assert main(argv + ["--force", "--seed", "1"]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["seed"] == 1
+
+
+def test_cli_trains_an_untied_gpt_from_model_opts(tmp_path, capsys):
+    out = tmp_path / "gpt.safetensors"
+    argv = ["train", "--model", "gpt", "--dataset", "pydoc", "--width", "16", "--depth", "1", "--model-opts", "tie=false",
+            "heads=2", "--limit", "32", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model_kwargs"]["tie"] is False and meta["model_kwargs"]["heads"] == 2
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+        assert "lm_head.bias" in keys and not torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("tok_embed.weight"))
