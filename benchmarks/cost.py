@@ -1,6 +1,6 @@
 """Cost of merging: time and peak memory of each step, as ratios to forward passes measured in the same run.
 
-    python benchmarks/cost.py                    # ResNet20 x1/x4, ResNet50 (64x64), MLP depth 4/8/16, all threads
+    python benchmarks/cost.py                    # ResNet20 x1/x4, ResNet50 (64x64), MLP depth 4/8/10/16, ViT; all threads
     python benchmarks/cost.py --models resnet20x8 --examples 256 --append
 
 For each model: two differently seeded random-init copies A and B (eval mode) and `--examples` random
@@ -55,9 +55,9 @@ MODELS = {
     **{f"resnet20x{w}": _resnet20(w) for w in (1, 2, 4, 8)},
     "resnet50": lambda: (torchvision.models.resnet50(num_classes=10), (3, 64, 64)),
     "vit": _vit(),
-    **{f"mlp512d{d}": _mlp(d) for d in (4, 8, 16)},
+    **{f"mlp512d{d}": _mlp(d) for d in (4, 8, 10, 16)},
 }
-DEFAULT = "resnet20x1,resnet20x4,resnet50,mlp512d4,mlp512d8,mlp512d16"
+DEFAULT = "resnet20x1,resnet20x4,resnet50,mlp512d4,mlp512d8,mlp512d10,mlp512d16,vit"
 
 
 def forward(model, data):

@@ -34,44 +34,44 @@ def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
     return u if site.size is None else u[:, site.start : site.start + site.size]
 
 
-def _units_first(t: torch.Tensor, site: Site) -> torch.Tensor:
-    """(batch, units, positions) float64 of a site's units: one cast copy, the unit axis not moved for
-    (N, C, ...) tensors; (1, units, samples) (a transposed view) when the units are the last axis."""
+def _units_major(t: torch.Tensor, site: Site) -> torch.Tensor:
+    """(units, samples) float64 of a site's units, in one cast copy: conv positions and batch rows pooled as
+    samples (a (N, C, H, W) map gives (C, N*H*W)); a transposed view when the units are the last axis."""
     d = site.dim
     if site.size is not None:
         t = t.narrow(d, site.start, site.size)
-    t = t.detach().double()
+    t = t.detach()
     if d == t.ndim - 1:
-        return t.reshape(-1, t.shape[d]).T.unsqueeze(0)
-    t = t.movedim(d, 1) if d != 1 else t
-    return t.reshape(t.shape[0], t.shape[1], -1)
+        return t.reshape(-1, t.shape[d]).double().T
+    moved = t.movedim(d, 0)
+    out = torch.empty(moved.shape, dtype=torch.float64, device=t.device)
+    out.copy_(moved)  # the cast and the move of the unit axis in one pass over memory
+    return out.view(moved.shape[0], -1)
+
+
+def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(p,) sum_j x[i, j] y[i, j]: a batched matrix product for contiguous rows (no product tensor), else
+    the elementwise product summed (faster than einsum on transposed views)."""
+    if x.is_contiguous() and y.is_contiguous():
+        return torch.einsum("ij,ij->i", x, y)
+    return (x * y).sum(1)
 
 
 def unit_sums(t: torch.Tensor, site: Site) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(samples, sum x, sum x^2) per unit of a site, float64 (conv positions pooled as samples)."""
-    x = _units_first(t, site)
-    return x.shape[0] * x.shape[2], x.sum((0, 2)), (x * x).sum((0, 2))
-
-
-def _cross(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(p, q) sum over batch and positions of x y^T for (batch, p, positions) and (batch, q, positions):
-    batched products when positions outnumber units (conv maps), else one matrix product."""
-    if x.shape[0] == 1:
-        return x[0] @ y[0].T
-    if x.shape[2] >= x.shape[1]:
-        return torch.bmm(x, y.transpose(1, 2)).sum(0)
-    return x.transpose(0, 1).reshape(x.shape[1], -1) @ y.transpose(0, 1).reshape(y.shape[1], -1).T
+    x = _units_major(t, site)
+    return x.shape[1], x.sum(1), _row_dots(x, x)
 
 
 def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full") -> tuple[int, dict[str, torch.Tensor]]:
     """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums
-    of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations) or only its
-    diagonal, unit i with unit i (cross="diag", for REPAIR's per-unit covariance)."""
-    x, y = _units_first(a, site), _units_first(b, site)
-    samples = x.shape[0] * x.shape[2]
-    sums = {"x": x.sum((0, 2)), "xx": (x * x).sum((0, 2)), "y": y.sum((0, 2)), "yy": (y * y).sum((0, 2))}
-    sums["xy"] = _cross(x, y) if cross == "full" else (x * y).sum((0, 2))
-    return samples, sums
+    of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations: one matrix
+    product over all samples) or only its diagonal, unit i with unit i (cross="diag", for REPAIR's
+    per-unit covariance)."""
+    x, y = _units_major(a, site), _units_major(b, site)
+    sums = {"x": x.sum(1), "xx": _row_dots(x, x), "y": y.sum(1), "yy": _row_dots(y, y)}
+    sums["xy"] = x @ y.T if cross == "full" else _row_dots(x, y)
+    return x.shape[1], sums
 
 
 def distributed() -> tuple[int, int]:
