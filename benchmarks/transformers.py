@@ -10,8 +10,8 @@ correction (none; exact REPAIR at the Linear outputs and LayerNorm outputs, ("la
 into weights and norms): the barrier curve over 11 alphas on `--test` held-out examples, the loss barrier
 (eq. 1) and the midpoint's metric (test accuracy for the ViT, validation loss in bits per character for
 the GPT), and the wall time of the alignment. Rows go to benchmarks/results/transformers/results.csv,
-curves to curves_<pair>.png, the per-layer variance ratios of the aligned ViT midpoint (plain / aligned /
-aligned + REPAIR) to variance_vit.png and variance.csv.
+curves to curves_<pair>.png; with --variance, the per-site variance ratios of each pair's midpoint (plain /
+aligned / aligned + REPAIR) to variance_<pair>.png and variance.csv.
 """
 
 from __future__ import annotations
@@ -92,26 +92,28 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
                   f"{loss[-1]:.4f}), barrier {row['loss_barrier']:.4f}, mid acc {row['mid_acc']:.4f}, align {align_s:.0f} s")
 
 
-def variance_study(args) -> None:
-    """Per-layer variance ratios of the ViT midpoint: plain, activation-aligned, aligned + REPAIR at SITES."""
-    a, b = endpoints("vit", Path(args.cache))
-    _, calib = data("vit", args.data_dir, args.calib, args.test)
-    spec = trace(a, calib[0][0][:64])
+def variance_study(pair: str, args) -> None:
+    """Per-site variance ratios of a pair's midpoint: plain, activation-aligned, aligned + REPAIR at SITES."""
+    a, b = endpoints(pair, Path(args.cache))
+    _, calib = data(pair, args.data_dir, args.calib, args.test)
+    spec = trace(a, calib[0][0][:64] if isinstance(calib[0], (tuple, list)) else calib[0])
     b_al, _ = align(a, b, "activation", calib, spec=spec, max_examples=args.calib)
     ends = {"plain": endpoint_stats(a, b, calib, spec, max_examples=args.calib),
             "aligned": endpoint_stats(a, b_al, calib, spec, max_examples=args.calib)}
     mids = {"plain": (interpolate_model(a, b, 0.5), "plain"), "aligned": (interpolate_model(a, b_al, 0.5), "aligned"),
             "aligned+REPAIR": (repair(a, b_al, 0.5, calib, spec=spec, sites=SITES, max_examples=args.calib).model, "aligned")}
+    old = [r for r in read_csv(OUT / "variance.csv") if r.get("pair", "vit") != pair]
     rows, series = [], {}
     for label, (model, ends_key) in mids.items():
         other = b if ends_key == "plain" else b_al
         ratios = variance_ratios(a, other, model, calib, endpoints=ends[ends_key], max_examples=args.calib)
         series[label] = ([i for i in range(len(ratios))], [r for _, r in ratios])
-        rows += [{"curve": label, "index": i, "site": s.module or s.node, "kind": s.kind, "ratio": r} for i, (s, r) in enumerate(ratios)]
-    write_csv(OUT / "variance.csv", rows)
-    plot_series(series, OUT / "variance_vit.png", "site (forward order: layer, norm and residual sites)",
-                "std_alpha / mean(std_A, std_B)", title="ViT midpoint: variance collapse per site")
-    print(f"wrote {OUT / 'variance_vit.png'}")
+        rows += [{"pair": pair, "curve": label, "index": i, "site": s.module or s.node, "kind": s.kind, "ratio": r}
+                 for i, (s, r) in enumerate(ratios)]
+    write_csv(OUT / "variance.csv", [{"pair": r.get("pair", "vit"), **r} for r in old] + rows)
+    plot_series(series, OUT / f"variance_{pair}.png", "site (forward order: layer, norm and residual sites)",
+                "std_alpha / mean(std_A, std_B)", title=f"{pair} midpoint: variance collapse per site")
+    print(f"wrote {OUT / f'variance_{pair}.png'}")
 
 
 def plot_curves(rows: list[dict]) -> None:
@@ -146,7 +148,7 @@ def main() -> None:
     p.add_argument("--test", type=int, default=2000, help="held-out examples of each curve")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="only print results.csv as markdown and redraw the plots")
-    p.add_argument("--variance", action="store_true", help="only the ViT variance-collapse study")
+    p.add_argument("--variance", action="store_true", help="only the variance-collapse study of each --only pair")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -155,7 +157,8 @@ def main() -> None:
         table(rows), plot_curves(rows)
         return
     if args.variance:
-        variance_study(args)
+        for pair in args.only.split(","):
+            variance_study(pair, args)
         return
     for pair in args.only.split(","):
         run_pair(pair, args, rows)

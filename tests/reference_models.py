@@ -1,5 +1,7 @@
 """Small reference networks for the core tests: every kind of permutation structure, tiny enough for CI."""
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -136,3 +138,32 @@ class TinyTransformer(nn.Module):
             x = x + blk["proj"](a)
             x = x + blk["fc2"](nn.functional.gelu(blk["fc1"](blk["ln2"](x))))
         return self.head(self.norm(x)[:, 0])
+
+
+MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def mnist_tensors(n: int, train: bool = True):
+    """The first n MNIST images of ../shared/data as (n, 784) normalised floats and their labels; skips the
+    test when torchvision or the data is missing."""
+    import pytest
+
+    torchvision = pytest.importorskip("torchvision")
+    if not (MNIST_ROOT / "MNIST").exists():
+        pytest.skip(f"MNIST not found under {MNIST_ROOT}")
+    ds = torchvision.datasets.MNIST(root=str(MNIST_ROOT), train=train, download=False)
+    x = (ds.data[:n].float() / 255 - 0.1307) / 0.3081
+    return x.reshape(n, -1), ds.targets[:n]
+
+
+def train_mnist_mlp(seed: int, x, y, width: int, depth: int, epochs: int, batch: int = 100) -> nn.Module:
+    """A `mlp(width, depth)` trained by plain SGD (lr 0.05, momentum 0.9) on (x, y) from `seed`, in eval mode."""
+    torch.manual_seed(seed)
+    model = mlp(width=width, depth=depth, in_features=784, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(batch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()

@@ -2,7 +2,6 @@
 
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +26,8 @@ from onebasin.interpolate import lerp
 from onebasin.permute import apply_perms, invert_perms, permute_model, random_perms
 from onebasin.spec import from_groups, trace
 from conftest import CountConvs, hooked_site_values
-from reference_models import ResNet20ish, VGGish, mlp, randomize_norm_stats
+from reference_models import ResNet20ish, VGGish, mlp, mnist_tensors, randomize_norm_stats, train_mnist_mlp
 
-MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 DETERMINISTIC = ["activation", "weight", "functional"]  # recover an exact permutation; annealing is tested apart
 MODELS = {
     "mlp": (lambda: mlp(), (12,)),
@@ -452,31 +450,14 @@ def test_weight_matching_recovers_the_inverse_permutation_in_float64(name):
 # --- real data: two MLPs trained from different seeds on MNIST ------------------------------------------
 
 
-def mnist(train: bool, n: int):
-    torchvision = pytest.importorskip("torchvision")
-    if not (MNIST_ROOT / "MNIST").exists():
-        pytest.skip(f"MNIST not found under {MNIST_ROOT}")
-    ds = torchvision.datasets.MNIST(root=str(MNIST_ROOT), train=train, download=False)
-    x = (ds.data[:n].float() / 255 - 0.1307) / 0.3081
-    return x.reshape(n, -1), ds.targets[:n]
-
-
-def train_mlp(seed, x, y, epochs=3, batch=100):
-    torch.manual_seed(seed)
-    model = mlp(width=64, depth=3, in_features=784, num_classes=10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(batch):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+def train_mlp(seed, x, y):
+    return train_mnist_mlp(seed, x, y, width=64, depth=3, epochs=3)
 
 
 @pytest.mark.slow
 def test_alignment_lowers_the_midpoint_loss_of_mnist_mlps():
-    x, y = mnist(train=True, n=5000)
-    x_test, y_test = mnist(train=False, n=2000)
+    x, y = mnist_tensors(5000)
+    x_test, y_test = mnist_tensors(2000, train=False)
     a, b = train_mlp(0, x, y), train_mlp(1, x, y)
     loader = list(zip(x.split(500), y.split(500)))
     losses = {"none": midpoint_loss(a, b, x_test, y_test)}

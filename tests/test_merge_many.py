@@ -2,7 +2,6 @@
 
 import json
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from onebasin.errors import ArchitectureMismatchError, OnebasinError
 from onebasin.interpolate import evaluate
 from onebasin.permute import apply_perms, permute_model, random_perms
 from onebasin.spec import trace
-from reference_models import ResNet20ish, VGGish, mlp, randomize_norm_stats
+from reference_models import ResNet20ish, VGGish, mlp, mnist_tensors, randomize_norm_stats, train_mnist_mlp
 
 MODELS = {
     "mlp": (lambda: mlp(), (12,)),
@@ -128,31 +127,13 @@ def test_universe_permutations_are_cycle_consistent_where_pairwise_ones_are_not(
     assert result.pairwise_consistency < 0.9, "the test needs inconsistent pairwise matchings"
 
 
-def mnist(n):
-    torchvision = pytest.importorskip("torchvision")
-    root = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not (root / "MNIST").exists():
-        pytest.skip(f"MNIST not found under {root}")
-    ds = torchvision.datasets.MNIST(root=str(root), train=True, download=False)
-    x = (ds.data[:n].float() / 255 - 0.1307) / 0.3081
-    return x.reshape(n, -1), ds.targets[:n]
-
-
-def train_mlp(seed, x, y, epochs=2, batch=100):
-    torch.manual_seed(seed)
-    model = mlp(width=32, depth=4, in_features=784, num_classes=10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(batch):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+def train_mlp(seed, x, y):
+    return train_mnist_mlp(seed, x, y, width=32, depth=4, epochs=2)
 
 
 @pytest.mark.slow
 def test_universe_is_cycle_consistent_on_trained_mnist_mlps_and_beats_plain_averaging():
-    x, y = mnist(3000)
+    x, y = mnist_tensors(3000)
     models = [train_mlp(s, x[:2000], y[:2000]) for s in range(4)]
     calib, test = list(zip(x[:2000].split(500), y[:2000].split(500))), [(x[2000:], y[2000:])]
     merged, result = onebasin.merge_many(models, method="universe", repair="exact", data=calib)
