@@ -27,6 +27,25 @@ def test_moments_equal_whole_data_reference():
     assert np.abs(full.cov_x.numpy() - np.cov(xn.T, bias=True)).max() < 1e-10
 
 
+def test_constant_units_have_no_correlation():
+    """Issue 12 #3: a dead ReLU (exactly 0) or a constant unit whose float64 sums leave a rounding-level variance
+    must get correlation 0 with everything, not a huge value from a small epsilon; the other units keep
+    numpy's correlations."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(999, 4, generator=gen, dtype=torch.float64)
+    y = x[:, :3] + 0.5 * torch.randn(999, 3, generator=gen, dtype=torch.float64)
+    x[:, 1] = 0.0  # dead
+    y[:, 2] = 0.1  # constant: sum x^2 - (sum x)^2 / n is rounding noise, not 0
+    m = Moments(paired=True)
+    for i in range(0, 999, 100):
+        m.update(x[i : i + 100], y[i : i + 100])
+    corr = m.corr_xy().numpy()
+    assert (corr[1] == 0).all() and (corr[:, 2] == 0).all()
+    live_x, live_y = [0, 2, 3], [0, 1]
+    ref = np.corrcoef(x.numpy()[:, live_x].T, y.numpy()[:, live_y].T)[:3, 3:]
+    assert np.abs(corr[np.ix_(live_x, live_y)] - ref).max() < 1e-10
+
+
 def test_unit_matrix_pools_spatial_positions_as_samples():
     t = torch.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5)
     u = unit_matrix(t, 1)
