@@ -1,7 +1,7 @@
 """Merging two transformers trained from different seeds (issue 15): ViT on FashionMNIST, character GPT on pydoc.
 
-    python benchmarks/transformers.py                 # both pairs, every method, resumable
-    python benchmarks/transformers.py --only vit --table
+    python benchmarks/merge_transformers.py                 # both pairs, every method, resumable
+    python benchmarks/merge_transformers.py --only vit --table
 
 Endpoints: `onebasin train --model vit|gpt` seeds 0 and 1 with the recipes of docs/training.md, read from
 $ONEBASIN_CACHE/endpoints (the demo's cache names). For each pair and alignment (plain = none, activation,

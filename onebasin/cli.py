@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_kwargs(args, fail) -> dict:
-    kw = {**_parse_opts(args.model_opts, fail), "depth": args.depth, "norm": args.norm}
+    kw = {**_parse_opts(args.model_opts, fail), **{k: v for k, v in (("depth", args.depth), ("norm", args.norm)) if v is not None}}
     if args.width is not None:
         kw["width"] = int(args.width) if float(args.width).is_integer() else args.width
     return {k: v for k, v in kw.items() if v is not None}

@@ -111,6 +111,8 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "t"
           "swapaxes", "transpose_copy", "split_with_sizes", "unsafe_split", "view_as_real", "view_as_complex", "real",
           "imag", "_reshape_alias", "ravel", "conj", "resolve_conj", "resolve_neg", "positive", "lift_fresh"}  # may alias
 _WRITE_BACK = {"slice", "select", "alias", "detach", "transpose", "t", "permute", "unsqueeze"}  # views written back exactly
+_MAY_COPY = {"reshape", "reshape_as", "flatten", "ravel", "to", "contiguous", "type_as", "transpose_copy", "resolve_conj",
+             "resolve_neg"}  # share memory only sometimes: taken before a write, they may hold the old values
 
 
 def _mutated_arg(node: fx.Node):
@@ -171,7 +173,9 @@ def _functionalize(gm: fx.GraphModule) -> bool:
     by (slice_scatter, select_scatter, inverse transposes), and later readers of the base tensor, or of
     views made from it earlier, read the new value. Returns False (graph unchanged) when that is not
     provably the same function: a write into a weight or an input, through a view that cannot be written
-    back, or an in-place op without a functional twin."""
+    back, an in-place op without a functional twin, or a possible copy of the tensor taken before the
+    write and read after it (replaying it would read the new values)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         arg = _mutated_arg(node)
         if arg is None:
@@ -179,13 +183,27 @@ def _functionalize(gm: fx.GraphModule) -> bool:
         found = _chain(arg) if isinstance(arg, fx.Node) else None
         if found is None or _functional(node) is None or found[0].op != "call_function":
             return False
-        if any(n.op != "call_function" for n in _aliases(found[0])):
+        if any(n.op != "call_function" for n in _aliases(found[0])) or _copy_read_after(node, found[0], order):
             return False
     for node in list(gm.graph.nodes):
         if _mutated_arg(node) is not None:
             _rewrite(gm.graph, node)
     gm.recompile()
     return True
+
+
+def _copy_read_after(write: fx.Node, base: fx.Node, order: dict) -> bool:
+    """Whether a value made from `base` before `write` through an op that may copy (reshape of a
+    non-contiguous tensor, .to, .contiguous) is read after `write`."""
+    for old in _aliases(base) - {base}:
+        if order[old] > order[write] or not any(order[u] > order[write] for u in old.users):
+            continue
+        node = old
+        while node is not base and isinstance(node, fx.Node):
+            if _packet(node) in _MAY_COPY:
+                return True
+            node = node.args[0]
+    return False
 
 
 def _rewrite(graph: fx.Graph, node: fx.Node) -> None:

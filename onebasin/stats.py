@@ -35,8 +35,9 @@ def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
 
 
 def _units_major(t: torch.Tensor, site: Site) -> torch.Tensor:
-    """(units, samples) float64 of a site's units, in one cast copy: conv positions and batch rows pooled as
-    samples (a (N, C, H, W) map gives (C, N*H*W)); a transposed view when the units are the last axis."""
+    """(units, samples) float64 of a site's units, in one cast copy (two for a slice of a last axis): conv
+    positions and batch rows pooled as samples (a (N, C, H, W) map gives (C, N*H*W)); a transposed view
+    when the units are the last axis."""
     d = site.dim
     if site.size is not None:
         t = t.narrow(d, site.start, site.size)

@@ -57,6 +57,51 @@ def test_the_captured_graph_computes_the_model(name):
         assert torch.allclose(got, expected, rtol=0, atol=1e-12 * max(1.0, expected.abs().max().item()))
 
 
+class CopyThenWrite(torch.nn.Module):
+    """A copy-or-view of x taken before an in-place write must keep the old values (eager semantics)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.lin, self.kind = torch.nn.Linear(4, 4), kind
+
+    def forward(self, x):
+        x = self.lin(x)
+        h = {"contiguous": lambda: x.t().contiguous(), "to": lambda: x.to(torch.float64), "reshape": lambda: x.t().reshape(-1)}[self.kind]()
+        x.mul_(2)
+        return (h.view(4, -1).t() if self.kind == "reshape" else h.t() if self.kind == "contiguous" else h).to(x.dtype) + x
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "to", "reshape"])
+def test_a_copy_taken_before_an_in_place_write_keeps_the_old_values(kind):
+    model, x = CopyThenWrite(kind).eval(), torch.randn(4, 4)
+    with torch.no_grad():
+        expected = model(x)
+    got = capture(model, x).run(model.state_dict(), x)[0]
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+
+
+def test_rows_times_a_column_sliced_weight_is_refused_not_a_crash():
+    class SlicedWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.w = torch.nn.Linear(3, 5), torch.nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):  # (B, 6, 3) -> units (5) on axis -2, then W[:, :5] @ h contracts the units
+            return (self.w[:, :5] @ self.lin(x).transpose(1, 2)).sum((1, 2))
+
+    from onebasin.errors import OnebasinError
+
+    model = SlicedWeight()
+    try:
+        spec = trace(model, torch.randn(2, 6, 3))
+    except OnebasinError:
+        return  # refused with a clear error: fine
+    perms = random_perms(spec, seed=0)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    model = model.double()
+    assert torch.allclose(permute_model(model, spec, perms)(x), model(x), rtol=1e-10)
+
+
 def test_attention_heads_share_the_block_permutation():
     model, x, _ = build("explicit_attention")
     spec = trace(model, x)

@@ -186,11 +186,11 @@ def test_cli_trains_on_real_mnist_and_refuses_to_overwrite(shared_data, tmp_path
 
 def test_cli_trains_an_untied_gpt_from_model_opts(tmp_path, capsys):
     out = tmp_path / "gpt.safetensors"
-    argv = ["train", "--model", "gpt", "--dataset", "pydoc", "--width", "16", "--depth", "1", "--model-opts", "tie=false",
-            "heads=2", "--limit", "32", "--epochs", "1", "--out", str(out), "--no-progress"]
+    argv = ["train", "--model", "gpt", "--dataset", "pydoc", "--width", "16", "--model-opts", "tie=false", "heads=2",
+            "depth=1", "--limit", "32", "--epochs", "1", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["model_kwargs"]["tie"] is False and meta["model_kwargs"]["heads"] == 2
+    assert meta["model_kwargs"]["tie"] is False and meta["model_kwargs"]["heads"] == 2 and meta["model_kwargs"]["depth"] == 1
     with safe_open(str(out), "pt") as f:
         keys = set(f.keys())
         assert "lm_head.bias" in keys and not torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("tok_embed.weight"))

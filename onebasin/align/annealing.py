@@ -11,7 +11,7 @@ loss(sum_i w_i theta_i) - sum_i w_i loss(theta_i), with w uniform for n models, 
 largest barrier over the interpolation weights `alphas` (default the midpoint).
 
 The record keeps the objective over the search, `history`: (evaluation, current barrier, best barrier)
-at most ~500 times per run, always at the first and the last evaluation.
+every max(1, budget // 500) evaluations (fewer than 1,000 entries), always at the first and the last evaluation.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ def matmul(t: Tracer, node: fx.Node):
     if isinstance(lb, WeightView) and not isinstance(la, WeightView) and len(sa) >= 2:
         return _times_weight(t, node, la, lb, sa, sb, so)
     if isinstance(la, WeightView) and isinstance(lb, Axis) and lb.dim == len(sb) - 2 and len(sa) == 2:
+        if la.axes[1] is None:
+            raise t.refuse(node, "a product of permuted rows with a weight sliced along its columns")
         for s in lb.segs:  # W @ x: W's columns follow x's rows (MLP-Mixer's token mixing as a product)
             t.add_member(s.var, la.key, la.axes[1], s.layout)
         return None
