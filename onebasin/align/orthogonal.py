@@ -188,7 +188,9 @@ def orthogonal_alignment(
         AlignResult with perms (the stream's left as the identity) and `models` = (A, B) rewritten: A in the
         canonical form, B permuted, canonical and re-based into A's stream basis. Both compute what the
         originals compute; interpolating them gives a plain model of the original class. record: method,
-        stream_objective {group: mean cosine of matched stream coordinates before/after}, seconds.
+        stream_objective {group: [mean <x_A, x_B> per
+        sample over the stream's coordinates before the map, after it]}, inner_record (the permutation
+        method's record), seconds.
     """
     if data is None:
         raise ValueError("orthogonal alignment needs data: an iterable of x or (x, y) batches")
