@@ -62,16 +62,6 @@ def _needs(name: str) -> None:
             pytest.importorskip("sentence_transformers")
 
 
-def _outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _outputs(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _outputs(v)]
-    return []
-
-
 @pytest.mark.parametrize("name, facts", CASES)
 def test_a_random_permutation_of_every_group_keeps_the_outputs(name, facts):
     _needs(name)
@@ -92,7 +82,7 @@ def test_a_random_permutation_of_every_group_keeps_the_outputs(name, facts):
     assert len(moved) > len(spec), "a random permutation must move the weights of every group"
     args, kwargs = as_call(x)
     with torch.no_grad(), bench.keep_float64():
-        ys, ps = _outputs(model(*args, **kwargs)), _outputs(permuted(*args, **kwargs))
+        ys, ps = bench.leaves(model(*args, **kwargs)), bench.leaves(permuted(*args, **kwargs))
     assert len(ys) == len(ps) > 0
     scale = max(y.abs().max().item() for y in ys)
     assert all(torch.allclose(y, p, rtol=0, atol=1e-9 * scale) for y, p in zip(ys, ps))
