@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from ..graph import model_inputs
 from ..permute import apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
-from ..stats import SiteTaps, batches, eval_mode, site_matrix
+from ..stats import Moments, SiteTaps, batches, eval_mode
 from ._registry import AlignmentError, AlignResult, device_of, get_method, register_method, require_module
 
 aten = torch.ops.aten
@@ -154,17 +154,18 @@ def procrustes(cross: torch.Tensor) -> torch.Tensor:
 
 
 def stream_cross(spec: PermutationSpec, group: Group, model_a: nn.Module, model_b: nn.Module, data, max_examples, device) -> tuple[torch.Tensor, int]:
-    """(sum over samples and stream sites of x_A x_B^T (n, n) float64, samples) in one pass."""
+    """(sum over samples and stream sites of x_A x_B^T (n, n) float64, samples) in one pass (summed over the
+    processes of a torch.distributed group, like every other statistic)."""
     sites = list(group.sites)
     taps_a, taps_b = SiteTaps(model_a, sites, spec.graph), SiteTaps(model_b, sites, spec.graph)
-    cross, samples = torch.zeros(group.size, group.size, dtype=torch.float64), 0
+    moments = Moments(paired=True)  # one accumulator: every stream site has the group's n units
     with torch.no_grad(), eval_mode(model_a, model_b):
         for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
             for s, a, b in zip(sites, taps_a(x)[1], taps_b(x)[1]):
-                ua, ub = site_matrix(a, s), site_matrix(b, s)
-                cross += (ua.T @ ub).cpu()
-                samples += ua.shape[0]
-    return cross, samples
+                moments.update_pair(a, b, s)
+    moments.all_reduce_()
+    cross = moments.sums.get("xy", torch.zeros(group.size, group.size, dtype=torch.float64))
+    return cross.cpu(), moments.n
 
 
 @register_method(name="orthogonal", reference="Theus, Cabodi, Pal, Ghosh, Singh 2025, Generalized Linear Mode Connectivity for Transformers, arXiv:2506.22712, Sec. 3")
