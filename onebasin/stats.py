@@ -24,14 +24,13 @@ from .spec import Site
 
 
 def unit_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(samples, units) float64 view of an activation whose units lie on axis `dim` (e.g. (N,C,H,W) -> (NHW, C))."""
-    return t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()
+    """(samples, units) float64 matrix of an activation whose units lie on axis `dim` (e.g. (N,C,H,W) -> (NHW, C))."""
+    return _units_major(t, Site(None, dim)).T
 
 
 def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
     """(samples, units) float64 matrix of a site's units in its tensor (its slice of a fused projection)."""
-    u = unit_matrix(t, site.dim)
-    return u if site.size is None else u[:, site.start : site.start + site.size]
+    return _units_major(t, site).T
 
 
 def _units_major(t: torch.Tensor, site: Site) -> torch.Tensor:
