@@ -102,7 +102,7 @@ def variance_study(pair: str, args) -> None:
             "aligned": endpoint_stats(a, b_al, calib, spec, max_examples=args.calib)}
     mids = {"plain": (interpolate_model(a, b, 0.5), "plain"), "aligned": (interpolate_model(a, b_al, 0.5), "aligned"),
             "aligned+REPAIR": (repair(a, b_al, 0.5, calib, spec=spec, sites=SITES, max_examples=args.calib).model, "aligned")}
-    old = [r for r in read_csv(OUT / "variance.csv") if r.get("pair", "vit") != pair]
+    old = [r for r in read_csv(OUT / "variance.csv") if r["pair"] != pair]
     rows, series = [], {}
     for label, (model, ends_key) in mids.items():
         other = b if ends_key == "plain" else b_al
@@ -110,7 +110,7 @@ def variance_study(pair: str, args) -> None:
         series[label] = ([i for i in range(len(ratios))], [r for _, r in ratios])
         rows += [{"pair": pair, "curve": label, "index": i, "site": s.module or s.node, "kind": s.kind, "ratio": r}
                  for i, (s, r) in enumerate(ratios)]
-    write_csv(OUT / "variance.csv", [{"pair": r.get("pair", "vit"), **r} for r in old] + rows)
+    write_csv(OUT / "variance.csv", old + rows)
     plot_series(series, OUT / f"variance_{pair}.png", "site (forward order: layer, norm and residual sites)",
                 "std_alpha / mean(std_A, std_B)", title=f"{pair} midpoint: variance collapse per site")
     print(f"wrote {OUT / f'variance_{pair}.png'}")
