@@ -183,7 +183,8 @@ def _functionalize(gm: fx.GraphModule) -> bool:
         found = _chain(arg) if isinstance(arg, fx.Node) else None
         if found is None or _functional(node) is None or found[0].op != "call_function":
             return False
-        if any(n.op != "call_function" for n in _aliases(found[0])) or _copy_read_after(node, found[0], order):
+        aliases = _aliases(found[0])
+        if any(n.op != "call_function" for n in aliases) or _copy_read_after(node, found[0], aliases, order):
             return False
     for node in list(gm.graph.nodes):
         if _mutated_arg(node) is not None:
@@ -192,10 +193,10 @@ def _functionalize(gm: fx.GraphModule) -> bool:
     return True
 
 
-def _copy_read_after(write: fx.Node, base: fx.Node, order: dict) -> bool:
-    """Whether a value made from `base` before `write` through an op that may copy (reshape of a
-    non-contiguous tensor, .to, .contiguous) is read after `write`."""
-    for old in _aliases(base) - {base}:
+def _copy_read_after(write: fx.Node, base: fx.Node, aliases: set[fx.Node], order: dict) -> bool:
+    """Whether a value made from `base` (`aliases`: it and its views) before `write` through an op that may
+    copy (reshape of a non-contiguous tensor, .to, .contiguous) is read after `write`."""
+    for old in aliases - {base}:
         if order[old] > order[write] or not any(order[u] > order[write] for u in old.users):
             continue
         node = old
