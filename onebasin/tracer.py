@@ -45,12 +45,17 @@ class Seg:
 
 @dataclass(frozen=True)
 class Axis:
+    """A tensor's axis `dim` holds the units of one or more variables (a direct sum of `segs`)."""
+
     dim: int
     segs: tuple[Seg, ...]
 
 
 @dataclass(frozen=True)
 class Heads:
+    """An axis split into heads: the head index on `head_dim`, the inside of each head (variable `var`) on
+    `inner_dim`."""
+
     var: int
     head_dim: int
     inner_dim: int
@@ -59,12 +64,17 @@ class Heads:
 
 @dataclass(frozen=True)
 class Parts:
+    """Axis `dim` indexes parts (q, k, v of a fused projection viewed as (3, C)): part i, once picked out
+    (select, unbind), has the label `parts[i]`."""
+
     dim: int
     parts: tuple
 
 
 @dataclass(frozen=True)
 class Multi:
+    """One label per output of a node with several outputs (max with indices, native norms)."""
+
     items: tuple
 
 
