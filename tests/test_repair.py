@@ -294,3 +294,36 @@ def test_layer_and_norm_sites_of_a_transformer_all_fold_into_weights_and_norms()
     assert kinds == {"layer", "norm"} and result.fused and type(result.model) is TinyTransformer
     assert sum(s.site.kind == "norm" for s in result.stats) == 5  # ln1, ln2 of two blocks and the final norm
     assert max(e["std_err"] for e in repair_errors(result, data)) < 1e-9
+
+
+class _ViewThenBase(nn.Module):
+    """h = fc(x); v = h viewed as (N, 2, 3); the output reads both v (scaled) and h itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        v = h.view(-1, 2, 3)
+        return v.flatten(1) * 2 + h
+
+
+def test_walk_callbacks_may_write_in_place_without_touching_other_values():
+    """A callback that zeroes a view of a live tensor in place must not change the tensor it views
+    (walk hands it a private copy): the output becomes 0 * 2 + h = h, computed independently."""
+    from onebasin.graph import capture, walk
+
+    torch.manual_seed(0)
+    model, x = _ViewThenBase().double(), torch.randn(5, 4, dtype=torch.float64)
+    graph = capture(model, x)
+    view = next(n.name for n in graph.graph.nodes if n.op == "call_function" and "view" in str(n.target))
+    out = graph.user_outputs()[0].name
+    seen = {}
+
+    def zero(values):
+        return [v.mul_(0) for v in values]
+
+    walk(graph, model.state_dict(), [x], [out], {view: zero, out: lambda vs: seen.setdefault("out", vs)})
+    expected = x @ model.fc.weight.detach().T + model.fc.bias.detach()
+    torch.testing.assert_close(seen["out"][0], expected, rtol=0, atol=1e-12)
