@@ -9,7 +9,9 @@ doubled for small networks until one forward pass takes 0.5 s, so that ratios ar
 Steps: trace (PermutationSpec), activation matching (`align(..., check=False)`: statistics, assignment,
 permuting B), weight matching, endpoint statistics (one paired pass of A and B: the goals of REPAIR),
 exact REPAIR (the correction itself, given the endpoint statistics: one forward sweep of the interpolated
-net), closed-form REPAIR, BN reset. `ratio` = step time / one no-grad forward pass of model A over the same
+net), closed-form REPAIR, BN reset; last, `float64 cross products`: the products x^T y of activation
+matching alone (timed without the forward passes, casts and sums around them), its floor with exact
+float64 statistics. `ratio` = step time / one no-grad forward pass of model A over the same
 examples (median of 3); activation matching and the endpoint statistics are also given per forward pass of
 A *and* B (`ratio_ab`), the unit of the goal in issue 14. `peak` = peak memory above what was held before the
 step (see _common.py); `sweep_MiB` = the activations one-sweep REPAIR kept (its own count). Rows go to
@@ -33,6 +35,7 @@ from onebasin.models import create_model
 from onebasin.repair import endpoint_stats, repair, reset_bn
 from onebasin.report import read_csv, write_csv
 from onebasin.spec import trace
+from onebasin.stats import SiteTaps, site_matrix
 
 print = functools.partial(print, flush=True)  # noqa: A001
 
@@ -97,6 +100,21 @@ def steps(a, b, data, n):
     }, state
 
 
+def cross_products(a, b, spec, data, device) -> float:
+    """Seconds of activation matching's float64 cross products alone (x^T y of every site's (samples, units)
+    matrices of A and B, batch by batch): its floor beyond the two forward passes, with exact statistics."""
+    sites = [s for g in spec.groups.values() for s in g.sites]
+    taps_a, taps_b = SiteTaps(a, sites, spec.graph, False), SiteTaps(b, sites, spec.graph, False)
+    total = 0.0
+    with torch.no_grad():
+        for x in data:
+            (_, va), (_, vb) = taps_a(x), taps_b(x)
+            for s, p, q in zip(sites, va, vb):
+                xa, xb = site_matrix(p, s), site_matrix(q, s)
+                total += timed(lambda: xa.T @ xb, device)[1]
+    return total
+
+
 def bench(name, args, device) -> list[dict]:
     models = []
     for seed in (0, 1):
@@ -132,22 +150,33 @@ def bench(name, args, device) -> list[dict]:
                      "sweep_MiB": "" if sweep is None else round(sweep, 1), "detail": detail if detail is not None else ""})
         extra = (f"  per A+B {ab:5.2f}" if ab is not None else "") + (f"  sweep {sweep:6.0f} MiB" if sweep is not None else "")
         print(f"  {step:<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  peak {peak:7.0f} MiB{extra}  ({detail})")
+    t = cross_products(a, b, state["spec"], data, device)
+    rows.append({**base, "step": "float64 cross products", "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
+                 "ratio_ab": round(t / (2 * t_fwd), 2), "peak_MiB": "", "sweep_MiB": "", "detail": "part of activation matching"})
+    print(f"  {'float64 cross products':<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  per A+B {t / (2 * t_fwd):5.2f}  (part of activation matching)")
     return rows
 
 
 STEPS = ["trace", "activation matching", "weight matching", "endpoint statistics", "REPAIR exact", "REPAIR closed", "BN reset"]
 
 
+def _cell(r: dict) -> str:
+    """'seconds (ratio to one forward[, per A+B], peak)' of one cost.csv row."""
+    per_ab = f", {float(r['ratio_ab']):.1f}x per A+B" if r.get("ratio_ab") else ""
+    peak = f", {float(r['peak_MiB']):.0f} MiB" if r.get("peak_MiB") else ""
+    return f"{float(r['seconds']):.2f} s ({float(r['ratio']):.1f}x{per_ab}{peak})"
+
+
 def print_table() -> None:
     """cost.csv as the markdown table of docs/results.md: seconds (ratio to one forward) and peak MiB per step."""
     rows = read_csv(CSV)
-    print("| model | params (M) | examples | forward (s) | " + " | ".join(STEPS) + " |")
-    print("|---" * (4 + len(STEPS)) + "|")
+    steps = STEPS + ["float64 cross products"]
+    print("| model | params (M) | examples | forward (s) | " + " | ".join(steps) + " |")
+    print("|---" * (4 + len(steps)) + "|")
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["step"]: r for r in rows if r["model"] == model}
         fwd = by["forward (1 model)"]
-        cells = [f"{float(by[s]['seconds']):.2f} s ({float(by[s]['ratio']):.1f}x, {float(by[s]['peak_MiB']):.0f} MiB)"
-                 if s in by else "n/a" for s in STEPS]
+        cells = [_cell(by[s]) if s in by else "n/a" for s in steps]
         print(f"| {model} | {fwd['params_M']} | {fwd['examples']} | {float(fwd['seconds']):.3f} | " + " | ".join(cells) + " |")
 
 
@@ -174,7 +203,8 @@ def plot_growth() -> Path:
         counts = sorted({r["examples"] for r in rows if r["model"].startswith(prefix)}, key=int)
         ax.set_title(f"{' or '.join(counts)} random examples", fontsize=9)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(STEPS), fontsize=8)
-    fig.suptitle("Cost of merging steps (1 thread, shared 2-core CPU); trace and weight matching do not grow with examples")
+    threads = sorted({r["threads"] for r in rows}, key=int)
+    fig.suptitle(f"Cost of merging steps ({' or '.join(threads)} threads, CPU); trace and weight matching do not grow with examples")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = CSV.with_name("cost_growth.png")
     fig.savefig(out, dpi=110)
