@@ -12,7 +12,7 @@ exact REPAIR (the correction itself, given the endpoint statistics: one forward 
 net), closed-form REPAIR, BN reset; last, `float64 cross products`: the products x^T y of activation
 matching alone (timed without the forward passes, casts and sums around them), its floor with exact
 float64 statistics. `ratio` = step time / one no-grad forward pass of model A over the same
-examples (median of 3); activation matching and the endpoint statistics are also given per forward pass of
+examples (median of 3; each step: the median of `--repeat` runs, default 3); activation matching and the endpoint statistics are also given per forward pass of
 A *and* B (`ratio_ab`), the unit of the goal in issue 14. `peak` = peak memory above what was held before the
 step (see _common.py); `sweep_MiB` = the activations one-sweep REPAIR kept (its own count). Rows go to
 benchmarks/results/cost.csv.
@@ -143,6 +143,8 @@ def bench(name, args, device) -> list[dict]:
         if step == "BN reset" and not has_bn:
             continue
         detail, t, peak = measure(fn, device)
+        if step != "trace" and args.repeat > 1:  # the median of repeats: one run on a shared machine is noisy
+            t = statistics.median([t] + [timed(fn, device)[1] for _ in range(args.repeat - 1)])
         sweep = state.get("exact_sweep_MiB") if step == "REPAIR exact" else None
         ab = t / (2 * t_fwd) if step in ("activation matching", "endpoint statistics") else None
         rows.append({**base, "step": step, "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
@@ -150,7 +152,7 @@ def bench(name, args, device) -> list[dict]:
                      "sweep_MiB": "" if sweep is None else round(sweep, 1), "detail": detail if detail is not None else ""})
         extra = (f"  per A+B {ab:5.2f}" if ab is not None else "") + (f"  sweep {sweep:6.0f} MiB" if sweep is not None else "")
         print(f"  {step:<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  peak {peak:7.0f} MiB{extra}  ({detail})")
-    t = cross_products(a, b, state["spec"], data, device)
+    t = statistics.median(cross_products(a, b, state["spec"], data, device) for _ in range(args.repeat))
     rows.append({**base, "step": "float64 cross products", "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
                  "ratio_ab": round(t / (2 * t_fwd), 2), "peak_MiB": "", "sweep_MiB": "", "detail": "part of activation matching"})
     print(f"  {'float64 cross products':<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  per A+B {t / (2 * t_fwd):5.2f}  (part of activation matching)")
@@ -217,6 +219,7 @@ def main() -> None:
     parser.add_argument("--models", default=DEFAULT, help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3, help="median of this many runs of each step (trace: one)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default: all")
     parser.add_argument("--append", action="store_true", help="keep rows of other models already in cost.csv")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
