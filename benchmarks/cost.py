@@ -111,7 +111,7 @@ def cross_products(a, b, spec, data, device) -> float:
             (_, va), (_, vb) = taps_a(x), taps_b(x)
             for s, p, q in zip(sites, va, vb):
                 xa, xb = site_matrix(p, s), site_matrix(q, s)
-                total += timed(lambda: xa.T @ xb, device)[1]
+                total += timed(lambda xa=xa, xb=xb: xa.T @ xb, device)[1]
     return total
 
 

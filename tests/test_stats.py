@@ -89,7 +89,7 @@ def test_sums_over_many_blocks_equal_numpy(monkeypatch):
     """Per-unit sums, squares and cross products accumulated block by block (a block budget of a few rows,
     so every tensor spans several blocks) equal numpy's on the whole float32 activation, in float64:
     a conv map (units on axis 1), a token matrix (units last) and a slice of a fused last axis."""
-    import onebasin.stats as stats
+    from onebasin import stats
     from onebasin.spec import Site
 
     monkeypatch.setattr(stats, "_BLOCK_BYTES", 1000)
