@@ -18,7 +18,7 @@ from .checks import check_example_input, check_finite, check_same_architecture, 
 from .diagnostics import site_label, variance_ratios
 from .errors import EmptyDataError, InvalidOptionError
 from .interpolate import BarrierCurve, barrier_curve, interpolate_model
-from .repair import endpoint_stats, reset_bn
+from .repair import endpoint_stats, endpoints_from_alignment, reset_bn
 from .repair import repair as repair_fn
 from .spec import PermutationSpec, trace
 from .graph import describe_input
@@ -118,6 +118,8 @@ def merge(
             cannot be folded into weights; ("layer",) keeps the result a plain model of A's class).
         data: re-iterable x or (x, y) batches (training data): used for alignment statistics and as
             REPAIR's calibration set (first `max_examples` examples). Only "weight" + "none" need none.
+            With activation matching, REPAIR's goals (eqs. 3-4) come from the alignment's own pass
+            (`repair.endpoints_from_alignment`): one paired pass of A and B fewer.
     Returns:
         (merged model, MergeResult). The model has A's class when every correction could be fused.
     Raises (all OnebasinError): InvalidOptionError (unknown method or repair, alpha not in [0, 1]),
@@ -138,14 +140,17 @@ def merge(
     result = MergeResult(method, repair, float(alpha))
     if example is not None:
         result.example_input = describe_input(example)
+    ends = None
     if method != "none":
         model_b, aligned = align(model_a, model_b, method, data, spec=spec, max_examples=max_examples, **align_options)
         model_a = aligned.models[0] if aligned.models is not None else model_a
         result.align_record = aligned.record
+        ends = endpoints_from_alignment(spec, aligned.site_stats, tuple(sites))  # REPAIR's goals from the same pass
     if repair in ("exact", "closed"):
         if data is None:
             raise EmptyDataError("REPAIR needs calibration data (training batches)")
-        repaired = repair_fn(model_a, model_b, alpha, data, spec=spec, method=repair, max_examples=max_examples, sites=tuple(sites))
+        repaired = repair_fn(model_a, model_b, alpha, data, spec=spec, method=repair, max_examples=max_examples,
+                             sites=tuple(sites), endpoints=ends)
         merged, result.repair_passes, result.fused, result.affines = repaired.model, repaired.passes, repaired.fused, repaired.affines
     elif repair == "reset_bn":
         merged = reset_bn(interpolate_model(model_a, model_b, alpha), data, max_examples)
@@ -235,7 +240,8 @@ def compare(
     aligned_a = aligned.models[0] if aligned.models is not None else model_a  # orthogonal rewrites A too
     steps.update()
     ends = {"plain": endpoint_stats(model_a, model_b, calib_data, spec, max_examples=max_examples),
-            "aligned": endpoint_stats(aligned_a, aligned_b, calib_data, spec, max_examples=max_examples)}
+            "aligned": endpoints_from_alignment(spec, aligned.site_stats)  # from the alignment's own pass, or measured
+            or endpoint_stats(aligned_a, aligned_b, calib_data, spec, max_examples=max_examples)}
     curves, variance, midpoint = {}, {}, {}
 
     def keep_midpoint(a: float, model: nn.Module) -> None:  # the corrected midpoint, for its variance ratios

@@ -260,6 +260,39 @@ def endpoint_stats(
     return _split_paired(site_list, [m.all_reduce_() for m in moments], ndims, graph)
 
 
+def endpoints_from_alignment(spec: PermutationSpec, site_stats: dict | None, sites: Iterable[str] = KINDS) -> EndpointStats | None:
+    """The EndpointStats of A and the aligned B at the REPAIR sites of the given kinds, assembled from an
+    alignment's own statistics (`AlignResult.site_stats`, from the same data), without another pass.
+
+    A site that is a part of a fused projection is assembled from the parts of every group that reads it.
+    Returns None when there are no such statistics or they do not cover every site (then measure them
+    with `endpoint_stats`).
+    """
+    if not site_stats or spec.graph is None:
+        return None
+    parts: dict[tuple[str, int], list] = {}  # (node, unit axis) -> [(start, size, statistics)]
+    for g in spec.groups.values():
+        for s, st in zip(g.sites, site_stats.get(g.name, [])):
+            parts.setdefault((s.node, s.dim), []).append((s.start, s.size, st))
+    chosen, cols = select_sites(spec, sites), {k: [] for k in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab")}
+    ndims = []
+    for site in chosen:
+        shape = spec.graph.node(site.node).meta["val"].shape
+        n = shape[site.dim]
+        pieces = sorted({(start, n - start if size is None else size): st for start, size, st in parts.get((site.node, site.dim), [])}.items())
+        at = 0
+        for (start, size), _ in pieces:  # the pieces must tile the unit axis: [0, n) in order, no gap or overlap
+            if start != at:
+                return None
+            at += size
+        if at != n:
+            return None
+        for k in cols:
+            cols[k].append(torch.cat([st[k] for _, st in pieces]))
+        ndims.append(len(shape))
+    return EndpointStats(chosen, **cols, ndims=ndims, graph=spec.graph)
+
+
 def _split_paired(sites: list[Site], moments: list[Moments], ndims: list[int], graph) -> EndpointStats:
     """EndpointStats from paired Moments whose cross sums are per unit (diagonal)."""
     cols = {k: [] for k in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab")}

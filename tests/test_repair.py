@@ -327,3 +327,28 @@ def test_walk_callbacks_may_write_in_place_without_touching_other_values():
     walk(graph, model.state_dict(), [x], [out], {view: zero, out: lambda vs: seen.setdefault("out", vs)})
     expected = x @ model.fc.weight.detach().T + model.fc.bias.detach()
     torch.testing.assert_close(seen["out"][0], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: mlp(10, 4, 12, 3), (12,)), (lambda: ResNet20ish("bn"), (3, 8, 8)),
+                                         (lambda: TinyTransformer(), (4, 6))])
+def test_goals_from_the_alignment_pass_equal_a_second_pass(make, shape):
+    """REPAIR's endpoint statistics assembled from activation matching's own pass (A with the unaligned B,
+    indexed by the found permutation) equal a fresh paired pass of A and the aligned B (float64, 1e-10);
+    the transformer's qkv projection is read by several groups (heads, query/key, value)."""
+    from onebasin.align import align
+    from onebasin.repair import endpoints_from_alignment
+
+    torch.manual_seed(0)
+    a, b = make().double().eval(), make().double().eval()
+    randomize_norm_stats(a), randomize_norm_stats(b)
+    data = [torch.randn(32, *shape, dtype=torch.float64) for _ in range(2)]
+    spec = trace(a, data[0])
+    aligned_b, result = align(a, b, "activation", data, spec=spec, max_examples=None)
+    reused = endpoints_from_alignment(spec, result.site_stats)
+    fresh = endpoint_stats(a, aligned_b, data, spec, max_examples=None)
+    assert reused is not None and [s.node for s in reused.sites] == [s.node for s in fresh.sites]
+    assert reused.ndims == fresh.ndims
+    assert not all(torch.equal(p, torch.arange(len(p))) for p in result.perms.values())  # B did move
+    for key in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab"):
+        for r, f in zip(getattr(reused, key), getattr(fresh, key)):
+            torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12)

@@ -34,6 +34,10 @@ class AlignResult:
     perms: Perms
     record: dict = field(default_factory=dict)
     models: tuple | None = None  # (A, B) rewritten by a method that does more than permute (orthogonal): use these
+    # {group: [per site of the group: {"mean_a", "var_a", "mean_b", "var_b", "cov_ab"}]}: float64 (units,) statistics
+    # of A and the ALIGNED B from the method's own pass over the data (activation matching), so that REPAIR
+    # need not measure its goals again (`repair.endpoints_from_alignment`); None for other methods
+    site_stats: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -102,4 +102,12 @@ def activation_matching(
         perms, _ = match_weights(spec, weights_of(model_a), weights_of(model_b), init=perms, groups=fallback)
     record = {"method": "activation", "iterations": 1, "objective": objective, "identity": identity,
               "examples": examples, "weight_fallback": fallback, "seconds": time.perf_counter() - t0}  # fmt: skip
-    return AlignResult(perms, record)
+    return AlignResult(perms, record, site_stats={g: [aligned_stats(m, perms[g]) for m in ms] for g, ms in moments.items()})
+
+
+def aligned_stats(m: Moments, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-unit mean, variance and covariance of A's unit i with the aligned B's unit i (B's unit p[i]), float64
+    (units,) each, from the paired moments of A and the unaligned B (their full cross sums hold every pair)."""
+    p = p.to(m.sums["xy"].device)
+    return {"mean_a": m.mean_x, "var_a": m.var_x, "mean_b": m.mean_y[p], "var_b": m.var_y[p],
+            "cov_ab": m.cov_xy[torch.arange(len(p), device=p.device), p]}
