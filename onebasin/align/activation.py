@@ -10,13 +10,14 @@ order of a later layer's units, never their values, so every group can be matche
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.nn as nn
 
 from ..spec import PermutationSpec
-from ..graph import batch_size, model_inputs
+from ..graph import batch_size, model_inputs, shape_of, take_rows
 from ..stats import Moments, SiteTaps, batches, eval_mode
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
 from ._structured import family_root, solve_families
@@ -31,6 +32,7 @@ def site_moments(
     *,
     max_examples: int | None = 10_000,
     device=None,
+    max_memory: int | None = 1 << 30,
 ) -> tuple[dict[str, list[Moments]], int]:
     """Paired float64 moments of A's and B's activations at every group's sites, in one pass.
 
@@ -39,6 +41,8 @@ def site_moments(
         model_a, model_b: the networks (run in eval mode, restored afterwards).
         data: iterable of x or (x, y) batches; at most `max_examples` inputs are used. Under
             torch.distributed each rank reads its shard (stats.batches) and the sums are all-reduced.
+        max_memory: bytes the tapped activations of A and B may hold at once: a batch whose sites would
+            need more runs in slices of rows (the sums do not depend on it; None: whole batches).
     Returns:
         ({group: [Moments(paired=True) per site, x = A's units (samples, n), y = B's units]}, examples).
         Conv activations (N, C, H, W) count as N*H*W samples of C units.
@@ -47,17 +51,36 @@ def site_moments(
     sites = [s for g in groups for s in g.sites]
     taps_a, taps_b = SiteTaps(model_a, sites, spec.graph, False), SiteTaps(model_b, sites, spec.graph, False)
     moments = [Moments(paired=True) for _ in sites]
+    rows = _rows_within(spec, sites, max_memory)
     examples = 0
     with torch.no_grad(), eval_mode(model_a, model_b):
         for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
-            (_, acts_a), (_, acts_b) = taps_a(x), taps_b(x)
-            for m, s, a, b in zip(moments, sites, acts_a, acts_b):
-                m.update_pair(a, b, s)
-            examples += batch_size(x)
+            n = batch_size(x)
+            for start in range(0, n, rows or n):
+                part = x if rows is None or rows >= n else take_rows(x, slice(start, start + rows))
+                (_, acts_a), (_, acts_b) = taps_a(part), taps_b(part)
+                for m, s, a, b in zip(moments, sites, acts_a, acts_b):
+                    m.update_pair(a, b, s)
+                del acts_a, acts_b
+            examples += n
     for m in moments:
         m.all_reduce_()
     it = iter(moments)
     return {g.name: [next(it) for _ in g.sites] for g in groups}, all_reduce_count(examples)
+
+
+def _rows_within(spec: PermutationSpec, sites, max_memory: int | None) -> int | None:
+    """Input rows per slice so that the sites of A and B fit in `max_memory` bytes (from the graph's
+    shapes); None: no slicing (no limit, sites read by hooks, or a graph exported for one batch size)."""
+    graph = spec.graph
+    if max_memory is None or graph is None or graph.batch is not None or any(s.node is None for s in sites):
+        return None
+    per_row = 0
+    for node in {s.node for s in sites}:
+        val = graph.node(node).meta.get("val")
+        if isinstance(val, torch.Tensor) and val.ndim:
+            per_row += 2 * val.element_size() * math.prod(shape_of(graph.node(node))) // max(batch_size(graph.example), 1)
+    return max(1, max_memory // per_row) if per_row else None
 
 
 def correlation_matrix(moments: list[Moments]) -> torch.Tensor:
@@ -74,6 +97,7 @@ def activation_matching(
     *,
     max_examples: int | None = 10_000,
     device=None,
+    max_memory: int | None = 1 << 30,
 ) -> AlignResult:
     """Align B to A by maximising the summed correlation of matched units (Li et al. 2015; REPAIR eq. 2).
 
@@ -81,6 +105,7 @@ def activation_matching(
         spec: PermutationSpec whose groups carry sites (from `trace`, or `from_groups(..., sites=)`).
         model_a, model_b: nn.Modules of the same architecture; data: iterable of x or (x, y) batches.
         max_examples: inputs read from `data`; device: where to run (default: model A's device).
+        max_memory: bytes the tapped activations of one batch may hold (larger batches run in row slices).
     Returns:
         AlignResult; record: iterations (1), objective {group: mean matched correlation} and
         identity {group: the same before alignment}, examples, seconds, weight_fallback (groups without
@@ -89,7 +114,8 @@ def activation_matching(
     if data is None:
         raise ValueError("activation matching needs data: an iterable of x or (x, y) batches")
     t0 = time.perf_counter()
-    moments, examples = site_moments(spec, require_module(model_a, "activation"), require_module(model_b, "activation"), data, max_examples=max_examples, device=device)
+    moments, examples = site_moments(spec, require_module(model_a, "activation"), require_module(model_b, "activation"), data, max_examples=max_examples, device=device,
+                                      max_memory=max_memory)
     corrs = {name: correlation_matrix(ms) for name, ms in moments.items()}
     informed = {family_root(spec, g) for g in corrs}
     perms = solve_families(spec, corrs, [g for g in spec.groups if family_root(spec, g) in informed])
