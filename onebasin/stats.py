@@ -91,24 +91,23 @@ def unit_sums(t: torch.Tensor, site: Site) -> tuple[int, torch.Tensor, torch.Ten
     return n, sums["x"], sums["xx"]
 
 
-def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full", into: torch.Tensor | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full", sums: dict | None = None) -> tuple[int, dict[str, torch.Tensor]]:
     """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums
     of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations: one matrix
     product over all samples) or only its diagonal, unit i with unit i (cross="diag", for REPAIR's
-    per-unit covariance). With `into` (a (p, q) float64 running sum, cross="full"), the product is added
-    to it in place (no (p, q) temporary per batch) and "xy" is left out of the result."""
-    n, sums = 0, {}
+    per-unit covariance). Given `sums` (running sums of earlier batches), the new ones are added to them
+    in place, the cross product by addmm_ (no (p, q) temporary per batch), and that dict is returned."""
+    n, sums = 0, {} if sums is None else sums
     for (x, axis), (y, _) in zip(_unit_blocks(a, site), _unit_blocks(b, site)):
         n += x.shape[axis]
         if cross != "full":
             _accumulate(sums, "xy", (x * y).sum(axis))
         else:
             xt, yt = (x, y.T) if axis == 1 else (x.T, y)  # (p, m) @ (m, q)
-            acc = into if into is not None else sums.get("xy")
-            if acc is None:
-                sums["xy"] = xt @ yt
+            if "xy" in sums:
+                sums["xy"].addmm_(xt, yt)
             else:
-                acc.addmm_(xt, yt)
+                sums["xy"] = xt @ yt
         for name, v in (("x", x), ("y", y)):
             _accumulate(sums, name, v.sum(axis))
             _accumulate(sums, name * 2, v.square_().sum(axis))  # the blocks are ours: squared in place
@@ -163,10 +162,8 @@ class Moments:
         """
         if self.full or not self.paired:
             raise ValueError("update_pair fills paired moments of per-unit variances (full=False, paired=True)")
-        n, sums = paired_sums(a, b, site, cross, into=self.sums.get("xy") if cross == "full" else None)
+        n, _ = paired_sums(a, b, site, cross, self.sums)
         self.n += n
-        for name, value in sums.items():
-            self._add(name, value)
 
     def update_units(self, t: torch.Tensor, site: Site) -> None:
         """Add the units of site `site` in activation t (full=False, unpaired), fast path (`unit_sums`)."""

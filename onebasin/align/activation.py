@@ -75,11 +75,10 @@ def _rows_within(spec: PermutationSpec, sites, max_memory: int | None) -> int | 
     graph = spec.graph
     if max_memory is None or graph is None or graph.batch is not None or any(s.node is None for s in sites):
         return None
-    per_row = 0
-    for node in {s.node for s in sites}:
-        val = graph.node(node).meta.get("val")
-        if isinstance(val, torch.Tensor) and val.ndim:
-            per_row += 2 * val.element_size() * math.prod(shape_of(graph.node(node))) // max(batch_size(graph.example), 1)
+    per_row, rows = 0, max(batch_size(graph.example), 1)
+    for node in {graph.node(s.node) for s in sites}:
+        if shape := shape_of(node):  # A's and B's tensor at this node, per input row
+            per_row += 2 * node.meta["val"].element_size() * math.prod(shape) // rows
     return max(1, max_memory // per_row) if per_row else None
 
 
