@@ -499,17 +499,17 @@ def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, st
                 args = fx.node.map_arg(node.args, lambda a, e=e: e[a.name])
                 kwargs = fx.node.map_arg(node.kwargs, lambda a, e=e: e[a.name])
                 e[n.name] = node.target(*args, **kwargs)
-            if n.name in visit:
-                for e, v in zip(env, visit[n.name]([_unshared(e, n.name) for e in env])):
-                    e[n.name] = v
             peak = max(peak, sum(_nbytes(v for k, v in e.items() if k not in captured.keys) for e in env))
-            remaining.discard(n.name)
-            if not remaining:
-                break
-            for a in n.all_input_nodes:
+            for a in n.all_input_nodes:  # before the visit: a dead input no longer forces a copy in _unshared
                 if last_use.get(a.name) == i and a.name not in stop:
                     for e in env:
                         e.pop(a.name, None)
+            if n.name in visit:
+                for e, v in zip(env, visit[n.name]([_unshared(e, n.name) for e in env])):
+                    e[n.name] = v
+            remaining.discard(n.name)
+            if not remaining:
+                break
     return peak
 
 

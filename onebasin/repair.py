@@ -81,11 +81,17 @@ class RepairAffine(nn.Module):
 
 
 def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dim: int, in_place: bool = False) -> torch.Tensor:
-    """x * scale + shift with (units,) vectors along axis `dim` (the one formula every path uses); one pass
-    over x, written into x itself with `in_place` (no new activation-sized allocation)."""
+    """x * scale + shift with (units,) vectors along axis `dim` (the one formula every path uses), written
+    into x itself with `in_place` (no new activation-sized allocation). Units on the last axis: one fused
+    addcmul; units before it (a conv's channels): a multiply and an add, each vectorised along the
+    positions, 2-3x faster than addcmul's broadcast loop on a (256, 64, 32, 32) map."""
+    dim = dim % x.ndim
     shape = [1] * x.ndim
     shape[dim] = -1
-    return torch.addcmul(shift.to(x).view(shape), x, scale.to(x).view(shape), out=x if in_place else None)
+    scale, shift = scale.to(x).view(shape), shift.to(x).view(shape)
+    if dim == x.ndim - 1:
+        return torch.addcmul(shift, x, scale, out=x if in_place else None)
+    return (x.mul_(scale) if in_place else x * scale).add_(shift)
 
 
 # --- sites, graphs, data ---------------------------------------------------------------------------------
