@@ -215,6 +215,8 @@ def compare(
         calib_data: training batches for alignment statistics and REPAIR calibration (first `max_examples`).
         method: alignment method; repair: "exact" | "closed" | "reset_bn" (the third curve's correction).
         device: where to run (copies of A and B are moved there); default: where A is.
+            With activation matching, the endpoint statistics of the plain and of the aligned pair (REPAIR's
+            goals, the variance ratios' endpoint stds) come from the alignment's own pass: one pass in all.
     Returns:
         Comparison with curves {"plain", "aligned", "aligned+<REPAIR>"} and variance ratios at alpha = 0.5.
     Raises: as `merge`; EmptyDataError also names an empty split of `loaders`.
@@ -239,8 +241,9 @@ def compare(
     aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples)
     aligned_a = aligned.models[0] if aligned.models is not None else model_a  # orthogonal rewrites A too
     steps.update()
-    ends = {"plain": endpoint_stats(model_a, model_b, calib_data, spec, max_examples=max_examples),
-            "aligned": endpoints_from_alignment(spec, aligned.site_stats)  # from the alignment's own pass, or measured
+    ends = {"plain": endpoints_from_alignment(spec, aligned.plain_site_stats)  # from the alignment's own pass, or measured
+            or endpoint_stats(model_a, model_b, calib_data, spec, max_examples=max_examples),
+            "aligned": endpoints_from_alignment(spec, aligned.site_stats)
             or endpoint_stats(aligned_a, aligned_b, calib_data, spec, max_examples=max_examples)}
     curves, variance, midpoint = {}, {}, {}
 

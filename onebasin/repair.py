@@ -526,7 +526,7 @@ def with_affines(graph: Captured, state: dict, affines: dict[str, RepairAffine],
     """A GraphModule computing the captured graph with weights `state` and `affines[node]` applied to the
     output of each node (registered as `repair_<node>`; every other parameter keeps its state_dict key).
     To reload a saved wrapper, use `restore_affines`."""
-    gm = copy.deepcopy(graph.program.module())
+    gm = graph.module()
     gm.load_state_dict(state, strict=False)
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, mod in affines.items():

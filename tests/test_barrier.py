@@ -205,10 +205,10 @@ def test_compare_measures_each_statistic_once_and_matches_numpy():
     assert seen == [0.0, 0.5, 1.0]
     with CountUses(a[1].weight) as uses:  # A's first Linear weight: counts passes that run A itself
         result = compare(a, b, loaders, data, alphas=[0.0, 0.5, 1.0], progress=False)
-    # the input check's one forward of the 64-row example, then two passes over the 3 calibration batches:
-    # alignment (whose statistics also give the aligned endpoints' REPAIR goals) and the plain endpoint
-    # statistics (the curves evaluate copies of the interpolated weights)
-    assert uses.n == 1 + 2 * len(data)
+    # the input check's one forward of the 64-row example, then one pass over the 3 calibration batches:
+    # alignment, whose statistics of A with the unaligned B also give REPAIR's goals and the variance ratios'
+    # endpoint stds of the plain and the aligned pair (the curves evaluate copies of the interpolated weights)
+    assert uses.n == 1 + len(data)
     names = ["1", "3", "5"]  # the hidden Linear layers of Sequential(Flatten, Linear, ReLU, ..., Linear)
     assert [s.module for s, _ in result.variance["plain"]] == names
     plain = numpy_variance_ratios(a, b, midpoint_by_hand(a, b), data, names)

@@ -333,7 +333,8 @@ def test_walk_callbacks_may_write_in_place_without_touching_other_values():
                                          (lambda: TinyTransformer(), (4, 6))])
 def test_goals_from_the_alignment_pass_equal_a_second_pass(make, shape):
     """REPAIR's endpoint statistics assembled from activation matching's own pass (A with the unaligned B,
-    indexed by the found permutation) equal a fresh paired pass of A and the aligned B (float64, 1e-10);
+    indexed by the found permutation) equal a fresh paired pass of A and the aligned B (float64, 1e-10),
+    and with the identity (`plain_site_stats`) a fresh pass of A and the unaligned B;
     the transformer's qkv projection is read by several groups (heads, query/key, value)."""
     from onebasin.align import align
     from onebasin.repair import endpoints_from_alignment
@@ -349,6 +350,10 @@ def test_goals_from_the_alignment_pass_equal_a_second_pass(make, shape):
     assert reused is not None and [s.node for s in reused.sites] == [s.node for s in fresh.sites]
     assert reused.ndims == fresh.ndims
     assert not all(torch.equal(p, torch.arange(len(p))) for p in result.perms.values())  # B did move
-    for key in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab"):
-        for r, f in zip(getattr(reused, key), getattr(fresh, key)):
-            torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12)
+    plain = endpoints_from_alignment(spec, result.plain_site_stats)  # the same pass, B unaligned
+    fresh_plain = endpoint_stats(a, b, data, spec, max_examples=None)
+    for mine, theirs in ((reused, fresh), (plain, fresh_plain)):
+        for key in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab"):
+            for r, f in zip(getattr(mine, key), getattr(theirs, key)):
+                torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12)
+    assert not all(torch.allclose(r, f) for r, f in zip(plain.mean_b, reused.mean_b))  # the two goals differ

@@ -38,6 +38,7 @@ class AlignResult:
     # of A and the ALIGNED B from the method's own pass over the data (activation matching), so that REPAIR
     # need not measure its goals again (`repair.endpoints_from_alignment`); None for other methods
     site_stats: dict | None = None
+    plain_site_stats: dict | None = None  # the same for A and the UNALIGNED B (the plain interpolation's goals)
 
 
 @dataclass(frozen=True)
