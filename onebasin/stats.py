@@ -240,25 +240,34 @@ class Moments:
     @property
     def cov_xy(self) -> torch.Tensor:
         """(p, q) cross-covariance of x and y (needs paired=True)."""
-        return self.sums["xy"] / self.n - torch.outer(self.mean_x, self.mean_y)
+        return (self.sums["xy"] / self.n).addr_(self.mean_x, self.mean_y, alpha=-1)
+
+    def cov_xy_matched(self, perm: torch.Tensor) -> torch.Tensor:
+        """(p,) covariance of x's unit i with y's unit perm[i] (needs the full cross sums), without the (p, q) matrix."""
+        self._check()
+        xy = self.sums["xy"][torch.arange(len(perm), device=perm.device), perm]
+        return xy / self.n - self.mean_x * self.mean_y[perm]
 
     def corr_xy(self) -> torch.Tensor:
         """(p, q) Pearson correlation between every unit of x and every unit of y, in [-1, 1].
 
         A unit that is constant over the data (a dead ReLU) has no correlation: its rows/columns are 0.
-        Constant means its variance is at rounding level of its second moment (float64 sums).
+        Constant means its variance is at rounding level of its second moment (float64 sums). One (p, q)
+        matrix is allocated; centring and scaling are done in place (ResNet50's 2048-unit sites).
         """
-        sx, sy = _live_std(self.var_x, self.sums["xx"].diagonal() if self.full else self.sums["xx"], self.n), _live_std(
-            self.var_y, self.sums["yy"], self.n
-        )
-        denom = torch.outer(sx, sy)
-        corr = torch.where(denom > 0, self.cov_xy / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(denom))
-        return corr.clamp(-1, 1)
+        sx = _live_std(self.var_x, self.sums["xx"].diagonal() if self.full else self.sums["xx"], self.n)
+        sy = _live_std(self.var_y, self.sums["yy"], self.n)
+        return self.cov_xy.mul_(_inverse_or_zero(sx)[:, None]).mul_(_inverse_or_zero(sy)).clamp_(-1, 1)
 
 
 def _live_std(var: torch.Tensor, sum_sq: torch.Tensor, n: int) -> torch.Tensor:
     """std, with 0 for units whose variance is within float64 rounding of their mean square."""
     return torch.where(var > 1e-12 * sum_sq / n, var.sqrt(), torch.zeros_like(var))
+
+
+def _inverse_or_zero(std: torch.Tensor) -> torch.Tensor:
+    """1 / std, and 0 where std is 0 (a constant unit: no correlation)."""
+    return torch.where(std > 0, 1 / std.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(std))
 
 
 class SiteTaps(nn.Module):

@@ -136,4 +136,4 @@ def aligned_stats(m: Moments, p: torch.Tensor) -> dict[str, torch.Tensor]:
     (units,) each, from the paired moments of A and the unaligned B (their full cross sums hold every pair)."""
     p = p.to(m.sums["xy"].device)
     return {"mean_a": m.mean_x, "var_a": m.var_x, "mean_b": m.mean_y[p], "var_b": m.var_y[p],
-            "cov_ab": m.cov_xy[torch.arange(len(p), device=p.device), p]}
+            "cov_ab": m.cov_xy_matched(p)}
