@@ -241,10 +241,12 @@ def compare(
     aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples)
     aligned_a = aligned.models[0] if aligned.models is not None else model_a  # orthogonal rewrites A too
     steps.update()
-    ends = {"plain": endpoints_from_alignment(spec, aligned.plain_site_stats)  # from the alignment's own pass, or measured
-            or endpoint_stats(model_a, model_b, calib_data, spec, max_examples=max_examples),
-            "aligned": endpoints_from_alignment(spec, aligned.site_stats)
-            or endpoint_stats(aligned_a, aligned_b, calib_data, spec, max_examples=max_examples)}
+
+    def endpoints(site_stats, a: nn.Module, b: nn.Module):  # from the alignment's own pass, or measured
+        return endpoints_from_alignment(spec, site_stats) or endpoint_stats(a, b, calib_data, spec, max_examples=max_examples)
+
+    ends = {"plain": endpoints(aligned.plain_site_stats, model_a, model_b),
+            "aligned": endpoints(aligned.site_stats, aligned_a, aligned_b)}
     curves, variance, midpoint = {}, {}, {}
 
     def keep_midpoint(a: float, model: nn.Module) -> None:  # the corrected midpoint, for its variance ratios

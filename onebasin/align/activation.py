@@ -127,8 +127,9 @@ def activation_matching(
         perms, _ = match_weights(spec, weights_of(model_a), weights_of(model_b), init=perms, groups=fallback)
     record = {"method": "activation", "iterations": 1, "objective": objective, "identity": identity,
               "examples": examples, "weight_fallback": fallback, "seconds": time.perf_counter() - t0}  # fmt: skip
-    stats = lambda p: {g: [aligned_stats(m, p(g)) for m in ms] for g, ms in moments.items()}  # noqa: E731
-    return AlignResult(perms, record, site_stats=stats(perms.get), plain_site_stats=stats(lambda g: torch.arange(len(perms[g]))))
+    identity = {g: torch.arange(len(p)) for g, p in perms.items()}
+    stats = lambda ps: {g: [aligned_stats(m, ps[g]) for m in ms] for g, ms in moments.items()}  # noqa: E731
+    return AlignResult(perms, record, site_stats=stats(perms), plain_site_stats=stats(identity))
 
 
 def aligned_stats(m: Moments, p: torch.Tensor) -> dict[str, torch.Tensor]:
