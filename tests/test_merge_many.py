@@ -14,7 +14,9 @@ from onebasin.align.many import (
     METHODS,
     cycle_consistency,
     ensemble_evaluate,
+    _blocks,
     induced_maps,
+    joint_moments,
     merge_diagnostics,
     synchronise,
 )
@@ -163,6 +165,29 @@ def hooked_units(model, modules, data):
     for h in hooks:
         h.remove()
     return {m: torch.cat(t).movedim(1, -1).reshape(-1, t[0].shape[1]).double().numpy() for m, t in seen.items()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_bn"])
+def test_joint_statistics_equal_numpy_covariances_of_raw_activations(name):
+    """The one-pass joint moments of N models (cross sums between models only) against numpy's covariance of
+    the hooked activations: every between-model block, and the variances on the within-model diagonals."""
+    models, data = [build(name, s) for s in range(3)], data_for(name)
+    spec = trace(models[0], data[0])
+    sites = [s for g in spec.groups.values() for s in g.sites]
+    moments, examples = joint_moments(models, sites, data, graph=spec.graph, chunk=5)  # chunks across batches
+    assert examples == 64
+    raw = [hooked_units(m, [s.module for s in sites], data) for m in models]
+    for site, m in zip(sites, moments):
+        cov, std = _blocks(m, 3)
+        joint = np.concatenate([r[site.module] for r in raw], 1)
+        ref = np.cov(joint.T, bias=True)
+        n = joint.shape[1] // 3
+        for i, j in combinations(range(3), 2):
+            np.testing.assert_allclose(cov[i, j].numpy(), ref[i * n:(i + 1) * n, j * n:(j + 1) * n], rtol=0, atol=1e-10)
+            np.testing.assert_allclose(cov[j, i].numpy(), ref[j * n:(j + 1) * n, i * n:(i + 1) * n], rtol=0, atol=1e-10)
+        for i in range(3):
+            np.testing.assert_allclose(cov[i, i].diagonal().numpy(), ref.diagonal()[i * n:(i + 1) * n], rtol=0, atol=1e-10)
+            np.testing.assert_allclose(std[i].numpy(), joint[:, i * n:(i + 1) * n].std(0), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["mlp", "vgg_bn"])
