@@ -97,14 +97,13 @@ SHALLOW = _mlp("mnist", 512, depth=4)  # 3 hidden layers: where N-way merging of
 SHALLOW20 = _mlp("mnist", 512, depth=4, epochs=20)  # the same, trained 2.5x longer: does training close the gap?
 SHALLOW100 = _mlp("mnist", 512, depth=4, epochs=100)  # and with the paper's whole recipe
 WIDE20 = _mlp("mnist", 1024, depth=4, epochs=20)  # twice as wide: does width close the gap?
-WIDER20 = _mlp("mnist", 2048, depth=4, epochs=20)  # and four times
 SETTINGS = [  # priority order
     Setting(MNIST, 5), Setting(MNIST, 3), Setting(MNIST, 2), Setting(FMNIST, 5), Setting(FMNIST, 3),
     Setting(FMNIST, 2), Setting(RESNET, 3), Setting(RESNET, 5), Setting(MNIST, 8), Setting(FMNIST, 8),
     Setting(MNIST256, 5), Setting(MNIST256, 3), Setting(MNIST256, 2), Setting(MNIST, 5, "weight"),
     Setting(RESNET, 5, "weight"), Setting(SHALLOW, 5), Setting(SHALLOW, 3), Setting(SHALLOW, 2),
     Setting(SHALLOW20, 5), Setting(SHALLOW20, 2), Setting(SHALLOW100, 5), Setting(SHALLOW100, 2),
-    Setting(WIDE20, 5), Setting(WIDE20, 2), Setting(WIDER20, 5), Setting(WIDER20, 2),
+    Setting(WIDE20, 5), Setting(WIDE20, 2),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 

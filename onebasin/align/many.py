@@ -40,7 +40,8 @@ with that direct matching.
 
 Measured (docs/results.md, section 7; shortened-recipe MLPs and ResNet20s, 2-8 models): universe reaches
 the highest objective and always converges, but its merged accuracy after REPAIR is within the noise of
-MergeMany's and anchor's (better on 7 of 12 settings on average, worse by 0.2-1.6 points on a 4-layer MLP).
+MergeMany's and anchor's (better on 7 of 15 settings on average, worse by 0.2-0.9 points on every 4-layer
+MLP setting).
 """
 
 from __future__ import annotations
