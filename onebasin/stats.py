@@ -90,6 +90,14 @@ def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -
         sums[name] = value
 
 
+def accumulate_product(sums: dict[str, torch.Tensor], name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """sums[name] += a @ b for a (p, m) and b (m, q): in place by addmm_ (no (p, q) temporary), or a @ b as the first sum."""
+    if name in sums:
+        sums[name].addmm_(a, b)
+    else:
+        sums[name] = a @ b
+
+
 def unit_sums(t: torch.Tensor, site: Site) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(samples, sum x, sum x^2) per unit of a site, float64 (conv positions pooled as samples)."""
     n, sums = 0, {}
@@ -113,10 +121,7 @@ def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full
             _accumulate(sums, "xy", _sum_samples(x * y, axis))
         else:
             xt, yt = (x, y.T) if axis == 1 else (x.T, y)  # (p, m) @ (m, q)
-            if "xy" in sums:
-                sums["xy"].addmm_(xt, yt)
-            else:
-                sums["xy"] = xt @ yt
+            accumulate_product(sums, "xy", xt, yt)
         for name, v in (("x", x), ("y", y)):
             _accumulate(sums, name, _sum_samples(v, axis))
             _accumulate(sums, name * 2, _sum_samples(v.square_(), axis))  # the blocks are ours: squared in place

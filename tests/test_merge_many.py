@@ -12,9 +12,9 @@ import onebasin
 from onebasin.align.many import (
     ALIGNMENTS,
     METHODS,
+    _blocks,
     cycle_consistency,
     ensemble_evaluate,
-    _blocks,
     induced_maps,
     joint_moments,
     merge_diagnostics,

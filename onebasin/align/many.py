@@ -63,7 +63,7 @@ from ..interpolate import evaluate
 from ..permute import Perms, StateDict, permute_model
 from ..repair import KINDS, correct, reset_bn, select_sites
 from ..spec import PermutationSpec, Site, trace
-from ..stats import Moments, SiteTaps, batches, eval_mode, site_matrix
+from ..stats import Moments, SiteTaps, accumulate_product, batches, eval_mode, site_matrix
 from ._registry import all_reduce_count, assign, device_of, matched, weights_of
 from .weight import match_weights, other_axes_permuted
 
@@ -110,8 +110,8 @@ def joint_moments(
     Returns (one Moments per site over (samples, N * units) columns: count, per-unit sums and sums of squares,
     and with `cross` the cross sums between models, sums[f"xy{i}"] = x_i^T [x_{i+1} | ... | x_{N-1}] of shape
     (units, (N-1-i) * units) for i < N-1; examples read). The within-model cross sums x_i^T x_i are not
-    computed: no method reads them (only the variances on their diagonals), and skipping them saves 2N/(N-1)
-    of the products of the whole Gram matrix (2.5x for 5 models). `_blocks` assembles the covariances.
+    computed: no method reads them (only the variances on their diagonals), so the products are (N-1)/(2N)
+    of the whole Gram matrix's (2.5x fewer for 5 models). `_blocks` assembles the covariances.
     Conv activations (B, C, H, W) count as B*H*W samples. Models run in eval mode, on at most `chunk` inputs
     at a time (every site of N models is held at once; the sums do not depend on it). `graph`: the captured
     graph the sites' node names refer to (`spec.graph`).
@@ -138,11 +138,7 @@ def _add_cross_sums(sums: dict[str, torch.Tensor], joint: torch.Tensor, n_models
     """sums[f"xy{i}"] += x_i^T [x_{i+1} | ... ] for a (samples, N * units) block (model i's units: columns i*n..)."""
     n = joint.shape[1] // n_models
     for i in range(n_models - 1):
-        mine, later = joint[:, i * n:(i + 1) * n], joint[:, (i + 1) * n:]
-        if f"xy{i}" in sums:
-            sums[f"xy{i}"].addmm_(mine.T, later)
-        else:
-            sums[f"xy{i}"] = mine.T @ later
+        accumulate_product(sums, f"xy{i}", joint[:, i * n:(i + 1) * n].T, joint[:, (i + 1) * n:])
 
 
 def _blocks(m: Moments, n_models: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +152,8 @@ def _blocks(m: Moments, n_models: int) -> tuple[torch.Tensor, torch.Tensor]:
     cov = torch.zeros(n_models, n_models, n, n, dtype=torch.float64)
     for i in range(n_models):
         cov[i, i] = torch.diag(var[i])
-        later = (m.sums[f"xy{i}"].cpu() / m.n) if i < n_models - 1 else None
+    for i in range(n_models - 1):
+        later = m.sums[f"xy{i}"].cpu() / m.n  # (n, (N-1-i) n): model i against models i+1..N-1
         for j in range(i + 1, n_models):
             cov[i, j] = later[:, (j - i - 1) * n:(j - i) * n] - torch.outer(mean[i], mean[j])
             cov[j, i] = cov[i, j].T
