@@ -524,3 +524,29 @@ def test_statistics_in_row_slices_equal_whole_batches():
             assert m1.n == m2.n
             for k in m1.sums:
                 torch.testing.assert_close(m1.sums[k], m2.sums[k], rtol=1e-10, atol=1e-10)
+
+
+class KeywordMLP(nn.Module):
+    """Called like a Hugging Face model: model(inputs_embeds=..., attention_mask=...)."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, width), nn.Linear(width, width), nn.Linear(width, 3)
+
+    def forward(self, inputs_embeds, attention_mask):
+        h = torch.relu(self.fc1(inputs_embeds * attention_mask[..., None]))
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def test_functional_matching_takes_keyword_inputs():
+    """Dict batches (keyword inputs) feed the layer-input moments; a permuted copy is recovered."""
+    torch.manual_seed(0)
+    a, gen = KeywordMLP(), torch.Generator().manual_seed(1)
+    data = [{"inputs_embeds": torch.randn(4, 5, 6, generator=gen), "attention_mask": torch.ones(4, 5)} for _ in range(3)]
+    spec = trace(a, data[0])
+    perms = random_perms(spec, seed=3)
+    b = permute_model(a, spec, perms)
+    result = get_method("functional")(spec, a, b, data)
+    assert result.record["examples"] == 12
+    assert set(result.perms) == {"fc1", "fc2"}
+    assert all(torch.equal(result.perms[g], p) for g, p in invert_perms(perms).items())

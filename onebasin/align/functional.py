@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
+from ..graph import as_call, batch_size
 from ..permute import Perms, permute_tensor
 from ..spec import PermutationSpec
 from ..stats import Moments, batches, eval_mode
@@ -87,8 +88,9 @@ def input_moments(
     try:
         with torch.no_grad(), eval_mode(model_a, model_b):
             for x in batches(data, max_examples, device_of(model_a, device)):
-                model_a(x), model_b(x)
-                examples += x.shape[0]
+                args, kwargs = as_call(x)
+                model_a(*args, **kwargs), model_b(*args, **kwargs)
+                examples += batch_size(x)
     finally:
         for h in hooks:
             h.remove()
