@@ -463,8 +463,10 @@ def _param_key(graph: Captured, arg) -> str | None:
     return key if len(graph.aliases.get(key, (key,))) == 1 else None
 
 
-def _fold_targets(graph: Captured, site: Site, ndim: int) -> tuple[str, str, int] | None:
-    """(weight key, bias key, unit axis of the weight) a site's correction folds into, or None."""
+def _fold_targets(graph: Captured, site: Site, ndim: int) -> tuple[str, str, int, int] | None:
+    """(weight key, bias key, unit axis of the weight, unit axis of the bias) a site's correction folds
+    into, or None. A layer's bias is (units,); a norm's weight and bias share a shape (e.g. (C, H, W) for
+    a LayerNorm over (C, H, W), whose unit axis is then 0 in both)."""
     from .rules._common import args_of
 
     node = _producer(graph.node(site.node))
@@ -472,17 +474,18 @@ def _fold_targets(graph: Captured, site: Site, ndim: int) -> tuple[str, str, int
         return None
     if node.target in _LAYERS:
         (axis, w, b), a = _LAYERS[node.target], args_of(node)
+        bias_axis = 0
     elif node.target in _CHANNEL_NORMS:
-        a, axis, w, b = args_of(node), 0, "weight", "bias"
+        a, axis, bias_axis, w, b = args_of(node), 0, 0, "weight", "bias"
     elif node.target in _LAST_NORMS:
         a, w, b = args_of(node), "weight", "bias"
-        axis = site.dim - (ndim - len(a["normalized_shape"]))
+        axis = bias_axis = site.dim - (ndim - len(a["normalized_shape"]))
         if axis < 0:
             return None
     else:
         return None
     wk, bk = _param_key(graph, a.get(w)), _param_key(graph, a.get(b))
-    return (wk, bk, axis) if wk and bk else None
+    return (wk, bk, axis, bias_axis) if wk and bk else None
 
 
 def _along(v: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
@@ -509,10 +512,10 @@ def fuse_corrections(model: nn.Module, graph: Captured, state: dict, corrections
     for c in corrections:
         target = _fold_targets(graph, c.site, c.ndim) if fuse else None
         if target is not None:
-            wk, bk, axis = target
+            wk, bk, axis, bias_axis = target
             w, b = sd[wk], sd[bk]
             sd[wk] = w * _along(c.scale.to(w), axis, w.ndim)
-            sd[bk] = b * c.scale.to(b) + c.shift.to(b)
+            sd[bk] = b * _along(c.scale.to(b), bias_axis, b.ndim) + _along(c.shift.to(b), bias_axis, b.ndim)
         else:
             p = next(v for v in state.values() if v.is_floating_point())
             left[c.site.node] = RepairAffine(c.scale.to(p), c.shift.to(p), c.site.dim)

@@ -88,6 +88,23 @@ class ResNet20ish(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class ConvLN(nn.Module):
+    """Conv -> LayerNorm([C, H, W]) -> ReLU stacks (a LayerNorm over more than the unit axis), then a linear
+    head; widths differ from the map sizes so a correction along the wrong axis cannot broadcast."""
+
+    def __init__(self, widths=(5, 6), size=8, num_classes=3):
+        super().__init__()
+        layers, c = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.LayerNorm([w, size, size]), nn.ReLU()]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):  # x: (N, 3, size, size)
+        return self.head(self.features(x).mean((2, 3)))
+
+
 def reference_models():
     """name -> (model factory, example input shape)."""
     import torchvision
@@ -99,6 +116,7 @@ def reference_models():
         "resnet20_bn": (lambda: ResNet20ish("bn"), (3, 3, 16, 16)),
         "resnet20_ln": (lambda: ResNet20ish("ln"), (3, 3, 16, 16)),
         "resnet20_fixup": (lambda: ResNet20ish("none"), (3, 3, 16, 16)),
+        "conv_ln_chw": (lambda: ConvLN(), (3, 3, 8, 8)),
         "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=7), (2, 3, 32, 32)),
         "tv_resnet50": (lambda: torchvision.models.resnet50(num_classes=7), (2, 3, 32, 32)),
         "tv_vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=7), (2, 3, 32, 32)),

@@ -11,7 +11,7 @@ from onebasin.permute import invert_perms, permute_model, random_perms
 from onebasin.repair import RepairAffine, endpoint_stats, fuse_corrections, repair, repair_errors, reset_bn, restore_affines
 from onebasin.spec import from_groups, trace
 from conftest import hooked_site_values
-from reference_models import ResNet20ish, TinyTransformer, VGGish, mlp, randomize_norm_stats
+from reference_models import ConvLN, ResNet20ish, TinyTransformer, VGGish, mlp, randomize_norm_stats
 
 # name -> (factory, input shape, exact passes with layer+block sites, with layer sites only)
 MODELS = {
@@ -21,6 +21,7 @@ MODELS = {
     "resnet20_bn": (lambda: ResNet20ish("bn"), (3, 8, 8), 28, 19),
     "resnet20_ln": (lambda: ResNet20ish("ln"), (3, 8, 8), 28, 19),
     "resnet20_fixup": (lambda: ResNet20ish("none"), (3, 8, 8), 28, 19),
+    "conv_ln_chw": (lambda: ConvLN(), (3, 8, 8), 2, 2),  # LayerNorm([C, H, W]) after each conv
 }
 FIRST_LAYER_LINEAR = {"mlp", "vgg_plain", "resnet20_fixup"}  # no norm on the first site: eq. (5) is exact there
 
@@ -72,8 +73,11 @@ def test_exact_repair_hits_goal_statistics(name):
     x = torch.cat(data)
     ref_a, ref_b = numpy_stats(hooked_site_values(a, spec, x), sites), numpy_stats(hooked_site_values(b, spec, x), sites)
     got = numpy_stats(corrected_values(result.model, data), sites)
-    collapse = min(float((s.before_std / s.goal_std).mean()) for s in result.stats)
-    assert collapse < 0.9, "the test needs variance collapse to correct"
+    if name == "conv_ln_chw":  # a LayerNorm over (C, H, W) keeps the mean std near the goal, units still move
+        assert max(float((s.before_std / s.goal_std - 1).abs().max()) for s in result.stats) > 0.1
+    else:
+        collapse = min(float((s.before_std / s.goal_std).mean()) for s in result.stats)
+        assert collapse < 0.9, "the test needs variance collapse to correct"
     for s in sites:
         (ma, sa), (mb, sb), (m, sd) = ref_a[s.node], ref_b[s.node], got[s.node]
         goal_mean, goal_std = 0.6 * ma + 0.4 * mb, 0.6 * sa + 0.4 * sb
@@ -84,6 +88,40 @@ def test_exact_repair_hits_goal_statistics(name):
         assert closed.passes == 0
         assert torch.allclose(closed.stats[0].before_std, result.stats[0].before_std, rtol=1e-9)
         assert repair_errors(closed, data, graph=spec.graph)[0]["std_err"] < 1e-9
+
+
+@pytest.mark.parametrize("widths", [(5, 6), (8, 8)])
+def test_correction_folded_into_a_layernorm_over_channels_and_map_hits_the_goals(widths):
+    """Conv -> LayerNorm([C, H, W]): the fused correction scales the norm's (C, H, W) weight and bias along
+    C (was the last axis: a RuntimeError with C != W, a silently wrong model with C == W = 8; test failed
+    before the fix). Goals: numpy statistics of A's and B's hooked LayerNorm outputs (eqs. 3-4); the
+    fused model's LayerNorm outputs, hooked, must reach them and equal the unfused corrected model."""
+    torch.manual_seed(0)
+    a, b = (randomize_norm_stats(ConvLN(widths).double().eval()) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 3, 8, 8, generator=gen, dtype=torch.float64) + 0.3 for _ in range(4)]
+    result = repair(a, b, 0.3, data, sites=("layer",))
+    assert result.fused and type(result.model) is ConvLN and [s.site.module for s in result.stats] == ["features.1", "features.4"]
+
+    def channel_stats(model):
+        outs, hooks = {}, [model.features[i].register_forward_hook(lambda m, a, o, i=i: outs.setdefault(i, []).append(o)) for i in (1, 4)]
+        with torch.no_grad():
+            for x in data:
+                model(x)
+        for h in hooks:
+            h.remove()
+        units = {i: np.moveaxis(torch.cat(v).numpy(), 1, -1).reshape(-1, v[0].shape[1]) for i, v in outs.items()}
+        return {i: (u.mean(0), u.std(0)) for i, u in units.items()}
+
+    ref_a, ref_b, got = channel_stats(a), channel_stats(b), channel_stats(result.model)
+    for i in (1, 4):
+        goal_mean, goal_std = 0.7 * ref_a[i][0] + 0.3 * ref_b[i][0], 0.7 * ref_a[i][1] + 0.3 * ref_b[i][1]
+        np.testing.assert_allclose(got[i][0], goal_mean, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got[i][1], goal_std, rtol=1e-9)
+    state = interpolate_model(a, b, 0.3).state_dict()
+    unfused = fuse_corrections(a, result.graph, state, result.stats, fuse=False)[0]
+    with torch.no_grad():
+        assert (result.model(data[0]) - unfused(data[0])).abs().max() < 1e-12
 
 
 class InplaceBlockNet(nn.Module):
