@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from onebasin.align.many import merge_diagnostics, merge_many
+from onebasin.diagnostics import merge_diagnostics
+from onebasin.pipeline import merge_many
 from onebasin.data import batches, dataset_info, load_dataset
 from onebasin.experiment import Experiment, endpoint, evaluation_data
 from onebasin.models import model_info

@@ -23,6 +23,8 @@ import torch
 from merge_many import FMNIST, MNIST, SHALLOW, calibration
 
 from onebasin.align import many
+from onebasin.pipeline import merge_many
+from onebasin.stats import joint_moments
 from onebasin.align._registry import assign
 from onebasin.data import batches, dataset_info, load_dataset
 from onebasin.experiment import endpoint, evaluation_data
@@ -36,7 +38,7 @@ FAMILIES = {"mnist": MNIST, "fmnist": FMNIST, "shallow": SHALLOW}
 def realigned(merged, models, spec, calib) -> list[dict]:
     """One permutation per endpoint: its units matched to the merged network's (activation matching)."""
     groups = [g for g in spec.groups.values() if g.sites]
-    moments, _ = many.joint_moments([merged, *models], [s for g in groups for s in g.sites], calib, 5000, graph=spec.graph)
+    moments, _ = joint_moments([merged, *models], [s for g in groups for s in g.sites], calib, 5000, graph=spec.graph)
     it, perms = iter(moments), [{} for _ in models]
     for g in groups:
         corr = sum(many._correlation(cov, std) for cov, std in (many._blocks(next(it), len(models) + 1) for _ in g.sites))
@@ -51,42 +53,34 @@ def refine(models, exp, test, name) -> None:
         spec = trace(models[0], calib[0][0])
         line = []
         for method in ("mergemany", "universe"):
-            merged, _ = many.merge_many(models, method, "exact", data=calib, max_examples=5000, spec=spec)
+            merged, _ = merge_many(models, method, "exact", data=calib, max_examples=5000, spec=spec)
             accs = [evaluate(merged, test)[1]]
             for _ in range(4):
-                merged, _ = many.merge_many(models, method, "exact", data=calib, max_examples=5000, spec=spec,
+                merged, _ = merge_many(models, method, "exact", data=calib, max_examples=5000, spec=spec,
                                             perms=realigned(merged, models, spec, calib))
                 accs.append(evaluate(merged, test)[1])
             line.append(f"{method}: " + " -> ".join(f"{100 * a:.2f}" for a in accs))
         print(f"{name} N={len(models)} draw {draw}: " + " | ".join(line), flush=True)
 
 
-def _variant(kind: str):
-    """many._solve with the universe method's start or objective swapped (kind: "sync+mean" | "mergemany+universe")."""
-    def solve(method, corr, blocks, direct, max_iter, seed):
-        n_models, n = corr.shape[0], corr.shape[-1]
-        order = many._orders(n_models, seed)
-        if kind == "sync+mean":
-            return many._ascend(many._mean_score(blocks), many.synchronise(direct, n_models), order, max_iter)
-        p, _, _ = many._ascend(many._mean_score(blocks), [torch.arange(n)] * n_models, order, max_iter)
-        return many._ascend(many._universe_score(corr), p, order, max_iter)
-    return solve
+@many.register_combiner(name="sync+mean", reference="benchmark variant: universe's start, MergeMany's objective")
+def _sync_mean(problem):
+    return problem.ascend(problem.synchronised(), "mean")
+
+
+@many.register_combiner(name="mergemany+universe", reference="benchmark variant: MergeMany, then the universe objective")
+def _mergemany_universe(problem):
+    p, _, _ = problem.ascend([problem.identity] * problem.n_models, "mean")
+    return problem.ascend(p, "pairs")
 
 
 def starts(models, exp, test, name) -> None:
     size = model_info(exp.model).image_size or dataset_info(exp.dataset).image_size
     calib = list(batches(load_dataset(exp.dataset, True, exp.data_dir, image_size=size), 500))
     spec = trace(models[0], calib[0][0])
-    original = many._solve
-    for label, method, solve in (("mergemany", "mergemany", original), ("universe", "universe", original),
-                                 ("sync+mean", "universe", _variant("sync+mean")),
-                                 ("mergemany+universe", "universe", _variant("mergemany+universe"))):
-        many._solve = solve
-        try:
-            merged, _ = many.merge_many(models, method, "exact", data=calib, max_examples=None, spec=spec)
-        finally:
-            many._solve = original
-        print(f"{name} N={len(models)}, all training images: {label:<20} {100 * evaluate(merged, test)[1]:.2f}", flush=True)
+    for method in ("mergemany", "universe", "sync+mean", "mergemany+universe"):
+        merged, _ = merge_many(models, method, "exact", data=calib, max_examples=None, spec=spec)
+        print(f"{name} N={len(models)}, all training images: {method:<20} {100 * evaluate(merged, test)[1]:.2f}", flush=True)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ modules stay reachable as attributes.
 __version__ = "0.1.0"
 
 from .align import AlignResult, anneal_many, get_method, list_methods, register_method
-from .align.many import ManyResult, align_many, merge_many
+from .align.many import align_many
 from .checkpoint import CheckpointError, load_any, load_checkpoint, load_model, save_checkpoint
 from .data import DataNotFoundError, biased_split, dataset_info, load_dataset
 from .diagnostics import variance_ratios
@@ -29,7 +29,7 @@ from .experiment import Experiment, run_experiment
 from .interpolate import BarrierCurve, barrier_curve, interpolate_model, lerp
 from .models import build_model, create_model, list_models, register_model
 from .permute import apply_perms, compose_perms, identity_perms, invert_perms, permute_model, random_perms
-from .pipeline import Comparison, MergeResult, compare, merge
+from .pipeline import Comparison, ManyResult, MergeResult, compare, merge, merge_many
 from .repair import RepairResult, reset_bn
 from .spec import Group, Member, PermutationSpec, Site, from_groups, trace
 from .sweep import run_sweep

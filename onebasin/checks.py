@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .errors import (ArchitectureMismatchError, DatasetMismatchError, EmptyDataError, InputMismatchError,
-                     InvalidWeightsError)
+                     InvalidOptionError, InvalidWeightsError)
 
 StateDict = dict[str, torch.Tensor]
 Example = torch.Tensor | tuple | dict  # a model's input: x, positional inputs, or keyword inputs
@@ -56,6 +56,16 @@ def check_finite(sd: StateDict, name: str = "model") -> None:
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise InvalidWeightsError(f"{name} has non-finite (NaN/inf) values in: {', '.join(bad[:10])}")
+
+
+def check_weights(weights, n_models: int) -> list[float]:
+    """N weights scaled to sum to 1 (None: uniform); InvalidOptionError unless N non-negative numbers, sum > 0."""
+    if weights is None:
+        return [1.0 / n_models] * n_models
+    weights = [float(w) for w in weights]
+    if len(weights) != n_models or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise InvalidOptionError(f"weights must be {n_models} non-negative numbers with a positive sum, got {weights}")
+    return [w / sum(weights) for w in weights]
 
 
 def first_input(data: Iterable | None, rows: int = 64, device: torch.device | str | None = None,

@@ -509,7 +509,8 @@ def cmd_merge(args, fail) -> int:
 
 def cmd_merge_many(args, fail) -> int:
     """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints (A and B checked as for two)."""
-    from onebasin.align.many import merge_diagnostics, merge_many
+    from onebasin.diagnostics import merge_diagnostics
+    from onebasin.pipeline import merge_many
     from onebasin.checkpoint import load_any, save_checkpoint
     from onebasin.distributed import is_main
     from onebasin.checks import check_same_architecture, check_same_dtype

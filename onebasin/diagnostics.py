@@ -12,10 +12,14 @@ reports and the CLI can call it on any interpolated or repaired net without pull
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from .checks import check_weights, eval_mode
+from .interpolate import evaluate
 from .repair import KINDS, EndpointStats, endpoint_stats, site_stats
 from .spec import PermutationSpec, Site
 
@@ -77,3 +81,27 @@ def ratio_series(results: dict[str, list[tuple[Site, float]]]) -> dict[str, list
     """{method: [ratio per site]}: the input of `onebasin.plots.plot_variance_ratios`."""
     return {k: [r for _, r in rows] for k, rows in results.items()}
 
+
+def ensemble_evaluate(models: Sequence[nn.Module], loader: Iterable, weights: Sequence[float] | None = None) -> tuple[float, float]:
+    """(loss, accuracy) of the output ensemble: the weighted mean of the models' softmax probabilities."""
+    w = check_weights(weights, len(models))
+    loss, correct, n = 0.0, 0, 0
+    with torch.no_grad(), eval_mode(*models):
+        for x, y, *_ in loader:
+            prob = sum(wi * F.softmax(m(x), -1) for wi, m in zip(w, models))
+            loss += float(F.nll_loss(prob.clamp_min(1e-30).log(), y, reduction="sum"))
+            correct, n = correct + int((prob.argmax(-1) == y).sum()), n + len(y)
+    return loss / n, correct / n
+
+
+def merge_diagnostics(models: Sequence[nn.Module], merged: nn.Module, loader: Iterable,
+                      weights: Sequence[float] | None = None) -> dict:
+    """Barrier-like numbers of an N-model merge on (x, y) batches: the merged model's loss and accuracy beside
+    the endpoints' (each and their weighted mean) and the output ensemble's; `gap` = endpoint mean - merged."""
+    w = check_weights(weights, len(models))
+    ends = [dict(zip(("loss", "acc"), evaluate(m, loader))) for m in models]
+    mean = {k: sum(wi * e[k] for wi, e in zip(w, ends)) for k in ("loss", "acc")}
+    merged_ = dict(zip(("loss", "acc"), evaluate(merged, loader)))
+    ensemble = dict(zip(("loss", "acc"), ensemble_evaluate(models, loader, w)))
+    gap = {"acc": mean["acc"] - merged_["acc"], "loss": merged_["loss"] - mean["loss"]}
+    return {"merged": merged_, "endpoints": ends, "endpoint_mean": mean, "ensemble": ensemble, "gap": gap}

@@ -1,12 +1,13 @@
-"""The whole pipeline: align B to A, interpolate, correct (Jordan et al. 2022), and the comparison
-behind `onebasin demo` and `onebasin barrier` (plain vs aligned vs aligned+REPAIR)."""
+"""The whole pipeline: align B to A, interpolate, correct (Jordan et al. 2022); the same for N models
+(`merge_many`: align into a shared universe, average, N-way REPAIR); and the comparison behind
+`onebasin demo` and `onebasin barrier` (plain vs aligned vs aligned+REPAIR)."""
 
 from __future__ import annotations
 
 import copy
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,14 +15,18 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .align import align, get_method
-from .checks import check_example_input, check_finite, check_same_architecture, check_same_dtype, first_input
+from .align.many import agreement, align_many, cycle_consistency, induced_maps
+from .checks import (check_example_input, check_finite, check_same_architecture, check_same_dtype, check_weights,
+                     first_input)
 from .diagnostics import site_label, variance_ratios
 from .errors import EmptyDataError, InvalidOptionError
+from .permute import Perms, StateDict, permute_model
 from .interpolate import BarrierCurve, barrier_curve, interpolate_model
-from .repair import endpoint_stats, endpoints_from_alignment, reset_bn
+from .repair import KINDS, correct, endpoint_stats, endpoints_from_alignment, reset_bn, select_sites
 from .repair import repair as repair_fn
-from .spec import PermutationSpec, trace
+from .spec import PermutationSpec, Site, trace
 from .graph import describe_input
+from .stats import joint_moments
 
 REPAIRS = ("exact", "closed", "reset_bn", "none")
 CORRECTION_OF = {"exact": "repair_exact", "closed": "repair_closed", "reset_bn": "reset_bn", "none": None}
@@ -157,6 +162,149 @@ def merge(
     else:
         merged = interpolate_model(model_a, model_b, alpha)
     result.seconds = time.perf_counter() - start
+    return merged, result
+
+
+# --- N models --------------------------------------------------------------------------------------------
+
+MANY_REPAIRS = ("exact", "reset_bn", "none")
+
+
+@dataclass
+class ManyResult:
+    """What `merge_many` did and measured: JSON-ready via `to_dict`."""
+
+    method: str  # a combiner ("universe" | "mergemany" | "anchor") or "none" (plain averaging)
+    alignment: str  # "activation" | "weight"
+    repair: str  # "exact" | "reset_bn" | "none"
+    weights: list[float]  # of each model in the average and in the REPAIR goals, summing to 1
+    perms: list[Perms]  # per model: apply_perms(spec, perms[i], sd_i) is model i in the universe
+    cycle_consistency: float | None  # of the maps P_j^-1 P_i over all triples (None for N < 3): 1.0 by construction
+    pairwise_consistency: float | None  # of the direct pairwise matchings (None for N < 3 or method "none")
+    pairwise_agreement: float | None  # fraction of units where P_j^-1 P_i equals the direct pairwise matching of (i, j)
+    record: dict = field(default_factory=dict)  # sweeps, converged, objective (activation), examples
+    seconds: dict = field(default_factory=dict)  # align, average, repair, diagnostics, total
+    repair_passes: int = 0
+    fused: bool = True  # False: the model holds RepairAffine modules (see `affines`)
+    affines: dict = field(default_factory=dict)  # fx node -> unit axis of each unfused correction
+    example_input: dict = field(default_factory=dict)  # shapes/dtypes of the input (rebuilds the graph on reload)
+
+    def to_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["perms"] = [{g: p.tolist() for g, p in perms.items()} for perms in self.perms]
+        return out
+
+
+def weighted_mean(state_dicts: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+    """sum_i weights[i] * state_dicts[i], summed in float64 and cast back; integer buffers rounded."""
+    out = {}
+    for key, t in state_dicts[0].items():
+        total = sum(w * sd[key].double() for w, sd in zip(weights, state_dicts))
+        out[key] = total.to(t.dtype) if t.is_floating_point() else torch.round(total).to(t.dtype)
+    return out
+
+
+def goal_statistics(
+    models: Sequence[nn.Module], sites: list[Site], weights: Sequence[float], data: Iterable, max_examples: int | None = 5000,
+    graph=None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Goals of N-way REPAIR at each site: sum_i w_i E[X_i] and sum_i w_i std(X_i) (eqs. 3-4 with N weights).
+
+    `models` are the aligned endpoints (unit u of each in the same universe slot); one pass, N forwards per batch.
+    Returns ([(units,) float64 goal mean per site], [goal std per site]).
+    """
+    moments, _ = joint_moments(models, sites, data, max_examples, cross=False, graph=graph)
+    w = torch.tensor(list(weights), dtype=torch.float64)[:, None]
+    means, stds = [], []
+    for m in moments:
+        mean, std = m.mean_x.cpu().reshape(len(models), -1), m.var_x.sqrt().cpu().reshape(len(models), -1)
+        means.append((w * mean).sum(0))
+        stds.append((w * std).sum(0))
+    return means, stds
+
+
+def _check_many(models: Sequence[nn.Module]) -> None:
+    if len(models) < 2:
+        raise InvalidOptionError(f"merge_many needs at least 2 models, got {len(models)}")
+    sds = [m.state_dict() for m in models]
+    for i, sd in enumerate(sds):
+        check_finite(sd, f"model {i}")
+        if i:
+            check_same_architecture(sds[0], sd, ("model 0", f"model {i}"))
+            check_same_dtype(sds[0], sd, ("model 0", f"model {i}"))
+
+
+def merge_many(
+    models: Sequence[nn.Module],
+    method: str = "universe",
+    repair: str = "exact",
+    weights: Sequence[float] | None = None,
+    data: Iterable | None = None,
+    alignment: str = "activation",
+    *,
+    spec: PermutationSpec | None = None,
+    max_examples: int | None = 5000,
+    max_iter: int = 100,
+    seed: int = 0,
+    perms: list[Perms] | None = None,
+) -> tuple[nn.Module, ManyResult]:
+    """Merge N networks of one architecture into one: align into a universe, average, correct.
+
+    Every method gives one permutation p_i per model into a shared unit order (`align.many`); the merged
+    network is the weighted mean of the permuted models; N-way REPAIR then gives every unit the weighted
+    mean of the N endpoints' means and stds (Jordan et al. 2022, eqs. 3-4 with N weights instead of
+    1 - alpha and alpha).
+
+    Args:
+        models: N >= 2 trained nn.Modules of one architecture (not modified).
+        method: a registered combiner (`align.many.list_combiners()`): "universe" (cycle-consistent multi-model
+            objective, C2M3's), "mergemany" (Ainsworth et al. 2022), "anchor" (all aligned to model 0), or
+            "none" (plain averaging).
+        repair: "exact" N-way REPAIR, "reset_bn" (BatchNorm statistics re-estimated, Sec. 5.2) or "none".
+        weights: N non-negative weights of the average and of the goals (normalised; default uniform).
+        data: re-iterable x or (x, y) batches of training data: alignment statistics and REPAIR calibration
+            (first `max_examples` inputs). Only alignment="weight" with repair="none" and a `spec` needs none.
+        alignment: "activation" (correlations from one pass with all N models) or "weight" (no data).
+        spec: the PermutationSpec (traced from model 0 on the first batch when None).
+        perms: one {group: LongTensor} per model (e.g. `result.perms` of an earlier call) to use instead of
+            aligning; `method` is then only recorded, and the pairwise measures are None.
+    Returns:
+        (merged model, ManyResult with per-model perms, cycle-consistency measures, record and timings).
+        The model has model 0's class when every REPAIR correction could be fused.
+    """
+    if repair not in MANY_REPAIRS:
+        raise InvalidOptionError(f"unknown repair {repair!r}; valid: {', '.join(MANY_REPAIRS)}")
+    _check_many(models)
+    w = check_weights(weights, len(models))
+    if data is None and (spec is None or repair != "none"):
+        raise EmptyDataError("merge_many needs data (training batches) to trace the model and to REPAIR")
+    start = time.perf_counter()
+    example = _example(models[0], data) if data is not None else None
+    spec = spec or trace(models[0], example)
+    if perms is None:
+        perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples, max_iter=max_iter, seed=seed)
+    else:
+        direct, record = {}, {"given_perms": True}
+    aligned_at = time.perf_counter()
+    aligned = [permute_model(m, spec, p) for m, p in zip(models, perms)]
+    merged = copy.deepcopy(models[0])
+    merged.load_state_dict(weighted_mean([m.state_dict() for m in aligned], w))
+    averaged_at = time.perf_counter()
+    passes, fused, affines = 0, True, {}
+    if repair == "exact":
+        sites = select_sites(spec, KINDS)
+        goal_mean, goal_std = goal_statistics(aligned, sites, w, data, max_examples, spec.graph)
+        fixed = correct(merged, sites, goal_mean, goal_std, data, graph=spec.graph, max_examples=max_examples)
+        merged, passes, fused, affines = fixed.model, fixed.passes, fixed.fused, fixed.affines
+    elif repair == "reset_bn":
+        merged = reset_bn(merged, data, max_examples)
+    repaired_at = time.perf_counter()
+    maps = induced_maps(perms)
+    result = ManyResult(method, alignment, repair, w, perms, cycle_consistency(maps, len(models)),
+                        cycle_consistency(direct, len(models)) if direct else None, agreement(maps, direct), record,
+                        {"align": aligned_at - start, "average": averaged_at - aligned_at, "repair": repaired_at - averaged_at,
+                         "diagnostics": time.perf_counter() - repaired_at, "total": time.perf_counter() - start},
+                        passes, fused, affines, describe_input(example) if example is not None else {})  # fmt: skip
     return merged, result
 
 

@@ -9,17 +9,9 @@ import torch
 import torch.nn as nn
 
 import onebasin
-from onebasin.align.many import (
-    ALIGNMENTS,
-    METHODS,
-    _blocks,
-    cycle_consistency,
-    ensemble_evaluate,
-    induced_maps,
-    joint_moments,
-    merge_diagnostics,
-    synchronise,
-)
+from onebasin.align.many import ALIGNMENTS, _blocks, cycle_consistency, induced_maps, list_combiners, synchronise
+from onebasin.diagnostics import ensemble_evaluate, merge_diagnostics
+from onebasin.stats import joint_moments
 from onebasin.errors import ArchitectureMismatchError, OnebasinError
 from onebasin.interpolate import evaluate
 from onebasin.permute import apply_perms, permute_model, random_perms
@@ -53,7 +45,7 @@ def outputs(model, data):
 
 
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list_combiners())
 @pytest.mark.parametrize("name", ["mlp", "resnet20_bn"])
 def test_permuted_copies_merge_back_exactly(name, method, alignment):
     base, data = build(name, 0), data_for(name)
@@ -71,7 +63,7 @@ def test_permuted_copies_merge_back_exactly(name, method, alignment):
     assert result.cycle_consistency == result.pairwise_consistency == result.pairwise_agreement == 1.0
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list_combiners())
 def test_two_models_equal_the_pairwise_merge(method):
     """With N = 2 every method is pairwise activation matching, and N-way REPAIR is REPAIR at alpha = w_B."""
     a, b, data = build("resnet20_bn", 0), build("resnet20_bn", 1), data_for("resnet20_bn")

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
 from ..errors import OnebasinError
 from ..permute import Perms, StateDict, identity_perms
 from ..spec import PermutationSpec
+from ..stats import all_reduce_count  # noqa: F401  (the methods count their examples with it)
 
 
 @dataclass
@@ -131,15 +131,6 @@ def assign(score: torch.Tensor, maximize: bool = True) -> torch.Tensor:
 def matched(score: torch.Tensor, p: torch.Tensor) -> float:
     """sum_i score[i, p[i]]: the objective of assignment p."""
     return score[torch.arange(len(p)), p.to(score.device)].sum().item()
-
-
-def all_reduce_count(n: int) -> int:
-    """Sum of an integer over the processes of an initialised torch.distributed group (n itself otherwise)."""
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([float(n)], dtype=torch.float64)
-        dist.all_reduce(t)
-        return int(t.item())
-    return n
 
 
 def first_examples(data: Iterable, max_examples: int):

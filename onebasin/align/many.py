@@ -1,12 +1,11 @@
-"""Merge N networks of one architecture into one: align all of them into a shared unit order, average, REPAIR.
+"""Align N networks of one architecture into a shared unit order (the merging itself: `pipeline.merge_many`).
 
-    merged, result = onebasin.merge_many([m0, m1, m2], method="universe", repair="exact", data=loader)
-    result.perms[i]   # {group: LongTensor}: apply_perms(spec, result.perms[i], sd_i) is model i in the universe
+    perms, direct, record = align_many(spec, [m0, m1, m2], method="universe", data=loader)
+    perms[i]   # {group: LongTensor}: apply_perms(spec, perms[i], sd_i) is model i in the universe
 
-Every method gives one permutation p_i per model into a shared unit order, the *universe* (universe unit u
-of model i is its unit p_i[u], the permute.py convention). The merged network is the weighted mean of the
-permuted models; N-way REPAIR then gives every unit the weighted mean of the N endpoints' means and stds
-(Jordan et al. 2022, eqs. 3-4 with N weights instead of 1 - alpha and alpha).
+Every method (a *combiner*, registered with `@register_combiner(name=, reference=)`: `list_combiners()`)
+gives one permutation p_i per model into a shared unit order, the *universe* (universe unit u of model i is
+its unit p_i[u], the permute.py convention).
 
 Methods (`alignment` chooses the pairwise score: "activation", the correlation of unit activations, Li et
 al. 2015; or "weight", inner products of weights, Ainsworth et al. 2022):
@@ -46,99 +45,89 @@ MLP setting).
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..checks import check_example_input, check_finite, check_same_architecture, check_same_dtype, first_input
 from ..errors import EmptyDataError, InvalidOptionError, OnebasinError
-from ..graph import batch_size, describe_input, model_inputs, take_rows
-from ..interpolate import evaluate
-from ..permute import Perms, StateDict, permute_model
-from ..repair import KINDS, correct, reset_bn, select_sites
-from ..spec import PermutationSpec, Site, trace
-from ..stats import Moments, SiteTaps, accumulate_product, batches, eval_mode, site_matrix
-from ._registry import all_reduce_count, assign, device_of, matched, weights_of
+from ..permute import Perms, StateDict
+from ..spec import PermutationSpec
+from ..stats import Moments, joint_moments
+from ._registry import assign, matched, weights_of
 from .weight import match_weights, other_axes_permuted
 
-METHODS = ("universe", "mergemany", "anchor")
 ALIGNMENTS = ("activation", "weight")
-REPAIRS = ("exact", "reset_bn", "none")
 Pairwise = dict[tuple[int, int], Perms]  # (i, j), i < j -> {group: q}: unit u of model i matches unit q[u] of model j
 
 
-@dataclass
-class ManyResult:
-    """What `merge_many` did and measured: JSON-ready via `to_dict`."""
-
-    method: str  # "universe" | "mergemany" | "anchor" | "none" (plain averaging)
-    alignment: str  # "activation" | "weight"
-    repair: str  # "exact" | "reset_bn" | "none"
-    weights: list[float]  # of each model in the average and in the REPAIR goals, summing to 1
-    perms: list[Perms]  # per model: apply_perms(spec, perms[i], sd_i) is model i in the universe
-    cycle_consistency: float | None  # of the maps P_j^-1 P_i over all triples (None for N < 3): 1.0 by construction
-    pairwise_consistency: float | None  # of the direct pairwise matchings (None for N < 3 or method "none")
-    pairwise_agreement: float | None  # fraction of units where P_j^-1 P_i equals the direct pairwise matching of (i, j)
-    record: dict = field(default_factory=dict)  # sweeps, converged, objective (activation), examples
-    seconds: dict = field(default_factory=dict)  # statistics, align, average, repair, diagnostics, total
-    repair_passes: int = 0
-    fused: bool = True  # False: the model holds RepairAffine modules (see `affines`)
-    affines: dict = field(default_factory=dict)  # fx node -> unit axis of each unfused correction
-    example_input: dict = field(default_factory=dict)  # shapes/dtypes of the input (rebuilds the graph on reload)
-
-    def to_dict(self) -> dict:
-        out = dict(self.__dict__)
-        out["perms"] = [{g: p.tolist() for g, p in perms.items()} for perms in self.perms]
-        return out
+# --- the combiner registry -------------------------------------------------------------------------------
 
 
-# --- statistics ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Combiner:
+    """A registered N-model method: `fn(problem) -> (one permutation per model, sweeps, converged)`.
 
-
-def joint_moments(
-    models: Sequence[nn.Module], sites: list[Site], data: Iterable, max_examples: int | None = 5000, cross: bool = True,
-    chunk: int = 64, graph=None,
-) -> tuple[list[Moments], int]:
-    """Float64 sums of [units of model 0 | ... | model N-1] at every site, in ONE pass (N forwards per batch).
-
-    Returns (one Moments per site over (samples, N * units) columns: count, per-unit sums and sums of squares,
-    and with `cross` the cross sums between models, sums[f"xy{i}"] = x_i^T [x_{i+1} | ... | x_{N-1}] of shape
-    (units, (N-1-i) * units) for i < N-1; examples read). The within-model cross sums x_i^T x_i are not
-    computed: no method reads them (only the variances on their diagonals), so the products are (N-1)/(2N)
-    of the whole Gram matrix's (2.5x fewer for 5 models). `_blocks` assembles the covariances.
-    Conv activations (B, C, H, W) count as B*H*W samples. Models run in eval mode, on at most `chunk` inputs
-    at a time (every site of N models is held at once; the sums do not depend on it). `graph`: the captured
-    graph the sites' node names refer to (`spec.graph`).
+    `problem` is a `GroupProblem` (activation alignment, one group at a time) or a `WeightProblem`; both
+    offer `n_models`, `identity`, `direct` (the pairwise matchings), `synchronised()` and
+    `ascend(start, objective)` with objective "pairs" (the universe objective) or "mean" (MergeMany's).
     """
-    taps = [SiteTaps(m, sites, graph, outputs=False) for m in models]
-    moments = [Moments() for _ in sites]
-    examples = 0
-    with torch.no_grad(), eval_mode(*models):
-        for x in model_inputs(models[0], batches(data, max_examples, device_of(models[0]))):
-            n = batch_size(x)
-            for start in range(0, n, chunk):
-                acts = [tap(take_rows(x, slice(start, start + chunk)))[1] for tap in taps]
-                for i, (m, s) in enumerate(zip(moments, sites)):
-                    joint = torch.cat([site_matrix(a[i], s) for a in acts], 1)  # (samples, N * units)
-                    m.update(joint)
-                    if cross:
-                        _add_cross_sums(m.sums, joint, len(models))
-                del acts
-            examples += n
-    return [m.all_reduce_() for m in moments], all_reduce_count(examples)
+
+    name: str
+    reference: str
+    fn: Callable
 
 
-def _add_cross_sums(sums: dict[str, torch.Tensor], joint: torch.Tensor, n_models: int) -> None:
-    """sums[f"xy{i}"] += x_i^T [x_{i+1} | ... ] for a (samples, N * units) block (model i's units: columns i*n..)."""
-    n = joint.shape[1] // n_models
-    for i in range(n_models - 1):
-        accumulate_product(sums, f"xy{i}", joint[:, i * n:(i + 1) * n].T, joint[:, (i + 1) * n:])
+_COMBINERS: dict[str, Combiner] = {}
+
+
+def register_combiner(*, name: str, reference: str):
+    """Register `fn(problem) -> (perms per model, sweeps, converged)` as N-model method `name`."""
+
+    def add(fn):
+        if name in _COMBINERS:
+            raise ValueError(f"combiner {name!r} is already registered")
+        _COMBINERS[name] = Combiner(name, reference, fn)
+        return fn
+
+    return add
+
+
+def list_combiners() -> list[str]:
+    """Names of the registered N-model methods, in registration order."""
+    return list(_COMBINERS)
+
+
+def get_combiner(name: str) -> Combiner:
+    """The registered combiner `name`; InvalidOptionError listing the valid names (and "none") when unknown."""
+    if name not in _COMBINERS:
+        raise InvalidOptionError(f"unknown merge method {name!r}; valid methods: {', '.join(_COMBINERS)}, none")
+    return _COMBINERS[name]
+
+
+@register_combiner(name="universe", reference="Crisostomi et al. 2024, C2M3 (objective); Pachauri, Kondor, Singh "
+                   "2013 (synchronisation start)")
+def universe(problem):
+    """Synchronised pairwise matchings, then block-coordinate ascent on the sum over all pairs."""
+    return problem.ascend(problem.synchronised(), "pairs")
+
+
+@register_combiner(name="mergemany", reference="Ainsworth, Hayase, Srinivasa 2022, Git Re-Basin, Sec. 4 MergeMany")
+def mergemany(problem):
+    """From the unaligned models, each aligned in turn to the mean of the others until a sweep changes nothing."""
+    return problem.ascend([problem.identity] * problem.n_models, "mean")
+
+
+@register_combiner(name="anchor", reference="pairwise matching to model 0 (Li et al. 2015; Ainsworth et al. 2022)")
+def anchor(problem):
+    """Every model matched to model 0 directly; model 0's order is the universe."""
+    return [problem.identity] + [problem.direct[(0, i)] for i in range(1, problem.n_models)], 0, True
+
+
+# --- statistics ------------------------------------------------------------------------------------------
 
 
 def _blocks(m: Moments, n_models: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,39 +235,61 @@ def _orders(n_models: int, seed: int):
     return order
 
 
-def _activation_perms(spec, models, data, method, max_examples, max_iter, seed) -> tuple[list[Perms], Pairwise, dict]:
-    """Per-group solution from the joint moments of one pass; groups without sites are left to the caller."""
-    groups = [g for g in spec.groups.values() if g.sites]
-    sites = [s for g in groups for s in g.sites]
-    t0 = time.perf_counter()
-    moments, examples = joint_moments(models, sites, data, max_examples, graph=spec.graph)
-    record = {"examples": examples, "seconds_statistics": time.perf_counter() - t0, "objective": {}, "sweeps": {}, "converged": True}
-    n_models, it = len(models), iter(moments)
-    perms: list[Perms] = [{} for _ in models]
-    direct: Pairwise = {pair: {} for pair in combinations(range(n_models), 2)}
-    for g in groups:
-        blocks = [_blocks(next(it), n_models) for _ in g.sites]
-        corr = sum(_correlation(cov, std) for cov, std in blocks)
-        for i, j in direct:
-            direct[(i, j)][g.name] = assign(corr[i, j])
-        p, sweeps, converged = _solve(method, corr, blocks, {pair: q[g.name] for pair, q in direct.items()}, max_iter, seed)
-        for i in range(n_models):
-            perms[i][g.name] = p[i]
-        record["objective"][g.name] = _pairwise_objective(corr, p) / len(g.sites)
-        record["sweeps"][g.name] = sweeps
-        record["converged"] &= converged
-    return perms, direct, record
+@dataclass
+class GroupProblem:
+    """One group under activation alignment: correlations (N, N, n, n), per-site (cov, std) blocks, and the
+    direct pairwise matchings {(i, j): q}."""
+
+    corr: torch.Tensor
+    blocks: list[tuple[torch.Tensor, torch.Tensor]]
+    direct: dict[tuple[int, int], torch.Tensor]
+    max_iter: int
+    seed: int
+
+    @property
+    def n_models(self) -> int:
+        return self.corr.shape[0]
+
+    @property
+    def identity(self) -> torch.Tensor:
+        return torch.arange(self.corr.shape[-1])
+
+    def synchronised(self) -> list[torch.Tensor]:
+        return synchronise(self.direct, self.n_models) if self.n_models > 2 else [self.identity, self.direct[(0, 1)]]
+
+    def ascend(self, start, objective: str):
+        score = _universe_score(self.corr) if objective == "pairs" else _mean_score(self.blocks)
+        return _ascend(score, start, _orders(self.n_models, self.seed), self.max_iter)
 
 
-def _solve(method, corr, blocks, direct, max_iter, seed):
-    """(p per model, sweeps, converged) for one group from its correlations (N, N, n, n)."""
-    n_models, n = corr.shape[0], corr.shape[-1]
-    if method == "anchor":
-        return [torch.arange(n)] + [direct[(0, i)] for i in range(1, n_models)], 0, True
-    if method == "mergemany":
-        return _ascend(_mean_score(blocks), [torch.arange(n)] * n_models, _orders(n_models, seed), max_iter)
-    start = synchronise(direct, n_models) if n_models > 2 else [torch.arange(n), direct[(0, 1)]]
-    return _ascend(_universe_score(corr), start, _orders(n_models, seed), max_iter)
+@dataclass
+class WeightProblem:
+    """Weight alignment of N float64 state_dicts: block updates are weight matching to the sum of the others
+    (both objectives: the others' sum is argmax-equivalent to their mean), over `groups` (None: all)."""
+
+    spec: PermutationSpec
+    sds: list[StateDict]
+    direct: Pairwise
+    max_iter: int
+    seed: int
+    groups: list[str] | None = None
+
+    @property
+    def n_models(self) -> int:
+        return len(self.sds)
+
+    @property
+    def identity(self) -> Perms:
+        return {g: torch.arange(grp.size) for g, grp in self.spec.groups.items()}
+
+    def synchronised(self) -> list[Perms]:
+        if self.n_models == 2:
+            return [self.identity, self.direct[(0, 1)]]
+        per_group = {g: synchronise({pair: q[g] for pair, q in self.direct.items()}, self.n_models) for g in self.spec.groups}
+        return [{g: per_group[g][i] for g in self.spec.groups} for i in range(self.n_models)]
+
+    def ascend(self, start, objective: str):
+        return _weight_sweeps(self.spec, self.sds, start, self.groups, self.max_iter, self.seed)
 
 
 def _sum_of_others(spec: PermutationSpec, sds: list[StateDict], perms: list[Perms], k: int) -> StateDict:
@@ -300,23 +311,40 @@ def _weight_sweeps(spec, sds, perms, groups, max_iter, seed) -> tuple[list[Perms
     return perms, it, not changed
 
 
-def _weight_perms(spec, models, method, max_iter, seed) -> tuple[list[Perms], Pairwise, dict]:
-    """Weight-based anchor / MergeMany / universe on the models' parameters (float64)."""
-    sds = [{k: v.double() for k, v in weights_of(m).items() if k in spec.axes_of} for m in models]
-    n_models = len(sds)
-    direct = {(i, j): match_weights(spec, sds[i], sds[j], seed=seed)[0] for i, j in combinations(range(n_models), 2)}
-    identity = {g: torch.arange(grp.size) for g, grp in spec.groups.items()}
-    if method == "anchor":
-        return [identity] + [direct[(0, i)] for i in range(1, n_models)], direct, {"sweeps": 0, "converged": True}
-    if method == "mergemany":
-        start = [identity] * n_models
-    elif n_models > 2:
-        per_group = {g: synchronise({pair: q[g] for pair, q in direct.items()}, n_models) for g in spec.groups}
-        start = [{g: per_group[g][i] for g in spec.groups} for i in range(n_models)]
-    else:
-        start = [identity, direct[(0, 1)]]
-    perms, sweeps, converged = _weight_sweeps(spec, sds, start, None, max_iter, seed)
+def _float64_params(spec: PermutationSpec, models) -> list[StateDict]:
+    return [{k: v.double() for k, v in weights_of(m).items() if k in spec.axes_of} for m in models]
+
+
+def _weight_perms(spec, models, combiner, max_iter, seed) -> tuple[list[Perms], Pairwise, dict]:
+    """A combiner on the models' parameters (float64), pairwise scores by weight matching."""
+    sds = _float64_params(spec, models)
+    direct = {(i, j): match_weights(spec, sds[i], sds[j], seed=seed)[0] for i, j in combinations(range(len(sds)), 2)}
+    perms, sweeps, converged = combiner.fn(WeightProblem(spec, sds, direct, max_iter, seed))
     return perms, direct, {"sweeps": sweeps, "converged": converged}
+
+
+def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed) -> tuple[list[Perms], Pairwise, dict]:
+    """Per-group solution from the joint moments of one pass; groups without sites are left to the caller."""
+    groups = [g for g in spec.groups.values() if g.sites]
+    t0 = time.perf_counter()
+    moments, examples = joint_moments(models, [s for g in groups for s in g.sites], data, max_examples, graph=spec.graph)
+    record = {"examples": examples, "seconds_statistics": time.perf_counter() - t0, "objective": {}, "sweeps": {}, "converged": True}
+    n_models, it = len(models), iter(moments)
+    perms: list[Perms] = [{} for _ in models]
+    direct: Pairwise = {pair: {} for pair in combinations(range(n_models), 2)}
+    for g in groups:
+        blocks = [_blocks(next(it), n_models) for _ in g.sites]
+        corr = sum(_correlation(cov, std) for cov, std in blocks)
+        for i, j in direct:
+            direct[(i, j)][g.name] = assign(corr[i, j])
+        problem = GroupProblem(corr, blocks, {pair: q[g.name] for pair, q in direct.items()}, max_iter, seed)
+        p, sweeps, converged = combiner.fn(problem)
+        for i in range(n_models):
+            perms[i][g.name] = p[i]
+        record["objective"][g.name] = _pairwise_objective(corr, p) / len(g.sites)
+        record["sweeps"][g.name] = sweeps
+        record["converged"] &= converged
+    return perms, direct, record
 
 
 def align_many(
@@ -335,8 +363,8 @@ def align_many(
     Args:
         spec: the architecture's PermutationSpec (groups with sites for activation alignment).
         models: N >= 2 nn.Modules of one architecture (not modified).
-        method: "universe" | "mergemany" | "anchor" | "none" (identity: plain averaging); alignment:
-            "activation" (needs `data`) | "weight".
+        method: a registered combiner (`list_combiners()`: "universe" | "mergemany" | "anchor") or "none"
+            (identity: plain averaging); alignment: "activation" (needs `data`) | "weight".
         data: re-iterable x or (x, y) batches; the first `max_examples` inputs are read once (N forwards each).
         max_iter: sweeps of the iterative methods; seed: their visiting order.
     Returns:
@@ -344,24 +372,22 @@ def align_many(
          direct pairwise matchings {(i, j): perms}, i < j; record: sweeps, converged, objective per group, examples).
         Activation alignment matches groups without sites by weight (MergeMany sweeps over those groups only).
     """
-    if method not in (*METHODS, "none"):
-        raise InvalidOptionError(f"unknown merge method {method!r}; valid methods: {', '.join(METHODS)}, none")
+    combiner = None if method == "none" else get_combiner(method)
     if alignment not in ALIGNMENTS:
         raise InvalidOptionError(f"unknown alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)}")
     if structured := [g.name for g in spec.groups.values() if g.structured]:
         raise OnebasinError(f"merge_many aligns free permutations only; groups with a block structure: {', '.join(structured)}")
-    if method == "none":
+    if combiner is None:
         return [{g: torch.arange(grp.size) for g, grp in spec.groups.items()} for _ in models], {}, {}
     if alignment == "weight":
-        return _weight_perms(spec, models, method, max_iter, seed)
+        return _weight_perms(spec, models, combiner, max_iter, seed)
     if data is None:
         raise EmptyDataError("activation alignment needs data: an iterable of x or (x, y) batches")
-    perms, direct, record = _activation_perms(spec, models, data, method, max_examples, max_iter, seed)
+    perms, direct, record = _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed)
     fallback = [g for g, grp in spec.groups.items() if not grp.sites]
     if fallback:
-        sds = [{k: v.double() for k, v in weights_of(m).items() if k in spec.axes_of} for m in models]
         start = [{**{g: torch.arange(spec.groups[g].size) for g in fallback}, **p} for p in perms]
-        perms, *_ = _weight_sweeps(spec, sds, start, fallback, max_iter, seed)
+        perms, *_ = _weight_sweeps(spec, _float64_params(spec, models), start, fallback, max_iter, seed)
     record["weight_fallback"] = fallback
     return perms, direct, record
 
@@ -394,153 +420,3 @@ def agreement(maps: Pairwise, direct: Pairwise) -> float | None:
     """Fraction of units where two sets of pairwise maps agree, averaged over pairs and groups (None: no maps)."""
     values = [(maps[pair][g] == q).double().mean().item() for pair, qs in direct.items() for g, q in qs.items()]
     return sum(values) / len(values) if values else None
-
-
-# --- averaging and N-way REPAIR ------------------------------------------------------------------------------
-
-
-def weighted_mean(state_dicts: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
-    """sum_i weights[i] * state_dicts[i], summed in float64 and cast back; integer buffers rounded."""
-    out = {}
-    for key, t in state_dicts[0].items():
-        total = sum(w * sd[key].double() for w, sd in zip(weights, state_dicts))
-        out[key] = total.to(t.dtype) if t.is_floating_point() else torch.round(total).to(t.dtype)
-    return out
-
-
-def goal_statistics(
-    models: Sequence[nn.Module], sites: list[Site], weights: Sequence[float], data: Iterable, max_examples: int | None = 5000,
-    graph=None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Goals of N-way REPAIR at each site: sum_i w_i E[X_i] and sum_i w_i std(X_i) (eqs. 3-4 with N weights).
-
-    `models` are the aligned endpoints (unit u of each in the same universe slot); one pass, N forwards per batch.
-    Returns ([(units,) float64 goal mean per site], [goal std per site]).
-    """
-    moments, _ = joint_moments(models, sites, data, max_examples, cross=False, graph=graph)
-    w = torch.tensor(list(weights), dtype=torch.float64)[:, None]
-    means, stds = [], []
-    for m in moments:
-        mean, std = m.mean_x.cpu().reshape(len(models), -1), m.var_x.sqrt().cpu().reshape(len(models), -1)
-        means.append((w * mean).sum(0))
-        stds.append((w * std).sum(0))
-    return means, stds
-
-
-def _normalised(weights, n_models: int) -> list[float]:
-    if weights is None:
-        return [1.0 / n_models] * n_models
-    weights = [float(w) for w in weights]
-    if len(weights) != n_models or any(not w >= 0 for w in weights) or sum(weights) <= 0:
-        raise InvalidOptionError(f"weights must be {n_models} non-negative numbers with a positive sum, got {weights}")
-    return [w / sum(weights) for w in weights]
-
-
-def _check_models(models: Sequence[nn.Module]) -> None:
-    if len(models) < 2:
-        raise InvalidOptionError(f"merge_many needs at least 2 models, got {len(models)}")
-    sds = [m.state_dict() for m in models]
-    for i, sd in enumerate(sds):
-        check_finite(sd, f"model {i}")
-        if i:
-            check_same_architecture(sds[0], sd, ("model 0", f"model {i}"))
-            check_same_dtype(sds[0], sd, ("model 0", f"model {i}"))
-
-
-def merge_many(
-    models: Sequence[nn.Module],
-    method: str = "universe",
-    repair: str = "exact",
-    weights: Sequence[float] | None = None,
-    data: Iterable | None = None,
-    alignment: str = "activation",
-    *,
-    spec: PermutationSpec | None = None,
-    max_examples: int | None = 5000,
-    max_iter: int = 100,
-    seed: int = 0,
-    perms: list[Perms] | None = None,
-) -> tuple[nn.Module, ManyResult]:
-    """Merge N networks of one architecture into one: align into a universe, average, correct.
-
-    Args:
-        models: N >= 2 trained nn.Modules of one architecture (not modified).
-        method: "universe" (cycle-consistent multi-model objective, C2M3's), "mergemany" (Ainsworth et al.
-            2022), "anchor" (all aligned to model 0), or "none" (plain averaging); see the module docstring.
-        repair: "exact" N-way REPAIR (goals: weighted mean of the endpoints' unit means and stds, Jordan et
-            al. 2022 eqs. 3-4 generalised), "reset_bn" (BatchNorm statistics re-estimated, Sec. 5.2) or "none".
-        weights: N non-negative weights of the average and of the goals (normalised; default uniform).
-        data: re-iterable x or (x, y) batches of training data: alignment statistics and REPAIR calibration
-            (first `max_examples` inputs). Only alignment="weight" with repair="none" and a `spec` needs none.
-        alignment: "activation" (correlations from one pass with all N models) or "weight" (no data).
-        spec: the PermutationSpec (traced from model 0 on the first batch when None).
-        perms: one {group: LongTensor} per model (e.g. `result.perms` of an earlier call) to use instead of
-            aligning; `method` is then only recorded, and the pairwise measures are None.
-    Returns:
-        (merged model, ManyResult with per-model perms, cycle-consistency measures, record and timings).
-        The model has model 0's class when every REPAIR correction could be fused.
-    """
-    if repair not in REPAIRS:
-        raise InvalidOptionError(f"unknown repair {repair!r}; valid: {', '.join(REPAIRS)}")
-    _check_models(models)
-    w = _normalised(weights, len(models))
-    if data is None and (spec is None or repair != "none"):
-        raise EmptyDataError("merge_many needs data (training batches) to trace the model and to REPAIR")
-    start = time.perf_counter()
-    example = first_input(data, 64, device_of(models[0])) if data is not None else None
-    if example is not None:
-        check_example_input(models[0], example)
-    spec = spec or trace(models[0], example)
-    if perms is None:
-        perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples, max_iter=max_iter, seed=seed)
-    else:
-        direct, record = {}, {"given_perms": True}
-    aligned_at = time.perf_counter()
-    aligned = [permute_model(m, spec, p) for m, p in zip(models, perms)]
-    merged = copy.deepcopy(models[0])
-    merged.load_state_dict(weighted_mean([m.state_dict() for m in aligned], w))
-    averaged_at = time.perf_counter()
-    passes, fused, affines = 0, True, {}
-    if repair == "exact":
-        sites = select_sites(spec, KINDS)
-        goal_mean, goal_std = goal_statistics(aligned, sites, w, data, max_examples, spec.graph)
-        fixed = correct(merged, sites, goal_mean, goal_std, data, graph=spec.graph, max_examples=max_examples)
-        merged, passes, fused, affines = fixed.model, fixed.passes, fixed.fused, fixed.affines
-    elif repair == "reset_bn":
-        merged = reset_bn(merged, data, max_examples)
-    repaired_at = time.perf_counter()
-    maps = induced_maps(perms)
-    result = ManyResult(method, alignment, repair, w, perms, cycle_consistency(maps, len(models)),
-                        cycle_consistency(direct, len(models)) if direct else None, agreement(maps, direct), record,
-                        {"align": aligned_at - start, "average": averaged_at - aligned_at, "repair": repaired_at - averaged_at,
-                         "diagnostics": time.perf_counter() - repaired_at, "total": time.perf_counter() - start},
-                        passes, fused, affines, describe_input(example) if example is not None else {})  # fmt: skip
-    return merged, result
-
-
-# --- diagnostics --------------------------------------------------------------------------------------------
-
-
-def ensemble_evaluate(models: Sequence[nn.Module], loader: Iterable, weights: Sequence[float] | None = None) -> tuple[float, float]:
-    """(loss, accuracy) of the output ensemble: the weighted mean of the models' softmax probabilities."""
-    w = _normalised(weights, len(models))
-    loss, correct_, n = 0.0, 0, 0
-    with torch.no_grad(), eval_mode(*models):
-        for x, y, *_ in loader:
-            prob = sum(wi * F.softmax(m(x), -1) for wi, m in zip(w, models))
-            loss += float(F.nll_loss(prob.clamp_min(1e-30).log(), y, reduction="sum"))
-            correct_, n = correct_ + int((prob.argmax(-1) == y).sum()), n + len(y)
-    return loss / n, correct_ / n
-
-
-def merge_diagnostics(models: Sequence[nn.Module], merged: nn.Module, loader: Iterable,
-                      weights: Sequence[float] | None = None) -> dict:
-    """Barrier-like numbers for N models on (x, y) batches: the merged model's loss and accuracy beside the
-    endpoints' (each and their weighted mean) and the output ensemble's; `gap` = endpoint mean - merged."""
-    w = _normalised(weights, len(models))
-    ends = [dict(zip(("loss", "acc"), evaluate(m, loader))) for m in models]
-    mean = {k: sum(wi * e[k] for wi, e in zip(w, ends)) for k in ("loss", "acc")}
-    merged_ = dict(zip(("loss", "acc"), evaluate(merged, loader)))
-    ensemble = dict(zip(("loss", "acc"), ensemble_evaluate(models, loader, w)))
-    gap = {"acc": mean["acc"] - merged_["acc"], "loss": merged_["loss"] - mean["loss"]}
-    return {"merged": merged_, "endpoints": ends, "endpoint_mean": mean, "ensemble": ensemble, "gap": gap}
