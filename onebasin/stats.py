@@ -1,9 +1,15 @@
-"""Exact streaming float64 statistics of hidden units, read at a spec's sites in one forward pass.
+"""Streaming statistics of hidden units, read at a spec's sites in one forward pass.
 
 Every statistic is kept as a sum over samples (count, sum x, sum x^2 or x x^T, sum x y^T), never as an
 average of per-batch estimates: sums are exact in any batch order and combine across processes with
 one all-reduce (`Moments.all_reduce_`). Conv activations are pooled over spatial positions: a (N, C, H, W)
 tensor contributes N*H*W samples of C units (as in Jordan et al. 2022, Appendix B.2).
+
+Two precisions. "float64": every block is cast to float64 and summed in float64 (exact to rounding).
+"float32": each block's products and sums are taken in float32 on data shifted by a per-unit reference
+(the mean of the first block seen), then added into float64 running sums, so large means do not cancel
+catastrophically in the variances (the shifted-data form of Chan, Golub and LeVeque 1983); no float64 copy
+of an activation is made. Derived statistics add the shift back where it matters (means).
 
 Taps read the captured graph (`onebasin.graph`), which is functional: no later op can overwrite a
 tapped tensor, so what a site reports is the value the next op reads.
@@ -12,6 +18,8 @@ tapped tensor, so what a site reports is the value the next op reads.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -33,19 +41,34 @@ def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
     return _units_major(t, site).T
 
 
-def _samples(t: torch.Tensor, site: Site) -> tuple[torch.Tensor, int]:
-    """A site's units in t as a new float64 matrix (one pass over memory: the cast and any move of the unit
-    axis in one copy) and its samples axis: (samples, units) with axis 0 when the units are t's last axis,
-    else (units, samples) with axis 1, conv positions and batch rows pooled (a (N, C, H, W) map gives
-    (C, N*H*W)). The copy is the caller's to overwrite."""
+PRECISIONS = ("float32", "float64")
+
+
+def check_precision(precision: str) -> torch.dtype:
+    """The dtype of a statistics precision ("float32" or "float64"); ValueError naming the valid ones."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return torch.float32 if precision == "float32" else torch.float64
+
+
+def _samples(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
+             shift: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """A site's units in t as a new `dtype` matrix, minus a per-unit `shift` (units,) when given (one pass
+    over memory: the cast, the shift and any move of the unit axis in one copy) and its samples axis:
+    (samples, units) with axis 0 when the units are t's last axis, else (units, samples) with axis 1, conv
+    positions and batch rows pooled (a (N, C, H, W) map gives (C, N*H*W)). The copy is the caller's to
+    overwrite."""
     d = site.dim
     if site.size is not None:
         t = t.narrow(d, site.start, site.size)
     t = t.detach()
     last = d == t.ndim - 1
     src = t if last else t.movedim(d, 0)
-    out = torch.empty(src.shape, dtype=torch.float64, device=t.device)
-    out.copy_(src)
+    out = torch.empty(src.shape, dtype=dtype, device=t.device)
+    if shift is None:
+        out.copy_(src)
+    else:
+        torch.sub(src, shift.to(dtype).view(-1, *[1] * (src.ndim - 1)) if not last else shift.to(dtype), out=out)
     return (out.view(-1, t.shape[d]), 0) if last else (out.view(t.shape[d], -1), 1)
 
 
@@ -58,20 +81,21 @@ def _units_major(t: torch.Tensor, site: Site) -> torch.Tensor:
 _BLOCK_BYTES = 8 * 2**20  # float64 bytes per block of samples: small enough to stay in cache between reductions
 
 
-def _unit_blocks(t: torch.Tensor, site: Site) -> Iterator[tuple[torch.Tensor, int]]:
+def _unit_blocks(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
+                 shift: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, int]]:
     """`_samples` of consecutive slabs of t's batch axis, each at most ~_BLOCK_BYTES: the sums over a
     large activation then read each block while it is still in cache, and never hold a float64 copy of
     the whole activation. With the squares taken in place in each block, the paired per-unit sums of a
     (256, 256, 16, 16) map take 55-60 ms instead of 218 ms (one cast copy of the whole map, products as
     new tensors)."""
     if site.dim == 0 or t.ndim < 2 or t.shape[0] == 0:
-        yield _samples(t, site)
+        yield _samples(t, site, dtype, shift)
         return
     units = site.size if site.size is not None else t.shape[site.dim]
     row_bytes = 8 * t[0].numel() * units // max(t.shape[site.dim], 1)
     step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
     for i in range(0, t.shape[0], step):
-        yield _samples(t.narrow(0, i, min(step, t.shape[0] - i)), site)
+        yield _samples(t.narrow(0, i, min(step, t.shape[0] - i)), site, dtype, shift)
 
 
 def _sum_samples(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -84,38 +108,60 @@ def _sum_samples(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """sums[name] += value, the running sum kept in float64 (a float32 value is added into it)."""
     if name in sums:
         sums[name].add_(value)
     else:
-        sums[name] = value
+        sums[name] = value.to(torch.float64)
 
 
 def accumulate_product(sums: dict[str, torch.Tensor], name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    """sums[name] += a @ b for a (p, m) and b (m, q): in place by addmm_ (no (p, q) temporary), or a @ b as the first sum."""
-    if name in sums:
+    """sums[name] += a @ b for a (p, m) and b (m, q), into a float64 running sum: float64 operands in place by
+    addmm_ (no (p, q) temporary); float32 operands by one float32 product (full float32 matmul precision:
+    never TF32 or bfloat16 passes) added into it."""
+    if a.dtype == torch.float64 and name in sums:
         sums[name].addmm_(a, b)
-    else:
-        sums[name] = a @ b
+        return
+    with full_float32_matmul():
+        _accumulate(sums, name, a @ b)
 
 
-def unit_sums(t: torch.Tensor, site: Site) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(samples, sum x, sum x^2) per unit of a site, float64 (conv positions pooled as samples)."""
+@contextlib.contextmanager
+def full_float32_matmul() -> Iterator[None]:
+    """Float32 matrix products at full precision for the duration (no TF32 / reduced-precision passes)."""
+    before, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def unit_sums(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
+              shift: torch.Tensor | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(samples, sum x, sum x^2) per unit of a site (conv positions pooled as samples), float64 sums of blocks
+    taken in `dtype`, of x - shift when a per-unit `shift` (units,) is given."""
     n, sums = 0, {}
-    for x, axis in _unit_blocks(t, site):
+    for x, axis in _unit_blocks(t, site, dtype, shift):
         n += x.shape[axis]
         _accumulate(sums, "x", _sum_samples(x, axis))
         _accumulate(sums, "xx", _sum_samples(x.square_(), axis))  # the block is ours: squared in place
     return n, sums["x"], sums["xx"]
 
 
-def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full", sums: dict | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full", sums: dict | None = None,
+                dtype: torch.dtype = torch.float64, shifts: tuple | None = None) -> tuple[int, dict[str, torch.Tensor]]:
     """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums
     of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations: one matrix
     product over all samples) or only its diagonal, unit i with unit i (cross="diag", for REPAIR's
     per-unit covariance). Given `sums` (running sums of earlier batches), the new ones are added to them
-    in place, the cross product by addmm_ (no (p, q) temporary per batch), and that dict is returned."""
+    in place, the cross product by addmm_ (no (p, q) temporary per batch), and that dict is returned.
+    Blocks are taken in `dtype`; `shifts` (shift of x (p,), shift of y (q,)) are subtracted first."""
     n, sums = 0, {} if sums is None else sums
-    for (x, axis), (y, _) in zip(_unit_blocks(a, site), _unit_blocks(b, site)):
+    sx, sy = shifts if shifts is not None else (None, None)
+    for (x, axis), (y, _) in zip(_unit_blocks(a, site, dtype, sx), _unit_blocks(b, site, dtype, sy)):
         n += x.shape[axis]
         if cross != "full":
             _accumulate(sums, "xy", _sum_samples(x * y, axis))
@@ -143,30 +189,59 @@ def _reduce_device(like: torch.device | None = None) -> torch.device:
 
 
 class Moments:
-    """Streaming sums of x (samples, p) and, optionally, of a paired y (samples, q): exact in float64.
+    """Streaming sums of x (samples, p) and, optionally, of a paired y (samples, q), in float64.
 
     Keeps count, sum x, sum x^2 (or the full x x^T when `full=True`), and with `paired=True` also
     sum y, sum y^2 and the cross sum x y^T. Derived statistics are population (1/n) moments.
+    precision="float32" takes each batch's products and sums in float32 on x - c and y - d, c and d the
+    per-unit means of the first block seen (`shift`), added into float64 sums (see the module docstring);
+    "float64" (shift 0) is exact to float64 rounding. `sums` always hold the sums of shifted values.
     """
 
-    def __init__(self, full: bool = False, paired: bool = False):
-        self.full, self.paired = full, paired
+    def __init__(self, full: bool = False, paired: bool = False, precision: str = "float64"):
+        self.full, self.paired, self.precision = full, paired, precision
+        self.dtype = check_precision(precision)
         self.n = 0
         self.sums: dict[str, torch.Tensor] = {}
+        self.shift: dict[str, torch.Tensor] = {}  # "x", "y": per-unit float64 reference (float32 precision only)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         """sums[name] += value, in place (value: a fresh tensor of this update, kept as the first sum)."""
         _accumulate(self.sums, name, value)
 
+    def _shifted(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x (m, units) in this precision, minus the shift of `name` (set from x's mean on first use)."""
+        if self.dtype == torch.float64:
+            return x.to(torch.float64)
+        if name not in self.shift:
+            self.shift[name] = self._representable(x.mean(0, dtype=torch.float64))
+        return (x - self.shift[name].to(x.dtype)).to(self.dtype)
+
+    def _block_shift(self, name: str, t: torch.Tensor, site: Site) -> torch.Tensor | None:
+        """The shift of `name` for a site's activation t (float32 precision), set from t's per-unit mean."""
+        if self.dtype == torch.float64:
+            return None
+        if name not in self.shift:
+            x, axis = _samples(t, site, self.dtype)
+            self.shift[name] = self._representable(x.mean(axis, dtype=torch.float64))
+        return self.shift[name]
+
+    def _representable(self, shift: torch.Tensor) -> torch.Tensor:
+        """`shift` rounded to this precision (kept as float64): the value subtracted is the value added back."""
+        return shift.to(self.dtype).to(torch.float64)
+
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """Add samples x (m, p) [and y (m, q)], both float64."""
+        """Add samples x (m, p) [and y (m, q)]."""
+        x = self._shifted("x", x)
         self.n += x.shape[0]
-        self._add("x", x.sum(0))
-        self._add("xx", x.T @ x if self.full else (x * x).sum(0))
-        if self.paired:
-            self._add("y", y.sum(0))
-            self._add("yy", (y * y).sum(0))
-            self._add("xy", x.T @ y)
+        with full_float32_matmul():
+            self._add("x", x.sum(0))
+            self._add("xx", x.T @ x if self.full else (x * x).sum(0))
+            if self.paired:
+                y = self._shifted("y", y)
+                self._add("y", y.sum(0))
+                self._add("yy", (y * y).sum(0))
+                self._add("xy", x.T @ y)
 
     def update_pair(self, a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full") -> None:
         """Add the units of site `site` in activations a (of A) and b (of B) (paired=True), fast path.
@@ -176,21 +251,50 @@ class Moments:
         """
         if self.full or not self.paired:
             raise ValueError("update_pair fills paired moments of per-unit variances (full=False, paired=True)")
-        n, _ = paired_sums(a, b, site, cross, self.sums)
+        shifts = (self._block_shift("x", a, site), self._block_shift("y", b, site))
+        n, _ = paired_sums(a, b, site, cross, self.sums, self.dtype, shifts)
         self.n += n
 
     def update_units(self, t: torch.Tensor, site: Site) -> None:
         """Add the units of site `site` in activation t (full=False, unpaired), fast path (`unit_sums`)."""
-        n, total, squares = unit_sums(t, site)
+        n, total, squares = unit_sums(t, site, self.dtype, self._block_shift("x", t, site))
         self.n += n
         self._add("x", total)
         self._add("xx", squares)
+
+    def rebase_(self, shift: dict[str, torch.Tensor]) -> "Moments":
+        """Re-express the sums about new per-unit shifts {"x": c', "y": d'} (rounded to this precision), in place
+        in float64: with e = c - c', sum(x - c') = S + n e, sum(x - c')^2 = SS + 2 e S + n e^2, and likewise for
+        x x^T and x y^T."""
+        shift = {k: self._representable(v) for k, v in shift.items()}  # later updates subtract exactly this
+        if not self.sums:
+            self.shift = shift
+            return self
+        e = {k: self.shift.get(k, torch.zeros_like(v)).to(v) - v for k, v in shift.items()}
+        s = {k: self.sums[k].clone() for k in ("x", "y") if k in self.sums}
+        for k in s:
+            d = e[k]
+            sq = k * 2
+            if self.full and k == "x":
+                self.sums[sq] += torch.outer(d, s[k]) + torch.outer(s[k], d) + self.n * torch.outer(d, d)
+            else:
+                self.sums[sq] += 2 * d * s[k] + self.n * d * d
+            self.sums[k] += self.n * d
+        if "xy" in self.sums:
+            ex, ey = e["x"], e["y"]
+            if self.sums["xy"].ndim == 2:
+                self.sums["xy"] += torch.outer(ex, s["y"]) + torch.outer(s["x"], ey) + self.n * torch.outer(ex, ey)
+            else:  # per-unit (diagonal) cross sums
+                self.sums["xy"] += ex * s["y"] + s["x"] * ey + self.n * ex * ey
+        self.shift = shift
+        return self
 
     def all_reduce_(self) -> "Moments":
         """Sum the statistics over all processes of an initialised torch.distributed group (in place).
 
         Every rank takes part with the same tensors in the same order, also a rank that saw no batch
-        (its sums are zeros of the shapes the other ranks report).
+        (its sums are zeros of the shapes the other ranks report). Shifted sums (float32 precision) are
+        first re-expressed about one shift for all ranks: the count-weighted mean of the ranks' shifts.
         """
         if distributed()[1] == 1:
             return self
@@ -200,6 +304,8 @@ class Moments:
         device = _reduce_device(next(iter(self.sums.values())).device if self.sums else None)
         n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
         dist.all_reduce(n)
+        if self.dtype != torch.float64:
+            self._common_shift(dict(names), float(n.item()), device)
         self.n = int(n.item())
         for name, shape in names:
             t = self.sums.get(name)
@@ -208,66 +314,108 @@ class Moments:
             self.sums[name] = t
         return self
 
+    def _common_shift(self, shapes: dict, total: float, device: torch.device) -> None:
+        """Rebase every rank's sums on the count-weighted mean of the ranks' shifts (one all-reduce per side)."""
+        common = {}
+        for k in ("x", "y"):
+            if k in shapes:
+                c = self.shift.get(k)
+                w = torch.zeros(shapes[k], dtype=torch.float64, device=device) if c is None else c.to(device) * self.n
+                dist.all_reduce(w)
+                common[k] = w / max(total, 1.0)
+        self.rebase_({k: v.to(self.sums[k].device) if k in self.sums else v for k, v in common.items()})
+
     def _check(self) -> None:
         if self.n == 0:
             raise OnebasinError("no samples: the data yielded no examples to measure")
 
+    def _offset(self, name: str) -> torch.Tensor | float:
+        return self.shift.get(name, 0.0)
+
     @property
-    def mean_x(self) -> torch.Tensor:
+    def shifted_mean_x(self) -> torch.Tensor:
+        """Mean of x - shift (the mean itself at float64 precision)."""
         self._check()
         return self.sums["x"] / self.n
 
     @property
-    def mean_y(self) -> torch.Tensor:
+    def shifted_mean_y(self) -> torch.Tensor:
         self._check()
         return self.sums["y"] / self.n
 
     @property
+    def mean_x(self) -> torch.Tensor:
+        return self.shifted_mean_x + self._offset("x")
+
+    @property
+    def mean_y(self) -> torch.Tensor:
+        return self.shifted_mean_y + self._offset("y")
+
+    @property
     def var_x(self) -> torch.Tensor:
         xx = self.sums["xx"].diagonal() if self.full else self.sums["xx"]
-        return (xx / self.n - self.mean_x**2).clamp_min(0)
+        return (xx / self.n - self.shifted_mean_x**2).clamp_min(0)
 
     @property
     def var_y(self) -> torch.Tensor:
-        return (self.sums["yy"] / self.n - self.mean_y**2).clamp_min(0)
+        return (self.sums["yy"] / self.n - self.shifted_mean_y**2).clamp_min(0)
 
     @property
     def cov_x(self) -> torch.Tensor:
         """(p, p) covariance of x (needs full=True)."""
-        return self.sums["xx"] / self.n - torch.outer(self.mean_x, self.mean_x)
+        m = self.shifted_mean_x
+        return self.sums["xx"] / self.n - torch.outer(m, m)
 
     @property
     def second_moment_x(self) -> torch.Tensor:
         """(p, p) uncentred E[x x^T] (needs full=True)."""
         self._check()
-        return self.sums["xx"] / self.n
+        raw = self.sums["xx"] / self.n
+        if "x" not in self.shift:
+            return raw
+        c, m = self.shift["x"], self.shifted_mean_x
+        return raw + torch.outer(c, m) + torch.outer(m, c) + torch.outer(c, c)
 
     @property
     def cov_xy(self) -> torch.Tensor:
         """(p, q) cross-covariance of x and y (needs paired=True)."""
-        return (self.sums["xy"] / self.n).addr_(self.mean_x, self.mean_y, alpha=-1)
+        return (self.sums["xy"] / self.n).addr_(self.shifted_mean_x, self.shifted_mean_y, alpha=-1)
+
+    @property
+    def cov_xy_diag(self) -> torch.Tensor:
+        """(p,) covariance of x's unit i with y's unit i, from per-unit (cross="diag") cross sums."""
+        return self.sums["xy"] / self.n - self.shifted_mean_x * self.shifted_mean_y
 
     def cov_xy_matched(self, perm: torch.Tensor) -> torch.Tensor:
         """(p,) covariance of x's unit i with y's unit perm[i] (needs the full cross sums), without the (p, q) matrix."""
         self._check()
         xy = self.sums["xy"][torch.arange(len(perm), device=perm.device), perm]
-        return xy / self.n - self.mean_x * self.mean_y[perm]
+        return xy / self.n - self.shifted_mean_x * self.shifted_mean_y[perm]
 
     def corr_xy(self) -> torch.Tensor:
         """(p, q) Pearson correlation between every unit of x and every unit of y, in [-1, 1].
 
         A unit that is constant over the data (a dead ReLU) has no correlation: its rows/columns are 0.
-        Constant means its variance is at rounding level of its second moment (float64 sums). One (p, q)
-        matrix is allocated; centring and scaling are done in place (ResNet50's 2048-unit sites).
+        Constant means its variance is at rounding level of its second moment. One (p, q) matrix is
+        allocated; centring and scaling are done in place (ResNet50's 2048-unit sites).
         """
-        sx = _live_std(self.var_x, self.sums["xx"].diagonal() if self.full else self.sums["xx"], self.n)
-        sy = _live_std(self.var_y, self.sums["yy"], self.n)
+        sx = _live_std(self.var_x, self._mean_square("x"))
+        sy = _live_std(self.var_y, self._mean_square("y"))
         return self.cov_xy.mul_(_inverse_or_zero(sx)[:, None]).mul_(_inverse_or_zero(sy)).clamp_(-1, 1)
 
+    def _mean_square(self, name: str) -> torch.Tensor:
+        """E[x^2] per unit, unshifted (the scale a variance is rounding noise against)."""
+        sq = self.sums[name * 2]
+        sq = sq.diagonal() if self.full and name == "x" else sq
+        if name not in self.shift:
+            return sq / self.n
+        m = self.sums[name] / self.n
+        return (sq / self.n - m**2).clamp_min(0) + (m + self.shift[name]) ** 2
 
-def _live_std(var: torch.Tensor, sum_sq: torch.Tensor, n: int) -> torch.Tensor:
+
+def _live_std(var: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
     """std, with 0 for units whose variance is within float64 rounding of their mean square."""
-    return torch.where(var > 1e-12 * sum_sq / n, var.sqrt(), torch.zeros_like(var))
+    return torch.where(var > 1e-12 * mean_square, var.sqrt(), torch.zeros_like(var))
 
 
 def _inverse_or_zero(std: torch.Tensor) -> torch.Tensor:

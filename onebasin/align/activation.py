@@ -33,8 +33,9 @@ def site_moments(
     max_examples: int | None = 10_000,
     device=None,
     max_memory: int | None = 1 << 30,
+    precision: str = "float64",
 ) -> tuple[dict[str, list[Moments]], int]:
-    """Paired float64 moments of A's and B's activations at every group's sites, in one pass.
+    """Paired moments of A's and B's activations at every group's sites, in one pass.
 
     Args:
         spec: groups with their `sites` (groups without sites are skipped).
@@ -43,6 +44,7 @@ def site_moments(
             torch.distributed each rank reads its shard (stats.batches) and the sums are all-reduced.
         max_memory: bytes the tapped activations of A and B may hold at once: a batch whose sites would
             need more runs in slices of rows (the sums do not depend on it; None: whole batches).
+        precision: "float64" (exact sums) or "float32" (shifted float32 products into float64 sums: stats.Moments).
     Returns:
         ({group: [Moments(paired=True) per site, x = A's units (samples, n), y = B's units]}, examples).
         Conv activations (N, C, H, W) count as N*H*W samples of C units.
@@ -50,7 +52,7 @@ def site_moments(
     groups = [g for g in spec.groups.values() if g.sites]
     sites = [s for g in groups for s in g.sites]
     taps_a, taps_b = SiteTaps(model_a, sites, spec.graph, False), SiteTaps(model_b, sites, spec.graph, False)
-    moments = [Moments(paired=True) for _ in sites]
+    moments = [Moments(paired=True, precision=precision) for _ in sites]
     rows = _rows_within(spec, sites, max_memory)
     examples = 0
     with torch.no_grad(), eval_mode(model_a, model_b):
@@ -97,6 +99,7 @@ def activation_matching(
     max_examples: int | None = 10_000,
     device=None,
     max_memory: int | None = 1 << 30,
+    precision: str = "float64",
 ) -> AlignResult:
     """Align B to A by maximising the summed correlation of matched units (Li et al. 2015; REPAIR eq. 2).
 
@@ -105,6 +108,7 @@ def activation_matching(
         model_a, model_b: nn.Modules of the same architecture; data: iterable of x or (x, y) batches.
         max_examples: inputs read from `data`; device: where to run (default: model A's device).
         max_memory: bytes the tapped activations of one batch may hold (larger batches run in row slices).
+        precision: "float64" or "float32" statistics (stats.Moments; float32: relative error ~1e-6).
     Returns:
         AlignResult; record: iterations (1), objective {group: mean matched correlation} and
         identity {group: the same before alignment}, examples, seconds, weight_fallback (groups without
@@ -114,7 +118,7 @@ def activation_matching(
         raise ValueError("activation matching needs data: an iterable of x or (x, y) batches")
     t0 = time.perf_counter()
     moments, examples = site_moments(spec, require_module(model_a, "activation"), require_module(model_b, "activation"), data, max_examples=max_examples, device=device,
-                                      max_memory=max_memory)
+                                      max_memory=max_memory, precision=precision)
     corrs = {name: correlation_matrix(ms) for name, ms in moments.items()}
     informed = {family_root(spec, g) for g in corrs}
     perms = solve_families(spec, corrs, [g for g in spec.groups if family_root(spec, g) in informed])

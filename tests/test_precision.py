@@ -1,0 +1,167 @@
+"""precision="float32" statistics: shifted float32 blocks into float64 sums, against numpy float64 on the raw
+values, and the alignments they give against precision="float64"."""
+
+import numpy as np
+import pytest
+import torch
+
+from onebasin.align import get_method
+from onebasin.align._registry import matched
+from onebasin.align.activation import correlation_matrix, site_moments
+from onebasin.spec import Site, trace
+from onebasin.stats import Moments
+from reference_models import TinyTransformer, reference_models
+
+
+def offset_data(n=4000, p=6, q=5, offset=1000.0, seed=0):
+    """x (n, p) and y (n, q) float32 with means ~offset and stds ~0.1-1: float32 sums of raw squares lose
+    every digit of their variances here (offset^2 / var ~ 1e8 > 1 / float32 eps)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, generator=g) * torch.linspace(0.1, 1, p) + offset
+    y = 0.5 * (x[:, :q] - offset) + 0.3 * torch.randn(n, q, generator=g) - offset
+    return x, y
+
+
+def test_float32_moments_equal_numpy_float64_on_offset_data():
+    x, y = offset_data()
+    m = Moments(paired=True, precision="float32")
+    for i in range(0, len(x), 500):
+        m.update(x[i:i + 500], y[i:i + 500])
+    xd, yd = x.double().numpy(), y.double().numpy()
+    np.testing.assert_allclose(m.mean_x.numpy(), xd.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(m.var_x.numpy(), xd.var(0), rtol=1e-5)
+    np.testing.assert_allclose(m.cov_xy.numpy(), np.cov(xd.T, yd.T, bias=True)[:6, 6:], atol=1e-5 * xd.std(0).max() ** 2)
+    np.testing.assert_allclose(m.corr_xy().numpy(), np.corrcoef(xd.T, yd.T)[:6, 6:], atol=1e-5)
+    naive = Moments(paired=True)  # the same float32 values summed as float32 without a shift: for contrast
+    naive.sums = {"x": x.sum(0).double(), "xx": (x * x).sum(0).double()}
+    naive.n = len(x)
+    assert np.abs(naive.var_x.numpy() - xd.var(0)).max() > 100 * np.abs(m.var_x.numpy() - xd.var(0)).max()
+
+
+def test_float32_site_sums_of_conv_and_token_maps_equal_numpy():
+    """update_pair / update_units on a conv map (units on axis 1) and a token matrix (units last), float32."""
+    g = torch.Generator().manual_seed(1)
+    for t, site in [(torch.randn(16, 5, 6, 6, generator=g) * 0.2 + 50, Site(None, 1)),
+                    (torch.randn(16, 7, 8, generator=g) * 0.5 - 30, Site(None, 2))]:
+        other = t.flip(0) * 2 + 1
+        ref_a = np.moveaxis(t.double().numpy(), site.dim, -1).reshape(-1, t.shape[site.dim])
+        ref_b = np.moveaxis(other.double().numpy(), site.dim, -1).reshape(ref_a.shape)
+        paired, single = Moments(paired=True, precision="float32"), Moments(precision="float32")
+        for i in range(0, 16, 4):
+            paired.update_pair(t[i:i + 4], other[i:i + 4], site)
+            single.update_units(t[i:i + 4], site)
+        np.testing.assert_allclose(paired.corr_xy().numpy(), np.corrcoef(ref_a.T, ref_b.T)[:ref_a.shape[1], ref_a.shape[1]:], atol=1e-5)
+        np.testing.assert_allclose(single.var_x.numpy(), ref_a.var(0), rtol=1e-5)
+        np.testing.assert_allclose(single.mean_x.numpy(), ref_a.mean(0), rtol=1e-9)
+        diag = Moments(paired=True, precision="float32")
+        diag.update_pair(t, other, site, cross="diag")
+        ref_cov = ((ref_a - ref_a.mean(0)) * (ref_b - ref_b.mean(0))).mean(0)
+        np.testing.assert_allclose(diag.cov_xy_diag.numpy(), ref_cov, rtol=1e-5, atol=1e-7)
+
+
+def test_rebase_keeps_every_statistic():
+    """Re-expressing shifted sums about another shift (what all_reduce_ does across ranks) changes no statistic."""
+    x, y = offset_data(n=1000)
+    for full in (False, True):
+        m = Moments(full=full, paired=not full, precision="float32")
+        for i in range(0, 1000, 250):
+            m.update(x[i:i + 250], y[i:i + 250] if not full else None)
+        before = {k: getattr(m, k).clone() for k in ("mean_x", "var_x")}
+        before |= {"cov": (m.cov_x if full else m.cov_xy).clone()}
+        if full:
+            before["second"] = m.second_moment_x.clone()
+        new = {k: v + torch.randn(v.shape, dtype=torch.float64) for k, v in m.shift.items()}
+        m.rebase_(new)
+        assert all(torch.equal(m.shift[k], new[k].float().double()) for k in new)  # rounded to float32
+        after = {"mean_x": m.mean_x, "var_x": m.var_x, "cov": m.cov_x if full else m.cov_xy}
+        if full:
+            after["second"] = m.second_moment_x
+        for k, v in before.items():
+            torch.testing.assert_close(after[k], v, rtol=1e-9, atol=1e-9)
+    full = Moments(full=True, precision="float32")
+    full.update(x)
+    np.testing.assert_allclose(full.second_moment_x.numpy(), x.double().numpy().T @ x.double().numpy() / len(x), rtol=1e-6)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="float32, float64"):
+        Moments(precision="float16")
+
+
+def pair(name):
+    """Two differently seeded float32 models of reference model `name` and 6 batches of inputs."""
+    if name == "transformer":
+        factory, shape = TinyTransformer, (8, 4, 6)
+    else:
+        factory, shape = reference_models()[name]
+        shape = (8, *shape[1:])
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(factory().eval())
+    g = torch.Generator().manual_seed(2)
+    return models, [torch.randn(*shape, generator=g) for _ in range(6)]
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_bn", "resnet20_bn", "resnet20_ln", "conv_ln_chw", "transformer"])
+def test_float32_activation_matching_gives_float64_permutations(name):
+    """The same permutations at both precisions, except exact ties: where a group's permutations differ, both
+    must reach the same float64 objective to within the float32 statistics' error (1e-5 per unit); that is
+    how a tie is detected. The correlations themselves agree to 1e-5."""
+    (a, b), data = pair(name)
+    spec = trace(a, data[0])
+    m64, _ = site_moments(spec, a, b, data)
+    m32, _ = site_moments(spec, a, b, data, precision="float32")
+    for g in m64:
+        c64, c32 = correlation_matrix(m64[g]), correlation_matrix(m32[g])
+        assert (c64 - c32).abs().max() < 1e-5 * len(m64[g])
+    p64 = get_method("activation")(spec, a, b, data).perms
+    p32 = get_method("activation")(spec, a, b, data, precision="float32").perms
+    for g in p64:
+        if torch.equal(p64[g], p32[g]):
+            continue
+        corr = correlation_matrix(m64[g]) if g in m64 else None
+        assert corr is not None, f"group {g} (no sites) differs"
+        assert abs(matched(corr, p64[g]) - matched(corr, p32[g])) < 1e-5 * len(p64[g]) * len(m64[g])
+
+
+def shard_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.save({n: sharded_stats(n) for n in (1, 7)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_stats(n_batches: int) -> dict:
+    """Float32 paired moments over batches 0..n_batches-1 (rank r of w reads batches r, r+w, ...), all-reduced."""
+    from onebasin.stats import batches, distributed
+
+    x, y = offset_data(n=700)
+    data = [(torch.cat([x[i:i + 100], y[i:i + 100]], 1),) for i in range(0, 700, 100)][:n_batches]
+    m = Moments(paired=True, precision="float32")
+    rank, world = distributed()
+    for i, (xy,) in enumerate(data):
+        if i % world == rank:
+            m.update(xy[:, :6], xy[:, 6:])
+    m.all_reduce_()
+    return {"n": m.n, "mean": m.mean_x, "var": m.var_x, "cov": m.cov_xy, "corr": m.corr_xy()}
+
+
+@pytest.mark.slow
+def test_float32_sums_of_two_gloo_processes_equal_one_process(tmp_path):
+    """Each rank shifts by its own first batch; all_reduce_ re-bases them on one shift: the statistics equal one
+    process's to float32 accuracy, with uneven shards (7 batches) and with a rank that saw no batch (1)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(shard_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    for r, n_batches in [(r, n) for r in range(2) for n in (1, 7)]:
+        single = sharded_stats(n_batches)
+        got = torch.load(tmp_path / f"rank{r}.pt")[n_batches]
+        assert got["n"] == single["n"] == 100 * n_batches
+        torch.testing.assert_close(got["mean"], single["mean"], rtol=1e-9, atol=0)
+        for k in ("var", "cov", "corr"):
+            torch.testing.assert_close(got[k], single[k], rtol=1e-5, atol=1e-6)
