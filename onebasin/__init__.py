@@ -11,10 +11,11 @@ modules stay reachable as attributes.
     comparison = onebasin.compare(model_a, model_b, {"test": test_loader}, calib_loader)
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .align import AlignResult, anneal_many, get_method, list_methods, register_method
 from .align.many import align_many
+from .barrier import barrier_curve
 from .checkpoint import CheckpointError, load_any, load_checkpoint, load_model, save_checkpoint
 from .data import DataNotFoundError, biased_split, dataset_info, load_dataset
 from .diagnostics import variance_ratios
@@ -26,7 +27,7 @@ from .errors import (
     UntraceableModelError,
 )
 from .experiment import Experiment, run_experiment
-from .interpolate import BarrierCurve, barrier_curve, interpolate_model, lerp
+from .interpolate import BarrierCurve, interpolate_model, lerp
 from .models import build_model, create_model, list_models, register_model
 from .permute import apply_perms, compose_perms, identity_perms, invert_perms, permute_model, random_perms
 from .pipeline import Comparison, ManyResult, MergeResult, compare, merge, merge_many

@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import onebasin
 from onebasin._io import atomic_write, atomic_write_text
+from onebasin._version import __version__
 from onebasin.errors import InvalidOptionError, OnebasinError
 
 _KEY = "onebasin"
@@ -69,7 +69,7 @@ def save_checkpoint(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Pa
     """
     weights, sidecar = checkpoint_paths(path)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    meta = json.loads(json.dumps({**meta, "onebasin_version": onebasin.__version__}))  # as it will be read back
+    meta = json.loads(json.dumps({**meta, "onebasin_version": __version__}))  # as it will be read back
     meta["sha256"] = checkpoint_digest(tensors, meta)
     text = json.dumps(meta, indent=2, sort_keys=True)
     atomic_write(weights, _save_tensors(tensors, text, weights))

@@ -426,6 +426,15 @@ def shape_of(node) -> tuple[int, ...] | None:
     return tuple(concrete(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def module_path(node: fx.Node) -> str | None:
+    """The state_dict prefix of the module that made `node` (from export's nn_module_stack), or None."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].").removeprefix("L__self__.") or None
+
+
 def inputs_like(captured: Captured, batches: Iterable) -> Iterable:
     """Each batch's model input (the x of an (x, y) pair) moved to the capture's device and floating dtype."""
     return model_inputs(captured.model, batches)

@@ -16,12 +16,13 @@ from tqdm.auto import tqdm
 
 from .align import align, get_method
 from .align.many import agreement, align_many, cycle_consistency, induced_maps
+from .barrier import barrier_curve
 from .checks import (check_example_input, check_finite, check_same_architecture, check_same_dtype, check_weights,
                      first_input)
 from .diagnostics import site_label, variance_ratios
 from .errors import EmptyDataError, InvalidOptionError
 from .permute import Perms, StateDict, permute_model
-from .interpolate import BarrierCurve, barrier_curve, interpolate_model
+from .interpolate import BarrierCurve, interpolate_model
 from .repair import KINDS, correct, endpoint_stats, endpoints_from_alignment, reset_bn, select_sites
 from .repair import repair as repair_fn
 from .spec import PermutationSpec, Site, trace

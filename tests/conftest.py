@@ -49,7 +49,7 @@ def hooked_site_values(model, spec, x):
     inside its module (e.g. a ResNet block): that module's input is read with a pre-hook and the module
     re-run by torch.fx's own interpreter, which reports the value of its (single) addition.
     """
-    from onebasin.tracer import module_path
+    from onebasin.graph import module_path
 
     layer = {s.node: s.module for g in spec.groups.values() for s in g.sites if s.kind == "layer"}
     block = {s.node: module_path(spec.graph.node(s.node)) for g in spec.groups.values() for s in g.sites if s.kind == "block"}

@@ -15,7 +15,8 @@ from conftest import CountUses
 from onebasin.align import align
 from onebasin.diagnostics import ratio_series, ratio_table, site_label, variance_ratios
 from onebasin.errors import OnebasinError
-from onebasin.interpolate import BarrierCurve, barrier_curve, interpolate_model
+from onebasin.barrier import barrier_curve
+from onebasin.interpolate import BarrierCurve, interpolate_model
 from onebasin.permute import invert_perms, permute_model, random_perms
 from onebasin.pipeline import compare, merge
 from onebasin.plots import plot_barrier_curves, plot_variance_ratios

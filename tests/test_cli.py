@@ -324,7 +324,7 @@ def toy_registrations():
     """A toy model and a toy alignment method in the registries, removed again afterwards."""
     from onebasin.align import AlignResult, register_method
     from onebasin.align._registry import _METHODS
-    from onebasin.models import _REGISTRY, register_model
+    from onebasin.models._registry import _REGISTRY, register_model
     from onebasin.permute import identity_perms
 
     @register_model(flat_input=True, image_size=28, default_dataset="mnist")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import register_model
+from ._registry import register_model
 from .vit import Block, init_weights
 
 

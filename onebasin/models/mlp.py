@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_model
+from ._registry import register_model
 
 
 class MLP(nn.Module):

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from . import register_model
+from ._registry import register_model
 
 NORMS = ("batchnorm", "layernorm", "none")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_model
+from ._registry import register_model
 
 CFGS = {  # channels per conv layer, "M" = 2x2 max-pool
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_model
+from ._registry import register_model
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch.fx as fx
 
-from ..spec import Layout
-from ..tracer import Axis, Heads, Parts, Seg, StructureError, Tracer, WeightView, plain_axis
+from .._spec import Layout
+from ..labels import Axis, Heads, Parts, Seg, StructureError, WeightView, label_dims, plain_axis, remap
+from ..ops import ELEMENTWISE
+
+if TYPE_CHECKING:  # annotations only: the tracer imports the rules
+    from ..tracer import Tracer
 
 
 def args_of(node: fx.Node) -> dict:
@@ -231,7 +236,7 @@ def constant_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node)
         if label.head_dim in varies:
             t.vars.fix(t.vars.root(label.var).heads or label.var)
             t.notes.append(f"{node.name}: {operand.name} varies over the heads: heads kept in place")
-    elif isinstance(label, Parts) and label_dims_of(label) & varies:
+    elif isinstance(label, Parts) and label_dims(label) & varies:
         t.fix_label(label, node, f"{operand.name} varies along a permuted axis")
 
 
@@ -263,7 +268,7 @@ def varying_dims(t: Tracer, node: fx.Node, depth: int = 0) -> set[int]:
             out &= {d + shift for d in varying_dims(t, src, depth + 1)}  # expanded axes do not vary
         elif packet in _REDUCES and isinstance(node.args[1] if len(node.args) > 1 else None, (int, list, tuple)):
             out &= _reduced(t, node, varying_dims(t, src, depth + 1))
-        elif _elementwise(t, node):
+        elif node.target in ELEMENTWISE:
             inner: set[int] = set()
             for a in node.all_input_nodes:
                 if t.shape(a) is not None:
@@ -280,18 +285,6 @@ def _reduced(t: Tracer, node: fx.Node, dims: set[int]) -> set[int]:
     red = {norm_dim(d, ndim) for d in ((red,) if isinstance(red, int) else red)} or set(range(ndim))
     keep = len(t.shape(node)) == ndim
     return {d if keep else d - sum(r < d for r in red) for d in dims if d not in red}
-
-
-def _elementwise(t: Tracer, node: fx.Node) -> bool:
-    from .elementwise import ELEMENTWISE
-
-    return node.target in ELEMENTWISE
-
-
-def label_dims_of(label) -> set[int]:
-    from ..tracer import label_dims
-
-    return label_dims(label)
 
 
 # --- reshapes ------------------------------------------------------------------------------------------
@@ -422,9 +415,7 @@ def reshape_label(t: Tracer, node: fx.Node, label, src: tuple[int, ...], dst: tu
                 return None
         return WeightView(label.key, tuple(axes))
     untouched = {d: group_of[d][1][0] for d in range(len(src)) if len(group_of[d][0]) == 1 and len(group_of[d][1]) == 1}
-    if all(d in untouched for d in label_dims_of(label)):
-        from ..tracer import remap
-
+    if all(d in untouched for d in label_dims(label)):
         return remap(label, untouched)
     if isinstance(label, Heads) and group_of[label.head_dim] is not group_of[label.inner_dim]:
         return _reshape_heads_axis(t, node, label, src, dst, group_of)

@@ -8,13 +8,17 @@ query/key heads. A matmul with a weight is a linear layer; `scaled_dot_product_a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
-from ..spec import Layout
-from ..tracer import Axis, Heads, Seg, Tracer, WeightView, label_dims, remap
+from .._spec import Layout
+from ..labels import Axis, Heads, Seg, WeightView, label_dims, remap
 from ._common import args_of, constant_joins, plain_axis, unify_labels, varying_dims, weight_joins
+
+if TYPE_CHECKING:  # annotations only: the tracer imports the rules
+    from ..tracer import Tracer
 
 
 def _heads_of(t: Tracer, lab: Heads) -> Axis:

@@ -5,14 +5,19 @@ op inside it without a rule is refused as usual (named with the composite node).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import UnsupportedOpError
-from ..spec import Layout
-from ..tracer import Axis, Multi, StructureError, Tracer, label_vars
+from .._spec import Layout
+from ..labels import Axis, Multi, StructureError, label_vars
+
+if TYPE_CHECKING:  # annotations only: the tracer imports the rules
+    from ..tracer import Tracer
 
 
 def _decompose(node: fx.Node) -> fx.GraphModule:

@@ -4,11 +4,16 @@ input's variable; a grouped conv gives both the block structure of its groups (s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.fx as fx
 
-from ..tracer import Axis, Tracer, WeightView
+from ..labels import Axis, WeightView
 from ._common import args_of, plain_axis, varying_dims
+
+if TYPE_CHECKING:  # annotations only: the tracer imports the rules
+    from ..tracer import Tracer
 
 
 def _weight(t: Tracer, node: fx.Node, arg, out_axis: int, in_axis: int):

@@ -6,13 +6,17 @@ a reshape that splits a permuted axis into (heads, head size) gives it block str
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
-from ..tracer import Axis, Heads, Multi, Parts, Pieces, Seg, Tracer, WeightView, label_dims, remap
+from ..labels import Axis, Heads, Multi, Parts, Pieces, Seg, WeightView, label_dims, remap
 from ._common import (args_of, constant_joins, cut_segs, heads_to_parts, norm_dim, reshape_label, seg_end, unify_labels,
                       varying_dims, weight_joins)
+
+if TYPE_CHECKING:  # annotations only: the tracer imports the rules
+    from ..tracer import Tracer
 
 aten = torch.ops.aten
 

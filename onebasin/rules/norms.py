@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
-from ..spec import Site
-from ..tracer import Axis, Heads, Multi, Tracer, module_path
+from .._spec import Site
+from ..graph import module_path
+from ..labels import Axis, Heads, Multi
 from ._common import args_of
+
+if TYPE_CHECKING:  # annotations only: the tracer imports the rules
+    from ..tracer import Tracer
 
 
 def _members(t: Tracer, node: fx.Node, lab, keys, axis: int) -> None:
