@@ -469,17 +469,29 @@ def _presharded(data) -> bool:
     return isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
 
 
+def _shard_limit(sampler, max_examples: int | None) -> int | None:
+    """This process's share of the first `max_examples` examples of a DistributedSampler's order: rank r of w
+    holds positions r, r + w, r + 2w, ..., so all ranks together read the examples one process would."""
+    if max_examples is None:
+        return None
+    total = min(max_examples, len(sampler.dataset), sampler.total_size)  # padding repeats examples: never read it
+    return max(0, -(-(total - sampler.rank) // sampler.num_replicas))
+
+
 def batches(data: Iterable, max_examples: int | None = None, device: torch.device | str | None = None) -> Iterator:
     """Input batches from a loader of x or (x, y, ...) batches, cut at `max_examples`, moved to `device`.
 
     x may be a tensor or a dict of tensors (keyword inputs). When torch.distributed is initialised,
-    rank r of w keeps batches r, r+w, r+2w, ... (unless the loader's DistributedSampler already shards
-    it) so that sums gathered on every rank and all-reduced equal those of one process over all data.
+    rank r of w keeps batches r, r+w, r+2w, ... so that sums gathered on every rank and all-reduced equal
+    those of one process over all data. A loader whose DistributedSampler already shards it is read whole,
+    `max_examples` then counting the examples of all processes together (each reads its share of them).
     A batch with no rows is an error (it would otherwise look like missing statistics).
     """
     from .graph import batch_size, take_rows, to_device
 
-    rank, world = (0, 1) if _presharded(data) else distributed()
+    rank, world = distributed()
+    if _presharded(data):
+        rank, world, max_examples = 0, 1, _shard_limit(data.sampler, max_examples)
     seen = 0
     for i, batch in enumerate(data):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

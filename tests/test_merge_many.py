@@ -297,3 +297,25 @@ def test_merged_resnet_with_unfused_corrections_saves_and_reloads(tmp_path):
     reloaded, _ = load_model(path)
     with torch.no_grad():
         assert torch.allclose(reloaded.eval()(data[0]), merged.eval()(data[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+@pytest.mark.parametrize("method", list_combiners())
+def test_universe_is_in_model0s_unit_order_so_relabelling_model0_relabels_the_merge(method, alignment):
+    """Issue 23 item 10: the universe's order is model 0's (perms[0] = identity), so it cannot hang on rounding. With
+    activation alignment, anchor and universe do not depend on model 0's unit order at all: merging [q(m0), m1, m2]
+    gives exactly q applied to the merge of [m0, m1, m2] (checked by an explicit index shuffle). (MergeMany's start
+    and weight matching's sweeps do depend on it.)"""
+    models, data = [build("mlp", s) for s in range(3)], data_for("mlp")
+    spec = trace(models[0], data[0])
+    merged, result = onebasin.merge_many(models, method=method, repair="none", data=data, alignment=alignment)
+    for g, p in result.perms[0].items():
+        assert torch.equal(p, torch.arange(len(p))), g
+    if alignment == "weight" or method == "mergemany":
+        return
+    q = random_perms(spec, seed=7)
+    shuffled, _ = onebasin.merge_many([permute_model(models[0], spec, q)] + models[1:], method=method, repair="none",
+                                      data=data, alignment=alignment)
+    want = apply_perms(spec, q, merged.state_dict())
+    for k, v in shuffled.state_dict().items():
+        assert torch.allclose(v, want[k], rtol=0, atol=1e-12), k

@@ -368,7 +368,8 @@ def align_many(
         data: re-iterable x or (x, y) batches; the first `max_examples` inputs are read once (N forwards each).
         max_iter: sweeps of the iterative methods; seed: their visiting order.
     Returns:
-        (perms: one {group: LongTensor (n,)} per model, universe unit u = unit perms[i][g][u] of model i;
+        (perms: one {group: LongTensor (n,)} per model, universe unit u = unit perms[i][g][u] of model i, in
+         model 0's unit order (perms[0] is the identity: `in_model0_order`);
          direct pairwise matchings {(i, j): perms}, i < j; record: sweeps, converged, objective per group, examples).
         Activation alignment matches groups without sites by weight (MergeMany sweeps over those groups only).
     """
@@ -380,7 +381,8 @@ def align_many(
     if combiner is None:
         return [{g: torch.arange(grp.size) for g, grp in spec.groups.items()} for _ in models], {}, {}
     if alignment == "weight":
-        return _weight_perms(spec, models, combiner, max_iter, seed)
+        perms, direct, record = _weight_perms(spec, models, combiner, max_iter, seed)
+        return in_model0_order(perms), direct, record
     if data is None:
         raise EmptyDataError("activation alignment needs data: an iterable of x or (x, y) batches")
     perms, direct, record = _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed)
@@ -389,7 +391,17 @@ def align_many(
         start = [{**{g: torch.arange(spec.groups[g].size) for g in fallback}, **p} for p in perms]
         perms, *_ = _weight_sweeps(spec, _float64_params(spec, models), start, fallback, max_iter, seed)
     record["weight_fallback"] = fallback
-    return perms, direct, record
+    return in_model0_order(perms), direct, record
+
+
+def in_model0_order(perms: list[Perms]) -> list[Perms]:
+    """The same maps P_j^-1 P_i with the universe relabelled into model 0's unit order (perms[0] the identity).
+
+    Every objective here is invariant to relabelling the universe, so which of the equivalent orders a solver
+    ends in can hang on rounding (e.g. sums all-reduced in another order under torchrun); this one is unique.
+    """
+    back = {g: torch.argsort(p) for g, p in perms[0].items()}
+    return [{g: p[back[g]] for g, p in model.items()} for model in perms]
 
 
 # --- cycle consistency -------------------------------------------------------------------------------------
