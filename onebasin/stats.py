@@ -42,6 +42,7 @@ def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
 
 
 PRECISIONS = ("float32", "float64")
+_precision = ["float64"]  # the default of every Moments made inside `statistics_precision`
 
 
 def check_precision(precision: str) -> torch.dtype:
@@ -49,6 +50,24 @@ def check_precision(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return torch.float32 if precision == "float32" else torch.float64
+
+
+@contextlib.contextmanager
+def statistics_precision(precision: str | None) -> Iterator[None]:
+    """Every Moments made for the duration without its own precision takes `precision` (None: unchanged).
+
+    The public entry points (merge, compare, align, repair, merge_many, barrier_curve) take `precision=` and
+    set it here once, so the methods and REPAIR below them need no argument of their own.
+    """
+    if precision is None:
+        yield
+        return
+    check_precision(precision)
+    _precision.append(precision)
+    try:
+        yield
+    finally:
+        _precision.pop()
 
 
 def _samples(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
@@ -196,9 +215,11 @@ class Moments:
     precision="float32" takes each batch's products and sums in float32 on x - c and y - d, c and d the
     per-unit means of the first block seen (`shift`), added into float64 sums (see the module docstring);
     "float64" (shift 0) is exact to float64 rounding. `sums` always hold the sums of shifted values.
+    precision=None takes the enclosing `statistics_precision` (float64 outside any).
     """
 
-    def __init__(self, full: bool = False, paired: bool = False, precision: str = "float64"):
+    def __init__(self, full: bool = False, paired: bool = False, precision: str | None = None):
+        precision = precision or _precision[-1]
         self.full, self.paired, self.precision = full, paired, precision
         self.dtype = check_precision(precision)
         self.n = 0
@@ -380,6 +401,16 @@ class Moments:
     def cov_xy(self) -> torch.Tensor:
         """(p, q) cross-covariance of x and y (needs paired=True)."""
         return (self.sums["xy"] / self.n).addr_(self.shifted_mean_x, self.shifted_mean_y, alpha=-1)
+
+    @property
+    def second_moment_xy(self) -> torch.Tensor:
+        """(p, q) uncentred E[x y^T] (needs paired=True and full cross sums)."""
+        self._check()
+        raw = self.sums["xy"] / self.n
+        if not self.shift:
+            return raw
+        c, d = self.shift["x"], self.shift["y"]
+        return raw + torch.outer(c, self.shifted_mean_y) + torch.outer(self.shifted_mean_x, d) + torch.outer(c, d)
 
     @property
     def cov_xy_diag(self) -> torch.Tensor:

@@ -165,3 +165,54 @@ def test_float32_sums_of_two_gloo_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(got["mean"], single["mean"], rtol=1e-9, atol=0)
         for k in ("var", "cov", "corr"):
             torch.testing.assert_close(got[k], single[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20_bn", "conv_ln_chw"])
+def test_float32_repair_hits_goals_within_1e5(name):
+    """Exact REPAIR of a float32 network with float32 statistics: the corrected activations (read from the
+    RepairAffine modules with hooks, numpy float64 statistics) are within 1e-5 (relative to each unit's goal
+    std) of the goals computed by numpy from A's and B's hooked activations."""
+    from onebasin.repair import repair
+    from onebasin.stats import statistics_precision
+    from test_repair import MODELS, corrected_values, numpy_stats
+    from conftest import hooked_site_values
+    from reference_models import randomize_norm_stats
+
+    factory, shape = MODELS[name][:2]
+    ends = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ends.append(randomize_norm_stats(factory().eval()))
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(32, *shape, generator=g) * 0.5 + 3 for _ in range(4)]  # means far from 0
+    a, b = ends
+    spec = trace(a, data[0])
+    with statistics_precision("float32"):
+        result = repair(a, b, 0.4, data, spec=spec, fuse=False)
+    sites = [s.site for s in result.stats]
+    x = torch.cat(data)
+    ref_a, ref_b = numpy_stats(hooked_site_values(a, spec, x), sites), numpy_stats(hooked_site_values(b, spec, x), sites)
+    got = numpy_stats({k: v.double() for k, v in corrected_values(result.model, data).items()}, sites)
+    for s in sites:
+        (ma, sa), (mb, sb), (m, sd) = ref_a[s.node], ref_b[s.node], got[s.node]
+        goal_std = 0.6 * sa + 0.4 * sb
+        unit = np.maximum(goal_std, 1e-12)
+        assert (np.abs(m - (0.6 * ma + 0.4 * mb)) / unit).max() < 1e-5, s.node
+        assert (np.abs(sd - goal_std) / unit).max() < 1e-5, s.node
+
+
+def test_statistics_precision_sets_the_default_of_moments_made_inside():
+    from onebasin.stats import statistics_precision
+
+    x, _ = offset_data(n=200)
+    with statistics_precision("float32"):
+        inner = Moments()
+        with statistics_precision(None):  # None: unchanged
+            assert Moments().precision == "float32"
+        assert Moments(precision="float64").precision == "float64"  # an explicit precision wins
+    assert Moments().precision == "float64"
+    inner.update(x)
+    assert inner.sums["x"].dtype == torch.float64 and set(inner.shift) == {"x"}  # float64 sums of shifted float32 blocks
+    with pytest.raises(ValueError, match="valid: float32, float64"):
+        with statistics_precision("half"):
+            pass

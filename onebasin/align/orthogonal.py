@@ -164,8 +164,9 @@ def stream_cross(spec: PermutationSpec, group: Group, model_a: nn.Module, model_
             for s, a, b in zip(sites, taps_a(x)[1], taps_b(x)[1]):
                 moments.update_pair(a, b, s)
     moments.all_reduce_()
-    cross = moments.sums.get("xy", torch.zeros(group.size, group.size, dtype=torch.float64))
-    return cross.cpu(), moments.n
+    if moments.n == 0:
+        return torch.zeros(group.size, group.size, dtype=torch.float64), 0
+    return (moments.second_moment_xy * moments.n).cpu(), moments.n
 
 
 @register_method(name="orthogonal", reference="Theus, Cabodi, Pal, Ghosh, Singh 2025, Generalized Linear Mode Connectivity for Transformers, arXiv:2506.22712, Sec. 3")

@@ -25,8 +25,8 @@ class Corrected:
     corrections: dict = field(default_factory=dict)
 
     def moments(self, sites: list[Site], chunks: list) -> list[Moments]:
-        """Exact float64 per-unit sums at `sites` over this process's input chunks (`_chunks`), corrections
-        applied, one streaming pass; all-reduced over processes."""
+        """Per-unit sums (stats.Moments, the enclosing precision) at `sites` over this process's input chunks
+        (`_chunks`), corrections applied, one streaming pass; all-reduced over processes."""
         moments = {s.node: Moments() for s in sites}
         sites_by = {s.node: s for s in sites}
 
@@ -182,5 +182,5 @@ def _split_paired(sites: list[Site], moments: list[Moments], ndims: list[int], g
         cols["var_a"].append(m.var_x)
         cols["mean_b"].append(m.mean_y)
         cols["var_b"].append(m.var_y)
-        cols["cov_ab"].append(m.sums["xy"] / m.n - m.mean_x * m.mean_y)
+        cols["cov_ab"].append(m.cov_xy_diag)
     return EndpointStats(sites, **cols, ndims=ndims, graph=graph)
