@@ -23,11 +23,11 @@ from .diagnostics import site_label, variance_ratios
 from .errors import EmptyDataError, InvalidOptionError
 from .permute import Perms, StateDict, permute_model
 from .interpolate import BarrierCurve, interpolate_model
-from .repair import KINDS, correct, endpoint_stats, endpoints_from_alignment, reset_bn, select_sites
+from .repair import endpoint_stats, endpoints_from_alignment, reset_bn
 from .repair import repair as repair_fn
-from .spec import PermutationSpec, Site, trace
+from .repair.many import repair_many
+from .spec import PermutationSpec, trace
 from .graph import describe_input
-from .stats import joint_moments
 
 REPAIRS = ("exact", "closed", "reset_bn", "none")
 CORRECTION_OF = {"exact": "repair_exact", "closed": "repair_closed", "reset_bn": "reset_bn", "none": None}
@@ -205,25 +205,6 @@ def weighted_mean(state_dicts: Sequence[StateDict], weights: Sequence[float]) ->
     return out
 
 
-def goal_statistics(
-    models: Sequence[nn.Module], sites: list[Site], weights: Sequence[float], data: Iterable, max_examples: int | None = 5000,
-    graph=None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Goals of N-way REPAIR at each site: sum_i w_i E[X_i] and sum_i w_i std(X_i) (eqs. 3-4 with N weights).
-
-    `models` are the aligned endpoints (unit u of each in the same universe slot); one pass, N forwards per batch.
-    Returns ([(units,) float64 goal mean per site], [goal std per site]).
-    """
-    moments, _ = joint_moments(models, sites, data, max_examples, cross=False, graph=graph)
-    w = torch.tensor(list(weights), dtype=torch.float64)[:, None]
-    means, stds = [], []
-    for m in moments:
-        mean, std = m.mean_x.cpu().reshape(len(models), -1), m.var_x.sqrt().cpu().reshape(len(models), -1)
-        means.append((w * mean).sum(0))
-        stds.append((w * std).sum(0))
-    return means, stds
-
-
 def _check_many(models: Sequence[nn.Module]) -> None:
     if len(models) < 2:
         raise InvalidOptionError(f"merge_many needs at least 2 models, got {len(models)}")
@@ -293,9 +274,7 @@ def merge_many(
     averaged_at = time.perf_counter()
     passes, fused, affines = 0, True, {}
     if repair == "exact":
-        sites = select_sites(spec, KINDS)
-        goal_mean, goal_std = goal_statistics(aligned, sites, w, data, max_examples, spec.graph)
-        fixed = correct(merged, sites, goal_mean, goal_std, data, graph=spec.graph, max_examples=max_examples)
+        fixed = repair_many(merged, aligned, w, data, spec, max_examples=max_examples)
         merged, passes, fused, affines = fixed.model, fixed.passes, fixed.fused, fixed.affines
     elif repair == "reset_bn":
         merged = reset_bn(merged, data, max_examples)

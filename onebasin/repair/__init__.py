@@ -36,7 +36,8 @@ All statistics are taken in eval mode (BatchNorm uses its running statistics, dr
 
 Modules, one job each: `sites` (which nodes are corrected), `affine` (the per-unit map y -> scale * y +
 shift), `measure` (statistics and goals), `sweep` (exact corrections: one sweep or one pass per level),
-`fuse` (folding, saving/reloading unfolded corrections), `bn` (`reset_bn`), `api` (`repair`, `correct`).
+`fuse` (folding, saving/reloading unfolded corrections), `bn` (`reset_bn`), `api` (`repair`, `correct`),
+`many` (N-way REPAIR: `repair_many`).
 """
 
 from .affine import RepairAffine, affine, affine_to_goal
