@@ -43,6 +43,7 @@ class Tracer:
     pieces: dict = field(default_factory=dict)  # cat node of weights and constants -> Pieces
     standardized: dict = field(default_factory=dict)  # batch_norm node standardising a weight -> (key, gain view)
     companions: dict = field(default_factory=dict)  # (key, axis) -> [(key, axis)] that move with it (a gain)
+    opaque: dict = field(default_factory=dict)  # weight key -> node of an op without a rule that reads it
 
     # helpers for rules -----------------------------------------------------------------------------------
     def shape(self, node) -> tuple[int, ...] | None:
@@ -153,6 +154,7 @@ class Tracer:
     # result -----------------------------------------------------------------------------------------------
     def spec(self) -> PermutationSpec:
         self._unify_shared_members()
+        self._fix_opaque_weights()
         members: dict[int, list[Member]] = {}
         for var, m in self.members:
             for v, mm in self._distribute(var, m):
@@ -188,6 +190,14 @@ class Tracer:
                 self.vars.union(owner[m], var)
             else:
                 owner[m] = var
+
+    def _fix_opaque_weights(self) -> None:
+        """A weight read by an op without a rule (spectral_norm's sigma = u . (W v) with buffers u, v) feeds
+        a value onebasin cannot permute along: every axis of that weight keeps its units in place."""
+        for var, m in self.members:
+            if m.key in self.opaque:
+                self.vars.fix(var)
+                self.notes.append(f"{self.opaque[m.key]}: reads weight {m.key!r} without a permutation rule: kept in place")
 
     def _distribute(self, var: int, m: Member) -> list[tuple[int, Member]]:
         """A member of a direct sum, as members of its parts (offsets added to its layout)."""
@@ -265,6 +275,9 @@ def _check_sizes(name: str, size: int, members: tuple[Member, ...], state: dict)
 def default_rule(t: Tracer, node: fx.Node):
     """An op without a rule: fine when nothing permuted flows in; otherwise refuse (or fix, unknown='fix')."""
     labelled = [a for a in node.all_input_nodes if t.label(a) is not None]
+    for a in node.all_input_nodes:
+        if t.weight(a) is not None:
+            t.opaque.setdefault(t.weight(a).key, node.name)
     if not labelled:
         return None
     op = str(getattr(node.target, "__name__", node.target))

@@ -176,3 +176,33 @@ def test_lerp_interpolates_floats_and_rounds_integer_buffers():
     assert torch.allclose(mid["conv1.weight"], 0.75 * a["conv1.weight"] + 0.25 * b["conv1.weight"])
     assert mid["n1.num_batches_tracked"].item() == 12 and mid["n1.num_batches_tracked"].dtype == torch.int64
     assert all(torch.equal(lerp(a, b, 0.0)[k], a[k]) and torch.equal(lerp(a, b, 1.0)[k], b[k]) for k in a)
+
+
+def _parametrised(wrap):
+    from torch.nn.utils import parametrizations, prune, spectral_norm
+
+    wraps = {"spectral_norm": spectral_norm, "spectral_norm_param": parametrizations.spectral_norm,
+             "weight_norm_param": parametrizations.weight_norm, "orthogonal": parametrizations.orthogonal,
+             "prune": lambda m: prune.random_unstructured(m, "weight", 0.3) or m}  # fmt: skip
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), wraps[wrap](nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    for _ in range(3):  # spectral_norm: a few power iterations, so u and v are not their random start
+        net.train()(torch.randn(4, 6))
+    return net.double().eval()
+
+
+@pytest.mark.parametrize("wrap", ["spectral_norm", "spectral_norm_param", "weight_norm_param", "orthogonal", "prune"])
+def test_parametrised_layer_keeps_its_units_in_place_and_the_function(wrap):
+    """A layer whose weight is computed (spectral_norm divides by sigma = u . (W v) with buffers u, v): its
+    axes stay in place with a note, the other hidden layer still permutes, and the permuted copy computes
+    the same function (spectral_norm moved W but not u, v: output off 8x; test failed before the fix)."""
+    model, x = _parametrised(wrap), torch.randn(5, 6, dtype=torch.float64)
+    spec = trace(model, x)
+    assert list(spec.groups) == ["4"] and spec.notes  # layer 4 (between the plain Linears) still moves
+    perms = random_perms(spec, seed=1)
+    assert not torch.equal(perms["4"], torch.arange(8))
+    permuted = permute_model(model, spec, perms)
+    with torch.no_grad():
+        assert_close(permuted(x), model(x))
+        expected = model[4].weight[perms["4"]]  # the known permuted copy of the free layer
+        assert torch.equal(permuted[4].weight, expected)
