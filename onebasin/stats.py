@@ -7,7 +7,7 @@ tensor contributes N*H*W samples of C units (as in Jordan et al. 2022, Appendix 
 
 Two precisions. "float64": every block is cast to float64 and summed in float64 (exact to rounding).
 "float32": each block's products and sums are taken in float32 on data shifted by a per-unit reference
-(the mean of the first block seen), then added into float64 running sums, so large means do not cancel
+(the mean of the first rows seen), then added into float64 running sums, so large means do not cancel
 catastrophically in the variances (the shifted-data form of Chan, Golub and LeVeque 1983); no float64 copy
 of an activation is made. Derived statistics add the shift back where it matters (means).
 
@@ -207,13 +207,16 @@ def _reduce_device(like: torch.device | None = None) -> torch.device:
     return like or torch.device("cpu")
 
 
+_SHIFT_ROWS = 64  # batch rows whose per-unit mean is the float32 shift (not a copy of a whole activation)
+
+
 class Moments:
     """Streaming sums of x (samples, p) and, optionally, of a paired y (samples, q), in float64.
 
     Keeps count, sum x, sum x^2 (or the full x x^T when `full=True`), and with `paired=True` also
     sum y, sum y^2 and the cross sum x y^T. Derived statistics are population (1/n) moments.
     precision="float32" takes each batch's products and sums in float32 on x - c and y - d, c and d the
-    per-unit means of the first block seen (`shift`), added into float64 sums (see the module docstring);
+    per-unit means of the first rows seen (`shift`), added into float64 sums (see the module docstring);
     "float64" (shift 0) is exact to float64 rounding. `sums` always hold the sums of shifted values.
     precision=None takes the enclosing `statistics_precision` (float64 outside any).
     """
@@ -242,8 +245,9 @@ class Moments:
         """The shift of `name` for a site's activation t (float32 precision), set from t's per-unit mean."""
         if self.dtype == torch.float64:
             return None
-        if name not in self.shift:
-            x, axis = _samples(t, site, self.dtype)
+        if name not in self.shift:  # from the first rows only: any reference near the mean will do
+            head = t.narrow(0, 0, min(len(t), _SHIFT_ROWS)) if site.dim != 0 and t.ndim > 1 else t
+            x, axis = _samples(head, site, self.dtype)
             self.shift[name] = self._representable(x.mean(axis, dtype=torch.float64))
         return self.shift[name]
 
