@@ -183,12 +183,16 @@ def _check_expect(weights: Path, meta: dict, expect: dict) -> None:
         raise CheckpointError(f"{weights} does not match the requested model: " + "; ".join(diffs))
 
 
+OWN_FACTORIES = ("onebasin.hf:from_config",)  # onebasin's factories: a checkpoint may name them without `expect`
+
+
 def load_model(path, expect: dict | None = None, device="cpu"):
     """Rebuild the model recorded in a checkpoint ("model", "model_kwargs") and load its weights.
 
     "model" is a registered name or a user's "package.module:factory" (`models.build_model`). A factory
     is imported and called only when the caller names it, expect={"model": "package.module:factory"}
-    (the CLI: --model package.module:factory): a checkpoint cannot make onebasin run code it names.
+    (the CLI: --model package.module:factory), or when it is one of onebasin's own (`OWN_FACTORIES`: merged
+    Hugging Face models): a checkpoint cannot make onebasin run code it names.
     A merged model whose REPAIR corrections could not all be fused (metadata "repair_affines") comes
     back as the same `Repaired<Class>` wrapper that `onebasin merge` saved. Returns (model in eval mode, meta).
     Raises CheckpointError when the file is bad or its metadata does not fit the model.
@@ -200,7 +204,7 @@ def load_model(path, expect: dict | None = None, device="cpu"):
     if "model" not in meta:
         raise CheckpointError(f"{path} does not record which model it holds (no 'model' in its metadata)")
     name, kwargs = meta["model"], meta.get("model_kwargs", {})
-    if ":" in str(name) and (expect or {}).get("model") != name:
+    if ":" in str(name) and name not in OWN_FACTORIES and (expect or {}).get("model") != name:
         raise CheckpointError(f"{path} holds a model built by the factory {name!r}: name it to allow importing and "
                               f"calling it (--model {name}, or load_model(path, expect={{'model': {name!r}}}))")
     model = _build(name, kwargs, f"{path}: its metadata does not fit the model")

@@ -293,18 +293,15 @@ def _check_out_file(path, force, fail):
 
 
 def _check_out_folder(path, force, fail):
-    """Refuse a report folder OUT that is a file, or that holds files without --force."""
-    from pathlib import Path
+    """Refuse a report folder OUT that is a file, or holds files without --force, or holds files but no
+    report.json (a folder onebasin did not write: its files are never overwritten)."""
+    from onebasin._io import check_output_folder
+    from onebasin.errors import OutputError
 
-    from onebasin._io import unwritable
-
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        fail(f"{p} is a file; --out needs a folder for the report")
-    if problem := unwritable(p / "report.json"):
-        fail(problem)
-    if p.exists() and any(p.iterdir()) and not force:
-        fail(f"{p} exists; pass --force to overwrite it")
+    try:
+        check_output_folder(path, force, "report.json")
+    except OutputError as err:
+        fail(str(err))
 
 
 def _load_pair(args, fail):
@@ -395,53 +392,26 @@ def _sites(args, default: str) -> tuple[str, ...]:
 
 
 def cmd_merge_pretrained(args, fail) -> int:
-    """merge for two Hugging Face save_pretrained folders: the merged model is saved the same way."""
-    from pathlib import Path
-
-    from onebasin.checks import check_same_architecture
+    """merge for Hugging Face save_pretrained folders (`onebasin.hf.merge_pretrained`): saved the same way."""
     from onebasin.distributed import is_main
-    from onebasin.experiment import evaluation_batches
-    from onebasin.hf import is_pretrained_dir, load_pretrained, save_pretrained_atomic, text_batches
-    from onebasin.pipeline import merge
+    from onebasin.hf import merge_pretrained
 
-    if not is_pretrained_dir(args.b):
-        fail(f"{args.b} is not a Hugging Face save_pretrained folder (no config.json) like {args.a}")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        fail(f"{out} exists; pass --force to overwrite it")
-    if out.exists() and not out.is_dir():
-        fail(f"{out} is a file; --out needs a folder for a Hugging Face model")
-    if (args.calib_text is None) == (args.data is None):
-        fail("say what to calibrate on: --calib-text FILE (text models) or --data DATASET (image models)")
+    _check_calib_examples(args, fail)
+    if not 0 <= args.alpha <= 1:
+        fail(f"--alpha must be in [0, 1], got {args.alpha}")
     try:
-        a, b = load_pretrained(args.a, args.device), load_pretrained(args.b, args.device)
-        check_same_architecture(a.state_dict(), b.state_dict())
-        if args.calib_text is not None:
-            calib = text_batches(args.calib_text, args.a, seq_len=args.seq_len, max_examples=args.calib_examples)
-        else:
-            size = getattr(a.config, "image_size", None)
-            _, images = evaluation_batches(args.data, size, data_dir=args.data_dir, calib_examples=args.calib_examples)
-            calib = [{"pixel_values": x} for x, _ in images]
-        merged, result = merge(a, b, method=args.method, repair=args.repair, alpha=args.alpha, data=calib,
-                               max_examples=args.calib_examples, sites=_sites(args, "layer"))
-        if not result.fused and not args.allow_onebasin_checkpoint:
-            fail(f"{len(result.affines)} REPAIR corrections cannot be folded into the weights (e.g. after residual "
-                 "additions), so from_pretrained could not load the result: use --sites layer, or pass "
-                 "--allow-onebasin-checkpoint to save an onebasin checkpoint instead")
-        if is_main():
-            if result.fused:
-                save_pretrained_atomic(merged, out, args.a)
-            else:
-                from onebasin.checkpoint import save_checkpoint
-
-                save_checkpoint(out / "onebasin.safetensors", merged.state_dict(),
-                                {"merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(),
-                                 "repair_affines": result.affines, "example_input": result.example_input})
+        out, result = merge_pretrained(
+            [args.a, args.b, *args.more], out=args.out, calib_text=args.calib_text, data=args.data,
+            data_dir=args.data_dir, seq_len=args.seq_len, max_examples=args.calib_examples, method=args.method,
+            repair=args.repair, alpha=args.alpha, combine=args.combine, weights=args.weights,
+            sites=_sites(args, "layer"), device=args.device, force=args.force,
+            allow_onebasin_checkpoint=args.allow_onebasin_checkpoint, progress=not args.no_progress)
     except _errors() as err:
         fail(str(err))
     if is_main():
+        seconds = result.seconds["total"] if isinstance(result.seconds, dict) else result.seconds
         print(json.dumps({"out": str(out), "fused": result.fused, "format": "save_pretrained" if result.fused else "onebasin",
-                          "seconds": round(result.seconds, 1)}))
+                          "seconds": round(seconds, 1)}))
     return 0
 
 

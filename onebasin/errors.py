@@ -35,3 +35,7 @@ class EmptyDataError(InputMismatchError):
 
 class DatasetMismatchError(OnebasinError):
     """Two checkpoints were trained on different datasets."""
+
+
+class OutputError(OnebasinError):
+    """An output cannot be written without losing files onebasin did not write (or an input)."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..graph import model_inputs
+from ..graph import as_call, model_inputs
 from ..permute import apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
 from ..stats import Moments, SiteTaps, batches, eval_mode
@@ -114,9 +114,9 @@ def canonical(spec: PermutationSpec, model: nn.Module, streams: list[Group]) -> 
 def _check_canonical(model: nn.Module, canon: nn.Module, data) -> None:
     """AlignmentError unless the canonical form computes what the model computes (it does exactly when
     every reader of the stream reads it through a LayerNorm: a pre-norm transformer)."""
-    x = next(iter(model_inputs(model, batches(data, 16))))
+    args, kwargs = as_call(next(iter(model_inputs(model, batches(data, 16)))))  # a dict: keyword inputs
     with torch.no_grad(), eval_mode(model, canon):
-        y, yc = model(x), canon(x)
+        y, yc = model(*args, **kwargs), canon(*args, **kwargs)
     y, yc = (t if isinstance(t, torch.Tensor) else torch.cat([v.flatten() for v in pytree.tree_leaves(t) if isinstance(v, torch.Tensor)]) for t in (y, yc))
     tol = torch.finfo(y.dtype).eps ** 0.5 * max(1.0, y.abs().max().item())
     if not (y - yc).abs().max().item() <= tol:
