@@ -4,6 +4,7 @@ input that fits the model (checked by one plain forward before anything is trace
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -58,14 +59,64 @@ def check_finite(sd: StateDict, name: str = "model") -> None:
         raise InvalidWeightsError(f"{name} has non-finite (NaN/inf) values in: {', '.join(bad[:10])}")
 
 
+def check_models(models, what: str = "merge_many") -> list[nn.Module]:
+    """`models` as a list: >= 2 nn.Modules of one architecture and dtype with finite weights, else the
+    OnebasinError naming the first bad one by position (models[i] / model i) and the cause."""
+    try:
+        models = list(models)
+    except TypeError:
+        raise InvalidOptionError(f"{what} needs a list of models, got a {type(models).__name__}") from None
+    if len(models) < 2:
+        raise InvalidOptionError(f"{what} needs at least 2 models, got {len(models)}")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise InvalidOptionError(f"{what}: models[{i}] is a {type(m).__name__}, not an nn.Module "
+                                     "(load a state_dict into its model first, e.g. with onebasin.load_any)")
+    sds = [m.state_dict() for m in models]
+    for i, sd in enumerate(sds):
+        check_finite(sd, f"model {i}")
+        if i:
+            check_same_architecture(sds[0], sd, ("model 0", f"model {i}"))
+            check_same_dtype(sds[0], sd, ("model 0", f"model {i}"))
+    return models
+
+
 def check_weights(weights, n_models: int) -> list[float]:
-    """N weights scaled to sum to 1 (None: uniform); InvalidOptionError unless N non-negative numbers, sum > 0."""
+    """N weights scaled to sum to 1 (None: uniform), else InvalidOptionError showing the weights as given.
+
+    Each weight is a real number (a Python or numpy number, a 0-d tensor; not a bool or a string), finite
+    and >= 0, and their sum is > 0.
+    """
     if weights is None:
         return [1.0 / n_models] * n_models
-    weights = [float(w) for w in weights]
-    if len(weights) != n_models or any(not w >= 0 for w in weights) or sum(weights) <= 0:
-        raise InvalidOptionError(f"weights must be {n_models} non-negative numbers with a positive sum, got {weights}")
-    return [w / sum(weights) for w in weights]
+    shown = _shown(weights)
+    try:
+        values = [_real(w) for w in weights]
+    except TypeError:
+        values = None
+    if values is None or len(values) != n_models or not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
+        raise InvalidOptionError(f"weights must be {n_models} finite non-negative numbers with a positive sum "
+                                 f"(one per model), got {shown}")
+    return [w / sum(values) for w in values]
+
+
+def _real(w) -> float:
+    """float(w) for a real number; TypeError for a bool, a string or anything float() would not take."""
+    if isinstance(w, (bool, str, bytes)):
+        raise TypeError(type(w).__name__)
+    try:
+        return float(w)
+    except (TypeError, ValueError):
+        raise TypeError(type(w).__name__) from None
+
+
+def _shown(weights) -> str:
+    """The weights as the caller wrote them: [1, inf, 1], ['a', 1, 1], or the repr of a non-list."""
+    if isinstance(weights, torch.Tensor):
+        return str(weights.tolist())
+    if isinstance(weights, (list, tuple)):
+        return "[" + ", ".join(repr(w) if isinstance(w, str) else str(w) for w in weights) + "]"
+    return repr(weights)
 
 
 def first_input(data: Iterable | None, rows: int = 64, device: torch.device | str | None = None,

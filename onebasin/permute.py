@@ -14,6 +14,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from .errors import InvalidOptionError
 from .spec import Group, Member, PermutationSpec
 
 Perms = dict[str, torch.Tensor]
@@ -64,24 +65,49 @@ def random_perms(spec: PermutationSpec, seed: int = 0) -> Perms:
     return perms
 
 
-def check_perms(spec: PermutationSpec, perms: Perms) -> None:
-    """ValueError naming the group unless every permutation has its group's size and block structure."""
-    for name, p in perms.items():
-        g = spec.groups[name]
-        if p.shape != (g.size,) or not torch.equal(torch.sort(p).values, torch.arange(g.size)):
-            raise ValueError(f"group {name!r}: not a permutation of {g.size} units")
+def check_perms(spec: PermutationSpec, perms: Perms, name: str = "perms") -> None:
+    """InvalidOptionError naming `name` and the group unless every entry of `perms` is a permutation of its
+    group: a known group, an integer tensor of the group's size holding each unit once, with its block structure."""
+    for group, p in perms.items():
+        if group not in spec.groups:
+            raise InvalidOptionError(f"{name}: unknown group {group!r}; the spec's groups: {', '.join(spec.groups)}")
+        g = spec.groups[group]
+        where = f"{name}[{group!r}]"
+        if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+            what = f"a {p.dtype} tensor" if isinstance(p, torch.Tensor) else f"a {type(p).__name__}"
+            raise InvalidOptionError(f"{where} must be a tensor of integers (unit indices), got {what}")
+        if p.shape != (g.size,):
+            raise InvalidOptionError(f"{where}: expected a permutation of the group's {g.size} units, got shape {tuple(p.shape)}")
+        if not torch.equal(torch.sort(p.cpu()).values, torch.arange(g.size)):
+            counts = torch.bincount(p.cpu().clamp(0, g.size), minlength=g.size + 1)
+            raise InvalidOptionError(f"{where} is not a permutation of {g.size} units (unit {int(counts.argmax())} "
+                                     f"appears {int(counts.max())} times, {int((counts[:g.size] == 0).sum())} units never)")
         if not g.structured:
             continue
         try:
             sigma, tau = split_block_perm(p, g.block)
         except ValueError as err:
-            raise ValueError(f"group {name!r}: {err}") from None
+            raise InvalidOptionError(f"{where}: {err}") from None
         if g.parent is not None and g.parent in perms and not torch.equal(sigma, perms[g.parent].to(sigma)):
-            raise ValueError(f"group {name!r}: its blocks must move as group {g.parent!r}")
+            raise InvalidOptionError(f"{where}: its blocks must move as group {g.parent!r}")
         if g.fixed_blocks and not torch.equal(sigma, torch.arange(g.blocks)):
-            raise ValueError(f"group {name!r}: its blocks must stay in place")
+            raise InvalidOptionError(f"{where}: its blocks must stay in place")
         if not g.inner and not torch.equal(tau, torch.arange(g.block).expand_as(tau)):
-            raise ValueError(f"group {name!r}: units may not move inside their blocks")
+            raise InvalidOptionError(f"{where}: units may not move inside their blocks")
+
+
+def check_perm_list(spec: PermutationSpec, perms, n_models: int) -> None:
+    """InvalidOptionError unless `perms` holds one complete perms dict per model (`check_perms` on each)."""
+    if not isinstance(perms, (list, tuple)) or len(perms) != n_models:
+        count = f"{len(perms)} given" if isinstance(perms, (list, tuple)) else f"a {type(perms).__name__} given"
+        raise InvalidOptionError(f"perms: {count} for {n_models} models; pass one {{group: permutation}} dict per model")
+    for i, p in enumerate(perms):
+        if not isinstance(p, dict):
+            raise InvalidOptionError(f"perms[{i}] is a {type(p).__name__}, not a {{group: permutation}} dict")
+        check_perms(spec, p, f"perms[{i}]")
+        if missing := [g for g in spec.groups if g not in p]:
+            raise InvalidOptionError(f"perms[{i}] has no permutation for group {missing[0]!r}"
+                                     f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
 
 
 def invert_perms(perms: Perms) -> Perms:
@@ -155,7 +181,11 @@ def apply_perms(spec: PermutationSpec, perms: Perms, state_dict: StateDict) -> S
 
 
 def permute_model(model: nn.Module, spec: PermutationSpec, perms: Perms) -> nn.Module:
-    """A copy of `model` with its units permuted (the same function); `model` itself is not modified."""
+    """A copy of `model` with its units permuted (the same function); `model` itself is not modified.
+
+    Raises InvalidOptionError naming the group when an entry of `perms` is not a permutation (`check_perms`).
+    """
+    check_perms(spec, perms)
     new = copy.deepcopy(model)
     new.load_state_dict(apply_perms(spec, perms, model.state_dict()))
     return new

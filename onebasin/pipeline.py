@@ -14,14 +14,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .align import align, get_method
+from .align import align, check_same_function, get_method
 from .align.many import agreement, align_many, cycle_consistency, induced_maps
 from .barrier import barrier_curve
-from .checks import (check_example_input, check_finite, check_same_architecture, check_same_dtype, check_weights,
-                     first_input)
+from .checks import (check_example_input, check_finite, check_models, check_same_architecture, check_same_dtype,
+                     check_weights, first_input)
 from .diagnostics import site_label, variance_ratios
 from .errors import EmptyDataError, InvalidOptionError
-from .permute import Perms, StateDict, permute_model
+from .permute import Perms, StateDict, check_perm_list, permute_model
 from .interpolate import BarrierCurve, interpolate_model
 from .repair import endpoint_stats, endpoints_from_alignment, reset_bn
 from .repair import repair as repair_fn
@@ -205,15 +205,14 @@ def weighted_mean(state_dicts: Sequence[StateDict], weights: Sequence[float]) ->
     return out
 
 
-def _check_many(models: Sequence[nn.Module]) -> None:
-    if len(models) < 2:
-        raise InvalidOptionError(f"merge_many needs at least 2 models, got {len(models)}")
-    sds = [m.state_dict() for m in models]
-    for i, sd in enumerate(sds):
-        check_finite(sd, f"model {i}")
-        if i:
-            check_same_architecture(sds[0], sd, ("model 0", f"model {i}"))
-            check_same_dtype(sds[0], sd, ("model 0", f"model {i}"))
+def _aligned(models: list[nn.Module], spec: PermutationSpec, perms: list[Perms], example) -> list[nn.Module]:
+    """The permuted copies of the models, each checked to compute what its model does on `example` (when given),
+    as `align` checks B: a spec that misses an axis (e.g. a parametrised layer) is an AlignmentError, not a merge."""
+    aligned = [permute_model(m, spec, p) for m, p in zip(models, perms)]
+    if example is not None:
+        for i, (m, a) in enumerate(zip(models, aligned)):
+            check_same_function(m, a, example, f"model {i}")
+    return aligned
 
 
 def merge_many(
@@ -229,6 +228,7 @@ def merge_many(
     max_iter: int = 100,
     seed: int = 0,
     perms: list[Perms] | None = None,
+    sites: Iterable[str] = ("layer", "block"),
 ) -> tuple[nn.Module, ManyResult]:
     """Merge N networks of one architecture into one: align into a universe, average, correct.
 
@@ -250,13 +250,20 @@ def merge_many(
         spec: the PermutationSpec (traced from model 0 on the first batch when None).
         perms: one {group: LongTensor} per model (e.g. `result.perms` of an earlier call) to use instead of
             aligning; `method` is then only recorded, and the pairwise measures are None.
+        sites: the REPAIR site kinds, as `merge`'s ("layer", "block"; ("layer",) keeps model 0's class).
     Returns:
         (merged model, ManyResult with per-model perms, cycle-consistency measures, record and timings).
         The model has model 0's class when every REPAIR correction could be fused.
+    Raises (all OnebasinError): InvalidOptionError (unknown method, alignment or repair; bad weights,
+        max_examples or perms; fewer than 2 models or one that is no nn.Module), ArchitectureMismatchError,
+        InvalidWeightsError, EmptyDataError / InputMismatchError (as `merge`), AlignmentError (a permuted
+        model computes another function than its model on the first batch: the spec misses an axis).
     """
     if repair not in MANY_REPAIRS:
         raise InvalidOptionError(f"unknown repair {repair!r}; valid: {', '.join(MANY_REPAIRS)}")
-    _check_many(models)
+    if max_examples is not None and not (isinstance(max_examples, int) and max_examples >= 1):
+        raise InvalidOptionError(f"max_examples must be an integer >= 1 (or None: all), got {max_examples!r}")
+    models = check_models(models)
     w = check_weights(weights, len(models))
     if data is None and (spec is None or repair != "none"):
         raise EmptyDataError("merge_many needs data (training batches) to trace the model and to REPAIR")
@@ -266,15 +273,16 @@ def merge_many(
     if perms is None:
         perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples, max_iter=max_iter, seed=seed)
     else:
+        check_perm_list(spec, perms, len(models))
         direct, record = {}, {"given_perms": True}
     aligned_at = time.perf_counter()
-    aligned = [permute_model(m, spec, p) for m, p in zip(models, perms)]
+    aligned = _aligned(models, spec, perms, example)
     merged = copy.deepcopy(models[0])
     merged.load_state_dict(weighted_mean([m.state_dict() for m in aligned], w))
     averaged_at = time.perf_counter()
     passes, fused, affines = 0, True, {}
     if repair == "exact":
-        fixed = repair_many(merged, aligned, w, data, spec, max_examples=max_examples)
+        fixed = repair_many(merged, aligned, w, data, spec, sites=sites, max_examples=max_examples)
         merged, passes, fused, affines = fixed.model, fixed.passes, fixed.fused, fixed.affines
     elif repair == "reset_bn":
         merged = reset_bn(merged, data, max_examples)

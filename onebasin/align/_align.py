@@ -20,8 +20,9 @@ def _flat_output(out) -> torch.Tensor:
     return torch.cat(leaves)
 
 
-def check_same_function(model: nn.Module, permuted: nn.Module, x: torch.Tensor) -> float:
-    """Raise AlignmentError unless `permuted` computes what `model` does on x (eval mode); returns max |diff|.
+def check_same_function(model: nn.Module, permuted: nn.Module, x: torch.Tensor, name: str = "model B") -> float:
+    """Raise AlignmentError (naming `name`) unless `permuted` computes what `model` does on x (eval mode);
+    returns max |diff|.
 
     Tolerance: sqrt(machine epsilon) of the output dtype times the output's largest magnitude.
     """
@@ -33,7 +34,7 @@ def check_same_function(model: nn.Module, permuted: nn.Module, x: torch.Tensor) 
     tol = torch.finfo(out.dtype).eps ** 0.5 * scale
     if not diff <= tol:
         raise AlignmentError(
-            f"the permuted model B computes a different function (max |difference| {diff:.3g} > {tol:.3g}): "
+            f"the permuted {name} computes a different function (max |difference| {diff:.3g} > {tol:.3g}): "
             "the permutation spec misses an axis of this model; write it by hand with onebasin.spec.from_groups"
         )
     return diff
