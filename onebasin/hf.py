@@ -30,7 +30,7 @@ from ._version import __version__
 from .checkpoint import save_checkpoint
 from .checks import check_same_architecture
 from .distributed import is_main
-from .errors import InputMismatchError, InvalidOptionError, OnebasinError
+from .errors import ArchitectureMismatchError, InputMismatchError, InvalidOptionError, OnebasinError
 from .pipeline import merge, merge_many
 
 MARKER = "onebasin.json"  # in every folder onebasin writes: the record of the merge, and its licence to replace it
@@ -234,6 +234,8 @@ def merge_pretrained(
     with quiet(not progress):
         models = [load_pretrained(d, device) for d in dirs]
         for d, m in zip(dirs[1:], models[1:]):
+            if type(m) is not type(models[0]):
+                raise ArchitectureMismatchError(f"{dirs[0]} holds a {type(models[0]).__name__}, {d} a {type(m).__name__}")
             check_same_architecture(models[0].state_dict(), m.state_dict(), (str(dirs[0]), str(d)))
         calib = calibration(models[0], dirs[0], calib_text=calib_text, data=data, data_dir=data_dir,
                             seq_len=seq_len, max_examples=max_examples)
