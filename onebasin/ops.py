@@ -1,15 +1,127 @@
 """What each ATen op is, in one table read by every part of onebasin that needs to know.
 
-Per op family: pass-through ops (elementwise: an output element depends only on the operands'
-elements at the same position, after broadcasting), reductions.
+* `LAYERS`: ops with a weight whose output units are rows of one weight axis (Linear, Conv, ...): the
+  argument names of input, weight and bias, the weight axes of output units and input features, and the
+  tensor axis of the features. The tracer's layer rule, REPAIR's fusion, the orthogonal method's
+  canonical form and functional matching read it.
+* `NORMS`: normalisations: which axes they normalise ("channel": each channel over batch and positions;
+  "last": each position over the last len(normalized_shape) axes), their per-unit affine parameters and
+  running statistics. The tracer's norm rule, REPAIR's fusion and the orthogonal method read it.
+* `VIEWS`: ops whose output elements are input elements (views, copies, eval-mode dropout);
+  `UNARY`/`JOINS`: elementwise ops (an output element depends only on the operands' elements at the
+  same position, after broadcasting); `REDUCTIONS`.
+
+Adding a layer op is one row here plus, if the generic rule in `rules/layers.py` does not fit it, its rule.
 """
 
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
+
 import torch
+import torch.fx as fx
 
 aten = torch.ops.aten
 
+
+def args_of(node: fx.Node) -> dict:
+    """The op's arguments by schema name, defaults filled in."""
+    out = {}
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+@dataclass(frozen=True)
+class Layer:
+    """y = x W + b along one axis: output unit u has the weights W[u] along `out_axis` and the bias b[u].
+
+    input, weight, bias: the op's argument names; out_axis, in_axis: the weight axes of output units and of
+    input features; feature_dim: the tensor axis of the features in x and y (-1: the last, 1: channels).
+    """
+
+    input: str
+    weight: str
+    bias: str | None
+    out_axis: int
+    in_axis: int
+    feature_dim: int
+
+    def dim(self, ndim: int) -> int:
+        """The feature axis of an ndim input or output."""
+        return self.feature_dim % ndim
+
+
+_LINEAR = Layer("input", "weight", "bias", out_axis=0, in_axis=1, feature_dim=-1)
+_CONV = Layer("input", "weight", "bias", out_axis=0, in_axis=1, feature_dim=1)
+_CONV_T = Layer("input", "weight", "bias", out_axis=1, in_axis=0, feature_dim=1)  # weight (in, out / groups, *k)
+LAYERS = {
+    aten.linear.default: _LINEAR,
+    aten.addmm.default: Layer("mat1", "mat2", "self", out_axis=1, in_axis=0, feature_dim=-1),  # GPT-2's Conv1D: x @ W + b
+    aten.conv1d.default: _CONV, aten.conv2d.default: _CONV, aten.conv3d.default: _CONV,
+    aten.conv1d.padding: _CONV, aten.conv2d.padding: _CONV, aten.conv3d.padding: _CONV,
+    aten.conv_transpose1d.default: _CONV_T, aten.conv_transpose2d.input: _CONV_T, aten.conv_transpose3d.input: _CONV_T,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A normalisation followed by a per-unit affine (weight, bias: argument names, None where absent).
+
+    over: "channel" normalises each channel (axis 1) over the batch and positions (BatchNorm; GroupNorm
+    over groups of channels, `groups` naming the argument); "last" normalises each position over the
+    last len(normalized_shape) axes (LayerNorm, RMSNorm). stats: running statistics that follow the
+    units; centred: it subtracts the mean (LayerNorm; RMSNorm does not); multi: the op returns
+    (output, mean, rstd).
+    """
+
+    over: str
+    weight: str | None = "weight"
+    bias: str | None = "bias"
+    stats: tuple[str, ...] = ()
+    groups: str | None = None
+    centred: bool = True
+    multi: bool = False
+    input: str = "input"
+
+    def param_axis(self, a: dict, dim: int, ndim: int) -> int | None:
+        """The axis of the affine parameters (args `a`) that holds the units of tensor axis `dim`, or None
+        when the norm does not act per unit along `dim`."""
+        if self.over == "channel":
+            return 0 if dim == 1 else None
+        first = ndim - len(a["normalized_shape"])
+        return dim - first if dim >= first else None
+
+
+_BN_STATS = ("running_mean", "running_var")
+NORMS = {
+    aten._native_batch_norm_legit_no_training.default: Norm("channel", stats=_BN_STATS, multi=True),
+    aten.batch_norm.default: Norm("channel", stats=_BN_STATS),
+    aten.group_norm.default: Norm("channel", groups="num_groups"),
+    aten.native_group_norm.default: Norm("channel", groups="group", multi=True),
+    aten.layer_norm.default: Norm("last"),
+    aten.native_layer_norm.default: Norm("last", multi=True),
+    aten.rms_norm.default: Norm("last", bias=None, centred=False),
+}
+
+
+def produced_by(node: fx.Node) -> fx.Node:
+    """The op that produced a tensor: a multi-output op (a native norm) seen through its item 0."""
+    return node.args[0] if node.target is operator.getitem and node.args[1] == 0 else node
+
+
+VIEWS = {
+    aten.select.int, aten.slice.Tensor, aten.view.default, aten.reshape.default, aten.permute.default,
+    aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.clone.default,
+    aten._to_copy.default, aten.contiguous.default, aten.dropout.default, aten.expand.default,
+    aten.flatten.using_ints, aten.alias.default,
+}  # fmt: skip
 UNARY = [
     aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
     aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default,

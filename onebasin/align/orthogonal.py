@@ -30,48 +30,51 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..graph import as_call, model_inputs
+from ..ops import LAYERS, NORMS, VIEWS, args_of
 from ..permute import apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
 from ..stats import Moments, SiteTaps, batches, eval_mode
 from ._registry import AlignmentError, AlignResult, device_of, get_method, register_method, require_module
-
-aten = torch.ops.aten
-_PASS = {aten.select.int, aten.slice.Tensor, aten.view.default, aten.reshape.default, aten.permute.default,
-         aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default, aten._to_copy.default,
-         aten.contiguous.default, aten.dropout.default, aten.expand.default, aten.flatten.using_ints,
-         aten.alias.default, aten.squeeze.dims}  # fmt: skip
-
 
 def stream_groups(spec: PermutationSpec) -> list[Group]:
     """The residual streams: free groups read at a residual addition (a "block" site)."""
     return [g for g in spec.groups.values() if not g.structured and any(s.kind == "block" for s in g.sites)]
 
 
-def _norm_readers(spec: PermutationSpec, group: Group) -> list[tuple[str, str | None, list[tuple[str, str | None]]]]:
-    """[(norm weight key, norm bias key, [(reader weight key, reader bias key)])] for each LayerNorm on the stream."""
+def _norm_readers(spec: PermutationSpec, group: Group) -> list[tuple[str, str | None, list[tuple[str, str | None, int]]]]:
+    """[(norm weight key, norm bias key, [(reader weight key, reader bias key, reader's input axis)])] for each
+    LayerNorm on the stream (a centring norm over the last axes, `ops.NORMS`) and the layers (`ops.LAYERS`
+    on the last axis) that read it through views (`ops.VIEWS`)."""
     graph = spec.graph
     keys = {(m.key, m.axis) for m in group.members}
     out = []
     for node in graph.graph.nodes:
-        if node.target not in (aten.layer_norm.default, aten.native_layer_norm.default):
+        norm = NORMS.get(node.target) if node.op == "call_function" else None
+        if norm is None or norm.over != "last" or not norm.centred:
             continue
-        w, b = (graph.keys.get(a.name) if a is not None else None for a in node.args[2:4])
+        w, b = (_key(graph, args_of(node), name) for name in (norm.weight, norm.bias))
         if (w, 0) not in keys:
             continue
-        readers, todo = [], list(node.users)
+        readers, todo = [], [(user, node) for user in node.users]
         while todo:
-            user = todo.pop()
-            if user.target in _PASS or (user.target is operator.getitem and user.args[1] == 0):
-                todo += list(user.users)
-            elif user.target == aten.linear.default and user.args[0] is not None:
-                wk = graph.keys.get(user.args[1].name)
-                bk = graph.keys.get(user.args[2].name) if len(user.args) > 2 and user.args[2] is not None else None
-                readers.append((wk, bk))
+            user, src = todo.pop()
+            layer = LAYERS.get(user.target)
+            if user.target in VIEWS or (user.target is operator.getitem and user.args[1] == 0):
+                todo += [(u, user) for u in user.users]
+            elif layer is not None and layer.feature_dim == -1 and args_of(user)[layer.input] is src:
+                a = args_of(user)
+                readers.append((_key(graph, a, layer.weight), _key(graph, a, layer.bias), layer.in_axis))
             else:
                 raise AlignmentError(f"orthogonal alignment: LayerNorm {w!r} feeds {user.target} ({user.name}); only "
                                      "linear layers may read a LayerNorm of the residual stream")  # fmt: skip
         out.append((w, b, readers))
     return out
+
+
+def _key(graph, args: dict, name: str | None) -> str | None:
+    """The state_dict key of argument `name` of an op (None: no such argument, or not a weight)."""
+    arg = args.get(name) if name else None
+    return graph.keys.get(arg.name) if arg is not None else None
 
 
 def _along(t: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
@@ -89,13 +92,13 @@ def canonical(spec: PermutationSpec, model: nn.Module, streams: list[Group]) -> 
         skip = set()
         for w, b, readers in norms:
             gamma, beta = sd[w].double(), sd[b].double() if b else None
-            for rw, rb in readers:
+            for rw, rb, axis in readers:
                 if rb is None and beta is not None and beta.abs().max() > 0:
                     raise AlignmentError(f"orthogonal alignment: {rw!r} has no bias to take LayerNorm {b!r}'s shift")
                 weight = sd[rw].double()
                 if rb is not None and beta is not None:
-                    sd[rb] = (sd[rb].double() + weight @ beta).to(sd[rb])
-                sd[rw] = (weight * gamma).to(sd[rw])
+                    sd[rb] = (sd[rb].double() + torch.tensordot(weight, beta, dims=([axis], [0]))).to(sd[rb])
+                sd[rw] = (weight * gamma.reshape([-1 if d == axis else 1 for d in range(weight.ndim)])).to(sd[rw])
             sd[w] = torch.ones_like(sd[w])
             if b:
                 sd[b] = torch.zeros_like(sd[b])

@@ -5,30 +5,15 @@ reloading such a model from a saved state_dict."""
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ..graph import Captured, capture
+from ..ops import LAYERS, NORMS, args_of, produced_by
 from ..spec import Site
 from .affine import RepairAffine
-
-aten = torch.ops.aten
-
-_LAYERS = {aten.linear.default: (0, "weight", "bias"), aten.conv1d.default: (0, "weight", "bias"),
-           aten.conv2d.default: (0, "weight", "bias"), aten.conv3d.default: (0, "weight", "bias"),
-           aten.conv1d.padding: (0, "weight", "bias"), aten.conv2d.padding: (0, "weight", "bias"),
-           aten.conv3d.padding: (0, "weight", "bias"), aten.addmm.default: (1, "mat2", "self")}  # fmt: skip
-_CHANNEL_NORMS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default,
-                  aten.native_group_norm.default, aten.group_norm.default}  # fmt: skip
-_LAST_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
-
-
-def _producer(node: fx.Node) -> fx.Node:
-    """The op that produced a site's tensor (a multi-output norm, seen through its getitem 0)."""
-    return node.args[0] if node.target is operator.getitem and node.args[1] == 0 else node
 
 
 def _param_key(graph: Captured, arg) -> str | None:
@@ -41,24 +26,20 @@ def _param_key(graph: Captured, arg) -> str | None:
 
 def _fold_targets(graph: Captured, site: Site, ndim: int) -> tuple[str, str, int, int] | None:
     """(weight key, bias key, unit axis of the weight, unit axis of the bias) a site's correction folds
-    into, or None. A layer's bias is (units,); a norm's weight and bias share a shape (e.g. (C, H, W) for
-    a LayerNorm over (C, H, W), whose unit axis is then 0 in both)."""
-    from ..rules._common import args_of
-
-    node = _producer(graph.node(site.node))
-    if node.op != "call_function":
+    into, or None: the producing op of `ops.LAYERS` (bias (units,)) or `ops.NORMS`, whose weight and
+    bias share a shape (e.g. (C, H, W) for a LayerNorm over (C, H, W), whose unit axis is then 0 in both)."""
+    node = produced_by(graph.node(site.node))
+    if node.op != "call_function" or not (node.target in LAYERS or node.target in NORMS):
         return None
-    if node.target in _LAYERS:
-        (axis, w, b), a = _LAYERS[node.target], args_of(node)
-        bias_axis = 0
-    elif node.target in _CHANNEL_NORMS:
-        a, axis, bias_axis, w, b = args_of(node), 0, 0, "weight", "bias"
-    elif node.target in _LAST_NORMS:
-        a, w, b = args_of(node), "weight", "bias"
-        axis = bias_axis = site.dim - (ndim - len(a["normalized_shape"]))
-        if axis < 0:
-            return None
+    a = args_of(node)
+    if node.target in LAYERS:
+        row = LAYERS[node.target]
+        w, b, axis, bias_axis = row.weight, row.bias, row.out_axis, 0
     else:
+        row = NORMS[node.target]
+        w, b, axis = row.weight, row.bias, row.param_axis(a, site.dim, ndim)
+        bias_axis = axis
+    if axis is None or w is None or b is None:
         return None
     wk, bk = _param_key(graph, a.get(w)), _param_key(graph, a.get(b))
     return (wk, bk, axis, bias_axis) if wk and bk else None

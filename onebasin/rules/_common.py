@@ -12,23 +12,10 @@ import torch.fx as fx
 
 from .._spec import Layout
 from ..labels import Axis, Heads, Parts, Seg, StructureError, WeightView, label_dims, plain_axis, remap
-from ..ops import ELEMENTWISE
+from ..ops import ELEMENTWISE, args_of  # noqa: F401  (args_of: re-exported for the rules)
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
     from ..tracer import Tracer
-
-
-def args_of(node: fx.Node) -> dict:
-    """The op's arguments by schema name, defaults filled in."""
-    out = {}
-    for i, a in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
-        else:
-            out[a.name] = a.default_value if a.has_default_value() else None
-    return out
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:

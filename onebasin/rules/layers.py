@@ -1,5 +1,5 @@
-"""Rules for layers with weights: Linear (and GPT-2's transposed Conv1D, `addmm`), Conv (grouped and
-depthwise too) and Embedding. A layer's output axis is a new variable; its input axis joins the
+"""Rules for layers with weights: every op of `ops.LAYERS` (Linear, GPT-2's transposed Conv1D `addmm`, Conv,
+grouped and depthwise too, transposed Conv) and Embedding. A layer's output axis is a new variable; its input axis joins the
 input's variable; a grouped conv gives both the block structure of its groups (symmetries note, Sec. 4)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 
 from ..labels import Axis, WeightView
-from ._common import args_of, plain_axis, varying_dims
+from ..ops import LAYERS, args_of
+from ._common import plain_axis, varying_dims
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
     from ..tracer import Tracer
@@ -75,25 +76,16 @@ def _bias(t: Tracer, var: int, bias) -> None:
             t.vars.fix(part)
 
 
-def linear(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    ndim = len(t.shape(node))
-    units = t.shape(node)[-1]
-    return _layer(t, node, a["input"], a["weight"], a["bias"], ndim - 1, ndim - 1, 0, 1, units)
-
-
-def addmm(t: Tracer, node: fx.Node):
-    """bias + x @ W with W (in, out): GPT-2's Conv1D, a transposed Linear."""
-    a = args_of(node)
-    return _layer(t, node, a["mat1"], a["mat2"], a["self"], 1, 1, 1, 0, t.shape(node)[1])
-
-
-def conv(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    groups = a.get("groups") or 1
-    if groups == 1:
-        return _layer(t, node, a["input"], a["weight"], a["bias"], 1, 1, 0, 1, t.shape(node)[1])
-    return _grouped_conv(t, node, a, groups)
+def layer(t: Tracer, node: fx.Node):
+    """Any op of `ops.LAYERS`: its row names the input, weight and bias and their axes; a conv with groups
+    > 1 is `_grouped_conv`."""
+    row, a = LAYERS[node.target], args_of(node)
+    if (a.get("groups") or 1) > 1:
+        if row.out_axis != 0:
+            raise t.refuse(node, "a transposed conv with groups > 1")
+        return _grouped_conv(t, node, a, a["groups"])
+    dim = row.dim(len(t.shape(node)))
+    return _layer(t, node, a[row.input], a[row.weight], a[row.bias], dim, dim, row.out_axis, row.in_axis, t.shape(node)[dim])
 
 
 def _grouped_conv(t: Tracer, node: fx.Node, a: dict, g: int):
@@ -158,13 +150,6 @@ def embedding(t: Tracer, node: fx.Node):
 
 aten = torch.ops.aten
 RULES = {
-    aten.linear.default: linear,
-    aten.addmm.default: addmm,
-    aten.conv1d.default: conv,
-    aten.conv2d.default: conv,
-    aten.conv3d.default: conv,
-    aten.conv1d.padding: conv,
-    aten.conv2d.padding: conv,
-    aten.conv3d.padding: conv,
+    **{op: layer for op in LAYERS},
     aten.embedding.default: embedding,
 }

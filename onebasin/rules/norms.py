@@ -15,7 +15,7 @@ import torch.fx as fx
 from .._spec import Site
 from ..graph import module_path
 from ..labels import Axis, Heads, Multi
-from ._common import args_of
+from ..ops import NORMS, args_of
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
     from ..tracer import Tracer
@@ -59,23 +59,33 @@ def _channel_norm(t: Tracer, node: fx.Node, x, params) -> object:
     return lab
 
 
-def batch_norm_no_training(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    lab = _channel_norm(t, node, a["input"], (a["weight"], a["bias"], a["running_mean"], a["running_var"]))
-    t.pending_norms[node] = a["input"]
-    return Multi((lab, None, None))
+def norm(t: Tracer, node: fx.Node):
+    """Any op of `ops.NORMS`: per-channel norms (groups become blocks) or norms over the last axes; the
+    affine parameters and running statistics follow the units. A multi-output op's site is placed by
+    `getitem` (item 0 is the output)."""
+    row, a = NORMS[node.target], args_of(node)
+    x, params = a[row.input], tuple(a[k] for k in (row.weight, row.bias, *row.stats) if k is not None)
+    if row.over == "last":
+        lab = _last_dims_norm(t, node, x, len(a["normalized_shape"]), params)
+    elif row.groups is not None:
+        lab = _group_norm(t, node, x, a[row.groups], params)
+    else:
+        lab = _channel_norm(t, node, x, params)
+    if row.multi:
+        t.pending_norms[node] = x
+        return Multi((lab, None, None))
+    if isinstance(lab, Axis):
+        norm_site(t, x, node, lab)
+    return lab
 
 
 def batch_norm(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    standardized = _standardized_weight(t, a)
+    """`norm`, unless the batch_norm standardises a weight (`_standardized_weight`)."""
+    standardized = _standardized_weight(t, args_of(node))
     if standardized is not None:
         t.standardized[node] = standardized
         return None
-    lab = _channel_norm(t, node, a["input"], (a["weight"], a["bias"], a["running_mean"], a["running_var"]))
-    if lab is not None:
-        norm_site(t, a["input"], node, lab)
-    return lab
+    return norm(t, node)
 
 
 def _standardized_weight(t: Tracer, a: dict):
@@ -120,29 +130,6 @@ def _last_dims_norm(t: Tracer, node: fx.Node, x, normalized: int, params):
     raise t.refuse(node, "a norm over a tensor split into parts")
 
 
-def layer_norm(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    lab = _last_dims_norm(t, node, a["input"], len(a["normalized_shape"]), (a["weight"], a["bias"]))
-    if isinstance(lab, Axis):
-        norm_site(t, a["input"], node, lab)
-    return lab
-
-
-def native_layer_norm(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    lab = _last_dims_norm(t, node, a["input"], len(a["normalized_shape"]), (a["weight"], a["bias"]))
-    t.pending_norms[node] = a["input"]
-    return Multi((lab, None, None))
-
-
-def rms_norm(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    lab = _last_dims_norm(t, node, a["input"], len(a["normalized_shape"]), (a["weight"],))
-    if isinstance(lab, Axis):
-        norm_site(t, a["input"], node, lab)
-    return lab
-
-
 def _group_norm(t: Tracer, node: fx.Node, x, groups: int, params):
     lab = t.label(x)
     if lab is None:
@@ -153,21 +140,6 @@ def _group_norm(t: Tracer, node: fx.Node, x, groups: int, params):
             raise t.refuse(node, f"GroupNorm with {groups} groups on concatenated channels")
         t.vars.structure(lab.segs[0].var, groups)  # groups permute as blocks, channels inside each
     return _channel_norm(t, node, x, params)
-
-
-def group_norm(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    lab = _group_norm(t, node, a["input"], a["num_groups"], (a["weight"], a["bias"]))
-    if lab is not None:
-        norm_site(t, a["input"], node, lab)
-    return lab
-
-
-def native_group_norm(t: Tracer, node: fx.Node):
-    a = args_of(node)
-    lab = _group_norm(t, node, a["input"], a["group"], (a["weight"], a["bias"]))
-    t.pending_norms[node] = a["input"]
-    return Multi((lab, None, None))
 
 
 def getitem(t: Tracer, node: fx.Node):
@@ -181,12 +153,7 @@ def getitem(t: Tracer, node: fx.Node):
 
 aten = torch.ops.aten
 RULES = {
-    aten._native_batch_norm_legit_no_training.default: batch_norm_no_training,
+    **{op: norm for op in NORMS},
     aten.batch_norm.default: batch_norm,
-    aten.layer_norm.default: layer_norm,
-    aten.native_layer_norm.default: native_layer_norm,
-    aten.rms_norm.default: rms_norm,
-    aten.group_norm.default: group_norm,
-    aten.native_group_norm.default: native_group_norm,
     operator.getitem: getitem,
 }
