@@ -216,3 +216,35 @@ def test_statistics_precision_sets_the_default_of_moments_made_inside():
     with pytest.raises(ValueError, match="valid: float32, float64"):
         with statistics_precision("half"):
             pass
+
+
+@pytest.mark.parametrize("name", ["resnet20_bn", "transformer"])
+def test_statistics_under_a_quarter_budget_equal_one_pass(name):
+    """Activation matching whose float64 sums may take a quarter of their total: several passes over the data
+    (each holding whole families of groups), the same permutations, objectives and REPAIR goals as one pass."""
+    from onebasin.align.activation import statistics_passes
+
+    (a, b), data = pair(name)
+    a, b, data = a.double(), b.double(), [x.double() for x in data]
+    spec = trace(a, data[0])
+    whole = sum(8 * len(g.sites) * (g.size ** 2 + 4 * g.size) for g in spec.groups.values() if g.sites)
+    one = get_method("activation")(spec, a, b, data, max_memory=None)
+    split = get_method("activation")(spec, a, b, data, max_memory=whole // 4)
+    assert one.record["statistics_passes"] == 1
+    assert split.record["statistics_passes"] == len(statistics_passes(spec, whole // 4)) >= 3
+    for g in one.perms:
+        assert torch.equal(one.perms[g], split.perms[g]), g
+    for g, value in one.record["objective"].items():
+        assert abs(value - split.record["objective"][g]) < 1e-10
+    for key in ("site_stats", "plain_site_stats"):
+        for g, rows in getattr(one, key).items():
+            for r1, r2 in zip(rows, getattr(split, key)[g]):
+                for k in r1:
+                    torch.testing.assert_close(r1[k], r2[k], rtol=1e-10, atol=1e-10)
+    from onebasin.align._structured import family_root
+
+    tiny = statistics_passes(spec, 1)  # a budget below every family: one pass per family (heads with their groups)
+    assert sorted(g for p in tiny for g in p) == sorted(g.name for g in spec.groups.values() if g.sites)
+    assert [len({family_root(spec, g) for g in p}) for p in tiny] == [1] * len(tiny)
+    roots = [family_root(spec, g) for p in tiny for g in p[:1]]
+    assert len(roots) == len(set(roots))  # no family split across passes

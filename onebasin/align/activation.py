@@ -34,6 +34,7 @@ def site_moments(
     device=None,
     max_memory: int | None = 1 << 30,
     precision: str = "float64",
+    groups: list[str] | None = None,
 ) -> tuple[dict[str, list[Moments]], int]:
     """Paired moments of A's and B's activations at every group's sites, in one pass.
 
@@ -45,11 +46,12 @@ def site_moments(
         max_memory: bytes the tapped activations of A and B may hold at once: a batch whose sites would
             need more runs in slices of rows (the sums do not depend on it; None: whole batches).
         precision: "float64" (exact sums) or "float32" (shifted float32 products into float64 sums: stats.Moments).
+        groups: the groups to measure (default: every group with sites).
     Returns:
         ({group: [Moments(paired=True) per site, x = A's units (samples, n), y = B's units]}, examples).
         Conv activations (N, C, H, W) count as N*H*W samples of C units.
     """
-    groups = [g for g in spec.groups.values() if g.sites]
+    groups = [g for g in spec.groups.values() if g.sites and (groups is None or g.name in groups)]
     sites = [s for g in groups for s in g.sites]
     taps_a, taps_b = SiteTaps(model_a, sites, spec.graph, False), SiteTaps(model_b, sites, spec.graph, False)
     moments = [Moments(paired=True, precision=precision) for _ in sites]
@@ -117,23 +119,49 @@ def activation_matching(
     if data is None:
         raise ValueError("activation matching needs data: an iterable of x or (x, y) batches")
     t0 = time.perf_counter()
-    moments, examples = site_moments(spec, require_module(model_a, "activation"), require_module(model_b, "activation"), data, max_examples=max_examples, device=device,
-                                      max_memory=max_memory, precision=precision)
-    corrs = {name: correlation_matrix(ms) for name, ms in moments.items()}
-    informed = {family_root(spec, g) for g in corrs}
-    perms = solve_families(spec, corrs, [g for g in spec.groups if family_root(spec, g) in informed])
-    objective, identity = {}, {}
-    for name, corr in corrs.items():
-        objective[name] = matched(corr, perms[name]) / (corr.shape[0] * len(moments[name]))
-        identity[name] = matched(corr, torch.arange(corr.shape[0])) / (corr.shape[0] * len(moments[name]))
+    require_module(model_a, "activation"), require_module(model_b, "activation")
+    passes = statistics_passes(spec, max_memory)
+    perms, objective, identity, site_stats, plain_stats = {}, {}, {}, {}, {}
+    for groups in passes:  # each pass: the sums of whole families only, solved and freed before the next
+        moments, examples = site_moments(spec, model_a, model_b, data, max_examples=max_examples, device=device,
+                                         max_memory=max_memory, precision=precision, groups=groups)
+        corrs = {name: correlation_matrix(ms) for name, ms in moments.items()}
+        roots = {family_root(spec, g) for g in corrs}
+        perms |= solve_families(spec, corrs, [g for g in spec.groups if family_root(spec, g) in roots])
+        for name, corr in corrs.items():
+            units = corr.shape[0] * len(moments[name])
+            objective[name] = matched(corr, perms[name]) / units
+            identity[name] = matched(corr, torch.arange(corr.shape[0])) / units
+            site_stats[name] = [aligned_stats(m, perms[name]) for m in moments[name]]
+            plain_stats[name] = [aligned_stats(m, torch.arange(len(perms[name]))) for m in moments[name]]
+        del moments, corrs
     fallback = [g for g in spec.groups if g not in perms]
     if fallback:
         perms, _ = match_weights(spec, weights_of(model_a), weights_of(model_b), init=perms, groups=fallback)
     record = {"method": "activation", "iterations": 1, "objective": objective, "identity": identity,
-              "examples": examples, "weight_fallback": fallback, "seconds": time.perf_counter() - t0}  # fmt: skip
-    identity = {g: torch.arange(len(p)) for g, p in perms.items()}
-    stats = lambda ps: {g: [aligned_stats(m, ps[g]) for m in ms] for g, ms in moments.items()}  # noqa: E731
-    return AlignResult(perms, record, site_stats=stats(perms), plain_site_stats=stats(identity))
+              "examples": examples if passes else 0, "weight_fallback": fallback, "statistics_passes": len(passes),
+              "seconds": time.perf_counter() - t0}  # fmt: skip
+    return AlignResult(perms, record, site_stats=site_stats, plain_site_stats=plain_stats)
+
+
+def statistics_passes(spec: PermutationSpec, max_memory: int | None) -> list[list[str]]:
+    """The groups with sites, packed into passes over the data whose float64 sums (per site: the (n, n) cross
+    sums and four (n,) per-unit sums, 8 bytes each) fit in `max_memory` bytes; a family of structured groups
+    (spec.parent) stays in one pass, and a family larger than the budget has a pass of its own. None: one pass."""
+    families: dict[str, list[str]] = {}
+    for g in spec.groups.values():
+        if g.sites:
+            families.setdefault(family_root(spec, g.name), []).append(g.name)
+    cost = {root: sum(8 * len(spec.groups[g].sites) * (spec.groups[g].size ** 2 + 4 * spec.groups[g].size)
+                      for g in names) for root, names in families.items()}
+    passes, used = [], 0
+    for root, names in families.items():
+        if not passes or (max_memory is not None and used + cost[root] > max_memory):
+            passes.append([])
+            used = 0
+        passes[-1] += names
+        used += cost[root]
+    return passes
 
 
 def aligned_stats(m: Moments, p: torch.Tensor) -> dict[str, torch.Tensor]:
