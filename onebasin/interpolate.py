@@ -7,7 +7,6 @@ and `BarrierCurve.barrier` the barrier of eq. (1) for loss or error along a path
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._copy import copy_module
 from .checks import check_same_architecture
 from .stats import _presharded, _reduce_device, distributed
 
@@ -41,7 +41,7 @@ def lerp(sd_a: StateDict, sd_b: StateDict, alpha: float) -> StateDict:
 
 def interpolate_model(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
     """A copy of `model_a` holding lerp(A, B, alpha) (theta_alpha, Jordan et al. 2022 Sec. 2.1); inputs untouched."""
-    new = copy.deepcopy(model_a)
+    new = copy_module(model_a)
     new.load_state_dict(lerp(model_a.state_dict(), model_b.state_dict(), alpha))
     return new
 

@@ -9,11 +9,10 @@ p[j*k + i] = sigma(j)*k + tau_j(i) (`block_perm`, `split_block_perm`), so invert
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 
+from ._copy import copy_module
 from .errors import InvalidOptionError
 from .spec import Group, Member, PermutationSpec
 
@@ -183,9 +182,10 @@ def apply_perms(spec: PermutationSpec, perms: Perms, state_dict: StateDict) -> S
 def permute_model(model: nn.Module, spec: PermutationSpec, perms: Perms) -> nn.Module:
     """A copy of `model` with its units permuted (the same function); `model` itself is not modified.
 
-    Raises InvalidOptionError naming the group when an entry of `perms` is not a permutation (`check_perms`).
+    Raises InvalidOptionError naming the group when an entry of `perms` is not a permutation (`check_perms`),
+    UnsupportedOpError for a forward hook that reads the model's tensors through a closure (`copy_module`).
     """
     check_perms(spec, perms)
-    new = copy.deepcopy(model)
+    new = copy_module(model)
     new.load_state_dict(apply_perms(spec, perms, model.state_dict()))
     return new

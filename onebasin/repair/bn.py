@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .._copy import copy_module
 from ..errors import OnebasinError
 from ..stats import batches, distributed
 
@@ -25,7 +25,7 @@ def reset_bn(model: nn.Module, data: Iterable, max_examples: int | None = 5000) 
     paper's equivalent of REPAIR of the conv outputs. Raises OnebasinError if there is no BatchNorm
     layer. `model` is not modified.
     """
-    new = copy.deepcopy(model)
+    new = copy_module(model)
     bns = [m for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         raise OnebasinError(f"reset_bn: {type(model).__name__} has no BatchNorm layer (nothing to reset)")

@@ -4,12 +4,11 @@ reloading such a model from a saved state_dict."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .._copy import copy_module
 from ..graph import Captured, capture
 from ..ops import LAYERS, NORMS, args_of, produced_by
 from ..spec import Site
@@ -78,7 +77,7 @@ def fuse_corrections(model: nn.Module, graph: Captured, state: dict, corrections
             left[c.site.node] = RepairAffine(c.scale.to(p), c.shift.to(p), c.site.dim)
         folded.append(target is not None)
     if not left:
-        out = copy.deepcopy(model)
+        out = copy_module(model)
         out.load_state_dict(sd)
         return out, folded
     return with_affines(graph, sd, left, type(model).__name__), folded
