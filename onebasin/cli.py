@@ -241,12 +241,13 @@ def _add_merge(sub):
     m.add_argument("--calib-text", help="Hugging Face folders: a text file to calibrate on (tokenised with A's tokenizer)")
     m.add_argument("--seq-len", type=int, default=64, help="Hugging Face folders: tokens per calibration window (default 64)")
     m.add_argument("--allow-onebasin-checkpoint", action="store_true",
-                   help="Hugging Face folders: if some corrections cannot be folded, save an onebasin checkpoint instead")
+                   help="Hugging Face folders: if some corrections cannot be folded, save an onebasin checkpoint instead "
+                   "(OUT/onebasin.safetensors, reloaded by onebasin.load_model)")
     m.add_argument("--combine", default="universe", choices=MANY_METHODS,
                    help="three or more models: universe (default, cycle-consistent), mergemany or anchor (all to A)")
     m.add_argument("--weights", type=float, nargs="+", metavar="W", help="three or more models: weight of each (default equal)")
     _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers); "
-                   "for two save_pretrained folders, a new folder")
+                   "for save_pretrained folders, a folder (replaced with --force only if onebasin wrote it)")
 
 
 def _add_barrier(sub):

@@ -288,14 +288,7 @@ def _merge(models, calib, method, repair, alpha, combine, weights, sites, max_ex
         return merge(*models, method=method, repair=repair, alpha=alpha, data=calib, max_examples=max_examples,
                      sites=sites)
     return merge_many(models, method=combine, repair=repair, weights=weights, data=calib, alignment=method,
-                      max_examples=max_examples, **_sites_option(sites))
-
-
-def _sites_option(sites) -> dict:
-    """{"sites": sites} where merge_many takes REPAIR site kinds (it corrects layer and block sites otherwise)."""
-    import inspect
-
-    return {"sites": sites} if "sites" in inspect.signature(merge_many).parameters else {}
+                      max_examples=max_examples, sites=sites)
 
 
 def _unfoldable(result, sites) -> str:

@@ -87,9 +87,12 @@ def test_three_folders_go_through_merge_many_with_their_weights(tmp_path, capsys
     merged = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "m").eval()
     assert close(H.outputs(merged, "resnet"), H.outputs(c, "resnet"))
     assert not close(H.outputs(merged, "resnet"), H.outputs(a, "resnet"), rtol=1e-2)
-    code, _, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", tmp_path / "c", "--combine", "anchor",
-                             "--repair", "none", "--force", text=False)
-    assert code == 0, err
+    H.save(H.permuted_copy(a, "resnet", seed=2), tmp_path / "p2")
+    code, out, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", tmp_path / "p2", "--combine", "anchor",
+                               "--force", text=False)  # REPAIR exact at layer sites: folded (BatchNorm, biases)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["fused"], err
+    merged = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "m").eval()
+    assert close(H.outputs(merged, "resnet"), H.outputs(a, "resnet"), rtol=1e-3)
     record = json.loads((tmp_path / "m" / "onebasin.json").read_text())
     assert record["merge"]["method"] == "anchor" and len(record["merged_from"]) == 3
 

@@ -3,9 +3,10 @@
 Oracle, apart from onebasin's graph: each layer site names a module and an axis. A forward hook reads that
 module's output in the model and in a randomly permuted copy; the axis must be the module's unit axis (by
 hand: the last axis of a Linear / HF Conv1D / LayerNorm / RMSNorm output, axis 1 of a Conv2d or a channels-
-first LayerNorm2d output; the traced node may be a flat 2-D view of it, as GPT-2's addmm), and along it the copy's units must be the model's units reordered: every unit's
-activations (over batch, tokens, pixels) equal exactly one unit's of the model, a bijection, and not the
-identity for most sites (a permutation along a wrong axis mixes the values of a unit and finds no match).
+first LayerNorm2d output; the traced node may be a flat 2-D view of it, as GPT-2's addmm), and along it
+the copy's units must be the model's units reordered: every unit's activations (over batch, tokens, pixels)
+equal exactly one unit's of the model, a bijection, and not the identity for most sites (a permutation
+along a wrong axis mixes the values of a unit and finds no match).
 """
 
 import pytest
