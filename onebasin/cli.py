@@ -174,7 +174,7 @@ SWEEP_EXAMPLES = """example CONFIG.toml:
 Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs the first numeric axis.
 """
 
-METHODS = ["activation", "weight", "annealing", "functional", "orthogonal"]
+METHODS = ["activation", "weight", "annealing", "functional", "orthogonal", "learned"]
 REPAIRS = ["exact", "closed", "reset_bn", "none"]
 MANY_METHODS = ["universe", "mergemany", "anchor"]
 

@@ -71,11 +71,11 @@ def midpoint_loss(model_a, model_b, x, y):
 
 
 def test_registry_lists_methods_with_references():
-    assert list_methods() == ["activation", "annealing", "functional", "orthogonal", "weight"]
+    assert list_methods() == ["activation", "annealing", "functional", "learned", "orthogonal", "weight"]
     for name in list_methods():
         method = get_method(name)
         assert method.name == name and "20" in method.reference  # a citation with its year
-    with pytest.raises(ValueError, match="activation, annealing, functional, orthogonal, weight"):
+    with pytest.raises(ValueError, match="activation, annealing, functional, learned, orthogonal, weight"):
         get_method("optimal_transport")
 
 

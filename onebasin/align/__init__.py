@@ -12,6 +12,8 @@ Methods (a registry: `list_methods()`, `get_method(name)`; each `fn(spec, model_
 * "functional": He et al. 2018, functional difference with layer-input Hessians, one pass over the data.
 * "orthogonal": Theus et al. 2025, permutations plus an orthogonal map of the residual stream (pre-norm
   transformers); it also rewrites A (result.models).
+* "learned": Ainsworth et al. 2023 Sec. 3.3 / Theus et al. 2025, permutations (and the stream's orthogonal
+  map) trained by a straight-through estimator on the interpolated network's loss, from another method's result.
 
 Statistics are exact float64 sums: under torch.distributed each rank reads its shard and the sums are
 all-reduced before any assignment, giving the single-process result.
@@ -23,6 +25,7 @@ from .annealing import anneal_many, annealing
 from .functional import functional_matching, input_moments
 from .weight import weight_matching
 from .orthogonal import orthogonal_alignment
+from .learned import learned_matching
 from ._align import align, check_same_function
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "functional_matching",
     "get_method",
     "input_moments",
+    "learned_matching",
     "list_methods",
     "orthogonal_alignment",
     "register_method",

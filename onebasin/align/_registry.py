@@ -39,6 +39,7 @@ class AlignResult:
     # need not measure its goals again (`repair.endpoints_from_alignment`); None for other methods
     site_stats: dict | None = None
     plain_site_stats: dict | None = None  # the same for A and the UNALIGNED B (the plain interpolation's goals)
+    maps: dict | None = None  # {stream group: float64 (n, n) orthogonal map} applied to B's canonical form (learned)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,342 @@
+"""Learned matching: permutations, and the residual stream's orthogonal map, trained by a straight-through
+estimator on the loss of the interpolated network (Ainsworth, Hayase, Srinivasa 2023, "Git Re-Basin",
+Sec. 3.3; Theus et al. 2025, "Generalized Linear Mode Connectivity for Transformers", Sec. 4).
+
+Every group g keeps a real latent matrix L_g (n, n), started at the permutation matrix of another
+method's result (`init`). Each step:
+
+1. project: P_g = argmax_P <L_g, P> over the group's permutations, i.e. the permutation nearest L_g in
+   Frobenius norm (linear assignment; attention heads and other block-structured families by the joint
+   block-then-inside assignment of `align._structured`); a residual stream of a pre-norm transformer
+   instead gets O = the orthogonal matrix with O 1 = 1 nearest L (SVD, `orthogonal.procrustes`), applied
+   to both networks' canonical forms (`orthogonal.canonical`: LayerNorms folded, the stream centred);
+2. forward with the hard maps: theta = (1 - lam) theta_A + lam T(theta_B), lam ~ U(0.4, 0.6), and the
+   training loss of the network holding theta on one batch (`torch.func.functional_call`);
+3. backward straight through the projection: T is linear in each P_g, read as a dense matrix applied
+   along every axis the group indexes, so dloss/dP_g[i, j] = lam * sum over the group's tensors of
+   <G[unit i], T_g(B)[unit j]>, with G = dloss/dtheta and T_g(B) = B with every other axis mapped: the
+   weight-matching score with A replaced by G (`weight.weight_scores`). Adam steps the latents with it.
+
+The result is the projection of the final latents: an exact permutation of every group (and an orthogonal
+map of every stream) applied to B, which therefore computes what B computes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..errors import EmptyDataError, InvalidOptionError
+from ..graph import as_call, model_inputs, take_rows
+from ..permute import Perms, StateDict, apply_perms, identity_perms
+from ..spec import Group, PermutationSpec
+from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
+from ._structured import solve_families
+from .orthogonal import _along, _check_canonical, _require_plain, canonical, procrustes, stream_cross, stream_groups
+from .weight import weight_scores
+
+INITS = ("weight", "activation", "orthogonal", "identity")
+
+
+# --- projections and the straight-through gradient --------------------------------------------------------
+
+
+def permutation_matrix(p: torch.Tensor) -> torch.Tensor:
+    """(n, n) float64 P with P[i, p[i]] = 1: P @ rows(B) is B with its units re-indexed by p (permute.py)."""
+    m = torch.zeros(len(p), len(p), dtype=torch.float64)
+    m[torch.arange(len(p)), p.cpu()] = 1.0
+    return m
+
+
+def project(spec: PermutationSpec, latents: dict[str, torch.Tensor], names: list[str] | None = None) -> Perms:
+    """The permutation of each group in `names` (default: the latents') nearest its latent (n, n): argmax <L, P>.
+
+    Free groups: one linear assignment each. Block-structured families (heads with their query/key and
+    value/output groups, GQA, rotary's fixed insides) are solved jointly (`_structured.solve_families`).
+    """
+    return solve_families(spec, latents, list(latents) if names is None else names)
+
+
+def nearest_orthogonal(latent: torch.Tensor) -> torch.Tensor:
+    """The orthogonal Q with Q 1 = 1 nearest `latent` (n, n) in Frobenius norm (SVD on the complement of 1)."""
+    return procrustes(latent)
+
+
+def map_streams(spec: PermutationSpec, sd: StateDict, maps: dict[str, torch.Tensor]) -> StateDict:
+    """A new state_dict with every stream group's axes mapped by its orthogonal matrix (v -> O v, in float64)."""
+    out = dict(sd)
+    for name, q in maps.items():
+        for m in spec.groups[name].members:
+            _require_plain(m)
+            out[m.key] = _along(out[m.key].double(), m.axis, q).to(sd[m.key])
+    return out
+
+
+def ste_gradients(spec: PermutationSpec, perms: Perms, grads: StateDict, mapped_b: StateDict, b: StateDict,
+                  maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """dloss/dP (n, n) float64 of every group of `perms` and every stream of `maps`, P read as a dense matrix.
+
+    grads: dloss/dT(B) per permuted tensor; mapped_b: B with every stream mapped (unpermuted); b: B unmapped.
+    A group's gradient is its weight-matching score against `grads` with B's other axes mapped.
+    """
+    out = {g: weight_scores(spec, g, perms, grads, mapped_b) for g in perms if g not in maps}
+    for name in maps:
+        others = map_streams(spec, b, {s: q for s, q in maps.items() if s != name}) if len(maps) > 1 else b
+        out[name] = weight_scores(spec, name, {**perms, name: torch.arange(spec.groups[name].size)}, grads, others)
+    return out
+
+
+# --- the start --------------------------------------------------------------------------------------------
+
+
+def _start(spec, model_a, model_b, data, init, *, max_examples, device) -> tuple[Perms, dict]:
+    """(perms, record) of the starting method: identity, or weight / activation matching."""
+    if not isinstance(init, str):
+        return initial_perms(spec, init), {"method": "given"}
+    if init == "identity":
+        return identity_perms(spec), {"method": "identity"}
+    inner = get_method(init)(spec, model_a, model_b, data, max_examples=max_examples, device=device)
+    return {g: p.cpu() for g, p in inner.perms.items()}, inner.record
+
+
+def _streams(spec, model_a, model_b, data, orthogonal) -> tuple[list[Group], nn.Module, nn.Module, str]:
+    """(stream groups that get an orthogonal map, A and B in canonical form (or as given), why not, if not)."""
+    streams = stream_groups(spec) if orthogonal is not False else []
+    if not streams:
+        if orthogonal:
+            raise AlignmentError("learned matching: orthogonal=True, but the model has no residual stream")
+        return [], model_a, model_b, "no residual stream" if orthogonal is None else "orthogonal=False"
+    try:
+        a, b = canonical(spec, model_a, streams), canonical(spec, model_b, streams)
+        _check_canonical(model_a, a, data)
+    except AlignmentError as err:
+        if orthogonal:
+            raise
+        return [], model_a, model_b, str(err)
+    return streams, a, b, ""
+
+
+def _stream_start(spec, streams, a, b, perms, data, init, max_examples, device) -> dict[str, torch.Tensor]:
+    """{stream: O (n, n)}: Procrustes on the stream activations of A and B (init "orthogonal"), else the
+    start's own permutation of the stream as a matrix (a permutation maps 1 to 1)."""
+    if init != "orthogonal":
+        return {g.name: permutation_matrix(perms[g.name]) for g in streams}
+    hidden = {k: p for k, p in perms.items() if k not in {g.name for g in streams}}
+    b = _module_with(b, apply_perms(spec, hidden, b.state_dict()))
+    maps = {}
+    for g in streams:  # as orthogonal_alignment does it
+        maps[g.name] = procrustes(stream_cross(spec, g, a, _module_with(b, map_streams(spec, b.state_dict(), maps)),
+                                               data, max_examples, device)[0])
+    return maps
+
+
+def _module_with(model: nn.Module, sd: StateDict) -> nn.Module:
+    """A copy of `model` holding `sd`."""
+    import copy
+
+    out = copy.deepcopy(model)
+    out.load_state_dict(sd)
+    return out
+
+
+# --- the training loop ------------------------------------------------------------------------------------
+
+
+def cross_entropy(out, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, C) or sequence logits (N, T, V) against labels (N,) or (N, T);
+    `out` may be a tuple (its first element) or carry `.logits` (Hugging Face)."""
+    out = getattr(out, "logits", out)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if out.dim() > 2:
+        out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    return F.cross_entropy(out, y)
+
+
+def _batches(x, y, size: int, gen: torch.Generator):
+    """An endless stream of (x, y) batches of `size` rows, reshuffled every pass over the examples."""
+    n = len(y)
+    while True:
+        for idx in torch.randperm(n, generator=gen).split(size):
+            yield take_rows(x, idx), y[idx]
+
+
+def _examples(model: nn.Module, data, max_examples) -> tuple:
+    """(inputs, labels) of the first `max_examples` examples, inputs in the model's device and dtype."""
+    x, y = first_examples(data, max_examples if max_examples is not None else 1 << 62)
+    if y is None:
+        raise EmptyDataError("learned matching minimises the training loss: it needs labelled (x, y) batches")
+    x = next(iter(model_inputs(model, [x])))
+    return x, y.to(device_of(model))
+
+
+def _call(scratch: nn.Module, theta: StateDict, x):
+    """The output of `scratch` holding the tensors `theta` (tied keys each their own) on input x."""
+    args, kwargs = as_call(x)
+    return functional_call(scratch, theta, args, kwargs, tie_weights=False)
+
+
+def _loss_at(scratch: nn.Module, a: StateDict, tb: StateDict, lam: float, keys: set, x, y, loss_fn) -> tuple[float, StateDict]:
+    """(loss, dloss/dT(B) for `keys`) of the network holding (1 - lam) A + lam T(B) on (x, y)."""
+    theta = {}
+    for k, t in a.items():
+        mix = torch.lerp(t, tb[k].to(t), lam) if t.is_floating_point() else t
+        theta[k] = mix.detach().requires_grad_(k in keys and mix.is_floating_point())
+    loss = loss_fn(_call(scratch, theta, x), y)
+    if not torch.isfinite(loss):
+        raise AlignmentError(f"learned matching: the interpolated network's loss is {loss.item()} (lr too large?)")
+    leaves = [k for k in keys if theta[k].requires_grad]
+    grads = torch.autograd.grad(loss, [theta[k] for k in leaves], allow_unused=True)
+    return loss.item(), {k: (g if g is not None else torch.zeros_like(theta[k])) * lam for k, g in zip(leaves, grads)}
+
+
+class _Run:
+    """The latents of one learned matching and the pair they act on: A and B (canonical forms when streams are mapped)."""
+
+    def __init__(self, spec, canon_a, canon_b, start: Perms, maps: dict, loss_fn, train_mode: bool):
+        self.spec, self.loss_fn, self.start, self.start_maps = spec, loss_fn, start, maps
+        self.names = [g for g in spec.groups if g not in maps]
+        self.latents = {g: permutation_matrix(start[g]) for g in self.names} | {g: q.clone() for g, q in maps.items()}
+        self.a = {k: v.detach() for k, v in canon_a.state_dict().items()}
+        self.b = {k: v.detach() for k, v in canon_b.state_dict().items()}
+        self.keys = set(spec.members_of) & set(self.a)
+        self.scratch = _module_with(canon_a, canon_a.state_dict()).train(train_mode)
+        self.project()
+
+    def project(self) -> None:
+        """The hard maps: each latent's nearest permutation, and each stream latent's nearest orthogonal map."""
+        self.perms = project(self.spec, self.latents, self.names)
+        self.maps = {g: nearest_orthogonal(self.latents[g]) for g in self.start_maps}
+
+    def current(self) -> tuple[Perms, dict]:
+        return self.perms, self.maps
+
+    def transformed(self, perms: Perms, maps: dict) -> StateDict:
+        """B with its streams mapped and its groups permuted."""
+        return apply_perms(self.spec, perms, map_streams(self.spec, self.b, maps))
+
+    def step(self, opt, lam: float, x, y) -> float:
+        """One straight-through step at interpolation weight lam on batch (x, y); returns the batch loss."""
+        mapped_b = map_streams(self.spec, self.b, self.maps)
+        loss, grads = _loss_at(self.scratch, self.a, apply_perms(self.spec, self.perms, mapped_b), lam, self.keys, x, y, self.loss_fn)
+        opt.zero_grad()
+        for g, grad in ste_gradients(self.spec, self.perms, grads, mapped_b, self.b, self.maps).items():
+            self.latents[g].grad = grad
+        opt.step()
+        self.project()
+        return loss
+
+    def midpoint_loss(self, candidate: tuple[Perms, dict], x, y, batch_size: int, max_examples: int = 2000) -> float:
+        """Mean loss of the midpoint (lam = 0.5) under `candidate` = (perms, maps) on the first examples."""
+        tb, n = self.transformed(*candidate), min(len(y), max_examples)
+        theta = {k: torch.lerp(t, tb[k].to(t), 0.5) if t.is_floating_point() else t for k, t in self.a.items()}
+        total = 0.0
+        with torch.no_grad():
+            for idx in torch.arange(n).split(batch_size):
+                total += float(self.loss_fn(_call(self.scratch, theta, take_rows(x, idx)), y[idx])) * len(idx)
+        return total / n
+
+    def moved(self) -> int:
+        """Units whose partner differs from the start's."""
+        return sum(int((p != self.start[g]).sum()) for g, p in self.perms.items())
+
+    def stream_change(self) -> float:
+        """sum over streams of ||O - O_start||_F / sqrt(n)."""
+        return sum(float((q - self.start_maps[g]).norm() / math.sqrt(len(q))) for g, q in self.maps.items())
+
+
+@register_method(name="learned", reference="Ainsworth, Hayase, Srinivasa 2023, Git Re-Basin, arXiv:2209.04836, Sec. 3.3; "
+                 "Theus, Cabodi, Pal, Ghosh, Singh 2025, arXiv:2506.22712, Sec. 4")  # fmt: skip
+def learned_matching(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data=None,
+    *,
+    init: str = "weight",
+    orthogonal: bool | None = None,
+    epochs: float = 5,
+    steps: int | None = None,
+    lr: float = 0.01,
+    batch_size: int = 100,
+    lam: tuple[float, float] = (0.4, 0.6),
+    loss_fn=cross_entropy,
+    train_mode: bool = False,
+    max_examples: int | None = 10_000,
+    device=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> AlignResult:
+    """Align B to A by learning the permutations (and stream maps) that minimise the interpolated network's loss.
+
+    Args:
+        spec: a traced PermutationSpec (structured groups: heads, GQA, rotary constraints, conv groups).
+        model_a, model_b: the networks; data: (x, y) batches of training data (labels needed); the first
+            `max_examples` examples are the training set of the latents.
+        init: the start: "weight" (weight matching, no data), "activation", "orthogonal" (activation matching
+            plus the Procrustes map of the stream) or "identity".
+        orthogonal: learn an orthogonal map of each residual stream (both networks rewritten in the
+            canonical form of `orthogonal.canonical`); None: when the model is a pre-norm transformer.
+        epochs: passes over the examples (ignored when `steps` is given); steps: optimiser steps.
+        lr: Adam's learning rate on the latents (they start as 0/1 permutation matrices).
+        batch_size: examples per step; lam: the interpolation weight is drawn uniformly from this range.
+        loss_fn: loss(model output, labels) -> scalar; default cross-entropy (sequence logits flattened).
+        train_mode: run the interpolated network in training mode (BatchNorm on batch statistics, dropout
+            on); default eval mode (the interpolated running statistics, no dropout).
+        seed: seeds the batch order and the draws of lam.
+    Returns:
+        AlignResult with perms (a stream with a map keeps the identity) and, when streams are mapped,
+        `models` = (A, B) in canonical form, B permuted and mapped into A's basis (the orthogonal method's
+        convention), and `maps` = {stream: O (n, n) float64}. record: init, init_record, orthogonal, orthogonal_note, steps, lr, batch_size,
+        examples, loss (per step: the interpolated loss of the batch), lam (per step), moved (per step:
+        units whose permutation differs from the start), stream_change (per step: ||O - O_start||_F /
+        sqrt(n), summed over streams), seconds.
+    """
+    if data is None:
+        raise EmptyDataError("learned matching needs data: an iterable of (x, y) training batches")
+    if isinstance(init, str) and init not in INITS:
+        raise InvalidOptionError(f"learned matching: unknown init {init!r}; valid: {', '.join(INITS)}")
+    t0 = time.perf_counter()
+    model_a, model_b = require_module(model_a, "learned"), require_module(model_b, "learned")
+    streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal)
+    if init == "orthogonal" and not streams:
+        raise InvalidOptionError(f"learned matching: init='orthogonal' needs an orthogonal stream map ({note})")
+    start, init_record = _start(spec, model_a, model_b, data, "activation" if init == "orthogonal" else init,
+                                max_examples=max_examples, device=device)
+    maps = _stream_start(spec, streams, canon_a, canon_b, start, data, init, max_examples, device)
+    x, y = _examples(canon_a, data, max_examples)
+    total = steps if steps is not None else max(1, math.ceil(epochs * len(y) / batch_size))
+    run = _Run(spec, canon_a, canon_b, start, maps, loss_fn, train_mode)
+    gen = torch.Generator().manual_seed(seed)
+    batches = _batches(x, y, batch_size, gen)
+    opt = torch.optim.Adam(list(run.latents.values()), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+    history = {"loss": [], "lam": [], "moved": [], "stream_change": []}
+    best = (math.inf, run.current())
+    with tqdm(total=total, desc="learned", unit="step", disable=not progress) as bar:
+        for _ in range(total):
+            weight = lam[0] + (lam[1] - lam[0]) * torch.rand((), generator=gen, dtype=torch.float64).item()
+            used = run.current()
+            loss = run.step(opt, weight, *next(batches))
+            sched.step()
+            best = min(best, (loss, used), key=lambda c: c[0])
+            for k, v in zip(history, (loss, weight, run.moved(), run.stream_change())):
+                history[k].append(v)
+            bar.set_postfix(loss=f"{loss:.4f}", moved=history["moved"][-1])
+            bar.update()
+    checks = {name: run.midpoint_loss(cand, x, y, batch_size) for name, cand in (("final", run.current()), ("best", best[1]))}
+    chosen = min(checks, key=checks.get)
+    perms, maps = best[1] if chosen == "best" else run.current()
+    record = {"method": "learned", "init": init if isinstance(init, str) else "given", "init_record": init_record,
+              "orthogonal": bool(maps), "orthogonal_note": note, "steps": total, "lr": lr, "batch_size": batch_size,
+              "examples": len(y), **history, "midpoint_loss": checks, "chosen": chosen,
+              "seconds": time.perf_counter() - t0}  # fmt: skip
+    final = {**perms, **{g: torch.arange(spec.groups[g].size) for g in maps}}
+    if not maps:
+        return AlignResult(final, record)
+    return AlignResult(final, record, models=(canon_a, _module_with(canon_b, run.transformed(perms, maps))), maps=maps)

@@ -1,0 +1,220 @@
+"""Learned matching (straight-through estimator; Git Re-Basin Sec. 3.3, Theus et al. 2025): the straight-through
+gradient is autograd's through dense maps, projections are the assignment / SVD solutions, the result keeps B's
+function, and from the identity it recovers a permuted copy."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch.func import functional_call
+
+from onebasin.align import align
+from onebasin.align.learned import _loss_at, nearest_orthogonal, permutation_matrix, project, ste_gradients
+from onebasin.align.orthogonal import canonical, stream_groups
+from onebasin.permute import apply_perms, invert_perms, permute_model, random_perms
+from onebasin.spec import trace
+from reference_models import TinyTransformer, mlp
+
+
+def tiny_mlp(seed=0, width=8, depth=3):
+    """A float64 ReLU MLP whose hidden units all fire on standard normal inputs (positive biases: no dead unit,
+    whose partner would be ambiguous)."""
+    torch.manual_seed(seed)
+    model = mlp(width=width, depth=depth).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.bias.fill_(0.5)
+    return model, torch.randn(512, 12, dtype=torch.float64)
+
+
+def tiny_transformer(seed=0):
+    torch.manual_seed(seed)
+    return TinyTransformer().double().eval(), torch.randn(64, 4, 6, dtype=torch.float64)
+
+
+def along(t, positions, axis, q):
+    """t with matrix q (n, n) applied to the n units of `axis` that own `positions` (n, r): unit i <- sum_j q[i, j] unit j."""
+    idx = positions.reshape(-1)
+    part = t.index_select(axis, idx)
+    shape = part.shape
+    part = part.movedim(axis, 0).reshape(len(positions), -1)
+    new = (q @ part).reshape(shape[axis], *[s for i, s in enumerate(shape) if i != axis]).movedim(0, axis)
+    return t.index_copy(axis, idx, new)
+
+
+def dense_loss(spec, mats, a, b, lam, model, x, y, loss_fn):
+    """The interpolated loss with every group's map a dense matrix applied by matrix products (autograd's path)."""
+    tb = {}
+    for key, t in b.items():
+        for g, m in spec.members_of.get(key, []):
+            t = along(t, m.positions(spec.groups[g].size), m.axis, mats[g])
+        tb[key] = t
+    theta = {k: (1 - lam) * a[k] + lam * tb[k] if a[k].is_floating_point() else a[k] for k in a}
+    return loss_fn(functional_call(model, theta, (x,), tie_weights=False), y)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_straight_through_gradient_is_autograd_through_dense_maps(kind):
+    """dloss/dP of every group (and dloss/dO of the transformer's stream, on its canonical form) equals autograd's
+    gradient with the maps as dense matrices, at a random structured permutation (heads included)."""
+    model, x = tiny_mlp() if kind == "mlp" else tiny_transformer()
+    spec = trace(model, x[:8])
+    y = torch.randint(0, 3, (len(x),))
+    streams = stream_groups(spec) if kind == "transformer" else []
+    other = permute_model(model, spec, random_perms(spec, seed=1))
+    a_model, b_model = (canonical(spec, m, streams) for m in (model, other)) if streams else (model, other)
+    a, b = a_model.state_dict(), b_model.state_dict()
+    perms = {g: p for g, p in random_perms(spec, seed=2).items() if g not in {s.name for s in streams}}
+    maps = {s.name: nearest_orthogonal(torch.randn(s.size, s.size, dtype=torch.float64)) for s in streams}
+    from onebasin.align.learned import map_streams
+
+    mapped = map_streams(spec, b, maps)
+    _, grads = _loss_at(a_model, a, apply_perms(spec, perms, mapped), 0.45, set(spec.members_of), x, y, F.cross_entropy)
+    ste = ste_gradients(spec, perms, grads, mapped, b, maps)
+    mats = {g: permutation_matrix(p).requires_grad_(True) for g, p in perms.items()}
+    mats.update({g: q.clone().requires_grad_(True) for g, q in maps.items()})
+    dense_loss(spec, mats, a, b, 0.45, a_model, x, y, F.cross_entropy).backward()
+    assert set(ste) == set(mats)
+    for g, m in mats.items():
+        want = m.grad if m.grad is not None else torch.zeros_like(m)  # the head group itself permutes no tensor
+        assert (ste[g] - want).abs().max() <= 1e-12 * max(1.0, want.abs().max().item()), g
+
+
+def test_projection_of_a_free_group_is_the_assignment_scipy_finds():
+    model, x = tiny_mlp(width=7)
+    spec = trace(model, x[:8])
+    latents = {g: torch.randn(s.size, s.size, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i, (g, s) in enumerate(spec.groups.items())}  # fmt: skip
+    perms = project(spec, latents)
+    for g, latent in latents.items():
+        rows, cols = linear_sum_assignment(latent.numpy(), maximize=True)
+        assert perms[g].tolist() == cols[np.argsort(rows)].tolist()
+
+
+def test_projection_of_heads_is_the_best_structured_permutation():
+    """Brute force over every head permutation and every permutation inside each head (query/key and value/output
+    apart): the projection is the structured permutation with the largest summed latent."""
+    model, x = tiny_transformer()
+    spec = trace(model, x[:8])
+    heads = next(g for g in spec.groups.values() if spec.children(g.name))
+    kids = spec.children(heads.name)
+    gen = torch.Generator().manual_seed(0)
+    latents = {g.name: torch.randn(g.size, g.size, dtype=torch.float64, generator=gen) for g in [heads, *kids]}
+    got = project(spec, latents, [heads.name, *(c.name for c in kids)])
+    k, b = kids[0].block, heads.size
+    best, best_value = None, -np.inf
+    for sigma in itertools.permutations(range(b)):
+        value = sum(latents[heads.name][j, sigma[j]].item() for j in range(b))
+        chosen = {heads.name: list(sigma)}
+        for c in kids:
+            units = []
+            for j in range(b):
+                sub = latents[c.name][j * k:(j + 1) * k, sigma[j] * k:(sigma[j] + 1) * k]
+                tau = max(itertools.permutations(range(k)), key=lambda t: sum(sub[i, t[i]].item() for i in range(k)))
+                value += sum(sub[i, tau[i]].item() for i in range(k))
+                units += [sigma[j] * k + t for t in tau]
+            chosen[c.name] = units
+        if value > best_value:
+            best, best_value = chosen, value
+    assert {g: p.tolist() for g, p in got.items()} == best
+
+
+def test_nearest_orthogonal_map_is_the_svd_solution():
+    """numpy: on an orthonormal basis of the complement of 1, the nearest orthogonal matrix is U V^T of the SVD."""
+    n = 7
+    latent = np.random.default_rng(0).normal(size=(n, n))
+    basis = np.linalg.svd(np.eye(n) - 1.0 / n)[0][:, : n - 1]  # the left singular vectors of nonzero value
+    u, _, vt = np.linalg.svd(basis.T @ latent @ basis)
+    want = basis @ u @ vt @ basis.T + np.full((n, n), 1.0 / n)
+    q = nearest_orthogonal(torch.from_numpy(latent)).numpy()
+    assert np.abs(q - want).max() < 1e-12
+    assert np.abs(q @ q.T - np.eye(n)).max() < 1e-12 and np.abs(q @ np.ones(n) - np.ones(n)).max() < 1e-12
+
+
+def test_learned_recovers_a_permuted_mlp_from_the_identity():
+    """Started at the identity, learned matching finds the exact inverse of a random permutation of every group.
+
+    The interpolation weight is drawn from [0.02, 0.1]: at lam = 1/2 the interpolated net is symmetric in a pair of
+    swapped units, so the straight-through gradient cannot tell a swap from its fix (test below)."""
+    model, x = tiny_mlp()
+    spec = trace(model, x[:8])
+    perms = random_perms(spec, seed=4)
+    with torch.no_grad():
+        y = model(x)
+    data = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
+    b = permute_model(model, spec, perms)
+    aligned, result = align(model, b, "learned", data, init="identity", steps=300, lr=0.3, lam=(0.02, 0.1),
+                            batch_size=128, loss_fn=F.mse_loss, progress=False)
+    want = invert_perms(perms)
+    assert all(torch.equal(result.perms[g], want[g]) for g in spec.groups), "not the exact inverse"
+    assert result.record["moved"][-1] == sum(len(p) for p in perms.values()) - sum(int((p == torch.arange(len(p))).sum()) for p in want.values())
+    assert len(result.record["loss"]) == 300 and result.record["loss"][-1] == 0.0
+    assert all((aligned.state_dict()[k] - v).abs().max() == 0 for k, v in model.state_dict().items())
+
+
+def test_straight_through_gradient_cannot_see_a_swap_at_the_midpoint():
+    """One swapped pair of units (i, k): at lam = 1/2 both slots hold the same merged unit, so the first-order change
+    toward the fix, <dloss/dP, P_fix - P>, is 0; at lam = 0.1 it is negative (a descent direction)."""
+    model, x = tiny_mlp()
+    spec = trace(model, x[:8])
+    with torch.no_grad():
+        y = model(x)
+    perms = random_perms(spec, seed=4)
+    b = permute_model(model, spec, perms).state_dict()
+    fix = invert_perms(perms)
+    g = next(iter(spec.groups))
+    swapped = dict(fix)
+    swapped[g] = fix[g].clone()
+    swapped[g][[0, 1]] = fix[g][[1, 0]]
+    change = {}
+    for lam in (0.5, 0.1):
+        _, grads = _loss_at(model, model.state_dict(), apply_perms(spec, swapped, b), lam, set(spec.members_of), x, y, F.mse_loss)
+        grad = ste_gradients(spec, swapped, grads, b, b, {})[g]
+        change[lam] = (grad * (permutation_matrix(fix[g]) - permutation_matrix(swapped[g]))).sum().item()
+    assert abs(change[0.5]) < 1e-15 and change[0.1] < -1e-6
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_learned_on_a_transformer_keeps_b_and_maps_are_orthogonal(orthogonal):
+    """From weight matching on a permuted copy of a pre-norm transformer: the result keeps B's function (1e-9),
+    the permutations respect the head structure, the stream map is orthogonal to 1e-12 with O 1 = 1, and B stays
+    on A (the exact solution is a fixed point of the straight-through steps)."""
+    from onebasin.permute import check_perms
+
+    model, x = tiny_transformer()
+    spec = trace(model, x[:8])
+    b = permute_model(model, spec, random_perms(spec, seed=5))
+    with torch.no_grad():
+        y = model(x)  # distillation targets: loss and gradient are 0 where B lands on A
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    aligned, result = align(model, b, "learned", data, init="weight", orthogonal=orthogonal, steps=8, lr=0.1,
+                            batch_size=16, loss_fn=F.mse_loss, progress=False)
+    check_perms(spec, result.perms)
+    with torch.no_grad():
+        assert (aligned(x) - b(x)).abs().max() < 1e-9
+    assert result.record["orthogonal"] is orthogonal and len(result.record["loss"]) == 8
+    if orthogonal:
+        (q,) = result.maps.values()
+        n = len(q)
+        assert (q @ q.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-12
+        assert (q @ torch.ones(n, dtype=torch.float64) - 1).abs().max() < 1e-12
+        a_canon = result.models[0].state_dict()  # a permuted copy: B lands on A exactly
+        assert max((a_canon[k] - v).abs().max().item() for k, v in aligned.state_dict().items()) < 1e-9
+    else:
+        assert result.maps is None
+
+
+def test_merge_and_compare_run_learned():
+    from onebasin.pipeline import merge
+
+    model, x = tiny_mlp()
+    b, _ = tiny_mlp(seed=1)
+    y = torch.randint(0, 5, (len(x),))
+    data = [(x[:256], y[:256]), (x[256:], y[256:])]
+    merged, result = merge(model, b, method="learned", repair="none", data=data, steps=3, batch_size=64, progress=False)
+    assert result.align_record["method"] == "learned" and result.align_record["steps"] == 3
+    assert result.align_record["check_max_diff"] < 1e-9
