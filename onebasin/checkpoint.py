@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from onebasin._io import atomic_write, atomic_write_text
 from onebasin._version import __version__
+from onebasin.distributed import is_main
 from onebasin.errors import InvalidOptionError, OnebasinError
 
 _KEY = "onebasin"
@@ -75,6 +76,30 @@ def save_checkpoint(path, state_dict: dict[str, torch.Tensor], meta: dict) -> Pa
     atomic_write(weights, _save_tensors(tensors, text, weights))
     atomic_write_text(sidecar, text + "\n")
     return weights
+
+
+MODEL_FIELDS = ("model", "model_kwargs", "image_size", "dataset")  # what a merged checkpoint keeps of its sources
+
+
+def save_merged(path, model, result, *, sources, meta: dict | None = None, measured: dict | None = None,
+                key: str = "merge") -> Path:
+    """Save a merged model as an onebasin checkpoint (rank 0 only under torch.distributed) and return the weights
+    path it is (or would be, on another rank) written to: `path` with the .safetensors suffix added if missing.
+
+    Metadata: the MODEL_FIELDS of `meta` (how `load_model` rebuilds the model; dataset), "merged_from" (the
+    `sources` as strings), `result.to_dict()` under `key` ("merge" for a MergeResult, "merge_many" for a
+    ManyResult), "measured" when given, and, when some REPAIR corrections stay as modules (`result.affines`),
+    "repair_affines" and "example_input" (what `load_model` needs to rebuild them).
+    """
+    out = {k: meta[k] for k in MODEL_FIELDS if meta and k in meta}
+    out |= {"merged_from": [str(s) for s in sources], key: result.to_dict()}
+    if measured is not None:
+        out["measured"] = measured
+    if result.affines:
+        out |= {"repair_affines": result.affines, "example_input": result.example_input}
+    if is_main():
+        return save_checkpoint(path, model.state_dict(), out)
+    return checkpoint_paths(path)[0]
 
 
 def _save_tensors(tensors, text, weights):

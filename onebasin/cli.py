@@ -176,7 +176,6 @@ Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs t
 
 METHODS = ["activation", "weight", "annealing", "functional", "orthogonal", "learned"]
 REPAIRS = ["exact", "closed", "reset_bn", "none"]
-MANY_METHODS = ["universe", "mergemany", "anchor"]
 
 
 def _sub(sub, name, help_, epilog):
@@ -235,7 +234,7 @@ def _add_merge(sub):
     m = _sub(sub, "merge", "merge two or more checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
     _add_pair(m, REPAIRS)
     m.add_argument("more", nargs="*", metavar="C", help="further models: three or more are merged by onebasin.merge_many")
-    m.add_argument("--alpha", type=float, default=0.5, help="interpolation weight, 0 = A, 1 = B (default 0.5)")
+    m.add_argument("--alpha", type=float, help="two models: interpolation weight, 0 = A, 1 = B (default 0.5)")
     m.add_argument("--sites", help="REPAIR sites: layer (Linear/Conv outputs, always folded into the weights) and/or "
                    "block (residual additions, kept as modules): default layer,block; layer for Hugging Face folders")
     m.add_argument("--calib-text", help="Hugging Face folders: a text file to calibrate on (tokenised with A's tokenizer)")
@@ -243,9 +242,10 @@ def _add_merge(sub):
     m.add_argument("--allow-onebasin-checkpoint", action="store_true",
                    help="Hugging Face folders: if some corrections cannot be folded, save an onebasin checkpoint instead "
                    "(OUT/onebasin.safetensors, reloaded by onebasin.load_model)")
-    m.add_argument("--combine", default="universe", choices=MANY_METHODS,
+    m.add_argument("--combine", default="universe",
                    help="three or more models: universe (default, cycle-consistent), mergemany or anchor (all to A)")
-    m.add_argument("--weights", type=float, nargs="+", metavar="W", help="three or more models: weight of each (default equal)")
+    m.add_argument("--weights", nargs="+", metavar="W", help="weight of each model (default equal; two models: "
+                   "--weights 1 2 is --alpha 2/3)")
     _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers); "
                    "for save_pretrained folders, a folder (replaced with --force only if onebasin wrote it)")
 
@@ -305,37 +305,52 @@ def _check_out_folder(path, force, fail):
         fail(str(err))
 
 
-def _load_pair(args, fail):
-    """(A, B, meta of A, dataset name, calibration batches, {"test", "train": batches}) for merge and barrier.
+def _load_models(args, paths, fail):
+    """(models, meta of the first, dataset name, calibration batches, {"test", "train": batches}) for merge and barrier.
 
-    A and B: onebasin checkpoints or plain state_dicts with --model; checked to share architecture,
-    dtype and (unless --allow-different-data) training dataset, and to run on the data.
+    Onebasin checkpoints, or plain state_dicts with --model (and --model-opts); checked to share architecture,
+    dtype and (unless --allow-different-data, then with one warning each) training dataset, and to run on the data.
     """
     import warnings
 
-    from onebasin.checkpoint import load_any
-    from onebasin.checks import (check_example_input, check_same_architecture, check_same_dataset, check_same_dtype,
-                                 first_input)
-    from onebasin.errors import DatasetMismatchError
+    from onebasin.checkpoint import is_onebasin_file, load_any
+    from onebasin.checks import check_example_input, check_same_architecture, check_same_dtype, first_input
 
     opts = _parse_opts(args.model_opts, fail)
+    if opts and (recorded := [str(p) for p in paths if is_onebasin_file(p)]):
+        fail(f"--model-opts is for plain state_dict files; {recorded[0]} is an onebasin checkpoint that records its "
+             "own model and options: drop --model-opts")
+    models, metas = [], []
     with warnings.catch_warnings(record=True) as caught:  # a stale sidecar or an old checksum: one line each
         warnings.simplefilter("always")
-        a, meta_a = load_any(args.a, args.model, opts, device=args.device)
-        b, meta_b = load_any(args.b, args.model, opts or meta_a.get("model_kwargs"), device=args.device)
+        for p in paths:
+            model, meta = load_any(p, args.model, opts or (metas[0].get("model_kwargs") if metas else None), device=args.device)
+            if models:
+                check_same_architecture(models[0].state_dict(), model.state_dict(), (str(paths[0]), str(p)))
+                check_same_dtype(models[0].state_dict(), model.state_dict(), (str(paths[0]), str(p)))
+            models.append(model), metas.append(meta)
     for w in caught:
         _warn(args, w.message)
-    check_same_architecture(a.state_dict(), b.state_dict())
-    check_same_dtype(a.state_dict(), b.state_dict())
-    try:
-        check_same_dataset(meta_a, meta_b, (str(args.a), str(args.b)))
-    except DatasetMismatchError as err:
-        if not args.allow_different_data:
-            fail(f"{err}; pass --allow-different-data to proceed anyway")
-        _warn(args, f"{err}; proceeding (--allow-different-data) on {args.data or meta_a['dataset']}")
-    name, calib, loaders = _pair_data(args, meta_a, fail)
-    check_example_input(a, first_input(calib))
-    return a, b, meta_a, name, calib, loaders
+    _check_datasets(args, paths, metas, fail)
+    name, calib, loaders = _pair_data(args, metas[0], fail)
+    check_example_input(models[0], first_input(calib))
+    return models, metas[0], name, calib, loaders
+
+
+def _check_datasets(args, paths, metas, fail) -> None:
+    """Every checkpoint's recorded dataset against the first recorded one: refused, or one warning per other
+    dataset with --allow-different-data."""
+    from onebasin.checks import check_same_dataset
+    from onebasin.errors import DatasetMismatchError
+
+    recorded = [(p, m) for p, m in zip(paths, metas) if m.get("dataset") is not None]
+    for p, meta in recorded[1:]:
+        try:
+            check_same_dataset(recorded[0][1], meta, (str(recorded[0][0]), str(p)))
+        except DatasetMismatchError as err:
+            if not args.allow_different_data:
+                fail(f"{err}; pass --allow-different-data to proceed anyway")
+            _warn(args, f"{err}; proceeding (--allow-different-data) on {args.data or recorded[0][1]['dataset']}")
 
 
 def _warn(args, message) -> None:
@@ -444,76 +459,98 @@ def _given(value, default):
 
 
 def cmd_merge(args, fail) -> int:
-    from onebasin.checkpoint import save_checkpoint
-    from onebasin.distributed import is_main
+    """`onebasin merge A B [C ...]`: Hugging Face folders, two checkpoints (`merge`) or more (`cmd_merge_many`)."""
     from onebasin.hf import is_pretrained_dir
 
+    paths = [args.a, args.b, *args.more]
+    alpha_given, args.alpha = args.alpha is not None, 0.5 if args.alpha is None else args.alpha
+    args.weights = weights = _weights(args, len(paths), fail)
     if is_pretrained_dir(args.a):
         return cmd_merge_pretrained(args, fail)
+    _check_out_file(args.out, args.force, fail)
+    _check_not_an_input(args.out, paths, fail)
+    _check_calib_examples(args, fail)
+    if args.more:
+        return cmd_merge_many(args, paths, weights, alpha_given, fail)
+    if alpha_given and weights is not None:
+        fail("give --alpha or --weights for two models, not both")
+    alpha = weights[1] if weights is not None else args.alpha
+    if not 0 <= alpha <= 1:
+        fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    from onebasin.checkpoint import save_merged
     from onebasin.interpolate import evaluate
     from onebasin.pipeline import merge
 
-    if args.more:
-        return cmd_merge_many(args, fail)
-    _check_out_file(args.out, args.force, fail)
-    if not 0 <= args.alpha <= 1:
-        fail(f"--alpha must be in [0, 1], got {args.alpha}")
-    _check_calib_examples(args, fail)
     try:
-        a, b, meta, dataset, calib, loaders = _load_pair(args, fail)
-        merged, result = merge(a, b, method=args.method, repair=args.repair, alpha=args.alpha, data=calib,
+        models, meta, dataset, calib, loaders = _load_models(args, paths, fail)
+        merged, result = merge(*models, method=args.method, repair=args.repair, alpha=alpha, data=calib,
                                max_examples=args.calib_examples, sites=_sites(args, "layer,block"))
         measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
-                    for name, m in (("model_a", a), ("model_b", b), ("merged", merged))}
-        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,
-                    "merged_from": [str(args.a), str(args.b)], "merge": result.to_dict(), "measured": measured,
-                    **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
-        if is_main():
-            save_checkpoint(args.out, merged.state_dict(), out_meta)
+                    for name, m in zip(("model_a", "model_b", "merged"), (*models, merged))}
+        out = save_merged(args.out, merged, result, sources=paths, meta={**meta, "dataset": dataset}, measured=measured)
     except _errors() as err:
         fail(str(err))
-    if is_main():
-        print(json.dumps({"out": args.out, **{k: round(v["test_acc"], 4) for k, v in measured.items()},
-                          "fused": result.fused}))
+    _print_main({"out": str(out), **{k: round(v["test_acc"], 4) for k, v in measured.items()}, "fused": result.fused})
     return 0
 
 
-def cmd_merge_many(args, fail) -> int:
-    """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints (A and B checked as for two)."""
+def cmd_merge_many(args, paths, weights, alpha_given, fail) -> int:
+    """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints."""
+    from onebasin.checkpoint import save_merged
     from onebasin.diagnostics import merge_diagnostics
     from onebasin.pipeline import merge_many
-    from onebasin.checkpoint import load_any, save_checkpoint
-    from onebasin.distributed import is_main
-    from onebasin.checks import check_same_architecture, check_same_dtype
 
-    _check_out_file(args.out, args.force, fail)
-    _check_calib_examples(args, fail)
     if args.method not in ("activation", "weight"):
         fail(f"--method {args.method}: three or more models are aligned by activation or weight")
-    if args.repair == "closed" or args.alpha != 0.5:
-        fail("three or more models take --repair exact, reset_bn or none, and --weights instead of --alpha")
-    paths = [args.a, args.b, *args.more]
+    if args.repair == "closed":
+        fail("three or more models take --repair exact, reset_bn or none")
+    if alpha_given:
+        fail("three or more models take --weights (one per model) instead of --alpha")
     try:
-        a, b, meta, dataset, calib, loaders = _load_pair(args, fail)
-        models = [a, b]
-        for p in args.more:
-            models.append(load_any(p, args.model, _parse_opts(args.model_opts, fail) or meta.get("model_kwargs"), device=args.device)[0])
-            check_same_architecture(a.state_dict(), models[-1].state_dict(), (str(args.a), str(p)))
-            check_same_dtype(a.state_dict(), models[-1].state_dict(), (str(args.a), str(p)))
-        merged, result = merge_many(models, method=args.combine, repair=args.repair, weights=args.weights, data=calib,
-                                    alignment=args.method, max_examples=args.calib_examples)
+        models, meta, dataset, calib, loaders = _load_models(args, paths, fail)
+        merged, result = merge_many(models, method=args.combine, repair=args.repair, weights=weights, data=calib,
+                                    alignment=args.method, max_examples=args.calib_examples, sites=_sites(args, "layer,block"))
         measured = merge_diagnostics(models, merged, loaders["test"], result.weights)
-        out_meta = {**{k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, "dataset": dataset,
-                    "merged_from": [str(p) for p in paths], "merge_many": result.to_dict(), "measured": measured,
-                    **({"repair_affines": result.affines, "example_input": result.example_input} if result.affines else {})}
-        if is_main():
-            save_checkpoint(args.out, merged.state_dict(), out_meta)
+        out = save_merged(args.out, merged, result, sources=paths, meta={**meta, "dataset": dataset}, measured=measured,
+                          key="merge_many")
     except _errors() as err:
         fail(str(err))
-    if is_main():
-        print(json.dumps({"out": args.out, **{k: round(measured[k]["acc"], 4) for k in ("merged", "endpoint_mean", "ensemble")},
-                          "fused": result.fused}))
+    _print_main({"out": str(out), **{k: round(measured[k]["acc"], 4) for k in ("merged", "endpoint_mean", "ensemble")},
+                 "fused": result.fused})
     return 0
+
+
+def _weights(args, n_models: int, fail) -> list[float] | None:
+    """--weights as N floats summing to 1 (None when not given); refused showing what was typed."""
+    from onebasin.checks import check_weights
+
+    if args.weights is None:
+        return None
+    try:
+        return check_weights([float(w) for w in args.weights], n_models)
+    except ValueError:
+        fail(f"--weights {' '.join(args.weights)}: give {n_models} finite non-negative numbers with a positive sum, "
+             "one per model")
+
+
+def _check_not_an_input(out, paths, fail) -> None:
+    """Refuse an --out whose weights or sidecar is one of the inputs (or an input's sidecar): never overwrite an input."""
+    from pathlib import Path
+
+    from onebasin.checkpoint import checkpoint_paths
+
+    inputs = {q.resolve(): p for p in paths for q in (Path(p), *checkpoint_paths(p))}
+    for q in checkpoint_paths(out):
+        if q.resolve() in inputs:
+            fail(f"--out {out} would overwrite the input {inputs[q.resolve()]} (or its sidecar): choose another path")
+
+
+def _print_main(record: dict) -> None:
+    """Print the command's JSON summary line, on rank 0 only under torchrun."""
+    from onebasin.distributed import is_main
+
+    if is_main():
+        print(json.dumps(record))
 
 
 def cmd_barrier(args, fail) -> int:
@@ -527,7 +564,7 @@ def cmd_barrier(args, fail) -> int:
         fail(f"--alphas is a count and must be >= 2 (0 and 1), got {args.alphas}")
     _check_calib_examples(args, fail)
     try:
-        a, b, meta, _, calib, loaders = _load_pair(args, fail)
+        (a, b), meta, _, calib, loaders = _load_models(args, [args.a, args.b], fail)
         alphas = [i / (args.alphas - 1) for i in range(args.alphas)]
         comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair,
                              alphas=alphas, max_examples=args.calib_examples, progress=not args.no_progress)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .align import align, check_same_function, get_method
-from .align.many import agreement, align_many, cycle_consistency, induced_maps
+from .align.many import ALIGNMENTS, agreement, align_many, cycle_consistency, get_combiner, induced_maps
 from .barrier import barrier_curve
 from .checks import (check_example_input, check_finite, check_models, check_same_architecture, check_same_dtype,
                      check_weights, first_input)
@@ -259,6 +259,10 @@ def merge_many(
         InvalidWeightsError, EmptyDataError / InputMismatchError (as `merge`), AlignmentError (a permuted
         model computes another function than its model on the first batch: the spec misses an axis).
     """
+    if method != "none":
+        get_combiner(method)  # InvalidOptionError listing the valid names, before any work
+    if alignment not in ALIGNMENTS:
+        raise InvalidOptionError(f"unknown alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)}")
     if repair not in MANY_REPAIRS:
         raise InvalidOptionError(f"unknown repair {repair!r}; valid: {', '.join(MANY_REPAIRS)}")
     if max_examples is not None and not (isinstance(max_examples, int) and max_examples >= 1):

@@ -2,6 +2,7 @@
 OnebasinError naming the cause, the CLI exits 2 with exactly one line on stderr, and nothing is written
 outside --out."""
 
+import json
 import math
 import re
 
@@ -10,6 +11,8 @@ import torch
 import torch.nn as nn
 
 import onebasin
+from cli_helpers import checkpoint, files, run_cli, use_fake_data
+from onebasin.checkpoint import load_checkpoint, save_checkpoint
 from onebasin.errors import ArchitectureMismatchError, InvalidOptionError, InvalidWeightsError, OnebasinError
 from onebasin.permute import permute_model, random_perms
 from onebasin.spec import trace
@@ -169,3 +172,130 @@ def test_merge_many_checks_the_function_of_given_perms():
              {"h0": torch.arange(16)}]
     with pytest.raises(OnebasinError, match="model 1.*different function"):
         onebasin.merge_many(ms, data=d, perms=perms, spec=spec, repair="none")
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ckpts(tmp_path, monkeypatch):
+    use_fake_data(monkeypatch)
+    return [checkpoint(tmp_path / f"m{i}.safetensors", seed=i) for i in range(3)]
+
+
+def refused(tmp_path, capsys, argv, *needles):
+    """Run `onebasin merge ARGV`; require exit 2, one stderr line holding every needle, and no file changed."""
+    before = files(tmp_path)
+    code, out, err = run_cli(["merge", *argv], capsys)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("onebasin merge: error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert files(tmp_path) == before
+    return err
+
+
+def test_cli_refuses_a_third_checkpoint_trained_on_other_data(tmp_path, capsys, ckpts):
+    """Issue 23 item 2: the dataset of every checkpoint is checked, not only of the first two."""
+    fashion = checkpoint(tmp_path / "f.safetensors", seed=5, dataset="fashionmnist")
+    refused(tmp_path, capsys, [*ckpts[:2], fashion, "--out", tmp_path / "o.safetensors"], str(fashion), "fashionmnist",
+            "--allow-different-data")
+
+
+def test_cli_warns_once_per_other_dataset_with_allow_different_data(tmp_path, capsys, ckpts):
+    fashion = checkpoint(tmp_path / "f.safetensors", seed=5, dataset="fashionmnist")
+    out = tmp_path / "o.safetensors"
+    code, _, err = run_cli(["merge", *ckpts[:2], fashion, "--out", out, "--allow-different-data", "--no-progress"], capsys)
+    assert code == 0 and err.count("warning") == 1 and str(fashion) in err and "fashionmnist" in err
+
+
+@pytest.mark.parametrize("weights, shown", [(["1", "inf", "1"], "1 inf 1"), (["1", "-2", "1"], "1 -2 1"),
+                                            (["0", "0", "0"], "0 0 0"), (["1", "2"], "1 2"), (["1", "x", "1"], "1 x 1")],
+                         ids=["inf", "negative", "zeros", "count", "text"])
+def test_cli_refuses_bad_weights_showing_what_was_typed(tmp_path, capsys, ckpts, weights, shown):
+    refused(tmp_path, capsys, [*ckpts, "--out", tmp_path / "o.safetensors", "--weights", *weights], f"--weights {shown}")
+
+
+def test_cli_two_models_with_weights_honours_them(tmp_path, capsys, ckpts):
+    """Issue 23 item 8: --weights 1 2 with two models is alpha 2/3 (it was ignored: alpha 0.5)."""
+    out = tmp_path / "w.safetensors"
+    code, _, err = run_cli(["merge", *ckpts[:2], "--out", out, "--weights", "1", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    _, meta = load_checkpoint(out)
+    assert meta["merge"]["alpha"] == pytest.approx(2 / 3)
+    code, _, _ = run_cli(["merge", *ckpts[:2], "--out", tmp_path / "a.safetensors", "--alpha", str(2 / 3), "--no-progress"], capsys)
+    tensors = [load_checkpoint(p)[0] for p in (out, tmp_path / "a.safetensors")]
+    assert code == 0 and all(torch.equal(v, tensors[1][k]) for k, v in tensors[0].items())
+
+
+def test_cli_refuses_alpha_and_weights_together(tmp_path, capsys, ckpts):
+    refused(tmp_path, capsys, [*ckpts[:2], "--out", tmp_path / "o.safetensors", "--alpha", "0.3", "--weights", "1", "2"],
+            "--alpha", "--weights")
+
+
+def test_cli_sites_reach_merge_many(tmp_path, capsys, ckpts, monkeypatch):
+    """Issue 23 item 8: --sites is passed on with three models (it was ignored)."""
+    import onebasin.pipeline
+
+    seen = {}
+    real = onebasin.pipeline.merge_many
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onebasin.pipeline, "merge_many", spy)
+    code, _, err = run_cli(["merge", *ckpts, "--out", tmp_path / "o.safetensors", "--sites", "layer", "--no-progress"], capsys)
+    assert code == 0, err
+    assert tuple(seen["sites"]) == ("layer",)
+
+
+def test_cli_prints_the_path_it_wrote(tmp_path, capsys, ckpts):
+    out = tmp_path / "r" / "x.pt"
+    out.parent.mkdir()
+    code, printed, err = run_cli(["merge", *ckpts, "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    written = json.loads(printed)["out"]
+    assert written == str(tmp_path / "r" / "x.pt.safetensors") and (tmp_path / "r" / "x.pt.safetensors").is_file()
+
+
+def test_cli_refuses_model_opts_for_onebasin_checkpoints(tmp_path, capsys, ckpts):
+    refused(tmp_path, capsys, [*ckpts, "--out", tmp_path / "o.safetensors", "--model-opts", "width=32"], "--model-opts")
+
+
+@pytest.mark.parametrize("which", [0, 2])
+def test_cli_never_overwrites_an_input(tmp_path, capsys, ckpts, which):
+    before = ckpts[which].read_bytes()
+    refused(tmp_path, capsys, [*ckpts, "--out", ckpts[which], "--force"], "input")
+    assert ckpts[which].read_bytes() == before
+
+
+def test_cli_names_a_missing_third_checkpoint(tmp_path, capsys, ckpts):
+    refused(tmp_path, capsys, [*ckpts[:2], tmp_path / "nope.safetensors", "--out", tmp_path / "o.safetensors"], "nope.safetensors")
+
+
+def test_cli_names_a_third_checkpoint_of_another_width(tmp_path, capsys, ckpts):
+    narrow = checkpoint(tmp_path / "narrow.safetensors", width=8, seed=4)
+    refused(tmp_path, capsys, [*ckpts[:2], narrow, "--out", tmp_path / "o.safetensors"], str(narrow))
+
+
+def test_cli_names_an_unknown_combine_method(tmp_path, capsys, ckpts):
+    refused(tmp_path, capsys, [*ckpts, "--out", tmp_path / "o.safetensors", "--combine", "average"], "average", "universe")
+
+
+def test_cli_refuses_a_sidecar_as_the_third_model(tmp_path, capsys, ckpts):
+    refused(tmp_path, capsys, [*ckpts[:2], ckpts[2].with_suffix(".json"), "--out", tmp_path / "o.safetensors"], "sidecar")
+
+
+def test_cli_refuses_alpha_with_three_models(tmp_path, capsys, ckpts):
+    refused(tmp_path, capsys, [*ckpts, "--out", tmp_path / "o.safetensors", "--alpha", "0.3"], "--weights")
+
+
+def test_cli_refuses_an_unknown_site_kind(tmp_path, capsys, ckpts):
+    refused(tmp_path, capsys, [*ckpts, "--out", tmp_path / "o.safetensors", "--sites", "blok"], "blok")
+
+
+def test_cli_refuses_a_plain_state_dict_without_model(tmp_path, capsys, ckpts):
+    plain = tmp_path / "plain.pt"
+    torch.save(load_checkpoint(ckpts[2])[0], plain)
+    refused(tmp_path, capsys, [*ckpts[:2], plain, "--out", tmp_path / "o.safetensors"], "plain.pt", "--model")
