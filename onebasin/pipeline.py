@@ -15,6 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .align import align, check_same_function, get_method
+from ._copy import copy_module
 from .align.many import ALIGNMENTS, agreement, align_many, cycle_consistency, get_combiner, induced_maps
 from .barrier import barrier_curve
 from .checks import (check_example_input, check_finite, check_models, check_same_architecture, check_same_dtype,
@@ -281,7 +282,7 @@ def merge_many(
         direct, record = {}, {"given_perms": True}
     aligned_at = time.perf_counter()
     aligned = _aligned(models, spec, perms, example)
-    merged = copy.deepcopy(models[0])
+    merged = copy_module(models[0])
     merged.load_state_dict(weighted_mean([m.state_dict() for m in aligned], w))
     averaged_at = time.perf_counter()
     passes, fused, affines = 0, True, {}
