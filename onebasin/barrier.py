@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .errors import EmptyDataError
 from .interpolate import BarrierCurve, evaluate, interpolate_model
 from .repair import endpoint_stats, repair, reset_bn
+from .stats import takes_precision
 
 CORRECTIONS = (None, "reset_bn", "repair_exact", "repair_closed")
 
@@ -40,6 +41,7 @@ def _corrector(model_a, model_b, correction, calib_data, max_examples, spec, sit
     return repaired
 
 
+@takes_precision
 def barrier_curve(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -54,6 +56,7 @@ def barrier_curve(
     sites=("layer", "block"),
     endpoints=None,
     on_model: Callable[[float, nn.Module], None] | None = None,
+    precision: str | None = None,
 ) -> BarrierCurve:
     """Loss and accuracy along theta_alpha = (1 - alpha) theta_A + alpha theta_B (Jordan et al. 2022, Fig. 3).
 
@@ -68,6 +71,8 @@ def barrier_curve(
         loss_fn: loss(logits, targets) -> batch mean.
         endpoints: precomputed `repair.endpoint_stats(model_a, model_b, ...)` of those sites, for REPAIR.
         on_model: called as on_model(alpha, model) with each evaluated (corrected) network, e.g. to keep one.
+        precision: "float64" (exact float64 sums) or "float32" (shifted float32 products added into float64
+            sums: faster, ~1e-6 relative error; stats.Moments) for REPAIR's statistics; None: float64.
     Returns:
         BarrierCurve; `.barrier(split, "loss" | "error")` gives eq. (1).
     """

@@ -17,9 +17,10 @@ tapped tensor, so what a site reports is the value the next op reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-
 import contextlib
+import functools
+import inspect
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,18 @@ def statistics_precision(precision: str | None) -> Iterator[None]:
         yield
     finally:
         _precision.pop()
+
+
+def takes_precision(fn):
+    """Decorate an entry point with a `precision` argument: its call runs inside `statistics_precision`."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with statistics_precision(signature.bind(*args, **kwargs).arguments.get("precision")):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _samples(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,

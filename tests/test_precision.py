@@ -168,12 +168,11 @@ def test_float32_sums_of_two_gloo_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet20_bn", "conv_ln_chw"])
-def test_float32_repair_hits_goals_within_1e5(name):
+def test_float32_repair_hits_goals_within_1e5(name, monkeypatch):
     """Exact REPAIR of a float32 network with float32 statistics: the corrected activations (read from the
     RepairAffine modules with hooks, numpy float64 statistics) are within 1e-5 (relative to each unit's goal
     std) of the goals computed by numpy from A's and B's hooked activations."""
     from onebasin.repair import repair
-    from onebasin.stats import statistics_precision
     from test_repair import MODELS, corrected_values, numpy_stats
     from conftest import hooked_site_values
     from reference_models import randomize_norm_stats
@@ -187,8 +186,12 @@ def test_float32_repair_hits_goals_within_1e5(name):
     data = [torch.randn(32, *shape, generator=g) * 0.5 + 3 for _ in range(4)]  # means far from 0
     a, b = ends
     spec = trace(a, data[0])
-    with statistics_precision("float32"):
-        result = repair(a, b, 0.4, data, spec=spec, fuse=False)
+    seen = []
+    update = Moments.update_units
+    with monkeypatch.context() as mp:  # which precision the sums were taken in
+        mp.setattr(Moments, "update_units", lambda self, *args: (seen.append(self.dtype), update(self, *args)))
+        result = repair(a, b, 0.4, data, spec=spec, fuse=False, precision="float32")
+    assert seen and set(seen) == {torch.float32}
     sites = [s.site for s in result.stats]
     x = torch.cat(data)
     ref_a, ref_b = numpy_stats(hooked_site_values(a, spec, x), sites), numpy_stats(hooked_site_values(b, spec, x), sites)
@@ -248,3 +251,22 @@ def test_statistics_under_a_quarter_budget_equal_one_pass(name):
     assert [len({family_root(spec, g) for g in p}) for p in tiny] == [1] * len(tiny)
     roots = [family_root(spec, g) for p in tiny for g in p[:1]]
     assert len(roots) == len(set(roots))  # no family split across passes
+
+
+def test_entry_points_take_precision(monkeypatch):
+    """align(..., precision=) reaches the method's statistics (float32 sums), and gives float64's permutations
+    on a model without ties; the enclosing default is restored afterwards."""
+    from onebasin.align import align
+
+    (a, b), data = pair("mlp")
+    seen = []
+    update = Moments.update_pair
+    monkeypatch.setattr(Moments, "update_pair", lambda self, *args, **kw: (seen.append(self.dtype), update(self, *args, **kw)))
+    _, r32 = align(a, b, "activation", data, precision="float32")
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    _, r64 = align(a, b, "activation", data)
+    assert seen and set(seen) == {torch.float64}
+    assert all(torch.equal(r32.perms[g], r64.perms[g]) for g in r64.perms)
+    with pytest.raises(ValueError, match="unknown precision 'float16'"):
+        align(a, b, "activation", data, precision="float16")

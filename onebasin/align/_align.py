@@ -10,7 +10,7 @@ from ..graph import as_call, to_device
 from ..checks import check_finite, check_same_architecture
 from ..permute import permute_model
 from ..spec import PermutationSpec, trace
-from ..stats import eval_mode
+from ..stats import eval_mode, takes_precision
 from ._registry import AlignResult, AlignmentError, device_of, first_examples, get_method
 
 
@@ -40,6 +40,7 @@ def check_same_function(model: nn.Module, permuted: nn.Module, x: torch.Tensor, 
     return diff
 
 
+@takes_precision
 def align(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -49,6 +50,7 @@ def align(
     spec: PermutationSpec | None = None,
     example_input: torch.Tensor | None = None,
     check: bool = True,
+    precision: str | None = None,
     **options,
 ) -> tuple[nn.Module, AlignResult]:
     """Permute model B's hidden units into model A's basin.
@@ -60,6 +62,8 @@ def align(
         spec: the PermutationSpec; traced from A on `example_input` when not given.
         example_input: an input batch (N, ...), default the first batch of `data`; used to trace and to check.
         check: assert that the permuted B gives B's outputs on `example_input` (AlignmentError if not).
+        precision: "float64" (exact float64 sums) or "float32" (shifted float32 products added into float64
+            sums: faster, ~1e-6 relative error; stats.Moments) for every statistic; None: float64.
         options: passed to the method (max_examples, device, seed, budget, init, ...).
     Returns:
         (a permuted copy of B, the AlignResult: perms per group and the method's record, plus

@@ -33,7 +33,7 @@ def site_moments(
     max_examples: int | None = 10_000,
     device=None,
     max_memory: int | None = 1 << 30,
-    precision: str = "float64",
+    precision: str | None = None,
     groups: list[str] | None = None,
 ) -> tuple[dict[str, list[Moments]], int]:
     """Paired moments of A's and B's activations at every group's sites, in one pass.
@@ -45,7 +45,8 @@ def site_moments(
             torch.distributed each rank reads its shard (stats.batches) and the sums are all-reduced.
         max_memory: bytes the tapped activations of A and B may hold at once: a batch whose sites would
             need more runs in slices of rows (the sums do not depend on it; None: whole batches).
-        precision: "float64" (exact sums) or "float32" (shifted float32 products into float64 sums: stats.Moments).
+        precision: "float64" (exact sums) or "float32" (shifted float32 products into float64 sums: stats.Moments);
+            None: the enclosing stats.statistics_precision (float64 outside any).
         groups: the groups to measure (default: every group with sites).
     Returns:
         ({group: [Moments(paired=True) per site, x = A's units (samples, n), y = B's units]}, examples).
@@ -101,7 +102,7 @@ def activation_matching(
     max_examples: int | None = 10_000,
     device=None,
     max_memory: int | None = 1 << 30,
-    precision: str = "float64",
+    precision: str | None = None,
 ) -> AlignResult:
     """Align B to A by maximising the summed correlation of matched units (Li et al. 2015; REPAIR eq. 2).
 
@@ -110,7 +111,8 @@ def activation_matching(
         model_a, model_b: nn.Modules of the same architecture; data: iterable of x or (x, y) batches.
         max_examples: inputs read from `data`; device: where to run (default: model A's device).
         max_memory: bytes the tapped activations of one batch may hold (larger batches run in row slices).
-        precision: "float64" or "float32" statistics (stats.Moments; float32: relative error ~1e-6).
+        precision: "float64" or "float32" statistics (stats.Moments; float32: relative error ~1e-6); None: the
+            enclosing stats.statistics_precision, as align(..., precision=) sets it.
     Returns:
         AlignResult; record: iterations (1), objective {group: mean matched correlation} and
         identity {group: the same before alignment}, examples, seconds, weight_fallback (groups without

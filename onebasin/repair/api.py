@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..graph import Captured, capture, model_inputs
 from ..interpolate import lerp
 from ..spec import PermutationSpec, Site
-from ..stats import eval_mode
+from ..stats import eval_mode, takes_precision
 from .affine import affine_to_goal
 from .fuse import fuse_corrections
 from .measure import EndpointStats, endpoint_stats, site_stats
@@ -75,6 +75,7 @@ class RepairResult:
         ]  # fmt: skip
 
 
+@takes_precision
 def correct(
     model: nn.Module,
     sites: list[Site],
@@ -89,12 +90,14 @@ def correct(
     ndims: list[int] | None = None,
     max_memory: int | None = 4 << 30,
     alpha: float = float("nan"),
+    precision: str | None = None,
 ) -> RepairResult:
     """REPAIR `model` so that each site's units reach the goal mean and std (float64 (units,) per site).
 
     The exact variant of Jordan et al. 2022, Sec. 4.2, for any goals (two endpoints: eqs. 3-4; N models:
     their weighted means). `graph` is the model's captured graph (captured from the first batch if None).
-    Returns a RepairResult (method "exact", passes 1 for the one-sweep path).
+    `precision`: of the statistics ("float64" or "float32", see `repair`). Returns a RepairResult (method
+    "exact", passes 1 for the one-sweep path).
     """
     if method != "exact":
         raise ValueError("correct() computes exact corrections; closed form needs endpoint statistics (repair())")
@@ -119,6 +122,7 @@ def _fused(model, graph, state, rows, fuse, method, alpha, passes, peak_bytes=0,
     return RepairResult(out, method, alpha, passes, rows, peak_bytes, note, graph)
 
 
+@takes_precision
 def repair(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -132,6 +136,7 @@ def repair(
     fuse: bool = True,
     endpoints: EndpointStats | None = None,
     max_memory: int | None = 4 << 30,
+    precision: str | None = None,
 ) -> RepairResult:
     """REPAIR the network interpolated between A and B at `alpha` (Jordan et al. 2022, Sec. 4, eqs. 3-5).
 
@@ -147,6 +152,8 @@ def repair(
         endpoints: precomputed `endpoint_stats` (reuse across alphas); computed from `data` when None.
         max_memory: bytes of activations the one-sweep exact REPAIR may keep (None: no limit); above
             it, one streaming pass per dependency level (RepairResult.note says so).
+        precision: "float64" (exact float64 sums) or "float32" (shifted float32 products added into float64
+            sums: faster, ~1e-6 relative error; stats.Moments) for every statistic; None: float64.
     Returns:
         RepairResult with `.model` (corrected interpolated net), `.stats` (per site), `.passes`, `.fused`.
     """
