@@ -73,7 +73,10 @@ class Tracer:
         return self.vars.new(name or module_path(node) or node.name, size)
 
     def add_member(self, var: int, key: str, axis: int, layout: Layout | None = None, diag: bool = False) -> None:
-        """Axis `axis` of weight `key` (and of every key tied to it) follows variable `var` at `layout`."""
+        """Axis `axis` of weight `key` (and of every key tied to it) follows variable `var` at `layout`.
+        `axis` None (a slice of the weight, or a new axis) raises StructureError, which names the node."""
+        if axis is None:
+            raise StructureError(f"a slice of weight {key!r} on an axis that a permutation would move")
         self.vars.root(var).used = True
         length = self.shapes[key][axis]
         layout = layout or Layout.plain(length if diag else self.vars.root(var).size, 1)

@@ -102,6 +102,46 @@ def test_rows_times_a_column_sliced_weight_is_refused_not_a_crash():
     assert torch.allclose(permute_model(model, spec, perms)(x), model(x), rtol=1e-10)
 
 
+class _SlicedLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.w = torch.nn.Linear(6, 16), torch.nn.Parameter(torch.randn(8, 24))
+        self.mid, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(torch.nn.functional.linear(torch.relu(self.fc(x)), self.w[:, :16]))
+        return self.out(torch.relu(self.mid(h)))
+
+
+class _SlicedEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(10, 6), torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.nn.functional.embedding(ids, self.emb.weight[:, :4]))
+
+
+def test_a_layer_whose_weight_is_a_slice_keeps_its_units_or_is_refused_by_node():
+    """F.linear(h, w[:, :16]) was a TypeError in the tracer (test failed before the fix): its units stay in
+    place with a note naming the node, `mid` still permutes and the permuted copy (`mid`'s rows moved by
+    hand as the oracle) computes the same; an embedding over a sliced table is refused naming the node."""
+    from onebasin.errors import UnsupportedOpError
+
+    torch.manual_seed(0)
+    model, x = _SlicedLinear().double().eval(), torch.randn(4, 6, dtype=torch.float64)
+    spec = trace(model, x)
+    assert list(spec.groups) == ["mid"] and any("linear_1" in n and "'w'" in n for n in spec.notes)
+    perms = random_perms(spec, seed=1)
+    permuted = permute_model(model, spec, perms)
+    p = perms["mid"]
+    assert torch.equal(permuted.mid.weight, model.mid.weight[p]) and torch.equal(permuted.out.weight, model.out.weight[:, p])
+    with torch.no_grad():
+        assert (permuted(x) - model(x)).abs().max() < 1e-12
+    with pytest.raises(UnsupportedOpError, match="node 'embedding'.*slice of weight 'emb.weight'"):
+        trace(_SlicedEmbedding(), torch.randint(0, 10, (2, 5)))
+
+
 def test_attention_heads_share_the_block_permutation():
     model, x, _ = build("explicit_attention")
     spec = trace(model, x)

@@ -18,11 +18,15 @@ if TYPE_CHECKING:  # annotations only: the tracer imports the rules
 
 
 def _weight(t: Tracer, node: fx.Node, arg, out_axis: int, in_axis: int):
-    """(key, weight axis of the outputs, weight axis of the inputs) of a weight argument, or None if computed."""
+    """(key, weight axis of the outputs, weight axis of the inputs) of a weight argument, or None if computed
+    (or a slice of a stored weight along one of those axes: its units stay in place, with a note)."""
     view = t.weight(arg)
     if view is None:
         if t.label(arg) is not None:
             raise t.refuse(node, "a layer whose weight is a permuted activation")
+        return None
+    if view.axes[out_axis] is None or view.axes[in_axis] is None:
+        t.notes.append(f"{node.name}: its weight is a slice of {view.key!r}: kept in place")
         return None
     return view.key, view.axes[out_axis], view.axes[in_axis]
 
