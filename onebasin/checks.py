@@ -53,7 +53,10 @@ def check_same_dataset(meta_a: dict, meta_b: dict, names: tuple[str, str] = ("A"
 
 
 def check_finite(sd: StateDict, name: str = "model") -> None:
-    """Raise InvalidWeightsError naming the tensors of a state_dict that hold NaN or inf."""
+    """Raise InvalidWeightsError naming the tensors of a state_dict that hold NaN or inf, or no values at all."""
+    if meta := [k for k, v in sd.items() if v.is_meta]:
+        raise InvalidWeightsError(f"{name} is on the meta device (shapes without values) in: {', '.join(meta[:3])}; "
+                                  "load or materialise its weights first")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise InvalidWeightsError(f"{name} has non-finite (NaN/inf) values in: {', '.join(bad[:10])}")

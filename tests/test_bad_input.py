@@ -14,7 +14,7 @@ import torch.nn as nn
 import onebasin
 from onebasin.checks import check_example_input
 from onebasin.errors import (ArchitectureMismatchError, EmptyDataError, InputMismatchError, InvalidOptionError,
-                             InvalidWeightsError, OnebasinError)
+                             InvalidWeightsError)
 from reference_models import mlp
 
 
@@ -148,10 +148,15 @@ def test_the_input_check_leaves_training_flags_and_statistics_alone():
     assert [m.training for m in net] == [True, True, True, False]
 
 
-def test_every_api_error_is_caught_as_an_onebasin_error():
-    for data in ([], batches(features=13), batches(dtype=torch.float64)):
-        with pytest.raises(OnebasinError):
-            onebasin.merge(*pair(), data=data)
+def test_models_on_the_meta_device_are_one_clear_error():
+    """Models built under torch.device("meta") hold shapes without values: merge raised a raw RuntimeError
+    ("Tensor.item() cannot be called on meta tensors"; test failed before the fix)."""
+    with torch.device("meta"):
+        a, b = mlp(), mlp()
+    for merge in (lambda: onebasin.merge(a, b, data=batches()), lambda: onebasin.merge_many([a, b], data=batches())):
+        with pytest.raises(InvalidWeightsError, match=r"model A is on the meta device .* 1\.weight|model 0 is on the meta device") as err:
+            merge()
+        assert "\n" not in str(err.value)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
