@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from .align import align, check_same_function, get_method
 from ._copy import copy_module
 from .align.many import ALIGNMENTS, agreement, align_many, cycle_consistency, get_combiner, induced_maps
@@ -372,7 +372,7 @@ def compare(
         first_input(loader, name=f"loaders[{split!r}]")
     spec = trace(model_a, _example(model_a, calib_data, "calib_data", check=False))
     fixed = f"aligned+{'REPAIR' if repair == 'exact' else repair}"
-    steps = tqdm(total=5, desc="compare", disable=not progress)
+    steps = progress_bar(total=5, desc="compare", disable=not progress)
 
     def step(label: str) -> None:
         steps.set_postfix_str(label)

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from onebasin.distributed import default_device
 from onebasin.stats import distributed
+from onebasin._progress import progress_bar
 from onebasin.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
 from onebasin.data import ImageData, TextData, batches, dataset_info, load_dataset, make_augment, num_batches
 from onebasin.errors import OnebasinError
@@ -218,7 +218,7 @@ def train(model: nn.Module, train_data: ImageData | TextData, test_data: ImageDa
     steps_per_epoch = num_batches(len(train_data), recipe.batch_size)
     if rpath is not None and rank > 0:
         rpath = None  # only rank 0 writes checkpoints
-    bar = tqdm(total=steps_per_epoch * recipe.epochs, initial=start * steps_per_epoch, unit="step",
+    bar = progress_bar(total=steps_per_epoch * recipe.epochs, initial=start * steps_per_epoch, unit="step",
                disable=not progress, desc=f"train {run.get('model', type(model).__name__)}")
     try:
         for epoch in range(start, recipe.epochs):

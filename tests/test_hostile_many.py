@@ -299,3 +299,13 @@ def test_cli_refuses_a_plain_state_dict_without_model(tmp_path, capsys, ckpts):
     plain = tmp_path / "plain.pt"
     torch.save(load_checkpoint(ckpts[2])[0], plain)
     refused(tmp_path, capsys, [*ckpts[:2], plain, "--out", tmp_path / "o.safetensors"], "plain.pt", "--model")
+
+
+def test_progress_bars_write_one_line_each_when_stderr_is_not_a_terminal(capsys):
+    """A log (stderr not a terminal) gets one line per bar, not a carriage-return redraw per step (issue 23: the
+    demo's log was mostly '\\r' lines). compare() draws one bar over its five steps."""
+    ms, d = three()[:2], data()
+    loaders = {"test": [(x, torch.zeros(len(x), dtype=torch.long)) for x in d]}
+    onebasin.compare(*ms, loaders, d, alphas=[0, 0.5, 1], progress=True)
+    err = capsys.readouterr().err
+    assert err.count("\r") == 1 and err.count("\n") == 1 and "compare" in err and "5/5" in err, repr(err)

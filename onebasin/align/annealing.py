@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..permute import StateDict, apply_perms, block_perm, permute_member
 from ..spec import Group, PermutationSpec
 from ..stats import eval_mode
@@ -174,7 +174,7 @@ def anneal_many(
         best_perms, accepted, history = [dict(p) for p in perms], 0, [(1, value, value)]
         t0 = t0 if t0 is not None else 0.1 * max(abs(value), 1e-6)
         every = max(1, budget // 500)
-        with tqdm(total=evaluations, initial=1, unit="eval", desc="annealing", disable=not progress) as bar:
+        with progress_bar(total=evaluations, initial=1, unit="eval", desc="annealing", disable=not progress) as bar:
             for k in range(1, evaluations):
                 i, moved = rng.choice(chosen), _draw(rng, spec, *rng.choice(moves))
                 trial = cur[:i] + [_swapped(cur[i], spec, moved)] + cur[i + 1 :]

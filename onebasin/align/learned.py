@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..errors import EmptyDataError, InvalidOptionError
 from ..graph import as_call, model_inputs, take_rows
 from ..permute import Perms, StateDict, apply_perms, identity_perms
@@ -318,7 +318,7 @@ def learned_matching(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
     history = {"loss": [], "lam": [], "moved": [], "stream_change": []}
     best = (math.inf, run.current())
-    with tqdm(total=total, desc="learned", unit="step", disable=not progress) as bar:
+    with progress_bar(total=total, desc="learned", unit="step", disable=not progress) as bar:
         for _ in range(total):
             weight = lam[0] + (lam[1] - lam[0]) * torch.rand((), generator=gen, dtype=torch.float64).item()
             used = run.current()
