@@ -1,20 +1,23 @@
 """Cost of merging: time and peak memory of each step, as ratios to forward passes measured in the same run.
 
-    python benchmarks/cost.py                    # ResNet20 x1/x4, ResNet50 (64x64), MLP depth 4/8/10/16, ViT; all threads
+    python benchmarks/cost.py                    # ResNet20 x1/x4, ResNet50 (64x64), MLP 10x512, ViT, GPT; all threads
     python benchmarks/cost.py --models resnet20x8 --examples 256 --append
 
 For each model: two differently seeded random-init copies A and B (eval mode) and `--examples` random
 inputs of the model's shape in batches of `--batch` (default 512 examples in batches of 256, all threads;
 doubled for small networks until one forward pass takes 0.5 s, so that ratios are not timer noise).
-Steps: trace (PermutationSpec), activation matching (`align(..., check=False)`: statistics, assignment,
-permuting B), weight matching, endpoint statistics (one paired pass of A and B: the goals of REPAIR),
-exact REPAIR (the correction itself, given the endpoint statistics: one forward sweep of the interpolated
-net), closed-form REPAIR, BN reset; last, `float64 cross products`: the products x^T y of activation
-matching alone (timed without the forward passes, casts and sums around them), its floor with exact
-float64 statistics. `ratio` = step time / one no-grad forward pass of model A over the same
-examples (median of 3; each step: the median of `--repeat` runs, default 3); activation matching and the endpoint statistics are also given per forward pass of
-A *and* B (`ratio_ab`), the unit of the goal in issue 14. `peak` = peak memory above what was held before the
-step (see _common.py); `sweep_MiB` = the activations one-sweep REPAIR kept (its own count). Rows go to
+Steps: trace (PermutationSpec), weight matching, then at each statistics precision (float64: exact sums;
+float32: shifted float32 products into float64 sums) activation matching (`align(..., check=False)`:
+statistics, assignment, permuting B), endpoint statistics (one paired pass of A and B: the goals of REPAIR)
+and exact REPAIR (the correction itself, given the endpoint statistics: one forward sweep of the
+interpolated net); closed-form REPAIR, BN reset; and first, `cross products <precision>`: the products
+x^T y of activation matching alone (timed without the forward passes, casts and sums around them).
+`ratio` = step time / one no-grad forward pass of model A over the same examples (median of 3; each step:
+the median of `--repeat` runs, default 3); activation matching and the endpoint statistics are also given
+per forward pass of A *and* B (`ratio_ab`); `ratio_floor` = step time / its floor: one forward of A and B
+plus the cross products of its precision (activation matching), one forward of A and B (endpoint
+statistics), one forward pass (exact REPAIR, BN reset). `peak` = peak memory above what was held before
+the step (see _common.py); `sweep_MiB` = the activations one-sweep REPAIR kept (its own count). Rows go to
 benchmarks/results/cost.csv.
 """
 
@@ -35,7 +38,7 @@ from onebasin.models import create_model
 from onebasin.repair import endpoint_stats, repair, reset_bn
 from onebasin.report import read_csv, write_csv
 from onebasin.spec import trace
-from onebasin.stats import SiteTaps, site_matrix
+from onebasin.stats import SiteTaps, full_float32_matmul, site_matrix
 
 print = functools.partial(print, flush=True)  # noqa: A001
 
@@ -58,9 +61,18 @@ MODELS = {
     **{f"resnet20x{w}": _resnet20(w) for w in (1, 2, 4, 8)},
     "resnet50": lambda: (torchvision.models.resnet50(num_classes=10), (3, 64, 64)),
     "vit": _vit(),
+    "gpt": lambda: (create_model("gpt"), None),  # token ids (batch, 128) of its 97-character vocabulary
     **{f"mlp512d{d}": _mlp(d) for d in (4, 8, 10, 16)},
 }
-DEFAULT = "resnet20x1,resnet20x4,resnet50,mlp512d4,mlp512d8,mlp512d10,mlp512d16,vit"
+DEFAULT = "resnet20x1,resnet20x4,resnet50,mlp512d10,vit,gpt"
+PRECISIONS = ("float64", "float32")
+
+
+def inputs(shape, batch: int, g: torch.Generator) -> torch.Tensor:
+    """One batch of random inputs: images of `shape`, or (shape None) GPT token ids (batch, 128)."""
+    if shape is None:
+        return torch.randint(97, (batch, 128), generator=g)
+    return torch.randn(batch, *shape, generator=g)
 
 
 def forward(model, data):
@@ -73,46 +85,68 @@ def steps(a, b, data, n):
     """name -> zero-argument callable returning a detail, in order; later steps reuse `state` (aligned B...)."""
     state = {}
 
-    def act():
-        state["b"], res = align(a, b, "activation", data, spec=state["spec"], check=False, max_examples=n)
-        return res.record.get("iterations")
-
-    def ends():
-        state["ends"] = endpoint_stats(a, state["b"], data, state["spec"], max_examples=n)
-        return f"{len(state['ends'].sites)} sites"
-
-    def rep(method):
+    def act(precision):
         def run():
-            result = repair(a, state["b"], 0.5, data, spec=state["spec"], method=method, max_examples=n, endpoints=state["ends"])
+            state["b"], res = align(a, b, "activation", data, spec=state["spec"], check=False, max_examples=n, precision=precision)
+            return f"{res.record.get('statistics_passes')} pass(es) of statistics"
+
+        return run
+
+    def ends(precision):
+        def run():
+            state["ends"] = endpoint_stats(a, state["b"], data, state["spec"], max_examples=n, precision=precision)
+            return f"{len(state['ends'].sites)} sites"
+
+        return run
+
+    def rep(method, precision="float64"):
+        def run():
+            result = repair(a, state["b"], 0.5, data, spec=state["spec"], method=method, max_examples=n,
+                            endpoints=state["ends"], precision=precision)
             state[f"{method}_sweep_MiB"] = result.peak_bytes / 2**20
             return f"{result.passes} pass(es)"
 
         return run
 
+    per_precision = {}
+    for p in PRECISIONS:  # the float32 steps last: they leave state["ends"] at float32, which REPAIR closed reads
+        per_precision |= {f"activation matching {p}": act(p), f"endpoint statistics {p}": ends(p), f"REPAIR exact {p}": rep("exact", p)}
     return {
         "trace": lambda: state.__setitem__("spec", trace(a, data[0])) or len(state["spec"]),
-        "activation matching": act,
         "weight matching": lambda: align(a, b, "weight", spec=state["spec"], check=False)[1].record.get("iterations"),
-        "endpoint statistics": ends,
-        "REPAIR exact": rep("exact"),
+        **per_precision,
         "REPAIR closed": rep("closed"),
         "BN reset": lambda: reset_bn(interpolate_model(a, state["b"], 0.5), data, n) and None,
     }, state
 
 
-def cross_products(a, b, spec, data, device) -> float:
-    """Seconds of activation matching's float64 cross products alone (x^T y of every site's (samples, units)
-    matrices of A and B, batch by batch): its floor beyond the two forward passes, with exact statistics."""
+def cross_products(a, b, spec, data, device, precision: str) -> float:
+    """Seconds of activation matching's cross products alone (x^T y of every site's (samples, units) matrices of
+    A and B, batch by batch, in `precision`): its floor beyond the two forward passes."""
     sites = [s for g in spec.groups.values() for s in g.sites]
     taps_a, taps_b = SiteTaps(a, sites, spec.graph, False), SiteTaps(b, sites, spec.graph, False)
+    dtype = getattr(torch, precision)
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), full_float32_matmul():
         for x in data:
             (_, va), (_, vb) = taps_a(x), taps_b(x)
             for s, p, q in zip(sites, va, vb):
-                xa, xb = site_matrix(p, s), site_matrix(q, s)
+                xa, xb = site_matrix(p, s).to(dtype), site_matrix(q, s).to(dtype)
                 total += timed(lambda xa=xa, xb=xb: xa.T @ xb, device)[1]
     return total
+
+
+def floor_of(step: str, t_fwd: float, products: dict[str, float]) -> float | None:
+    """The floor of a step: one forward of A and B plus (activation matching) the cross products alone, in the
+    step's precision; None for the steps without one."""
+    precision = step.rsplit(" ", 1)[-1]
+    if step.startswith("activation matching"):
+        return 2 * t_fwd + products[precision]
+    if step.startswith("endpoint statistics"):
+        return 2 * t_fwd
+    if step.startswith("REPAIR exact") or step == "BN reset":
+        return t_fwd
+    return None
 
 
 def bench(name, args, device) -> list[dict]:
@@ -123,56 +157,64 @@ def bench(name, args, device) -> list[dict]:
         models.append(model.to(device).eval())
     a, b = models
     g = torch.Generator().manual_seed(2)
-    data = [torch.randn(args.batch, *shape, generator=g).to(device) for _ in range(args.examples // args.batch)]
+    data = [inputs(shape, args.batch, g).to(device) for _ in range(args.examples // args.batch)]
     forward(a, data[:1])  # warm-up
     while timed(lambda: forward(a, data), device)[1] < 0.5 and len(data) < 64:  # small nets: enough examples to time
-        data += [torch.randn(args.batch, *shape, generator=g).to(device) for _ in range(len(data))]
+        data += [inputs(shape, args.batch, g).to(device) for _ in range(len(data))]
     n = len(data) * args.batch
     t_fwd = statistics.median(timed(lambda: forward(a, data), device)[1] for _ in range(3))
     params = sum(p.numel() for p in a.parameters()) / 1e6
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
-    base = {"model": name, "params_M": round(params, 3), "examples": n, "input": "x".join(map(str, shape)),
+    base = {"model": name, "params_M": round(params, 3), "examples": n, "input": "x".join(map(str, shape or ("128 tokens",))),
             "batch": args.batch, "threads": torch.get_num_threads(), "device": device.type}
     _, _, fwd_peak = measure(lambda: forward(a, data), device)
     rows = [{**base, "step": "forward (1 model)", "seconds": round(t_fwd, 4), "ratio": 1.0,
              "peak_MiB": round(fwd_peak, 1), "detail": ""}]
     print(f"\n{name}: {params:.2f}M params, {n} examples of {base['input']}")
-    print(f"  {'forward (1 model)':<22} {t_fwd:8.3f} s  ratio {1:6.2f}  peak {fwd_peak:7.0f} MiB")
+    print(f"  {'forward (1 model)':<28} {t_fwd:8.3f} s  ratio {1:6.2f}  peak {fwd_peak:7.0f} MiB")
     todo, state = steps(a, b, data, n)
+    todo["trace"]()  # the spec, before the cross products that the floors need
+    products = {}
+    for p in PRECISIONS:
+        products[p] = t = statistics.median(cross_products(a, b, state["spec"], data, device, p) for _ in range(args.repeat))
+        rows.append({**base, "step": f"cross products {p}", "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
+                     "ratio_ab": round(t / (2 * t_fwd), 2), "detail": "part of activation matching"})
+        print(f"  {'cross products ' + p:<28} {t:8.3f} s  ratio {t / t_fwd:6.2f}  per A+B {t / (2 * t_fwd):5.2f}  (part of activation matching)")
     for step, fn in todo.items():
         if step == "BN reset" and not has_bn:
             continue
         detail, t, peak = measure(fn, device)
         if step != "trace" and args.repeat > 1:  # the median of repeats: one run on a shared machine is noisy
             t = statistics.median([t] + [timed(fn, device)[1] for _ in range(args.repeat - 1)])
-        sweep = state.get("exact_sweep_MiB") if step == "REPAIR exact" else None
-        ab = t / (2 * t_fwd) if step in ("activation matching", "endpoint statistics") else None
+        sweep = state.get("exact_sweep_MiB") if step.startswith("REPAIR exact") else None
+        ab = t / (2 * t_fwd) if step.startswith(("activation matching", "endpoint statistics")) else None
+        floor = floor_of(step, t_fwd, products)
         rows.append({**base, "step": step, "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
-                     "ratio_ab": "" if ab is None else round(ab, 2), "peak_MiB": round(peak, 1),
-                     "sweep_MiB": "" if sweep is None else round(sweep, 1), "detail": detail if detail is not None else ""})
-        extra = (f"  per A+B {ab:5.2f}" if ab is not None else "") + (f"  sweep {sweep:6.0f} MiB" if sweep is not None else "")
-        print(f"  {step:<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  peak {peak:7.0f} MiB{extra}  ({detail})")
-    t = statistics.median(cross_products(a, b, state["spec"], data, device) for _ in range(args.repeat))
-    rows.append({**base, "step": "float64 cross products", "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
-                 "ratio_ab": round(t / (2 * t_fwd), 2), "peak_MiB": "", "sweep_MiB": "", "detail": "part of activation matching"})
-    print(f"  {'float64 cross products':<22} {t:8.3f} s  ratio {t / t_fwd:6.2f}  per A+B {t / (2 * t_fwd):5.2f}  (part of activation matching)")
+                     "ratio_ab": "" if ab is None else round(ab, 2), "ratio_floor": "" if floor is None else round(t / floor, 2),
+                     "peak_MiB": round(peak, 1), "sweep_MiB": "" if sweep is None else round(sweep, 1),
+                     "detail": detail if detail is not None else ""})
+        extra = (f"  per A+B {ab:5.2f}" if ab is not None else "") + (f"  floor x{t / floor:5.2f}" if floor else "")
+        extra += f"  sweep {sweep:6.0f} MiB" if sweep is not None else ""
+        print(f"  {step:<28} {t:8.3f} s  ratio {t / t_fwd:6.2f}  peak {peak:7.0f} MiB{extra}  ({detail})")
     return rows
 
 
-STEPS = ["trace", "activation matching", "weight matching", "endpoint statistics", "REPAIR exact", "REPAIR closed", "BN reset"]
+STEPS = ["trace", "weight matching", *(f"{s} {p}" for p in PRECISIONS for s in ("activation matching", "endpoint statistics", "REPAIR exact")),
+         "REPAIR closed", "BN reset"]
 
 
 def _cell(r: dict) -> str:
-    """'seconds (ratio to one forward[, per A+B], peak)' of one cost.csv row."""
-    per_ab = f", {float(r['ratio_ab']):.1f}x per A+B" if r.get("ratio_ab") else ""
+    """'seconds (ratio to one forward[, per A+B][, to the floor], peak)' of one cost.csv row."""
+    per_ab = f", {float(r['ratio_ab']):.2f}x per A+B" if r.get("ratio_ab") else ""
+    floor = f", {float(r['ratio_floor']):.2f}x floor" if r.get("ratio_floor") else ""
     peak = f", {float(r['peak_MiB']):.0f} MiB" if r.get("peak_MiB") else ""
-    return f"{float(r['seconds']):.2f} s ({float(r['ratio']):.1f}x{per_ab}{peak})"
+    return f"{float(r['seconds']):.2f} s ({float(r['ratio']):.2f}x{per_ab}{floor}{peak})"
 
 
 def print_table() -> None:
     """cost.csv as the markdown table of docs/results.md: seconds (ratio to one forward) and peak MiB per step."""
     rows = read_csv(CSV)
-    steps = STEPS + ["float64 cross products"]
+    steps = STEPS + [f"cross products {p}" for p in PRECISIONS]
     print("| model | params (M) | examples | forward (s) | " + " | ".join(steps) + " |")
     print("|---" * (4 + len(steps)) + "|")
     for model in dict.fromkeys(r["model"] for r in rows):

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..graph import Captured, capture, model_inputs, walk
 from ..spec import PermutationSpec, Site
-from ..stats import Moments, eval_mode
+from ..stats import Moments, eval_mode, takes_precision
 from .affine import RepairAffine, affine
 from .sites import KINDS, calibration, first_input, select_sites, spec_and_sites
 
@@ -112,6 +112,7 @@ class EndpointStats:
         return means, [v.clamp_min(0).sqrt() for v in var]
 
 
+@takes_precision
 def endpoint_stats(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -119,6 +120,7 @@ def endpoint_stats(
     spec: PermutationSpec | None = None,
     sites: Iterable[str] | list[Site] = KINDS,
     max_examples: int | None = 5000,
+    precision: str | None = None,
 ) -> EndpointStats:
     """Means, variances and per-unit cross-covariance of A and B (B aligned to A) at the selected sites.
 
@@ -127,6 +129,7 @@ def endpoint_stats(
         data: re-iterable of x or (x, y, ...) batches; the first `max_examples` examples are used.
         spec: A's PermutationSpec (traced on the first batch when None).
         sites: site kinds ("layer", "block") or an explicit list of Sites.
+        precision: of the sums, "float64" or "float32" (stats.Moments); None: the enclosing one (float64).
     Returns:
         EndpointStats: one paired pass of A and B over the data (both in eval mode).
     """
