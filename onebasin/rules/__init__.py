@@ -6,8 +6,8 @@ permuted flows into it. Adding an op is one function and one table row (and one 
 tests/test_rules.py).
 """
 
-from . import attention, composite, elementwise, layers, movement, norms
+from . import attention, composite, elementwise, layers, movement, norms, slicing
 
-RULES = {**elementwise.RULES, **movement.RULES, **norms.RULES, **layers.RULES, **attention.RULES, **composite.RULES}
+RULES = {**elementwise.RULES, **movement.RULES, **slicing.RULES, **norms.RULES, **layers.RULES, **attention.RULES, **composite.RULES}
 
 __all__ = ["RULES"]
