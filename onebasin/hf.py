@@ -9,7 +9,7 @@ The model class is the config's `architectures[0]` (else AutoModel); calibration
 file tokenised with the tokenizer saved in the first folder (fixed-length windows), or from a torchvision
 dataset for vision models. Two folders are merged by `pipeline.merge`, three or more by `merge_many`.
 Models are traced and merged with `use_cache` off (a key/value cache is no tensor output), and saved with
-the config they were saved with. Nothing is downloaded: everything is read from the folders.
+the config they were saved with (bias flags of Llama-style models turned on: `with_biases`). Nothing is downloaded: everything is read from the folders.
 
 The output folder holds `onebasin.json` (what was merged, how): onebasin replaces (`force`) only folders
 that hold it, never one it did not write, an input folder or a folder holding an input.
@@ -18,6 +18,7 @@ that hold it, never one it did not write, an input folder or a folder holding an
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -166,6 +167,31 @@ def without_cache(models):
             config.use_cache = value
 
 
+BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config flags of Llama-style models whose Linear layers have no bias
+
+
+def with_biases(model: nn.Module) -> nn.Module:
+    """`model`, or where its config turns biases off (Llama's attention_bias / mlp_bias), a copy of the same class
+    with those flags on and zero biases: the same function, and a place for REPAIR's shift, which folds into
+    the bias of the layer before (Jordan et al. 2022, Sec. 4), so `from_pretrained` loads the merged model."""
+    flags = [f for f in BIAS_FLAGS if getattr(model.config, f, None) is False]
+    if not flags:
+        return model
+    config = copy.deepcopy(model.config)
+    for f in flags:
+        setattr(config, f, True)
+    param = next(model.parameters())
+    with quiet():
+        out = type(model)(config).to(device=param.device, dtype=param.dtype).eval()
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(k.endswith(".bias") for k in missing):
+        raise InputMismatchError(f"{type(model).__name__} with {', '.join(flags)} on has other weights: {missing + unexpected}")
+    with torch.no_grad():
+        for k in missing:
+            out.get_parameter(k).zero_()
+    return out
+
+
 @contextlib.contextmanager
 def quiet(enabled: bool = True):
     """transformers' progress bars and info/warning lines off inside the block (`--no-progress`)."""
@@ -215,9 +241,10 @@ def merge_pretrained(
             plain model of the first folder's class); three or more folders go through `merge_many` with
             `combine` ("universe", "mergemany", "anchor"), `weights` (one per folder) and `method` as its
             alignment ("activation" or "weight"). With two folders, `weights` [w_a, w_b] means alpha = w_b / sum.
-        allow_onebasin_checkpoint: when some REPAIR corrections cannot be folded into the weights (layers
-            without bias, residual additions), save out/onebasin.safetensors, which `onebasin.load_model`
-            reloads, instead of raising.
+        allow_onebasin_checkpoint: when some REPAIR corrections cannot be folded into the weights (residual
+            additions, layers without bias and no config flag to add one), save out/onebasin.safetensors,
+            which `onebasin.load_model` reloads, instead of raising. (Llama-style configs get their bias
+            flags on and zero biases first, `with_biases`: the corrections then fold.)
         progress: False silences transformers' progress bars and log lines.
     Returns:
         (out as a Path, the MergeResult or ManyResult). `out` holds save_pretrained files and the tokenizer
@@ -237,6 +264,8 @@ def merge_pretrained(
             if type(m) is not type(models[0]):
                 raise ArchitectureMismatchError(f"{dirs[0]} holds a {type(models[0]).__name__}, {d} a {type(m).__name__}")
             check_same_architecture(models[0].state_dict(), m.state_dict(), (str(dirs[0]), str(d)))
+        if repair in ("exact", "closed"):  # corrections at bias-free Linear outputs then fold
+            models = [with_biases(m) for m in models]
         calib = calibration(models[0], dirs[0], calib_text=calib_text, data=data, data_dir=data_dir,
                             seq_len=seq_len, max_examples=max_examples)
         use_cache = getattr(models[0].config, "use_cache", None)  # as saved: the merged model's config keeps it
@@ -296,7 +325,8 @@ def _unfoldable(result, sites) -> str:
     if "block" in sites:
         why, fix = "after residual additions", "use sites 'layer' (--sites layer), or "
     else:
-        why, fix = "layers or norms without a bias (e.g. Llama's), which have no place for the shift", ""
+        why, fix = "layers or norms without a bias and no config flag to add one (e.g. Mistral's), which have no " \
+                   "place for the shift", ""
     return (f"{n} REPAIR corrections cannot be folded into the weights ({why}), so from_pretrained could not load "
             f"the result: {fix}use repair 'none' (--repair none), or allow_onebasin_checkpoint "
             "(--allow-onebasin-checkpoint) to save an onebasin checkpoint that onebasin.load_model reloads")

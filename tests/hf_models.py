@@ -25,6 +25,8 @@ def config(kind: str, vocab_size: int = len(VOCAB)):
         return T.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     if kind == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
         return T.LlamaConfig(vocab_size=vocab_size, num_key_value_heads=2, max_position_embeddings=64, **SMALL)
+    if kind == "mistral":  # bias-free like Llama, but no config flag to add biases
+        return T.MistralConfig(vocab_size=vocab_size, num_key_value_heads=2, max_position_embeddings=64, **SMALL)
     if kind == "vit":
         return T.ViTConfig(image_size=28, patch_size=7, num_channels=1, num_labels=10, **SMALL)
     if kind == "resnet":  # no attention: every group a free permutation (merge_many's domain)
@@ -33,7 +35,7 @@ def config(kind: str, vocab_size: int = len(VOCAB)):
     raise ValueError(kind)
 
 
-CLASSES = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+CLASSES = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
            "vit": "ViTForImageClassification", "resnet": "ResNetForImageClassification"}
 
 

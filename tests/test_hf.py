@@ -51,28 +51,44 @@ def test_merging_bert_with_its_permuted_copy_gives_bert_back_through_from_pretra
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_causal_lms_saved_with_use_cache_merge_and_keep_their_config(tmp_path, capsys, kind):
-    """GPT2LMHeadModel / LlamaForCausalLM as saved (use_cache=True): was "Found DynamicCache in output"."""
+    """GPT2LMHeadModel / LlamaForCausalLM (GQA) as saved (use_cache=True): was "Found DynamicCache in output".
+    Llama's Linear layers have no bias: REPAIR folds into zero biases added by its own config flags (was an
+    error advising --sites layer, the default)."""
     a = pair(tmp_path, kind)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["use_cache"] is True
-    extra = ["--repair", "none"] if kind == "llama" else []  # bias-free: corrections cannot fold (next test)
-    code, _, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", *extra)
-    assert code == 0, err
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["use_cache"] is True
+    code, out, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["format"] == "save_pretrained", err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["use_cache"] is True
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    assert close(H.outputs(merged, kind), H.outputs(a, kind))
+    assert type(merged) is type(a) and close(H.outputs(merged, kind), H.outputs(a, kind))
+    if kind == "llama":
+        assert config["attention_bias"] is True and config["mlp_bias"] is True
+        assert merged.model.layers[0].self_attn.q_proj.bias.abs().max() > 0  # REPAIR's shift lives there
 
 
-def test_llama_repair_names_the_options_that_work_and_the_fallback_reloads(tmp_path, capsys):
+def test_llama_fallback_checkpoint_reloads_with_load_model(tmp_path, capsys):
+    """Corrections after residual additions cannot fold: the onebasin checkpoint (was: "no 'model' in its
+    metadata" from load_model) reloads and computes A's function."""
     a = pair(tmp_path, "llama")
+    code, _, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", "--sites", "layer,block")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--allow-onebasin-checkpoint" in err
+    assert not (tmp_path / "m").exists()
+    code, out, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", "--sites", "layer,block",
+                               "--allow-onebasin-checkpoint")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["format"] == "onebasin", err
+    model, meta = onebasin.load_model(tmp_path / "m" / "onebasin.safetensors")
+    assert close(H.outputs(model, "llama"), H.outputs(a, "llama"))
+
+
+def test_bias_free_model_without_a_bias_flag_names_the_options_that_work(tmp_path, capsys):
+    pair(tmp_path, "mistral")
     code, _, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "without a bias" in err and "--repair none" in err and "--allow-onebasin-checkpoint" in err
     assert "--sites layer" not in err  # layer is the default already: no advice that cannot help
-    assert not (tmp_path / "m").exists()
-    code, out, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", "--allow-onebasin-checkpoint")
-    assert code == 0 and json.loads(out.strip().splitlines()[-1])["format"] == "onebasin", err
-    model, meta = onebasin.load_model(tmp_path / "m" / "onebasin.safetensors")  # was: no 'model' in its metadata
-    assert close(H.outputs(model, "llama"), H.outputs(a, "llama"))
+    code, _, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", "--repair", "none")
+    assert code == 0, err
 
 
 def test_three_folders_go_through_merge_many_with_their_weights(tmp_path, capsys, monkeypatch):

@@ -37,7 +37,7 @@ def project(tmp_path_factory) -> Path:
     H.save(H.build("bert", 4), root / "no_tokenizer", tokenizer=False)
     H.save(H.build("gpt2", 0), root / "gpt2")
     for s in (0, 1):
-        H.save(H.build("llama", s), root / f"llama{s}")
+        H.save(H.build("mistral", s), root / f"mistral{s}")
     H.save(H.build("vit", 0), root / "vit")
     wide = H.build("bert", 5)
     wide.config.intermediate_size = 48
@@ -109,7 +109,7 @@ CASES = {
                                 InvalidOptionError, r"activation.*weight"),
     "three_folders_closed_repair": (["a", "b", "c"], {"out": "m", "calib_text": T, "repair": "closed"},
                                     InvalidOptionError, r"exact"),
-    "llama_corrections_cannot_fold": (["llama0", "llama1"], {"out": "m", "calib_text": T}, InvalidOptionError,
+    "bias_free_corrections_cannot_fold": (["mistral0", "mistral1"], {"out": "m", "calib_text": T}, InvalidOptionError,
                                       r"without a bias.*--repair none.*--allow-onebasin-checkpoint"),
     "block_sites_cannot_fold": (["gpt2", "gpt2"], {"out": "m", "calib_text": T, "sites": ["layer", "block"]},
                                 InvalidOptionError, r"residual additions.*--sites layer"),
