@@ -291,6 +291,10 @@ def test_cli_refuses_alpha_with_three_models(tmp_path, capsys, ckpts):
     refused(tmp_path, capsys, [*ckpts, "--out", tmp_path / "o.safetensors", "--alpha", "0.3"], "--weights")
 
 
+def test_cli_refuses_a_two_model_method_with_three_models(tmp_path, capsys, ckpts):
+    refused(tmp_path, capsys, [*ckpts, "--out", tmp_path / "o.safetensors", "--method", "annealing"], "activation or weight")
+
+
 def test_cli_refuses_an_unknown_site_kind(tmp_path, capsys, ckpts):
     refused(tmp_path, capsys, [*ckpts, "--out", tmp_path / "o.safetensors", "--sites", "blok"], "blok")
 
