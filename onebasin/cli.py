@@ -135,7 +135,7 @@ DEMO_EXAMPLES = """examples:
   onebasin demo --model gpt                               # two character-level GPTs on pydoc (recipe gpt)
 
 --model vit and --model gpt have their own defaults (dataset, width, epochs, calibration examples and the
-recipe's lr and warm-up: onebasin.experiment.TRANSFORMER_DEMOS); options given on the command line replace
+recipe's lr and warm-up: their registry entries, onebasin.experiment.demo_preset); options given on the command line replace
 them. The GPT's loss is cross-entropy per character in nats; the demo also prints it in bits per character.
 
 Trained endpoints are cached ($ONEBASIN_CACHE, else ~/.cache/onebasin): a second run only compares.
@@ -382,14 +382,15 @@ def _errors():
 def cmd_demo(args, fail) -> int:
     import time
 
-    from onebasin.experiment import TRANSFORMER_DEMOS, Experiment, bits_per_character, is_text, run_experiment, summary_table
+    from onebasin.experiment import Experiment, bits_per_character, demo_preset, is_text, run_experiment, summary_table
     from onebasin.models import model_info
 
     out = args.out or f"onebasin-demo/{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_folder(out, args.force, fail)
     try:
         model_info(args.model)
-        settings = _transformer_demo(args) if args.model in TRANSFORMER_DEMOS else _mlp_demo(args)
+        preset = demo_preset(args.model)
+        settings = _transformer_demo(args, preset) if preset is not None else _mlp_demo(args)
         exp = Experiment(model=args.model, method=args.method, repair=args.repair, train_limit=args.train_limit,
                          test_examples=args.test_examples, out=out, data_dir=args.data_dir, cache_dir=args.cache_dir,
                          device=str(args.device), **settings)
@@ -442,11 +443,8 @@ def _mlp_demo(args) -> dict:
             "calib_examples": _given(args.calib_examples, 5000)}
 
 
-def _transformer_demo(args) -> dict:
-    """`experiment.TRANSFORMER_DEMOS[model]` with the options given on the command line replacing its own."""
-    from onebasin.experiment import TRANSFORMER_DEMOS
-
-    preset = TRANSFORMER_DEMOS[args.model]
+def _transformer_demo(args, preset: dict) -> dict:
+    """The model's demo preset (`experiment.demo_preset`) with the options given on the command line replacing its own."""
     model_kwargs = {**preset["model_kwargs"], **{k: v for k, v in (("width", args.width), ("depth", args.depth))
                                                  if v is not None}}
     return {**preset, "dataset": _given(args.dataset, preset["dataset"]), "epochs": _given(args.epochs, preset["epochs"]),

@@ -56,18 +56,13 @@ class Experiment:
 
 CORRECTIONS = ("exact", "closed", "reset_bn")
 
-# `onebasin demo --model vit|gpt`: the Experiment fields that differ from the MLP demo's. Endpoints are trained
-# with the model's own recipe (all its epochs), so `onebasin train --model vit --width 128 --dataset
-# fashionmnist --out <cache>/endpoints/vit_width128_fashionmnist_e3_s0.safetensors` fills the demo's cache.
-# Calibration and train-split evaluation are cut to fit a CPU: a GPT example is a sequence of 128 characters
-# (256 of them: 32,768 positions); the test split is all of it (FashionMNIST: 10,000 images; pydoc: 363
-# validation sequences).
-TRANSFORMER_DEMOS = {
-    "vit": {"dataset": "fashionmnist", "model_kwargs": {"width": 128}, "epochs": RECIPES["vit"].epochs,
-            "calib_examples": 2000, "train_eval_examples": 2000},
-    "gpt": {"dataset": "pydoc", "model_kwargs": {"width": 192}, "epochs": RECIPES["gpt"].epochs,
-            "calib_examples": 256, "train_eval_examples": 256},
-}
+def demo_preset(model: str) -> dict | None:
+    """`onebasin demo --model <model>`'s own Experiment fields (None: the MLP demo's), from the model's registry
+    entry (`demo`), with the epochs of its recipe: endpoints are trained with all of them, so `onebasin train
+    --model vit --width 128 --dataset fashionmnist --out <cache>/endpoints/vit_width128_fashionmnist_e3_s0.safetensors`
+    fills the demo's cache. The test split is all of the dataset's (FashionMNIST: 10,000 images; pydoc: 363 sequences)."""
+    info = model_info(model)
+    return None if info.demo is None else {**info.demo, "epochs": RECIPES[info.recipe].epochs}
 
 
 def validate_experiment(exp: Experiment) -> None:

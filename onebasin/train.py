@@ -96,11 +96,8 @@ def get_recipe(name: str, **overrides) -> Recipe:
 
 
 def default_recipe(model_name: str) -> str:
-    """The recipe for a registered model: mlp, vit, gpt -> their own; vgg* -> "vgg"; else "resnet20"."""
-    model_info(model_name)
-    if model_name in ("mlp", "vit", "gpt"):
-        return model_name
-    return "vgg" if model_name.startswith("vgg") else "resnet20"
+    """The recipe a registered model trains with (its registry entry's `recipe`: mlp, vgg, resnet20, vit, gpt)."""
+    return model_info(model_name).recipe
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:

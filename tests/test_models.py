@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from onebasin.data import dataset_info
-from onebasin.models import create_model, data_kwargs, list_models, model_info
+from onebasin.models import create_model, data_kwargs, list_models, model_info, register_model
 
 SMALL_WIDTH = {"vgg11": 0.125, "vgg13": 0.125, "vgg16": 0.125, "vgg19": 0.125, "resnet18_cifar": 0.25,
                "resnet50": 0.25, "vit": 32, "gpt": 32}
@@ -146,3 +146,27 @@ def test_random_permutation_preserves_function(name, kwargs):
     permuted = permute_model(model, spec, random_perms(spec, seed=1))
     with torch.no_grad():
         torch.testing.assert_close(permuted.eval()(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_registry_entries_carry_their_recipe_and_demo_preset():
+    """The recipe and demo preset come from the registry entry, not from the model's name."""
+    from onebasin.experiment import demo_preset
+    from onebasin.models._registry import _REGISTRY
+    from onebasin.train import RECIPES, default_recipe
+
+    @register_model(recipe="vgg", demo={"dataset": "mnist", "model_kwargs": {}, "calib_examples": 8, "train_eval_examples": 8})
+    def toy_net(num_classes=10, in_channels=3):
+        return nn.Conv2d(in_channels, num_classes, 1)
+
+    @register_model
+    def vgg_lookalike(num_classes=10, in_channels=3):
+        return nn.Conv2d(in_channels, num_classes, 1)
+
+    try:
+        assert default_recipe("toy_net") == "vgg" and default_recipe("vgg_lookalike") == "resnet20"  # was: startswith("vgg")
+        assert demo_preset("toy_net") == {"dataset": "mnist", "model_kwargs": {}, "calib_examples": 8, "train_eval_examples": 8,
+                                          "epochs": RECIPES["vgg"].epochs}
+        assert demo_preset("vgg_lookalike") is None and demo_preset("mlp") is None
+        assert demo_preset("vit")["dataset"] == "fashionmnist" and demo_preset("gpt")["epochs"] == RECIPES["gpt"].epochs
+    finally:
+        _REGISTRY.pop("toy_net"), _REGISTRY.pop("vgg_lookalike")

@@ -23,18 +23,22 @@ class ModelInfo:
     image_size: int | None  # the input height/width the model needs; None: any size (>= 8 or so)
     default_dataset: str  # the dataset the paper trains it on (for tests and defaults)
     tokens: bool = False  # True: takes (N, T) token ids and vocab_size/block_size (the GPT), not images
+    recipe: str = "resnet20"  # the train.RECIPES entry it trains with by default
+    demo: dict | None = None  # `onebasin demo`'s own Experiment fields for it (None: the MLP demo's); epochs: the recipe's
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(fn=None, *, flat_input=False, image_size=None, default_dataset="cifar10", tokens=False):
-    """Register `fn` under its own name; usable bare (`@register_model`) or with metadata."""
+def register_model(fn=None, *, flat_input=False, image_size=None, default_dataset="cifar10", tokens=False, recipe="resnet20",
+                   demo=None):
+    """Register `fn` under its own name; usable bare (`@register_model`) or with metadata (`ModelInfo`'s fields:
+    its input, default dataset, training recipe and demo preset)."""
 
     def add(f):
         if f.__name__ in _REGISTRY:
             raise ValueError(f"model {f.__name__!r} is already registered")
-        _REGISTRY[f.__name__] = ModelInfo(f.__name__, f, flat_input, image_size, default_dataset, tokens)
+        _REGISTRY[f.__name__] = ModelInfo(f.__name__, f, flat_input, image_size, default_dataset, tokens, recipe, demo)
         return f
 
     return add(fn) if fn is not None else add

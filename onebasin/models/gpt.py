@@ -56,7 +56,12 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-@register_model(tokens=True, default_dataset="pydoc")
+# `onebasin demo --model gpt`: pydoc, width 192; a GPT example is a sequence of 128 characters (256 of them for
+# calibration and train-split evaluation: 32,768 positions)
+_DEMO = {"dataset": "pydoc", "model_kwargs": {"width": 192}, "calib_examples": 256, "train_eval_examples": 256}
+
+
+@register_model(tokens=True, default_dataset="pydoc", recipe="gpt", demo=_DEMO)
 def gpt(width=192, depth=4, heads=4, mlp_ratio=4, tie=True, vocab_size=97, block_size=128):
     """Pre-norm character-level GPT: width 192, 4 blocks of 4 heads, 128 positions, tied LM head."""
     return GPT(GPTConfig(vocab_size, block_size, width, depth, heads, mlp_ratio, tie))

@@ -36,7 +36,7 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-@register_model(flat_input=True, default_dataset="mnist")
+@register_model(flat_input=True, default_dataset="mnist", recipe="mlp")
 def mlp(width=512, depth=10, in_features=784, num_classes=10):
     """`depth` Linear layers (depth-1 hidden of `width` units + output), ReLU, Kaiming-normal init."""
     return MLP(width, depth, in_features, num_classes)

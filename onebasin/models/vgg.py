@@ -61,25 +61,25 @@ def _vgg(name, width, norm, in_channels, num_classes):
     return VGG(CFGS[name], width, norm, in_channels, num_classes)
 
 
-@register_model(image_size=32)
+@register_model(image_size=32, recipe="vgg")
 def vgg11(width=1, norm="batchnorm", in_channels=3, num_classes=10):
     """VGG11: 8 conv layers of 64..512 x width channels + 1 linear; norm "batchnorm" | "none"."""
     return _vgg("vgg11", width, norm, in_channels, num_classes)
 
 
-@register_model(image_size=32)
+@register_model(image_size=32, recipe="vgg")
 def vgg13(width=1, norm="batchnorm", in_channels=3, num_classes=10):
     """VGG13: 10 conv layers + 1 linear."""
     return _vgg("vgg13", width, norm, in_channels, num_classes)
 
 
-@register_model(image_size=32)
+@register_model(image_size=32, recipe="vgg")
 def vgg16(width=1, norm="batchnorm", in_channels=3, num_classes=10):
     """VGG16: 13 conv layers + 1 linear."""
     return _vgg("vgg16", width, norm, in_channels, num_classes)
 
 
-@register_model(image_size=32)
+@register_model(image_size=32, recipe="vgg")
 def vgg19(width=1, norm="batchnorm", in_channels=3, num_classes=10):
     """VGG19: 16 conv layers + 1 linear."""
     return _vgg("vgg19", width, norm, in_channels, num_classes)

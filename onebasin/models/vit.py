@@ -135,7 +135,11 @@ class ViT(nn.Module):
         return self.head(x[:, 0] if self.cls_token is not None else x.mean(1))
 
 
-@register_model(image_size=28, default_dataset="fashionmnist")
+# `onebasin demo --model vit`: FashionMNIST, width 128, calibration and train-split evaluation cut to fit a CPU
+_DEMO = {"dataset": "fashionmnist", "model_kwargs": {"width": 128}, "calib_examples": 2000, "train_eval_examples": 2000}
+
+
+@register_model(image_size=28, default_dataset="fashionmnist", recipe="vit", demo=_DEMO)
 def vit(width=128, depth=6, heads=4, patch_size=7, mlp_ratio=4, pool="cls", in_channels=1, num_classes=10):
     """Pre-norm ViT for 28x28 images: patch 7 (16 tokens + class token), width 128, 6 blocks of 4 heads."""
     return ViT(ViTConfig(28, patch_size, in_channels, num_classes, width, depth, heads, mlp_ratio, pool))
