@@ -555,3 +555,27 @@ def test_functional_matching_takes_keyword_inputs():
     assert result.record["examples"] == 12
     assert set(result.perms) == {"fc1", "fc2"}
     assert all(torch.equal(result.perms[g], p) for g, p in invert_perms(perms).items())
+
+
+class EmbeddingMLP(nn.Module):
+    """Token ids -> embedding -> MLP: the embedding's units are produced by no Linear/Conv."""
+
+    def __init__(self, vocab=11, width=8):
+        super().__init__()
+        self.embed, self.fc1, self.fc2 = nn.Embedding(vocab, 6), nn.Linear(6, width), nn.Linear(width, 3)
+
+    def forward(self, input_ids):
+        return self.fc2(torch.relu(self.fc1(self.embed(input_ids))))
+
+
+def test_functional_matching_aligns_groups_without_layers_before_the_layers_they_feed():
+    """The embedding group (matched by weight matching) is matched first, so fc1's costs see aligned inputs and
+    a permuted copy is recovered (it was matched last: fc1 was paired on unaligned inputs)."""
+    torch.manual_seed(0)
+    a, gen = EmbeddingMLP(), torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 11, (4, 5), generator=gen) for _ in range(3)]
+    spec = trace(a, data[0])
+    perms = random_perms(spec, seed=3)
+    result = get_method("functional")(spec, a, permute_model(a, spec, perms), data)
+    assert result.record["weight_fallback"] == ["embed"]
+    assert all(torch.equal(result.perms[g], p) for g, p in invert_perms(perms).items())

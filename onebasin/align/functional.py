@@ -285,6 +285,9 @@ def functional_matching(
     by_name = {layer.name: layer for group in found.values() for layer in group}
     problem = _Problem(spec, weights_of(model_a, False), weights_of(model_b, False), moments, by_name, damping, owner)
     consumers, perms = _consumers(problem), initial_perms(spec, init)
+    fallback = [g for g, names in layers.items() if not names]
+    if fallback:  # first, so that the layers they feed (after an embedding, say) are costed on aligned inputs
+        perms, _ = match_weights(spec, weights_of(model_a), weights_of(model_b), init=perms, groups=fallback)
     objective, it, changed = [problem.value(owner, perms)], 0, True
     while changed and it < max_iter:
         it, changed = it + 1, False
@@ -297,8 +300,7 @@ def functional_matching(
                 perms, changed = trial, True
             problem.forget_except(perms)
         objective.append(problem.value(owner, perms))
-    fallback = [g for g, names in layers.items() if not names]
-    if fallback:
+    if fallback:  # again, given the groups matched functionally
         perms, _ = match_weights(spec, weights_of(model_a), weights_of(model_b), init=perms, groups=fallback)
     record = {"method": "functional", "iterations": it, "objective": objective, "converged": not changed, "examples": examples,
               "damping": damping, "weight_fallback": fallback, "seconds": time.perf_counter() - t0}  # fmt: skip
