@@ -413,14 +413,14 @@ def cmd_merge_pretrained(args, fail) -> int:
     from onebasin.distributed import is_main
     from onebasin.hf import merge_pretrained
 
+    paths = [args.a, args.b, *args.more]
     _check_calib_examples(args, fail)
-    if not 0 <= args.alpha <= 1:
-        fail(f"--alpha must be in [0, 1], got {args.alpha}")
+    weights = _weights(args, len(paths), fail)
     try:
         out, result = merge_pretrained(
-            [args.a, args.b, *args.more], out=args.out, calib_text=args.calib_text, data=args.data,
+            paths, out=args.out, calib_text=args.calib_text, data=args.data,
             data_dir=args.data_dir, seq_len=args.seq_len, max_examples=args.calib_examples, method=args.method,
-            repair=args.repair, alpha=args.alpha, combine=args.combine, weights=args.weights,
+            repair=args.repair, alpha=args.alpha, combine=args.combine, weights=weights,
             sites=_sites(args, "layer"), device=args.device, force=args.force,
             allow_onebasin_checkpoint=args.allow_onebasin_checkpoint, progress=not args.no_progress)
     except _errors() as err:
@@ -460,11 +460,11 @@ def cmd_merge(args, fail) -> int:
     """`onebasin merge A B [C ...]`: Hugging Face folders, two checkpoints (`merge`) or more (`cmd_merge_many`)."""
     from onebasin.hf import is_pretrained_dir
 
+    if is_pretrained_dir(args.a):
+        return cmd_merge_pretrained(args, fail)
     paths = [args.a, args.b, *args.more]
     alpha_given, args.alpha = args.alpha is not None, 0.5 if args.alpha is None else args.alpha
     args.weights = weights = _weights(args, len(paths), fail)
-    if is_pretrained_dir(args.a):
-        return cmd_merge_pretrained(args, fail)
     _check_out_file(args.out, args.force, fail)
     _check_not_an_input(args.out, paths, fail)
     _check_calib_examples(args, fail)

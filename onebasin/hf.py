@@ -29,7 +29,7 @@ import torch.nn as nn
 from ._io import check_output_folder, remove_stale_temp_files, replace_folder, temp_path
 from ._version import __version__
 from .checkpoint import save_checkpoint
-from .checks import check_same_architecture
+from .checks import check_same_architecture, check_weights
 from .distributed import is_main
 from .errors import ArchitectureMismatchError, InputMismatchError, InvalidOptionError, OnebasinError
 from .pipeline import merge, merge_many
@@ -221,7 +221,7 @@ def merge_pretrained(
     max_examples: int = 5000,
     method: str = "activation",
     repair: str = "exact",
-    alpha: float = 0.5,
+    alpha: float | None = None,
     combine: str = "universe",
     weights=None,
     sites=("layer",),
@@ -237,10 +237,11 @@ def merge_pretrained(
         out: a new or empty folder, or (with `force`) an earlier output of onebasin (it holds onebasin.json).
         calib_text / data: a text file (text models) or a dataset name (vision models, {"pixel_values"}) to
             align and REPAIR on: `max_examples` windows of `seq_len` tokens, or images.
-        method, repair, alpha, sites: as `pipeline.merge` for two folders (sites "layer" keeps the result a
-            plain model of the first folder's class); three or more folders go through `merge_many` with
-            `combine` ("universe", "mergemany", "anchor"), `weights` (one per folder) and `method` as its
-            alignment ("activation" or "weight"). With two folders, `weights` [w_a, w_b] means alpha = w_b / sum.
+        method, repair, alpha, sites: as `pipeline.merge` for two folders (alpha None: 0.5; sites "layer" keeps
+            the result a plain model of the first folder's class); three or more folders go through
+            `merge_many` with `combine` ("universe", "mergemany", "anchor"), `weights` (one per folder) and
+            `method` as its alignment ("activation" or "weight"). Two folders: `weights` [w_a, w_b] means
+            alpha = w_b / (w_a + w_b).
         allow_onebasin_checkpoint: when some REPAIR corrections cannot be folded into the weights (residual
             additions, layers without bias and no config flag to add one), save out/onebasin.safetensors,
             which `onebasin.load_model` reloads, instead of raising. (Llama-style configs get their bias
@@ -256,7 +257,7 @@ def merge_pretrained(
     dirs, out = [Path(d) for d in dirs], Path(out)
     _check_folders(dirs)
     check_output_folder(out, force, MARKER, inputs=dirs)
-    alpha = _check_weights(dirs, method, repair, alpha, weights)
+    alpha, weights = _check_weights(dirs, method, repair, alpha, weights)
     _check_calibration(calib_text, data)
     with quiet(not progress):
         models = [load_pretrained(d, device) for d in dirs]
@@ -288,28 +289,20 @@ def _check_folders(dirs: list[Path]) -> None:
             raise InputMismatchError(f"{d} is not a Hugging Face save_pretrained folder (no config.json) like {dirs[0]}")
 
 
-def _check_weights(dirs, method, repair, alpha, weights) -> float:
-    """The alpha of two folders (from `weights` when given); InvalidOptionError for options N folders refuse."""
-    if weights is not None and len(weights) != len(dirs):
-        raise InvalidOptionError(f"{len(weights)} weights for {len(dirs)} models: give one weight per model")
+def _check_weights(dirs, method, repair, alpha, weights) -> tuple[float, list[float] | None]:
+    """(alpha of two folders, weights scaled to sum 1); InvalidOptionError for options N folders refuse."""
+    if weights is not None:
+        weights = check_weights(weights, len(dirs))
+        if alpha is not None:
+            raise InvalidOptionError("give alpha or weights, not both")
     if len(dirs) > 2:
         if method not in ("activation", "weight"):
             raise InvalidOptionError(f"method {method!r}: three or more models are aligned by 'activation' or 'weight'")
-        if repair == "closed" or alpha != 0.5:
+        if repair == "closed" or alpha is not None:
             raise InvalidOptionError("three or more models take repair 'exact', 'reset_bn' or 'none', and weights "
                                      "instead of alpha")
-        return alpha
-    if weights is None:
-        return alpha
-    if alpha != 0.5:
-        raise InvalidOptionError("give alpha or weights for two models, not both")
-    try:
-        w = [float(x) for x in weights]
-    except (TypeError, ValueError):
-        raise InvalidOptionError(f"weights must be numbers, got {list(weights)!r}") from None
-    if not all(x >= 0 and x < float("inf") for x in w) or sum(w) <= 0:
-        raise InvalidOptionError(f"weights must be finite, non-negative and not all zero, got {list(weights)!r}")
-    return w[1] / sum(w)
+        return 0.5, weights
+    return (weights[1] if weights is not None else 0.5 if alpha is None else alpha), weights
 
 
 def _merge(models, calib, method, repair, alpha, combine, weights, sites, max_examples):

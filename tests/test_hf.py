@@ -156,3 +156,13 @@ def test_merge_of_folders_needs_calibration_data(tmp_path, capsys):
     code, _, err = run_cli(["merge", tmp_path / "a", tmp_path / "p", "--out", tmp_path / "m"], capsys)
     assert code == 2 and "--calib-text" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_two_folders_take_weights_as_alpha(tmp_path, capsys):
+    """--weights 1 3 with two folders: alpha = 3 / (1 + 3) (was ignored: alpha 0.5)."""
+    pair(tmp_path, "bert")
+    code, _, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", "--weights", 1, 3, "--repair", "none")
+    assert code == 0, err
+    assert json.loads((tmp_path / "m" / "onebasin.json").read_text())["merge"]["alpha"] == 0.75
+    code, _, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", "--weights", 1, 3, "--alpha", 0.2, out="n")
+    assert code == 2 and "alpha or weights" in err and not (tmp_path / "n").exists()
