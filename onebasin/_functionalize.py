@@ -9,14 +9,7 @@ import operator
 import torch
 import torch.fx as fx
 
-_VIEWS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "t", "permute", "expand", "unsqueeze",
-          "squeeze", "as_strided", "diagonal", "unfold", "alias", "split", "chunk", "unbind", "narrow", "flatten",
-          "unflatten", "view_as", "expand_as", "reshape_as", "detach", "to", "contiguous", "type_as", "movedim",
-          "swapaxes", "transpose_copy", "split_with_sizes", "unsafe_split", "view_as_real", "view_as_complex", "real",
-          "imag", "_reshape_alias", "ravel", "conj", "resolve_conj", "resolve_neg", "positive", "lift_fresh"}  # may alias
-_WRITE_BACK = {"slice", "select", "alias", "detach", "transpose", "t", "permute", "unsqueeze"}  # views written back exactly
-_MAY_COPY = {"reshape", "reshape_as", "flatten", "ravel", "to", "contiguous", "type_as", "transpose_copy", "resolve_conj",
-             "resolve_neg"}  # share memory only sometimes: taken before a write, they may hold the old values
+from .ops import ALIASING, MAY_COPY, WRITE_BACK
 
 
 def _mutated_arg(node: fx.Node):
@@ -37,7 +30,7 @@ def _is_view(node: fx.Node) -> bool:
     """Whether a node's value may share memory with its first argument (a view op, or an item of a split)."""
     if node.op == "call_function" and node.target is operator.getitem:
         return isinstance(node.args[0], fx.Node) and _is_view(node.args[0])
-    return _packet(node) in _VIEWS
+    return _packet(node) in ALIASING
 
 
 def _aliases(node: fx.Node) -> set[fx.Node]:
@@ -58,7 +51,7 @@ def _chain(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """(base, [views from the base down to node]) when every view on the way can be written back, else None."""
     chain = []
     while _is_view(node):
-        if _packet(node) not in _WRITE_BACK:
+        if _packet(node) not in WRITE_BACK:
             return None
         chain.append(node)
         node = node.args[0]
@@ -105,7 +98,7 @@ def _copy_read_after(write: fx.Node, base: fx.Node, aliases: set[fx.Node], order
             continue
         node = old
         while node is not base and isinstance(node, fx.Node):
-            if _packet(node) in _MAY_COPY:
+            if _packet(node) in MAY_COPY:
                 return True
             node = node.args[0]
     return False

@@ -10,6 +10,8 @@
 * `VIEWS`: ops whose output elements are input elements (views, copies, eval-mode dropout);
   `UNARY`/`JOINS`: elementwise ops (an output element depends only on the operands' elements at the
   same position, after broadcasting); `REDUCTIONS`.
+* By packet name: FILLS, BROADCASTS and REDUCES (where an unpermuted tensor may vary), and which view ops
+  may alias their input, can be written back through, or may copy (rewriting in-place writes).
 
 Adding a layer op is one row here plus, if the generic rule in `rules/layers.py` does not fit it, its rule.
 """
@@ -155,3 +157,19 @@ REDUCTIONS = [
     aten.norm.ScalarOpt_dim, aten.logsumexp.default, aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.max.default,
     aten.min.default,
 ]  # fmt: skip
+
+# --- by overload packet name (any overload) --------------------------------------------------------------
+
+BROADCASTS = {"expand", "expand_as", "type_as"}  # the second argument lends only a shape or dtype
+FILLS = {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full", "zeros", "ones", "full", "scalar_tensor"}
+REDUCES = {"sum", "mean", "amax", "amin", "max", "min", "prod", "any", "all", "logsumexp"}  # reduce the axes they are given
+
+# Memory aliasing, for rewriting in-place writes (`_functionalize`):
+ALIASING = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "t", "permute", "expand", "unsqueeze",
+            "squeeze", "as_strided", "diagonal", "unfold", "alias", "split", "chunk", "unbind", "narrow", "flatten",
+            "unflatten", "view_as", "expand_as", "reshape_as", "detach", "to", "contiguous", "type_as", "movedim",
+            "swapaxes", "transpose_copy", "split_with_sizes", "unsafe_split", "view_as_real", "view_as_complex", "real",
+            "imag", "_reshape_alias", "ravel", "conj", "resolve_conj", "resolve_neg", "positive", "lift_fresh"}  # may alias
+WRITE_BACK = {"slice", "select", "alias", "detach", "transpose", "t", "permute", "unsqueeze"}  # views written back exactly
+MAY_COPY = {"reshape", "reshape_as", "flatten", "ravel", "to", "contiguous", "type_as", "transpose_copy", "resolve_conj",
+            "resolve_neg"}  # share memory only sometimes: taken before a write, they may hold the old values

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from .._spec import Layout
 from ..labels import Axis, Heads, Parts, Seg, WeightView, label_dims, plain_axis, remap
-from ..ops import ELEMENTWISE, args_of  # noqa: F401  (args_of: re-exported for the rules)
+from ..ops import BROADCASTS, ELEMENTWISE, FILLS, REDUCES, args_of  # noqa: F401  (args_of: re-exported for the rules)
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
     from ..tracer import Tracer
@@ -242,11 +242,6 @@ def constant_joins(t: Tracer, node: fx.Node, label, out_shape, operand: fx.Node)
         t.fix_label(label, node, f"{operand.name} varies along a permuted axis")
 
 
-_BROADCASTS = {"expand", "expand_as", "type_as"}  # the second argument lends only a shape or dtype
-_FILLS = {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full", "zeros", "ones", "full", "scalar_tensor"}
-_REDUCES = {"sum", "mean", "amax", "amin", "max", "min", "prod", "any", "all", "logsumexp"}
-
-
 def varying_dims(t: Tracer, node: fx.Node, depth: int = 0) -> set[int]:
     """Axes along which an unpermuted computed tensor may vary: not those of size 1, nor those it was
     expanded along (a padding mask expanded over the hidden axis), through casts, elementwise ops and
@@ -260,15 +255,15 @@ def varying_dims(t: Tracer, node: fx.Node, depth: int = 0) -> set[int]:
         out = {d for d in out if not bool((value == value.narrow(d, 0, 1)).all())}
     packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", None) if node.op == "call_function" else None
     src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) and t.shape(node.args[0]) is not None else None
-    if packet in _FILLS:  # one value everywhere
+    if packet in FILLS:  # one value everywhere
         out = set()
     elif packet == "lift_fresh_copy" and src is not None:
         out &= varying_dims(t, src, depth + 1)
     elif src is not None and depth < 64:
-        if packet in _BROADCASTS:
+        if packet in BROADCASTS:
             shift = len(shape) - len(t.shape(src))
             out &= {d + shift for d in varying_dims(t, src, depth + 1)}  # expanded axes do not vary
-        elif packet in _REDUCES and isinstance(node.args[1] if len(node.args) > 1 else None, (int, list, tuple)):
+        elif packet in REDUCES and isinstance(node.args[1] if len(node.args) > 1 else None, (int, list, tuple)):
             out &= _reduced(t, node, varying_dims(t, src, depth + 1))
         elif node.target in ELEMENTWISE:
             inner: set[int] = set()
