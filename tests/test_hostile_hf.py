@@ -163,13 +163,16 @@ def test_api_raises_a_onebasin_error_naming_the_cause_and_touches_nothing(case, 
     assert H.tree(proj) == before
 
 
-def test_a_killed_merges_temporary_folder_is_removed_but_a_live_ones_is_kept(proj, capsys):
+def test_a_merge_writes_only_its_output_and_removes_a_killed_merges_temporary_folder(proj, capsys):
     stale, live = proj / ".m.999999999.tmp", proj / f".m2.{os.getppid()}.tmp"
     for d in (stale, live):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
+    before = H.tree(proj)
     code, _, err = run_cli(["merge", proj / "a", proj / "b", "--calib-text", proj / T, "--calib-examples", 16,
                             "--seq-len", 16, "--no-progress", "--out", proj / "m"], capsys)
     assert code == 0, err
     assert not stale.exists() and (live / "model.safetensors").read_bytes() == b"partial"
+    after = {k: v for k, v in H.tree(proj).items() if k != "m" and not k.startswith("m/")}
+    assert after == {k: v for k, v in before.items() if not k.startswith(stale.name)}  # nothing else touched
     assert (proj / "m" / "onebasin.json").is_file()
