@@ -1,4 +1,7 @@
-"""The `onebasin` command line: parse, validate, call the library (never the other way round)."""
+"""The `onebasin` command line: parse, validate, call the library (never the other way round).
+
+This module holds the parser, `train`, `demo`, `sweep` and `main`; `merge` and `barrier` live in `_cli_merge`,
+what all commands share in `_cli_common`."""
 
 from __future__ import annotations
 
@@ -7,6 +10,10 @@ import inspect
 import json
 import math
 import sys
+
+from onebasin._cli_common import (REPAIRS, _add_common, _add_device, _check_out_file, _check_out_folder, _errors,
+                                  _parse_opts, _sub)
+from onebasin._cli_merge import _add_barrier, _add_merge, cmd_barrier, cmd_merge
 
 TRAIN_EXAMPLES = """examples:
   # the paper's 10-layer MLP recipe on MNIST (width 128), a few seconds per epoch on a laptop CPU
@@ -142,22 +149,6 @@ Trained endpoints are cached ($ONEBASIN_CACHE, else ~/.cache/onebasin): a second
 The report folder gets report.json, barrier.csv, barrier.png, variance.png and index.html.
 """
 
-MERGE_EXAMPLES = """examples:
-  # two Hugging Face folders (save_pretrained) of one architecture, calibrated on a text file
-  onebasin merge runs/bert_a runs/bert_b --calib-text corpus.txt --out runs/bert_merged
-  # two checkpoints of `onebasin train` (model and dataset read from their sidecars)
-  onebasin merge runs/a.safetensors runs/b.safetensors --method activation --repair exact --out merged.safetensors
-  # five models into one: aligned into a shared universe, averaged, N-way REPAIR
-  onebasin merge runs/s0.safetensors runs/s1.safetensors runs/s2.safetensors runs/s3.safetensors runs/s4.safetensors \\
-      --combine universe --repair exact --out merged5.safetensors
-  # your own model: an importable factory and plain state_dict files, calibrated on MNIST
-  onebasin merge a.pt b.pt --model mypkg.nets:make_net --model-opts hidden=256 --data mnist --out merged.safetensors
-"""
-
-BARRIER_EXAMPLES = """examples:
-  onebasin barrier runs/a.safetensors runs/b.safetensors --out reports/ab
-  onebasin barrier a.pt b.pt --model mypkg.nets:make_net --data fashionmnist --repair closed --out reports/ab
-"""
 
 SWEEP_EXAMPLES = """example CONFIG.toml:
   out = "runs/sweep"
@@ -173,28 +164,6 @@ SWEEP_EXAMPLES = """example CONFIG.toml:
 
 Cells already in OUT/results.csv are skipped; OUT/summary.png plots barrier vs the first numeric axis.
 """
-
-METHODS = ["activation", "weight", "annealing", "functional", "orthogonal", "learned"]
-REPAIRS = ["exact", "closed", "reset_bn", "none"]
-
-
-def _sub(sub, name, help_, epilog):
-    return sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def _add_common(p, out_help, out_required=True):
-    p.add_argument("--method", default="activation", choices=METHODS, help="alignment method (default activation)")
-    p.add_argument("--data-dir", help="dataset folder (default: $ONEBASIN_DATA, else ~/.cache/onebasin/data)")
-    p.add_argument("--calib-examples", type=int, default=5000, help="examples for alignment and REPAIR statistics (default 5000)")
-    p.add_argument("--out", required=out_required, help=out_help)
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_device(p)
-
-
-def _add_device(p):
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available, else cpu; "
-                   "under torchrun each process takes cuda:LOCAL_RANK)")
 
 
 def _add_demo(sub):
@@ -219,164 +188,11 @@ def _add_demo(sub):
     d.set_defaults(calib_examples=None)  # 5000; the transformer demos' own (2000 images, 256 sequences)
 
 
-def _add_pair(p, repairs):
-    p.add_argument("a", help="model A: an onebasin checkpoint, or a state_dict file (.safetensors/.pt) with --model")
-    p.add_argument("b", help="model B, same architecture as A")
-    p.add_argument("--model", help="registered model name or module:factory (needed for plain state_dict files)")
-    p.add_argument("--model-opts", nargs="*", default=[], metavar="KEY=VALUE", help="options of --model, e.g. width=128")
-    p.add_argument("--data", help="dataset for calibration and evaluation (default: the checkpoints' dataset)")
-    p.add_argument("--repair", default="exact", choices=repairs, help="correction after interpolating (default exact)")
-    p.add_argument("--allow-different-data", action="store_true",
-                   help="proceed (with a warning) when A and B were trained on different datasets")
-
-
-def _add_merge(sub):
-    m = _sub(sub, "merge", "merge two or more checkpoints into one: align, interpolate, REPAIR", MERGE_EXAMPLES)
-    _add_pair(m, REPAIRS)
-    m.add_argument("more", nargs="*", metavar="C", help="further models: three or more are merged by onebasin.merge_many")
-    m.add_argument("--alpha", type=float, help="two models: interpolation weight, 0 = A, 1 = B (default 0.5)")
-    m.add_argument("--sites", help="REPAIR sites: layer (Linear/Conv outputs, always folded into the weights) and/or "
-                   "block (residual additions, kept as modules): default layer,block; layer for Hugging Face folders")
-    m.add_argument("--calib-text", help="Hugging Face folders: a text file to calibrate on (tokenised with A's tokenizer)")
-    m.add_argument("--seq-len", type=int, default=64, help="Hugging Face folders: tokens per calibration window (default 64)")
-    m.add_argument("--allow-onebasin-checkpoint", action="store_true",
-                   help="Hugging Face folders: if some corrections cannot be folded, save an onebasin checkpoint instead "
-                   "(OUT/onebasin.safetensors, reloaded by onebasin.load_model)")
-    m.add_argument("--combine", default="universe",
-                   help="three or more models: universe (default, cycle-consistent), mergemany or anchor (all to A)")
-    m.add_argument("--weights", nargs="+", metavar="W", help="weight of each model (default equal; two models: "
-                   "--weights 1 2 is --alpha 2/3)")
-    _add_common(m, "merged checkpoint X.safetensors (a sidecar X.json records method and measured numbers); "
-                   "for save_pretrained folders, a folder (replaced with --force only if onebasin wrote it)")
-
-
-def _add_barrier(sub):
-    b = _sub(sub, "barrier", "barrier curves of two checkpoints: plain, aligned, aligned+REPAIR", BARRIER_EXAMPLES)
-    _add_pair(b, REPAIRS[:3])
-    b.add_argument("--alphas", type=int, default=11,
-                   help="how many evenly spaced alphas in [0, 1], a count: 11 gives 0, 0.1, ..., 1 (default 11)")
-    _add_common(b, "report folder (report.json, barrier.csv, barrier.png, variance.png, index.html)")
-
-
 def _add_sweep(sub):
     s = _sub(sub, "sweep", "run a grid of experiments from a TOML file, resumably", SWEEP_EXAMPLES)
     s.add_argument("config", help="sweep CONFIG.toml")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_device(s)
-
-
-def _parse_opts(items, fail) -> dict:
-    """KEY=VALUE strings -> dict, values parsed as JSON where they parse (numbers, true/false), else text."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            fail(f"--model-opts expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
-def _check_out_file(path, force, fail):
-    """Refuse a checkpoint OUT whose weights or sidecar (X.json) is a directory, or exists without --force."""
-    from onebasin._io import unwritable
-    from onebasin.checkpoint import checkpoint_paths
-
-    if problem := unwritable(path):
-        fail(problem)
-    for p in checkpoint_paths(path):
-        if p.is_dir():
-            fail(f"{p} is a directory; --out needs a checkpoint file name such as {p.with_suffix('') / 'model.safetensors'}")
-        if p.exists() and not force:
-            fail(f"{p} exists; pass --force to overwrite it")
-
-
-def _check_out_folder(path, force, fail):
-    """Refuse a report folder OUT that is a file, or holds files without --force, or holds files but no
-    report.json (a folder onebasin did not write: its files are never overwritten)."""
-    from onebasin._io import check_output_folder
-    from onebasin.errors import OutputError
-
-    try:
-        check_output_folder(path, force, "report.json")
-    except OutputError as err:
-        fail(str(err))
-
-
-def _load_models(args, paths, fail):
-    """(models, meta of the first, dataset name, calibration batches, {"test", "train": batches}) for merge and barrier.
-
-    Onebasin checkpoints, or plain state_dicts with --model (and --model-opts); checked to share architecture,
-    dtype and (unless --allow-different-data, then with one warning each) training dataset, and to run on the data.
-    """
-    import warnings
-
-    from onebasin.checkpoint import is_onebasin_file, load_any
-    from onebasin.checks import check_example_input, check_same_architecture, check_same_dtype, first_input
-
-    opts = _parse_opts(args.model_opts, fail)
-    if opts and (recorded := [str(p) for p in paths if is_onebasin_file(p)]):
-        fail(f"--model-opts is for plain state_dict files; {recorded[0]} is an onebasin checkpoint that records its "
-             "own model and options: drop --model-opts")
-    models, metas = [], []
-    with warnings.catch_warnings(record=True) as caught:  # a stale sidecar or an old checksum: one line each
-        warnings.simplefilter("always")
-        for p in paths:
-            model, meta = load_any(p, args.model, opts or (metas[0].get("model_kwargs") if metas else None), device=args.device)
-            if models:
-                check_same_architecture(models[0].state_dict(), model.state_dict(), (str(paths[0]), str(p)))
-                check_same_dtype(models[0].state_dict(), model.state_dict(), (str(paths[0]), str(p)))
-            models.append(model), metas.append(meta)
-    for w in caught:
-        _warn(args, w.message)
-    _check_datasets(args, paths, metas, fail)
-    name, calib, loaders = _pair_data(args, metas[0], fail)
-    check_example_input(models[0], first_input(calib))
-    return models, metas[0], name, calib, loaders
-
-
-def _check_datasets(args, paths, metas, fail) -> None:
-    """Every checkpoint's recorded dataset against the first recorded one: refused, or one warning per other
-    dataset with --allow-different-data."""
-    from onebasin.checks import check_same_dataset
-    from onebasin.errors import DatasetMismatchError
-
-    recorded = [(p, m) for p, m in zip(paths, metas) if m.get("dataset") is not None]
-    for p, meta in recorded[1:]:
-        try:
-            check_same_dataset(recorded[0][1], meta, (str(recorded[0][0]), str(p)))
-        except DatasetMismatchError as err:
-            if not args.allow_different_data:
-                fail(f"{err}; pass --allow-different-data to proceed anyway")
-            _warn(args, f"{err}; proceeding (--allow-different-data) on {args.data or recorded[0][1]['dataset']}")
-
-
-def _warn(args, message) -> None:
-    print(f"onebasin {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
-
-
-def _pair_data(args, meta, fail):
-    """(dataset name, calibration batches, {"test": batches, "train": batches}) of --data or the checkpoints'."""
-    from onebasin.data import dataset_info
-    from onebasin.experiment import evaluation_batches
-    from onebasin.models import model_info
-
-    name = args.data or meta.get("dataset")
-    if name is None:
-        fail("say which data to calibrate and evaluate on: --data DATASET")
-    name = dataset_info(name).name
-    registered = ":" not in meta["model"]
-    size = meta.get("image_size") or (model_info(meta["model"]).image_size if registered else None)
-    loaders, calib = evaluation_batches(name, size, data_dir=args.data_dir, calib_examples=args.calib_examples)
-    return name, calib, loaders
-
-
-def _errors():
-    from onebasin.errors import OnebasinError
-
-    return (OnebasinError, ValueError, OSError)
 
 
 def cmd_demo(args, fail) -> int:
@@ -404,34 +220,6 @@ def cmd_demo(args, fail) -> int:
     return 0
 
 
-def _sites(args, default: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in (args.sites or default).split(",") if x.strip())
-
-
-def cmd_merge_pretrained(args, fail) -> int:
-    """merge for Hugging Face save_pretrained folders (`onebasin.hf.merge_pretrained`): saved the same way."""
-    from onebasin.distributed import is_main
-    from onebasin.hf import merge_pretrained
-
-    paths = [args.a, args.b, *args.more]
-    _check_calib_examples(args, fail)
-    weights = _weights(args, len(paths), fail)
-    try:
-        out, result = merge_pretrained(
-            paths, out=args.out, calib_text=args.calib_text, data=args.data,
-            data_dir=args.data_dir, seq_len=args.seq_len, max_examples=args.calib_examples, method=args.method,
-            repair=args.repair, alpha=args.alpha, combine=args.combine, weights=weights,
-            sites=_sites(args, "layer"), device=args.device, force=args.force,
-            allow_onebasin_checkpoint=args.allow_onebasin_checkpoint, progress=not args.no_progress)
-    except _errors() as err:
-        fail(str(err))
-    if is_main():
-        seconds = result.seconds["total"] if isinstance(result.seconds, dict) else result.seconds
-        print(json.dumps({"out": str(out), "fused": result.fused, "format": "save_pretrained" if result.fused else "onebasin",
-                          "seconds": round(seconds, 1)}))
-    return 0
-
-
 def _mlp_demo(args) -> dict:
     """The MLP demo's settings (also for conv nets): MNIST, width 128, depth 10, 8 epochs at lr 0.1, 25 % warm-up."""
     from onebasin.models import model_info
@@ -454,132 +242,6 @@ def _transformer_demo(args, preset: dict) -> dict:
 
 def _given(value, default):
     return default if value is None else value
-
-
-def cmd_merge(args, fail) -> int:
-    """`onebasin merge A B [C ...]`: Hugging Face folders, two checkpoints (`merge`) or more (`cmd_merge_many`)."""
-    from onebasin.hf import is_pretrained_dir
-
-    if is_pretrained_dir(args.a):
-        return cmd_merge_pretrained(args, fail)
-    paths = [args.a, args.b, *args.more]
-    alpha_given, args.alpha = args.alpha is not None, 0.5 if args.alpha is None else args.alpha
-    args.weights = weights = _weights(args, len(paths), fail)
-    _check_out_file(args.out, args.force, fail)
-    _check_not_an_input(args.out, paths, fail)
-    _check_calib_examples(args, fail)
-    if args.more:
-        return cmd_merge_many(args, paths, weights, alpha_given, fail)
-    if alpha_given and weights is not None:
-        fail("give --alpha or --weights for two models, not both")
-    alpha = weights[1] if weights is not None else args.alpha
-    if not 0 <= alpha <= 1:
-        fail(f"--alpha must be in [0, 1], got {args.alpha}")
-    from onebasin.checkpoint import save_merged
-    from onebasin.interpolate import evaluate
-    from onebasin.pipeline import merge
-
-    try:
-        models, meta, dataset, calib, loaders = _load_models(args, paths, fail)
-        merged, result = merge(*models, method=args.method, repair=args.repair, alpha=alpha, data=calib,
-                               max_examples=args.calib_examples, sites=_sites(args, "layer,block"))
-        measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
-                    for name, m in zip(("model_a", "model_b", "merged"), (*models, merged))}
-        out = save_merged(args.out, merged, result, sources=paths, meta={**meta, "dataset": dataset}, measured=measured)
-    except _errors() as err:
-        fail(str(err))
-    _print_main({"out": str(out), **{k: round(v["test_acc"], 4) for k, v in measured.items()}, "fused": result.fused})
-    return 0
-
-
-def cmd_merge_many(args, paths, weights, alpha_given, fail) -> int:
-    """`onebasin merge A B C ...`: onebasin.merge_many of three or more checkpoints."""
-    from onebasin.checkpoint import save_merged
-    from onebasin.diagnostics import merge_diagnostics
-    from onebasin.pipeline import merge_many
-
-    if args.method not in ("activation", "weight"):
-        fail(f"--method {args.method}: three or more models are aligned by activation or weight")
-    if args.repair == "closed":
-        fail("three or more models take --repair exact, reset_bn or none")
-    if alpha_given:
-        fail("three or more models take --weights (one per model) instead of --alpha")
-    try:
-        models, meta, dataset, calib, loaders = _load_models(args, paths, fail)
-        merged, result = merge_many(models, method=args.combine, repair=args.repair, weights=weights, data=calib,
-                                    alignment=args.method, max_examples=args.calib_examples, sites=_sites(args, "layer,block"))
-        measured = merge_diagnostics(models, merged, loaders["test"], result.weights)
-        out = save_merged(args.out, merged, result, sources=paths, meta={**meta, "dataset": dataset}, measured=measured,
-                          key="merge_many")
-    except _errors() as err:
-        fail(str(err))
-    _print_main({"out": str(out), **{k: round(measured[k]["acc"], 4) for k in ("merged", "endpoint_mean", "ensemble")},
-                 "fused": result.fused})
-    return 0
-
-
-def _weights(args, n_models: int, fail) -> list[float] | None:
-    """--weights as N floats summing to 1 (None when not given); refused showing what was typed."""
-    from onebasin.checks import check_weights
-
-    if args.weights is None:
-        return None
-    try:
-        return check_weights([float(w) for w in args.weights], n_models)
-    except ValueError:
-        fail(f"--weights {' '.join(args.weights)}: give {n_models} finite non-negative numbers with a positive sum, "
-             "one per model")
-
-
-def _check_not_an_input(out, paths, fail) -> None:
-    """Refuse an --out whose weights or sidecar is one of the inputs (or an input's sidecar): never overwrite an input."""
-    from pathlib import Path
-
-    from onebasin.checkpoint import checkpoint_paths
-
-    inputs = {q.resolve(): p for p in paths for q in (Path(p), *checkpoint_paths(p))}
-    for q in checkpoint_paths(out):
-        if q.resolve() in inputs:
-            fail(f"--out {out} would overwrite the input {inputs[q.resolve()]} (or its sidecar): choose another path")
-
-
-def _print_main(record: dict) -> None:
-    """Print the command's JSON summary line, on rank 0 only under torchrun."""
-    from onebasin.distributed import is_main
-
-    if is_main():
-        print(json.dumps(record))
-
-
-def cmd_barrier(args, fail) -> int:
-    from onebasin.distributed import is_main
-    from onebasin.pipeline import compare
-    from onebasin.experiment import summary_table
-    from onebasin.report import write_comparison_report
-
-    _check_out_folder(args.out, args.force, fail)
-    if args.alphas < 2:
-        fail(f"--alphas is a count and must be >= 2 (0 and 1), got {args.alphas}")
-    _check_calib_examples(args, fail)
-    try:
-        (a, b), meta, _, calib, loaders = _load_models(args, [args.a, args.b], fail)
-        alphas = [i / (args.alphas - 1) for i in range(args.alphas)]
-        comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair,
-                             alphas=alphas, max_examples=args.calib_examples, progress=not args.no_progress)
-        if not is_main():
-            return 0
-        paths = write_comparison_report(comparison, args.out, f"{args.a} vs {args.b}",
-                                        extra={"a": args.a, "b": args.b, "meta_a": meta})
-    except _errors() as err:
-        fail(str(err))
-    print(summary_table(comparison))
-    print(f"report: {paths['html'].resolve()}")
-    return 0
-
-
-def _check_calib_examples(args, fail) -> None:
-    if args.calib_examples < 1:
-        fail(f"--calib-examples must be >= 1, got {args.calib_examples}")
 
 
 def cmd_sweep(args, fail) -> int:
