@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from ._io import check_output_folder, remove_stale_temp_files, replace_folder, temp_path
 from ._version import __version__
-from .checkpoint import save_checkpoint
+from .checkpoint import save_merged
 from .checks import check_same_architecture, check_weights
 from .distributed import is_main
 from .errors import ArchitectureMismatchError, InputMismatchError, InvalidOptionError, OnebasinError
@@ -342,9 +342,9 @@ def _save(merged: nn.Module, result, out: Path, dirs: list[Path], config) -> Pat
             _copy_tokenizer(dirs[0], tmp)
             (tmp / MARKER).write_text(json.dumps({**_record(result, dirs), "onebasin_version": __version__}, indent=2))
         else:
-            meta = {"model": "onebasin.hf:from_config", "model_kwargs": {"config": config.to_dict()},
-                    **_record(result, dirs), "repair_affines": result.affines, "example_input": result.example_input}
-            save_checkpoint(tmp / "onebasin.safetensors", merged.state_dict(), meta)  # its sidecar is onebasin.json
+            meta = {"model": "onebasin.hf:from_config", "model_kwargs": {"config": config.to_dict()}}
+            save_merged(tmp / "onebasin.safetensors", merged, result, sources=dirs, meta=meta,  # sidecar: onebasin.json
+                        key="merge" if len(dirs) == 2 else "merge_many")
         return replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
