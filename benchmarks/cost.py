@@ -38,7 +38,8 @@ from onebasin.models import create_model
 from onebasin.repair import endpoint_stats, repair, reset_bn
 from onebasin.report import read_csv, write_csv
 from onebasin.spec import trace
-from onebasin.stats import SiteTaps, full_float32_matmul, site_matrix
+from onebasin.sums import full_float32_matmul, site_matrix
+from onebasin.taps import SiteTaps
 
 print = functools.partial(print, flush=True)  # noqa: A001
 

@@ -97,7 +97,7 @@ class Site:
     `node` is the name of a node of the captured graph (`onebasin.graph.capture`); `module` is the
     module whose output it is (None for a residual addition; a hand-written spec may give a module
     only, read with a forward hook). `kind` is "layer" (output of a Linear/Conv, or of the norm layer
-    directly after it) or "block" (output of a residual addition). `stats.site_matrix` reads its units.
+    directly after it) or "block" (output of a residual addition). `sums.site_matrix` reads its units.
     """
 
     node: str | None

@@ -1,7 +1,7 @@
 """Devices and processes: where onebasin runs, and how it joins a torchrun job.
 
 Under `torchrun --nproc_per_node N onebasin merge ...` every process reads its shard of the calibration
-and evaluation data (`stats.batches`), statistics are all-reduced (exact float64 sums, so the result equals
+and evaluation data (`batches`), statistics are all-reduced (exact float64 sums, so the result equals
 one process's), and only rank 0 writes files and prints.
 """
 
@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 
+from collections.abc import Iterable, Iterator
+
 import torch
 import torch.distributed as dist
+
+from .errors import OnebasinError
+from .graph import batch_size, take_rows, to_device
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -49,3 +54,70 @@ def is_main() -> bool:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def reduce_device(like: torch.device | None = None) -> torch.device:
+    """Where collective tensors must live: the current CUDA device for NCCL, else `like` or the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like or torch.device("cpu")
+
+
+def presharded(data) -> bool:
+    """Whether a DataLoader already gives each process its own shard (a DistributedSampler)."""
+    sampler = getattr(data, "sampler", None)
+    return isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
+
+
+def _shard_limit(sampler, max_examples: int | None) -> int | None:
+    """This process's share of the first `max_examples` examples of a DistributedSampler's order: rank r of w
+    holds positions r, r + w, r + 2w, ..., so all ranks together read the examples one process would."""
+    if max_examples is None:
+        return None
+    total = min(max_examples, len(sampler.dataset), sampler.total_size)  # padding repeats examples: never read it
+    return max(0, -(-(total - sampler.rank) // sampler.num_replicas))
+
+
+def batches(data: Iterable, max_examples: int | None = None, device: torch.device | str | None = None) -> Iterator:
+    """Input batches from a loader of x or (x, y, ...) batches, cut at `max_examples`, moved to `device`.
+
+    x may be a tensor or a dict of tensors (keyword inputs). When torch.distributed is initialised,
+    rank r of w keeps batches r, r+w, r+2w, ... so that sums gathered on every rank and all-reduced equal
+    those of one process over all data. A loader whose DistributedSampler already shards it is read whole,
+    `max_examples` then counting the examples of all processes together (each reads its share of them).
+    A batch with no rows is an error (it would otherwise look like missing statistics).
+    """
+    rank, world = distributed()
+    if presharded(data):
+        rank, world, max_examples = 0, 1, _shard_limit(data.sampler, max_examples)
+    seen = 0
+    for i, batch in enumerate(data):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n = batch_size(x)
+        if n == 0:
+            raise OnebasinError(f"batch {i} of the data has no rows")
+        if max_examples is not None:
+            if seen >= max_examples:
+                return
+            if n > max_examples - seen:
+                n = max_examples - seen
+                x = take_rows(x, slice(0, n))
+        seen += n
+        if i % world == rank:
+            yield to_device(x, device) if device is not None else x
+
+
+def all_reduce_count(n: int) -> int:
+    """Sum of an integer over the processes of an initialised torch.distributed group (n itself otherwise)."""
+    if distributed()[1] == 1:
+        return n
+    t = torch.tensor([float(n)], dtype=torch.float64, device=reduce_device())
+    dist.all_reduce(t)
+    return int(t.item())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ._copy import copy_module
 from .checks import check_same_architecture
-from .stats import _presharded, _reduce_device, distributed
+from .distributed import distributed, presharded, reduce_device
 
 StateDict = dict[str, torch.Tensor]
 
@@ -91,7 +91,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
     the batches and the sums are all-reduced (the result is the one-process value).
     """
     p = next(model.parameters())
-    rank, world = (0, 1) if _presharded(loader) else distributed()
+    rank, world = (0, 1) if presharded(loader) else distributed()
     total_loss, correct, n = 0.0, 0, 0
     was = model.training
     model.eval()
@@ -108,7 +108,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
             n += len(y)
     model.train(was)
     if world > 1:
-        sums = torch.tensor([total_loss, correct, n], dtype=torch.float64, device=_reduce_device(p.device))
+        sums = torch.tensor([total_loss, correct, n], dtype=torch.float64, device=reduce_device(p.device))
         torch.distributed.all_reduce(sums)
         total_loss, correct, n = sums[0].item(), int(sums[1].item()), int(sums[2].item())
     return total_loss / n, correct / n

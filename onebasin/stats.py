@@ -1,4 +1,4 @@
-"""Streaming statistics of hidden units, read at a spec's sites in one forward pass.
+"""Streaming statistics of hidden units (`Moments`), read at a spec's sites in one forward pass.
 
 Every statistic is kept as a sum over samples (count, sum x, sum x^2 or x x^T, sum x y^T), never as an
 average of per-batch estimates: sums are exact in any batch order and combine across processes with
@@ -11,8 +11,8 @@ Two precisions. "float64": every block is cast to float64 and summed in float64 
 catastrophically in the variances (the shifted-data form of Chan, Golub and LeVeque 1983); no float64 copy
 of an activation is made. Derived statistics add the shift back where it matters (means).
 
-Taps read the captured graph (`onebasin.graph`), which is functional: no later op can overwrite a
-tapped tensor, so what a site reports is the value the next op reads.
+The block kernels are in `onebasin.sums`, the taps that read sites in `onebasin.taps`, the sharding of
+calibration batches over processes in `onebasin.distributed`.
 """
 
 from __future__ import annotations
@@ -27,19 +27,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .checks import eval_mode  # noqa: F401  (re-exported: statistics run models in eval mode)
+from .distributed import all_reduce_count, batches, distributed, reduce_device
 from .errors import OnebasinError
-from .graph import Captured, as_call, batch_size, model_inputs, take_rows
+from .graph import batch_size, model_inputs, take_rows
 from .spec import Site
-
-
-def unit_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(samples, units) float64 matrix of an activation whose units lie on axis `dim` (e.g. (N,C,H,W) -> (NHW, C))."""
-    return _units_major(t, Site(None, dim)).T
-
-
-def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
-    """(samples, units) float64 matrix of a site's units in its tensor (its slice of a fused projection)."""
-    return _units_major(t, site).T
+from .sums import _accumulate, _samples, accumulate_product, full_float32_matmul, paired_sums, site_matrix, unit_sums
+from .taps import SiteTaps
 
 
 PRECISIONS = ("float32", "float64")
@@ -81,143 +74,6 @@ def takes_precision(fn):
             return fn(*args, **kwargs)
 
     return call
-
-
-def _samples(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
-             shift: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """A site's units in t as a new `dtype` matrix, minus a per-unit `shift` (units,) when given (one pass
-    over memory: the cast, the shift and any move of the unit axis in one copy) and its samples axis:
-    (samples, units) with axis 0 when the units are t's last axis, else (units, samples) with axis 1, conv
-    positions and batch rows pooled (a (N, C, H, W) map gives (C, N*H*W)). The copy is the caller's to
-    overwrite."""
-    d = site.dim
-    if site.size is not None:
-        t = t.narrow(d, site.start, site.size)
-    t = t.detach()
-    last = d == t.ndim - 1
-    src = t if last else t.movedim(d, 0)
-    out = torch.empty(src.shape, dtype=dtype, device=t.device)
-    if shift is None:
-        out.copy_(src)
-    else:
-        torch.sub(src, shift.to(dtype).view(-1, *[1] * (src.ndim - 1)) if not last else shift.to(dtype), out=out)
-    return (out.view(-1, t.shape[d]), 0) if last else (out.view(t.shape[d], -1), 1)
-
-
-def _units_major(t: torch.Tensor, site: Site) -> torch.Tensor:
-    """(units, samples) float64 of a site's units (a transposed view when the units are the last axis)."""
-    x, axis = _samples(t, site)
-    return x if axis == 1 else x.T
-
-
-_BLOCK_BYTES = 8 * 2**20  # float64 bytes per block of samples: small enough to stay in cache between reductions
-
-
-def _unit_blocks(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
-                 shift: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, int]]:
-    """`_samples` of consecutive slabs of t's batch axis, each at most ~_BLOCK_BYTES: the sums over a
-    large activation then read each block while it is still in cache, and never hold a float64 copy of
-    the whole activation. With the squares taken in place in each block, the paired per-unit sums of a
-    (256, 256, 16, 16) map take 55-60 ms instead of 218 ms (one cast copy of the whole map, products as
-    new tensors)."""
-    if site.dim == 0 or t.ndim < 2 or t.shape[0] == 0:
-        yield _samples(t, site, dtype, shift)
-        return
-    units = site.size if site.size is not None else t.shape[site.dim]
-    row_bytes = 8 * t[0].numel() * units // max(t.shape[site.dim], 1)
-    step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
-    for i in range(0, t.shape[0], step):
-        yield _samples(t.narrow(0, i, min(step, t.shape[0] - i)), site, dtype, shift)
-
-
-def _sum_samples(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """Per-unit sums of a block from `_samples`: (samples, units) summed over axis 0 as a matrix-vector
-    product (BLAS: 1.4-1.9x faster than x.sum(0) on (2048, 512) to (16384, 64) float64 blocks, one thread),
-    (units, samples) over axis 1 by x.sum(1)."""
-    if axis == 0:
-        return torch.ones(x.shape[0], dtype=x.dtype, device=x.device) @ x
-    return x.sum(1)
-
-
-def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    """sums[name] += value, the running sum kept in float64 (a float32 value is added into it)."""
-    if name in sums:
-        sums[name].add_(value)
-    else:
-        sums[name] = value.to(torch.float64)
-
-
-def accumulate_product(sums: dict[str, torch.Tensor], name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    """sums[name] += a @ b for a (p, m) and b (m, q), into a float64 running sum: float64 operands in place by
-    addmm_ (no (p, q) temporary); float32 operands by one float32 product (full float32 matmul precision:
-    never TF32 or bfloat16 passes) added into it."""
-    if a.dtype == torch.float64 and name in sums:
-        sums[name].addmm_(a, b)
-        return
-    with full_float32_matmul():
-        _accumulate(sums, name, a @ b)
-
-
-@contextlib.contextmanager
-def full_float32_matmul() -> Iterator[None]:
-    """Float32 matrix products at full precision for the duration (no TF32 / reduced-precision passes)."""
-    before, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def unit_sums(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
-              shift: torch.Tensor | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(samples, sum x, sum x^2) per unit of a site (conv positions pooled as samples), float64 sums of blocks
-    taken in `dtype`, of x - shift when a per-unit `shift` (units,) is given."""
-    n, sums = 0, {}
-    for x, axis in _unit_blocks(t, site, dtype, shift):
-        n += x.shape[axis]
-        _accumulate(sums, "x", _sum_samples(x, axis))
-        _accumulate(sums, "xx", _sum_samples(x.square_(), axis))  # the block is ours: squared in place
-    return n, sums["x"], sums["xx"]
-
-
-def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full", sums: dict | None = None,
-                dtype: torch.dtype = torch.float64, shifts: tuple | None = None) -> tuple[int, dict[str, torch.Tensor]]:
-    """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums
-    of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations: one matrix
-    product over all samples) or only its diagonal, unit i with unit i (cross="diag", for REPAIR's
-    per-unit covariance). Given `sums` (running sums of earlier batches), the new ones are added to them
-    in place, the cross product by addmm_ (no (p, q) temporary per batch), and that dict is returned.
-    Blocks are taken in `dtype`; `shifts` (shift of x (p,), shift of y (q,)) are subtracted first."""
-    n, sums = 0, {} if sums is None else sums
-    sx, sy = shifts if shifts is not None else (None, None)
-    for (x, axis), (y, _) in zip(_unit_blocks(a, site, dtype, sx), _unit_blocks(b, site, dtype, sy)):
-        n += x.shape[axis]
-        if cross != "full":
-            _accumulate(sums, "xy", _sum_samples(x * y, axis))
-        else:
-            xt, yt = (x, y.T) if axis == 1 else (x.T, y)  # (p, m) @ (m, q)
-            accumulate_product(sums, "xy", xt, yt)
-        for name, v in (("x", x), ("y", y)):
-            _accumulate(sums, name, _sum_samples(v, axis))
-            _accumulate(sums, name * 2, _sum_samples(v.square_(), axis))  # the blocks are ours: squared in place
-    return n, sums
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _reduce_device(like: torch.device | None = None) -> torch.device:
-    """Where collective tensors must live: the current CUDA device for NCCL, else `like` or the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return like or torch.device("cpu")
 
 
 _SHIFT_ROWS = 64  # batch rows whose per-unit mean is the float32 shift (not a copy of a whole activation)
@@ -339,7 +195,7 @@ class Moments:
         shapes: list = [None] * dist.get_world_size()
         dist.all_gather_object(shapes, {k: tuple(v.shape) for k, v in self.sums.items()})
         names = sorted({k: s for d in shapes for k, s in d.items()}.items())
-        device = _reduce_device(next(iter(self.sums.values())).device if self.sums else None)
+        device = reduce_device(next(iter(self.sums.values())).device if self.sums else None)
         n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
         dist.all_reduce(n)
         if self.dtype != torch.float64:
@@ -471,101 +327,6 @@ def _inverse_or_zero(std: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 0, 1 / std.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(std))
 
 
-class SiteTaps(nn.Module):
-    """Wraps a model so one forward returns (output, [tensor at each site]).
-
-    Sites with a node name are read from `graph` (the captured graph of the architecture, e.g.
-    `spec.graph`), run with `model`'s current weights; sites given by module name only (hand-written
-    specs) are read with forward hooks. Either way the model runs exactly once per call; with
-    `outputs=False` (graph sites only) it runs only as far as the sites need and returns no output.
-    """
-
-    def __init__(self, model: nn.Module, sites: list[Site], graph: Captured | None = None, outputs: bool = True):
-        super().__init__()
-        self.model, self.sites, self.graph, self.outputs = model, list(sites), graph, outputs
-        self.nodes = [s.node for s in self.sites if s.node]
-        if self.nodes and graph is None:
-            raise ValueError("sites with graph nodes need the captured graph: pass graph=spec.graph")
-        self._hooked: dict[str, torch.Tensor] = {}
-
-    def forward(self, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hooks = [self.model.get_submodule(s.module).register_forward_hook(self._hook(s.module)) for s in self.sites if not s.node]
-        try:
-            if self.graph is not None and not hooks:
-                values = self.graph.run(self.model.state_dict(), inputs, self.nodes, self.outputs)  # outputs=False:
-                n_out = len(values) - len(self.nodes)  # only what the sites need is computed
-                out, tapped = values[0] if n_out else None, values[n_out:]
-            else:
-                args, kwargs = as_call(inputs)
-                out, tapped = self.model(*args, **kwargs), ()
-        finally:
-            for h in hooks:
-                h.remove()
-        it = iter(tapped)
-        return out, [next(it) if s.node else self._hooked.pop(s.module) for s in self.sites]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            self._hooked[name] = output.clone()  # a later in-place op must not change what was read
-
-        return hook
-
-
-def _presharded(data) -> bool:
-    """Whether a DataLoader already gives each process its own shard (a DistributedSampler)."""
-    sampler = getattr(data, "sampler", None)
-    return isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
-
-
-def _shard_limit(sampler, max_examples: int | None) -> int | None:
-    """This process's share of the first `max_examples` examples of a DistributedSampler's order: rank r of w
-    holds positions r, r + w, r + 2w, ..., so all ranks together read the examples one process would."""
-    if max_examples is None:
-        return None
-    total = min(max_examples, len(sampler.dataset), sampler.total_size)  # padding repeats examples: never read it
-    return max(0, -(-(total - sampler.rank) // sampler.num_replicas))
-
-
-def batches(data: Iterable, max_examples: int | None = None, device: torch.device | str | None = None) -> Iterator:
-    """Input batches from a loader of x or (x, y, ...) batches, cut at `max_examples`, moved to `device`.
-
-    x may be a tensor or a dict of tensors (keyword inputs). When torch.distributed is initialised,
-    rank r of w keeps batches r, r+w, r+2w, ... so that sums gathered on every rank and all-reduced equal
-    those of one process over all data. A loader whose DistributedSampler already shards it is read whole,
-    `max_examples` then counting the examples of all processes together (each reads its share of them).
-    A batch with no rows is an error (it would otherwise look like missing statistics).
-    """
-    from .graph import batch_size, take_rows, to_device
-
-    rank, world = distributed()
-    if _presharded(data):
-        rank, world, max_examples = 0, 1, _shard_limit(data.sampler, max_examples)
-    seen = 0
-    for i, batch in enumerate(data):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        n = batch_size(x)
-        if n == 0:
-            raise OnebasinError(f"batch {i} of the data has no rows")
-        if max_examples is not None:
-            if seen >= max_examples:
-                return
-            if n > max_examples - seen:
-                n = max_examples - seen
-                x = take_rows(x, slice(0, n))
-        seen += n
-        if i % world == rank:
-            yield to_device(x, device) if device is not None else x
-
-
-def all_reduce_count(n: int) -> int:
-    """Sum of an integer over the processes of an initialised torch.distributed group (n itself otherwise)."""
-    if distributed()[1] == 1:
-        return n
-    t = torch.tensor([float(n)], dtype=torch.float64, device=_reduce_device())
-    dist.all_reduce(t)
-    return int(t.item())
-
-
 def _device_of(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -575,7 +336,8 @@ def joint_moments(
     models: Sequence[nn.Module], sites: list[Site], data: Iterable, max_examples: int | None = 5000, cross: bool = True,
     chunk: int = 64, graph=None,
 ) -> tuple[list[Moments], int]:
-    """Float64 sums of [units of model 0 | ... | model N-1] at every site, in ONE pass (N forwards per batch).
+    """Float64 sums of [units of model 0 | ... | model N-1] at every site, in ONE pass (N forwards per batch),
+    whatever the enclosing statistics precision (float32 N-model sums are not implemented).
 
     Returns (one Moments per site over (samples, N * units) columns: count, per-unit sums and sums of squares,
     and with `cross` the cross sums between models, sums[f"xy{i}"] = x_i^T [x_{i+1} | ... | x_{N-1}] of shape
@@ -587,7 +349,7 @@ def joint_moments(
     graph the sites' node names refer to (`spec.graph`).
     """
     taps = [SiteTaps(m, sites, graph, outputs=False) for m in models]
-    moments = [Moments() for _ in sites]
+    moments = [Moments(precision="float64") for _ in sites]  # the cross sums below are of unshifted blocks
     examples = 0
     with torch.no_grad(), eval_mode(*models):
         for x in model_inputs(models[0], batches(data, max_examples, _device_of(models[0]))):

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from onebasin.distributed import default_device
-from onebasin.stats import distributed
+from onebasin.distributed import distributed
 from onebasin._progress import progress_bar
 from onebasin.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
 from onebasin.data import ImageData, TextData, batches, dataset_info, load_dataset, make_augment, num_batches

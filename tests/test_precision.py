@@ -138,7 +138,7 @@ def shard_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def sharded_stats(n_batches: int) -> dict:
     """Float32 paired moments over batches 0..n_batches-1 (rank r of w reads batches r, r+w, ...), all-reduced."""
-    from onebasin.stats import batches, distributed
+    from onebasin.distributed import distributed
 
     x, y = offset_data(n=700)
     data = [(torch.cat([x[i:i + 100], y[i:i + 100]], 1),) for i in range(0, 700, 100)][:n_batches]

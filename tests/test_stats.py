@@ -6,7 +6,10 @@ import torch.nn as nn
 
 from onebasin.spec import from_groups, trace
 from conftest import CountConvs
-from onebasin.stats import Moments, SiteTaps, batches, unit_matrix
+from onebasin.distributed import batches
+from onebasin.stats import Moments
+from onebasin.sums import unit_matrix
+from onebasin.taps import SiteTaps
 from reference_models import ResNet20ish, mlp
 
 
@@ -89,10 +92,10 @@ def test_sums_over_many_blocks_equal_numpy(monkeypatch):
     """Per-unit sums, squares and cross products accumulated block by block (a block budget of a few rows,
     so every tensor spans several blocks) equal numpy's on the whole float32 activation, in float64:
     a conv map (units on axis 1), a token matrix (units last) and a slice of a fused last axis."""
-    from onebasin import stats
+    from onebasin import sums
     from onebasin.spec import Site
 
-    monkeypatch.setattr(stats, "_BLOCK_BYTES", 1000)
+    monkeypatch.setattr(sums, "_BLOCK_BYTES", 1000)
     g = torch.Generator().manual_seed(0)
     cases = [(torch.randn(7, 5, 4, 3, generator=g) + 2, Site(None, 1)),  # (N, C, H, W): 5 units, N*H*W samples
              (torch.randn(9, 6, 8, generator=g) - 1, Site(None, 2)),  # (N, T, C): 8 units
@@ -104,8 +107,8 @@ def test_sums_over_many_blocks_equal_numpy(monkeypatch):
         ref = np.moveaxis(u.double().numpy(), site.dim, -1).reshape(-1, u.shape[site.dim])  # (samples, units)
         other = t.flip(0)  # a second activation of the same shape
         ref_b = np.moveaxis((other.narrow(site.dim, site.start, site.size) if site.size else other).double().numpy(), site.dim, -1).reshape(ref.shape)
-        n, total, squares = stats.unit_sums(t, site)
-        assert n == ref.shape[0] and len(list(stats._unit_blocks(t, site))) > 1
+        n, total, squares = sums.unit_sums(t, site)
+        assert n == ref.shape[0] and len(list(sums._unit_blocks(t, site))) > 1
         np.testing.assert_allclose(total.numpy(), ref.sum(0), rtol=1e-12)
         np.testing.assert_allclose(squares.numpy(), (ref**2).sum(0), rtol=1e-12)
         m = Moments(paired=True)
@@ -113,6 +116,6 @@ def test_sums_over_many_blocks_equal_numpy(monkeypatch):
         m.update_pair(t, other, site)  # a second batch: the cross product is added in place
         np.testing.assert_allclose(m.sums["xy"].numpy(), 2 * ref.T @ ref_b, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(m.sums["yy"].numpy(), 2 * (ref_b**2).sum(0), rtol=1e-12)
-        _, diag = stats.paired_sums(t, other, site, cross="diag")
+        _, diag = sums.paired_sums(t, other, site, cross="diag")
         np.testing.assert_allclose(diag["xy"].numpy(), (ref * ref_b).sum(0), rtol=1e-12, atol=1e-12)
         assert torch.equal(t, before)  # the activations themselves are not changed (squares are taken in copies)

@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from ..errors import OnebasinError
 from ..permute import Perms, StateDict, identity_perms
 from ..spec import PermutationSpec
-from ..stats import all_reduce_count  # noqa: F401  (the methods count their examples with it)
+from ..distributed import all_reduce_count  # noqa: F401  (the methods count their examples with it)
 
 
 @dataclass
@@ -137,7 +137,7 @@ def matched(score: torch.Tensor, p: torch.Tensor) -> float:
 def first_examples(data: Iterable, max_examples: int):
     """The first `max_examples` inputs (and labels, when batches are (x, y)) of a loader, concatenated.
 
-    Inputs may be tensors or dicts of tensors (keyword inputs). Unlike stats.batches this never shards
+    Inputs may be tensors or dicts of tensors (keyword inputs). Unlike distributed.batches this never shards
     by rank: every process sees the same examples.
     """
     from ..graph import batch_size, take_rows

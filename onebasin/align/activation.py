@@ -18,7 +18,9 @@ import torch.nn as nn
 
 from ..spec import PermutationSpec
 from ..graph import batch_size, model_inputs, shape_of, take_rows
-from ..stats import Moments, SiteTaps, batches, eval_mode
+from ..distributed import batches
+from ..stats import Moments, eval_mode
+from ..taps import SiteTaps
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
 from ._structured import family_root, solve_families
 from .weight import match_weights
@@ -42,7 +44,7 @@ def site_moments(
         spec: groups with their `sites` (groups without sites are skipped).
         model_a, model_b: the networks (run in eval mode, restored afterwards).
         data: iterable of x or (x, y) batches; at most `max_examples` inputs are used. Under
-            torch.distributed each rank reads its shard (stats.batches) and the sums are all-reduced.
+            torch.distributed each rank reads its shard (distributed.batches) and the sums are all-reduced.
         max_memory: bytes the tapped activations of A and B may hold at once: a batch whose sites would
             need more runs in slices of rows (the sums do not depend on it; None: whole batches).
         precision: "float64" (exact sums) or "float32" (shifted float32 products into float64 sums: stats.Moments);

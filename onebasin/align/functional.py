@@ -30,7 +30,8 @@ from ..graph import Captured, batch_size, capture
 from ..ops import LAYERS, Layer, args_of
 from ..permute import Perms, permute_tensor
 from ..spec import PermutationSpec
-from ..stats import Moments, batches
+from ..distributed import batches
+from ..stats import Moments
 from ._registry import AlignmentError, AlignResult, all_reduce_count, assign, device_of, initial_perms, matched, register_method, require_module, weights_of
 from .weight import other_axes_permuted, match_weights
 

@@ -33,7 +33,9 @@ from ..graph import as_call, model_inputs
 from ..ops import LAYERS, NORMS, VIEWS, args_of
 from ..permute import apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
-from ..stats import Moments, SiteTaps, batches, eval_mode
+from ..distributed import batches
+from ..stats import Moments, eval_mode
+from ..taps import SiteTaps
 from ._registry import AlignmentError, AlignResult, device_of, get_method, register_method, require_module
 
 def stream_groups(spec: PermutationSpec) -> list[Group]:

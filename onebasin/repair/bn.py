@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .._copy import copy_module
 from ..errors import OnebasinError
-from ..stats import batches, distributed
+from ..distributed import batches, distributed
 
 
 def reset_bn(model: nn.Module, data: Iterable, max_examples: int | None = 5000) -> nn.Module:

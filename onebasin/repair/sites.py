@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..errors import OnebasinError
 from ..graph import Captured, capture, inputs_like, model_inputs
 from ..spec import PermutationSpec, Site, trace
-from ..stats import batches
+from ..distributed import batches
 
 KINDS = ("layer", "block")  # the default site kinds
 ALL_KINDS = ("layer", "block", "norm")

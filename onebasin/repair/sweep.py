@@ -13,8 +13,9 @@ import torch.fx as fx
 from ..errors import OnebasinError
 from ..graph import Captured, _ancestors, batch_size, shape_of, walk
 from ..spec import Site
-from ..stats import Moments, distributed
-from ..stats import _reduce_device as _collective_device
+from ..distributed import distributed
+from ..distributed import reduce_device as _collective_device
+from ..stats import Moments
 from .affine import affine, affine_to_goal
 from .measure import Corrected
 from .sites import calibration

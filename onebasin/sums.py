@@ -1,0 +1,149 @@
+"""A site's units as (samples, units) blocks, and their sums: the kernels under `stats.Moments`.
+
+A site's activation is read in cache-sized slabs of its batch axis, each copied once into the precision
+of the statistics (float64, or float32 minus a per-unit shift) with its unit axis first or last as the
+layout allows, then summed: per-unit sums and sums of squares, and the cross products x^T y of two
+models' units. Running sums are float64 whatever the block precision. Conv positions count as samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .spec import Site
+
+
+def unit_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(samples, units) float64 matrix of an activation whose units lie on axis `dim` (e.g. (N,C,H,W) -> (NHW, C))."""
+    return _units_major(t, Site(None, dim)).T
+
+
+def site_matrix(t: torch.Tensor, site: Site) -> torch.Tensor:
+    """(samples, units) float64 matrix of a site's units in its tensor (its slice of a fused projection)."""
+    return _units_major(t, site).T
+
+
+def _samples(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
+             shift: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """A site's units in t as a new `dtype` matrix, minus a per-unit `shift` (units,) when given (one pass
+    over memory: the cast, the shift and any move of the unit axis in one copy) and its samples axis:
+    (samples, units) with axis 0 when the units are t's last axis, else (units, samples) with axis 1, conv
+    positions and batch rows pooled (a (N, C, H, W) map gives (C, N*H*W)). The copy is the caller's to
+    overwrite."""
+    d = site.dim
+    if site.size is not None:
+        t = t.narrow(d, site.start, site.size)
+    t = t.detach()
+    last = d == t.ndim - 1
+    src = t if last else t.movedim(d, 0)
+    out = torch.empty(src.shape, dtype=dtype, device=t.device)
+    if shift is None:
+        out.copy_(src)
+    else:
+        torch.sub(src, shift.to(dtype).view(-1, *[1] * (src.ndim - 1)) if not last else shift.to(dtype), out=out)
+    return (out.view(-1, t.shape[d]), 0) if last else (out.view(t.shape[d], -1), 1)
+
+
+def _units_major(t: torch.Tensor, site: Site) -> torch.Tensor:
+    """(units, samples) float64 of a site's units (a transposed view when the units are the last axis)."""
+    x, axis = _samples(t, site)
+    return x if axis == 1 else x.T
+
+
+_BLOCK_BYTES = 8 * 2**20  # float64 bytes per block of samples: small enough to stay in cache between reductions
+
+
+def _unit_blocks(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
+                 shift: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, int]]:
+    """`_samples` of consecutive slabs of t's batch axis, each at most ~_BLOCK_BYTES: the sums over a
+    large activation then read each block while it is still in cache, and never hold a float64 copy of
+    the whole activation. With the squares taken in place in each block, the paired per-unit sums of a
+    (256, 256, 16, 16) map take 55-60 ms instead of 218 ms (one cast copy of the whole map, products as
+    new tensors)."""
+    if site.dim == 0 or t.ndim < 2 or t.shape[0] == 0:
+        yield _samples(t, site, dtype, shift)
+        return
+    units = site.size if site.size is not None else t.shape[site.dim]
+    row_bytes = 8 * t[0].numel() * units // max(t.shape[site.dim], 1)
+    step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    for i in range(0, t.shape[0], step):
+        yield _samples(t.narrow(0, i, min(step, t.shape[0] - i)), site, dtype, shift)
+
+
+def _sum_samples(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-unit sums of a block from `_samples`: (samples, units) summed over axis 0 as a matrix-vector
+    product (BLAS: 1.4-1.9x faster than x.sum(0) on (2048, 512) to (16384, 64) float64 blocks, one thread),
+    (units, samples) over axis 1 by x.sum(1)."""
+    if axis == 0:
+        return torch.ones(x.shape[0], dtype=x.dtype, device=x.device) @ x
+    return x.sum(1)
+
+
+def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """sums[name] += value, the running sum kept in float64 (a float32 value is added into it)."""
+    if name in sums:
+        sums[name].add_(value)
+    else:
+        sums[name] = value.to(torch.float64)
+
+
+def accumulate_product(sums: dict[str, torch.Tensor], name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """sums[name] += a @ b for a (p, m) and b (m, q), into a float64 running sum: float64 operands in place by
+    addmm_ (no (p, q) temporary); float32 operands by one float32 product (full float32 matmul precision:
+    never TF32 or bfloat16 passes) added into it."""
+    if a.dtype == torch.float64 and name in sums:
+        sums[name].addmm_(a, b)
+        return
+    with full_float32_matmul():
+        _accumulate(sums, name, a @ b)
+
+
+@contextlib.contextmanager
+def full_float32_matmul() -> Iterator[None]:
+    """Float32 matrix products at full precision for the duration (no TF32 / reduced-precision passes)."""
+    before, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def unit_sums(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
+              shift: torch.Tensor | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(samples, sum x, sum x^2) per unit of a site (conv positions pooled as samples), float64 sums of blocks
+    taken in `dtype`, of x - shift when a per-unit `shift` (units,) is given."""
+    n, sums = 0, {}
+    for x, axis in _unit_blocks(t, site, dtype, shift):
+        n += x.shape[axis]
+        _accumulate(sums, "x", _sum_samples(x, axis))
+        _accumulate(sums, "xx", _sum_samples(x.square_(), axis))  # the block is ours: squared in place
+    return n, sums["x"], sums["xx"]
+
+
+def paired_sums(a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full", sums: dict | None = None,
+                dtype: torch.dtype = torch.float64, shifts: tuple | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+    """(samples, {x, xx, y, yy, xy}) float64 sums of a site's units in a (x) and b (y): per-unit sums and sums
+    of squares, and the cross sums: the (p, q) matrix x y^T (cross="full", for correlations: one matrix
+    product over all samples) or only its diagonal, unit i with unit i (cross="diag", for REPAIR's
+    per-unit covariance). Given `sums` (running sums of earlier batches), the new ones are added to them
+    in place, the cross product by addmm_ (no (p, q) temporary per batch), and that dict is returned.
+    Blocks are taken in `dtype`; `shifts` (shift of x (p,), shift of y (q,)) are subtracted first."""
+    n, sums = 0, {} if sums is None else sums
+    sx, sy = shifts if shifts is not None else (None, None)
+    for (x, axis), (y, _) in zip(_unit_blocks(a, site, dtype, sx), _unit_blocks(b, site, dtype, sy)):
+        n += x.shape[axis]
+        if cross != "full":
+            _accumulate(sums, "xy", _sum_samples(x * y, axis))
+        else:
+            xt, yt = (x, y.T) if axis == 1 else (x.T, y)  # (p, m) @ (m, q)
+            accumulate_product(sums, "xy", xt, yt)
+        for name, v in (("x", x), ("y", y)):
+            _accumulate(sums, name, _sum_samples(v, axis))
+            _accumulate(sums, name * 2, _sum_samples(v.square_(), axis))  # the blocks are ours: squared in place
+    return n, sums
