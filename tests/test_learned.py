@@ -218,3 +218,20 @@ def test_merge_and_compare_run_learned():
     merged, result = merge(model, b, method="learned", repair="none", data=data, steps=3, batch_size=64, progress=False)
     assert result.align_record["method"] == "learned" and result.align_record["steps"] == 3
     assert result.align_record["check_max_diff"] < 1e-9
+
+
+@pytest.mark.parametrize("name", ["vgg_bn", "resnet20_bn", "resnet20_ln"])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_learned_keeps_the_function_of_conv_nets(name, train_mode):
+    """Conv nets with BatchNorm (its running statistics permuted with the units) or LayerNorm and residual streams
+    (no orthogonal map: the streams are not pre-norm): B's function is kept; the record says why no map."""
+    from reference_models import randomize_norm_stats, reference_models
+
+    factory, shape = reference_models()[name]
+    torch.manual_seed(0)
+    a, b = (randomize_norm_stats(factory().double().eval()) for _ in range(2))
+    x = torch.randn(16, *shape[1:], dtype=torch.float64)
+    data = [(x[:8], torch.randint(0, 5, (8,))), (x[8:], torch.randint(0, 5, (8,)))]
+    _, result = align(a, b, "learned", data, steps=3, batch_size=8, train_mode=train_mode, progress=False)
+    assert result.record["check_max_diff"] < 1e-9 and not result.record["orthogonal"]
+    assert result.record["orthogonal_note"] and len(result.record["moved"]) == 3

@@ -204,7 +204,8 @@ class _Run:
         self.latents = {g: permutation_matrix(start[g]) for g in self.names} | {g: q.clone() for g, q in maps.items()}
         self.a = {k: v.detach() for k, v in canon_a.state_dict().items()}
         self.b = {k: v.detach() for k, v in canon_b.state_dict().items()}
-        self.keys = set(spec.members_of) & set(self.a)
+        params = {k for k, _ in canon_a.named_parameters(remove_duplicate=False)}  # buffers (BatchNorm statistics)
+        self.keys = set(spec.members_of) & params  # are permuted with their units, but the loss is not differentiated by them
         self.scratch = _module_with(canon_a, canon_a.state_dict()).train(train_mode)
         self.project()
 
@@ -260,9 +261,9 @@ def learned_matching(
     *,
     init: str = "weight",
     orthogonal: bool | None = None,
-    epochs: float = 5,
+    epochs: float = 10,
     steps: int | None = None,
-    lr: float = 0.01,
+    lr: float = 0.05,
     batch_size: int = 100,
     lam: tuple[float, float] = (0.4, 0.6),
     loss_fn=cross_entropy,
