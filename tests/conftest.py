@@ -42,22 +42,38 @@ def tiny_data():
     return make_image_data
 
 
-def hooked_site_values(model, spec, x):
+def hooked_site_values(model, spec, x, sites=None):
     """{site node: value} computed apart from onebasin's graph taps (an independent oracle).
 
-    A layer site is its module's output, read with a forward hook. A residual-addition site is the add
-    inside its module (e.g. a ResNet block): that module's input is read with a pre-hook and the module
-    re-run by torch.fx's own interpreter, which reports the value of its (single) addition.
+    `sites`: the spec's layer and block sites by default. A layer (or norm) site is its module's output,
+    read with a forward hook (a copy: later in-place ops do not reach it). A residual-addition site is the
+    add inside its module (e.g. a ResNet block, or the root module): that module's input is read with a
+    pre-hook and the module re-run by torch.fx's own interpreter, which reports the value of its (single)
+    addition.
     """
     from onebasin.graph import module_path
 
-    layer = {s.node: s.module for g in spec.groups.values() for s in g.sites if s.kind == "layer"}
-    block = {s.node: module_path(spec.graph.node(s.node)) for g in spec.groups.values() for s in g.sites if s.kind == "block"}
+    sites = sites if sites is not None else [s for g in spec.groups.values() for s in g.sites if s.kind in ("layer", "block")]
+    layer = {s.node: s.module for s in sites if s.kind != "block"}
+    block = {s.node: module_path(spec.graph.node(s.node)) or "" for s in sites if s.kind == "block"}
     outputs, inputs, hooks = {}, {}, []
+
+    def keep_output(name):
+        def hook(module, args, output):  # returns None: a returned value would replace the module's output
+            outputs.setdefault(name, output.detach().clone())
+
+        return hook
+
+    def keep_input(name):
+        def hook(module, args):
+            inputs.setdefault(name, args)
+
+        return hook
+
     for name in set(layer.values()):
-        hooks.append(model.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: outputs.setdefault(n, o.detach().clone())))
+        hooks.append(model.get_submodule(name).register_forward_hook(keep_output(name)))
     for name in set(block.values()):
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: inputs.setdefault(n, a)))
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(keep_input(name)))
     try:
         with torch.no_grad():
             model(x)
@@ -71,17 +87,27 @@ def hooked_site_values(model, spec, x):
 
 
 def _fx_add_value(module, args):
+    """The value of the module's single addition, copied when computed (a later in-place op, e.g.
+    ReLU(inplace=True) after `out += x`, does not reach it)."""
     import operator
 
     import torch.fx
 
     gm = torch.fx.symbolic_trace(module)
-    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
-    with torch.no_grad():
-        interp.run(*args)
     adds = [n for n in gm.graph.nodes if n.target in (operator.add, operator.iadd, torch.add)]
     assert len(adds) == 1, f"the oracle needs one addition in {type(module).__name__}"
-    return interp.env[adds[0]]
+    seen = {}
+
+    class Keep(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n is adds[0]:
+                seen["add"] = out.detach().clone()
+            return out
+
+    with torch.no_grad():
+        Keep(gm).run(*args)
+    return seen["add"]
 
 
 class CountConvs(TorchDispatchMode):

@@ -8,7 +8,7 @@ import torch.nn as nn
 from onebasin.errors import OnebasinError
 from onebasin.interpolate import interpolate_model
 from onebasin.permute import invert_perms, permute_model, random_perms
-from onebasin.repair import RepairAffine, endpoint_stats, fuse_corrections, repair, repair_errors, reset_bn, restore_affines
+from onebasin.repair import RepairAffine, endpoint_stats, fuse_corrections, repair, reset_bn, restore_affines
 from onebasin.spec import from_groups, trace
 from conftest import hooked_site_values
 from reference_models import ConvLN, ResNet20ish, TinyTransformer, VGGish, mlp, randomize_norm_stats
@@ -84,10 +84,15 @@ def test_exact_repair_hits_goal_statistics(name):
         assert np.abs(m - goal_mean).max() < 1e-9 * max(1, np.abs(goal_mean).max()), s
         assert np.abs(sd - goal_std).max() < 1e-9 * max(1, goal_std.max()), s
     if name in FIRST_LAYER_LINEAR:  # closed form: exact at the first layer, approximate deeper
-        closed = repair(a, b, 0.4, data, spec=spec, method="closed")
+        closed = repair(a, b, 0.4, data, spec=spec, method="closed", fuse=False)
         assert closed.passes == 0
-        assert torch.allclose(closed.stats[0].before_std, result.stats[0].before_std, rtol=1e-9)
-        assert repair_errors(closed, data, graph=spec.graph)[0]["std_err"] < 1e-9
+        site = closed.stats[0].site  # eq. (5) predicts the interpolated net's first-layer std exactly
+        (_, interp_std), = numpy_stats(hooked_site_values(interpolate_model(a, b, 0.4), spec, x, [site]), [site]).values()
+        np.testing.assert_allclose(closed.stats[0].before_std.numpy(), interp_std, rtol=1e-9)
+        m, sd = numpy_stats(corrected_values(closed.model, data), [site])[site.node]
+        (ma, sa), (mb, sb) = ref_a[site.node], ref_b[site.node]
+        np.testing.assert_allclose(m, 0.6 * ma + 0.4 * mb, rtol=0, atol=1e-9 * max(1, np.abs(m).max()))
+        np.testing.assert_allclose(sd, 0.6 * sa + 0.4 * sb, rtol=1e-9)
 
 
 @pytest.mark.parametrize("widths", [(5, 6), (8, 8)])
@@ -162,23 +167,43 @@ SWEEP_MODELS = {
 }
 
 
+def assert_hits_goals(result, a, b, alpha, data, spec):
+    """The corrected activations of `result.model` (its RepairAffine outputs, or for a fused model its
+    hooked module outputs) have the per-unit mean and std of eqs. (3)-(4), computed in numpy from A's and
+    B's hooked activations, to 1e-9 of the unit scale."""
+    sites, x = [s.site for s in result.stats], torch.cat(data)
+    ref_a, ref_b = (numpy_stats(hooked_site_values(m, spec, x, sites), sites) for m in (a, b))
+    assert result.fused or not any(s.fused for s in result.stats), "hooks read a model wholly fused or wholly unfused"
+    values = hooked_site_values(result.model, spec, x, sites) if result.fused else corrected_values(result.model, data)
+    got = numpy_stats(values, sites)
+    for s in sites:
+        (ma, sa), (mb, sb), (m, sd) = ref_a[s.node], ref_b[s.node], got[s.node]
+        goal_mean, goal_std = (1 - alpha) * ma + alpha * mb, (1 - alpha) * sa + alpha * sb
+        assert np.abs(m - goal_mean).max() < 1e-9 * max(1, np.abs(goal_mean).max()), s
+        assert np.abs(sd - goal_std).max() < 1e-9 * max(1, goal_std.max()), s
+
+
 @pytest.mark.parametrize("name", list(SWEEP_MODELS))
-def test_one_sweep_equals_one_pass_per_level(name):
-    """Exact REPAIR in one sweep gives the corrections of the per-level passes (float64, 1e-10): ResNet20 with
-    BatchNorm, LayerNorm and Fixup, a pre-norm transformer, a tensor read by two sites, in-place ops after sites."""
+def test_one_sweep_and_per_level_passes_both_hit_the_numpy_goals(name):
+    """Exact REPAIR in one sweep and with one streaming pass per dependency level (max_memory=0): each
+    result's corrected activations reach the goals computed in numpy from hooked activations of A and B
+    (not one path against the other: they share the correction code). ResNet20 with BatchNorm, LayerNorm
+    and Fixup, a pre-norm transformer (layer and norm sites), a tensor read by two sites, in-place ops
+    after sites; the number of levels as counted by hand (MODELS)."""
     factory, shape, passes = SWEEP_MODELS[name]
     torch.manual_seed(0)
     a, b = (randomize_norm_stats(factory().double().eval()) for _ in range(2))
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(16, *shape, generator=gen, dtype=torch.float64) + 0.3 for _ in range(4)]
     spec = trace(a, data[0])
-    sweep = repair(a, b, 0.5, data, spec=spec)
-    levels = repair(a, b, 0.5, data, spec=spec, max_memory=0)
+    kinds = ("layer", "norm") if name == "transformer" else ("layer", "block")  # its additions sit in the root forward
+    sweep = repair(a, b, 0.5, data, spec=spec, sites=kinds, fuse=False)
+    levels = repair(a, b, 0.5, data, spec=spec, sites=kinds, fuse=False, max_memory=0)
     assert sweep.passes == 1 and levels.passes > 1 and "per dependency level" in levels.note
     if passes is not None:
         assert levels.passes == passes
-    for s, t in zip(sweep.stats, levels.stats):
-        assert (s.scale - t.scale).abs().max() < 1e-10 and (s.shift - t.shift).abs().max() < 1e-10
+    for result in (sweep, levels):
+        assert_hits_goals(result, a, b, 0.5, data, spec)
     assert sweep.peak_bytes > 0
 
 
@@ -218,6 +243,9 @@ def test_fused_model_equals_affine_modules_and_loads_strictly(name):
 
 @pytest.mark.parametrize("name", ["resnet20_bn", "resnet20_ln"])
 def test_residual_block_corrections_stay_as_named_modules(name):
+    """Block corrections cannot fold: they stay as `repair_<node>` modules beside the original keys. The
+    saved model, and the one reloaded with `restore_affines`, compute ResNet20ish's forward written out by
+    hand with y -> weight * y + bias after each block's addition (weights from the saved state_dict)."""
     a, b, data = build(name, 0), build(name, 1), calib(name, n=32)
     result = repair(a, b, 0.5, data)
     blocks = [s.site.node for s in result.stats if s.site.kind == "block"]
@@ -230,9 +258,19 @@ def test_residual_block_corrections_stay_as_named_modules(name):
     # the documented reload path: identity affines of the saved sizes on a fresh model, then load_state_dict
     blank = restore_affines(MODELS[name][0]().double(), result.affines, model.state_dict(), data[0])
     blank.load_state_dict(model.state_dict(), strict=True)
+    state = model.state_dict()
+    net = MODELS[name][0]().double().eval()
+    net.load_state_dict({k: v for k, v in state.items() if not k.startswith("repair_")})
+    affines = [(state[f"repair_{n}.weight"].view(1, -1, 1, 1), state[f"repair_{n}.bias"].view(1, -1, 1, 1)) for n in blocks]
     x = torch.randn(4, *MODELS[name][1], dtype=torch.float64)
     with torch.no_grad():
-        assert (blank(x) - model(x)).abs().max() < 1e-12
+        h = torch.relu(net.n1(net.conv1(x)))
+        for blk, (w, bias) in zip(net.blocks, affines):  # Block.forward with the correction after the addition
+            out = blk.n2(blk.conv2(torch.relu(blk.n1(blk.conv1(h)))))
+            h = torch.relu((out + blk.shortcut(h)) * w + bias)
+        expected = net.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+        assert (model(x) - expected).abs().max() < 1e-12 and (blank(x) - expected).abs().max() < 1e-12
+        assert (expected - net(x)).abs().max() > 1e-3  # the block corrections matter
 
 
 def test_bias_free_layer_keeps_its_shift_as_a_module_unless_a_norm_follows():
@@ -242,14 +280,17 @@ def test_bias_free_layer_keeps_its_shift_as_a_module_unless_a_norm_follows():
         return nn.Sequential(nn.Linear(12, 16, bias=False), *norm_layers, nn.ReLU(), nn.Linear(16, 5)).double()
 
     data = [torch.randn(32, 12, dtype=torch.float64) for _ in range(2)]
-    bare = repair(net(False, 0), net(False, 1), 0.5, data)
-    assert not bare.fused and [s.site.module for s in bare.stats] == ["0"]
-    assert isinstance(bare.model.get_submodule(f"repair_{bare.unfused[0]}"), RepairAffine)
-    normed = repair(net(True, 0), net(True, 1), 0.5, data)
-    assert normed.fused and normed.stats[0].site.module == "1"  # the shift went into the LayerNorm's bias
-    net(True, 2).load_state_dict(normed.model.state_dict(), strict=True)
-    for r in (bare, normed):
-        assert max(e["std_err"] for e in repair_errors(r, data)) < 1e-9
+    for norm in (False, True):
+        a, b = net(norm, 0), net(norm, 1)
+        spec = trace(a, data[0])
+        result = repair(a, b, 0.5, data, spec=spec)
+        if norm:
+            assert result.fused and result.stats[0].site.module == "1"  # the shift went into the LayerNorm's bias
+            net(True, 2).load_state_dict(result.model.state_dict(), strict=True)
+        else:
+            assert not result.fused and [s.site.module for s in result.stats] == ["0"]
+            assert isinstance(result.model.get_submodule(f"repair_{result.unfused[0]}"), RepairAffine)
+        assert_hits_goals(result, a, b, 0.5, data, spec)
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet20_bn"])
@@ -273,19 +314,38 @@ def test_repair_of_aligned_permuted_copy_changes_nothing(name, method):
 
 
 def test_reset_bn_reestimates_running_statistics_on_the_calibration_data():
+    """Several batches of different sizes (and one of a single row, skipped): each BatchNorm's running mean
+    and variance become the plain average over batches of its input's per-batch mean and unbiased variance
+    (momentum=None), computed here in numpy from inputs written out by hand, with every earlier BatchNorm
+    normalising by its batch statistics (train mode) as the re-estimation does."""
     a, b = build("vgg_bn", 0), build("vgg_bn", 1)
     interp = interpolate_model(a, b, 0.5)
     before = {k: v.clone() for k, v in interp.state_dict().items()}
-    x = calib("vgg_bn", n=48, batch=48)[0]
-    new = reset_bn(interp, [x])
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(n, 3, 16, 16, generator=gen, dtype=torch.float64) + 0.3 for n in (16, 24, 1, 8)]
+    new = reset_bn(interp, data)
     assert all(torch.equal(v, interp.state_dict()[k]) for k, v in before.items()), "input model modified"
-    conv_out = interp.features[0](x)  # the first BN's input does not depend on any BN
-    bn = new.features[1]
-    assert torch.allclose(bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-12)
-    assert torch.allclose(bn.running_var, conv_out.var((0, 2, 3), unbiased=True), atol=1e-12)
-    assert bn.momentum == interp.features[1].momentum and not new.training
-    deep = new.features[9]
-    assert not torch.allclose(deep.running_mean, interp.features[9].running_mean)
+
+    def batch_stats(h):  # per channel over (N, H, W): mean, biased variance (normalises), unbiased (stored)
+        u = np.moveaxis(h.numpy(), 1, -1).reshape(-1, h.shape[1])
+        return u.mean(0), u.var(0), u.var(0, ddof=1)
+
+    f, want = interp.features, {1: [], 5: []}
+    with torch.no_grad():
+        for x in data[:2] + data[3:]:  # the one-row batch is skipped
+            h = f[0](x)
+            mean, var, unbiased = batch_stats(h)
+            want[1].append((mean, unbiased))
+            bn = f[1]
+            h = (h - torch.from_numpy(mean).view(1, -1, 1, 1)) / torch.from_numpy(np.sqrt(var + bn.eps)).view(1, -1, 1, 1)
+            h = f[4](f[3](torch.relu(h * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))))
+            mean, _, unbiased = batch_stats(h)
+            want[5].append((mean, unbiased))
+    for i, rows in want.items():
+        np.testing.assert_allclose(new.features[i].running_mean.numpy(), np.mean([m for m, _ in rows], 0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(new.features[i].running_var.numpy(), np.mean([v for _, v in rows], 0), rtol=1e-10, atol=1e-12)
+        assert int(new.features[i].num_batches_tracked) == 3
+    assert new.features[1].momentum == interp.features[1].momentum and not new.training
     with pytest.raises(OnebasinError, match="no BatchNorm"):
         reset_bn(build("mlp", 0), calib("mlp"))
 
@@ -304,9 +364,10 @@ def test_in_place_ops_do_not_corrupt_the_measured_statistics():
     torch.manual_seed(0)
     a, b = InplaceBlockNet().double().eval(), InplaceBlockNet().double().eval()
     data = [torch.randn(16, 3, 6, 6, dtype=torch.float64) for _ in range(2)]
-    result = repair(a, b, 0.5, data)
+    spec = trace(a, data[0])
+    result = repair(a, b, 0.5, data, spec=spec, fuse=False)
     assert [s.site.kind for s in result.stats] == ["layer", "layer", "block"] and result.passes == 1
-    assert max(e["std_err"] for e in repair_errors(result, data)) < 1e-9
+    assert_hits_goals(result, a, b, 0.5, data, spec)
     with torch.no_grad():  # A's bn2 output, read before `out += x` changes it in place
         bn2_out = torch.cat([a.bn2(a.conv2(torch.relu(a.bn1(a.conv1(x))))) for x in data])
     ends = endpoint_stats(a, b, data)
@@ -323,15 +384,17 @@ def test_hand_written_spec_needs_the_traced_graph():
 
 
 def test_layer_and_norm_sites_of_a_transformer_all_fold_into_weights_and_norms():
-    """REPAIR of a LayerNorm network at ("layer", "norm") sites keeps it a plain model of its class."""
+    """REPAIR of a LayerNorm network at ("layer", "norm") sites keeps it a plain model of its class, whose
+    hooked module outputs reach the numpy goals of A's and B's hooked outputs."""
     torch.manual_seed(0)
     a, b = TinyTransformer().double().eval(), TinyTransformer().double().eval()
     data = [torch.randn(16, 4, 6, dtype=torch.float64) for _ in range(3)]
-    result = repair(a, b, 0.5, data, sites=("layer", "norm"))
+    spec = trace(a, data[0])
+    result = repair(a, b, 0.5, data, spec=spec, sites=("layer", "norm"))
     kinds = {s.site.kind for s in result.stats}
     assert kinds == {"layer", "norm"} and result.fused and type(result.model) is TinyTransformer
     assert sum(s.site.kind == "norm" for s in result.stats) == 5  # ln1, ln2 of two blocks and the final norm
-    assert max(e["std_err"] for e in repair_errors(result, data)) < 1e-9
+    assert_hits_goals(result, a, b, 0.5, data, spec)  # the folded model's LayerNorm and Linear outputs, hooked
 
 
 class _ViewThenBase(nn.Module):
@@ -367,13 +430,26 @@ def test_walk_callbacks_may_write_in_place_without_touching_other_values():
     torch.testing.assert_close(seen["out"][0], expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("make, shape", [(lambda: mlp(10, 4, 12, 3), (12,)), (lambda: ResNet20ish("bn"), (3, 8, 8)),
-                                         (lambda: TinyTransformer(), (4, 6))])
-def test_goals_from_the_alignment_pass_equal_a_second_pass(make, shape):
+def numpy_paired(values_a: dict, values_b: dict, sites) -> dict:
+    """{statistic: [per site (units,)]}: means, population variances and per-unit covariance in numpy."""
+    out = {k: [] for k in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab")}
+    for s in sites:
+        ua, ub = (np.moveaxis(v[s.node].numpy(), s.dim, -1).reshape(-1, v[s.node].shape[s.dim]) for v in (values_a, values_b))
+        out["mean_a"].append(ua.mean(0)), out["var_a"].append(ua.var(0))
+        out["mean_b"].append(ub.mean(0)), out["var_b"].append(ub.var(0))
+        out["cov_ab"].append(((ua - ua.mean(0)) * (ub - ub.mean(0))).mean(0))
+    return out
+
+
+@pytest.mark.parametrize("make, shape, kinds", [(lambda: mlp(10, 4, 12, 3), (12,), ("layer", "block")),
+                                                (lambda: ResNet20ish("bn"), (3, 8, 8), ("layer", "block")),
+                                                (lambda: TinyTransformer(), (4, 6), ("layer",))])
+def test_goals_from_the_alignment_pass_equal_numpy_statistics(make, shape, kinds):
     """REPAIR's endpoint statistics assembled from activation matching's own pass (A with the unaligned B,
-    indexed by the found permutation) equal a fresh paired pass of A and the aligned B (float64, 1e-10),
-    and with the identity (`plain_site_stats`) a fresh pass of A and the unaligned B;
-    the transformer's qkv projection is read by several groups (heads, query/key, value)."""
+    indexed by the found permutation) equal numpy statistics of A's and the aligned B's hooked activations
+    (float64, 1e-10), and with the identity (`plain_site_stats`) those of A and the unaligned B; the
+    transformer's qkv projection is read by several groups (heads, query/key, value) and assembled from
+    their parts (its residual additions sit in the root forward, which the hook oracle cannot split)."""
     from onebasin.align import align
     from onebasin.repair import endpoints_from_alignment
 
@@ -383,15 +459,15 @@ def test_goals_from_the_alignment_pass_equal_a_second_pass(make, shape):
     data = [torch.randn(32, *shape, dtype=torch.float64) for _ in range(2)]
     spec = trace(a, data[0])
     aligned_b, result = align(a, b, "activation", data, spec=spec, max_examples=None)
-    reused = endpoints_from_alignment(spec, result.site_stats)
-    fresh = endpoint_stats(a, aligned_b, data, spec, max_examples=None)
-    assert reused is not None and [s.node for s in reused.sites] == [s.node for s in fresh.sites]
-    assert reused.ndims == fresh.ndims
     assert not all(torch.equal(p, torch.arange(len(p))) for p in result.perms.values())  # B did move
-    plain = endpoints_from_alignment(spec, result.plain_site_stats)  # the same pass, B unaligned
-    fresh_plain = endpoint_stats(a, b, data, spec, max_examples=None)
-    for mine, theirs in ((reused, fresh), (plain, fresh_plain)):
-        for key in ("mean_a", "var_a", "mean_b", "var_b", "cov_ab"):
-            for r, f in zip(getattr(mine, key), getattr(theirs, key)):
-                torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12)
-    assert not all(torch.allclose(r, f) for r, f in zip(plain.mean_b, reused.mean_b))  # the two goals differ
+    x = torch.cat(data)
+    for stats, other in ((result.site_stats, aligned_b), (result.plain_site_stats, b)):
+        mine = endpoints_from_alignment(spec, stats, kinds)
+        assert mine is not None and {s.kind for s in mine.sites} <= set(kinds)
+        sites, values_a = mine.sites, hooked_site_values(a, spec, x, mine.sites)
+        assert kinds != ("layer",) or sum(s.module.endswith("qkv") for s in sites) == 2  # the transformer's fused qkv
+        want = numpy_paired(values_a, hooked_site_values(other, spec, x, sites), sites)
+        assert mine.ndims == [values_a[s.node].ndim for s in sites]
+        for key, columns in want.items():
+            for got, expected, s in zip(getattr(mine, key), columns, sites):
+                np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12, err_msg=f"{key} at {s.node}")
