@@ -139,7 +139,9 @@ def test_learned_recovers_a_permuted_mlp_from_the_identity():
     """Started at the identity, learned matching finds the exact inverse of a random permutation of every group.
 
     The interpolation weight is drawn from [0.02, 0.1]: at lam = 1/2 the interpolated net is symmetric in a pair of
-    swapped units, so the straight-through gradient cannot tell a swap from its fix (test below)."""
+    swapped units, so the straight-through gradient cannot tell a swap from its fix (test below). Not a general
+    property: the straight-through estimator is a local method, and on other random MLPs (model seeds 1, 2) or the
+    tiny transformer the identity start ends with units off."""
     model, x = tiny_mlp()
     spec = trace(model, x[:8])
     perms = random_perms(spec, seed=4)
@@ -178,9 +180,9 @@ def test_straight_through_gradient_cannot_see_a_swap_at_the_midpoint():
     assert abs(change[0.5]) < 1e-15 and change[0.1] < -1e-6
 
 
-@pytest.mark.parametrize("orthogonal", [False, True])
-def test_learned_on_a_transformer_keeps_b_and_maps_are_orthogonal(orthogonal):
-    """From weight matching on a permuted copy of a pre-norm transformer: the result keeps B's function (1e-9),
+@pytest.mark.parametrize("orthogonal, init", [(False, "weight"), (True, "weight"), (True, "orthogonal")])
+def test_learned_on_a_transformer_keeps_b_and_maps_are_orthogonal(orthogonal, init):
+    """From weight matching (or the orthogonal method) on a permuted copy of a pre-norm transformer: the result keeps B's function (1e-9),
     the permutations respect the head structure, the stream map is orthogonal to 1e-12 with O 1 = 1, and B stays
     on A (the exact solution is a fixed point of the straight-through steps)."""
     from onebasin.permute import check_perms
@@ -191,7 +193,7 @@ def test_learned_on_a_transformer_keeps_b_and_maps_are_orthogonal(orthogonal):
     with torch.no_grad():
         y = model(x)  # distillation targets: loss and gradient are 0 where B lands on A
     data = [(x[:32], y[:32]), (x[32:], y[32:])]
-    aligned, result = align(model, b, "learned", data, init="weight", orthogonal=orthogonal, steps=8, lr=0.1,
+    aligned, result = align(model, b, "learned", data, init=init, orthogonal=orthogonal, steps=8, lr=0.1,
                             batch_size=16, loss_fn=F.mse_loss, progress=False)
     check_perms(spec, result.perms)
     with torch.no_grad():
