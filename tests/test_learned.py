@@ -237,3 +237,21 @@ def test_learned_keeps_the_function_of_conv_nets(name, train_mode):
     _, result = align(a, b, "learned", data, steps=3, batch_size=8, train_mode=train_mode, progress=False)
     assert result.record["check_max_diff"] < 1e-9 and not result.record["orthogonal"]
     assert result.record["orthogonal_note"] and len(result.record["moved"]) == 3
+
+
+def test_learned_returns_the_start_when_learning_only_hurts():
+    """From the exact solution (weight matching on a permuted copy) a far too large learning rate moves the units
+    away; the midpoint check then returns the start, B exactly on A."""
+    model, x = tiny_mlp()
+    spec = trace(model, x[:8])
+    perms = random_perms(spec, seed=4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
+    _, result = align(model, permute_model(model, spec, perms), "learned", data, init="weight", steps=20, lr=5.0,
+                      batch_size=128, progress=False)
+    assert max(result.record["moved"]) > 0, "learning did not move: the test tests nothing"
+    checks = result.record["midpoint_loss"]
+    assert checks["final"] > checks["start"] and checks[result.record["chosen"]] == checks["start"]
+    want = invert_perms(perms)
+    assert all(torch.equal(result.perms[g], want[g]) for g in spec.groups)
