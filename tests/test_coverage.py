@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from onebasin.errors import InputMismatchError, OnebasinError, UntraceableModelError
+from onebasin.errors import EmptyDataError, InputMismatchError, UntraceableModelError
 from onebasin.graph import as_call
 from onebasin.permute import apply_perms, random_perms
 from onebasin.spec import trace
@@ -130,7 +130,14 @@ def test_untraceable_model_names_the_source_line():
         trace(DataDependent(), torch.randn(3, 6))
 
 
-def test_every_bad_input_is_a_onebasin_error():
-    for model, x in [(TwoLayers(), torch.randn(3, 6).long()), (TwoLayers(), torch.randn(0, 6)), (TwoLayers(), {"y": torch.randn(3, 6)})]:
-        with pytest.raises(OnebasinError):
-            trace(model, x)
+@pytest.mark.parametrize("x, error, cause", [
+    (torch.randn(3, 6).long(), InputMismatchError, r"TwoLayers cannot run on the input int64 \(3, 6\): RuntimeError: .*same dtype"),
+    (torch.randn(0, 6), EmptyDataError, r"TwoLayers cannot run on the input float32 \(0, 6\): the batch has 0 rows"),
+    ({"y": torch.randn(3, 6)}, InputMismatchError, r"input \{y: float32 \(3, 6\)\}: TypeError: .*unexpected keyword argument 'y'"),
+])  # fmt: skip
+def test_every_bad_input_is_a_onebasin_error(x, error, cause):
+    """Integer ids for a float model, an empty batch, a keyword the forward does not take: the named
+    OnebasinError subclass, with the model, the input and the cause in one line."""
+    with pytest.raises(error, match=cause) as err:
+        trace(TwoLayers(), x)
+    assert "\n" not in str(err.value)

@@ -110,11 +110,25 @@ def test_vgg_widths_and_norm():
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_traces(name):
-    from onebasin.spec import trace  # ImportError until the core's spec.py exists
+    """Every hidden Linear/Conv of the zoo has its output units in a permutation group (axis 0 of its weight
+    is a member); only the layer whose output is the network's output (found with forward hooks) is not."""
+    from onebasin.spec import trace
 
     model, x, _ = build(name)
-    spec = trace(model, x)
-    assert len(spec) > 0
+    model.eval()
+    outputs, hooks = {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            hooks.append(m.register_forward_hook(lambda mod, a, o, n=n: outputs.setdefault(n, o.detach())))
+    with torch.no_grad():
+        y = model(x)
+    for h in hooks:
+        h.remove()
+    heads = {n for n, o in outputs.items() if o.shape == y.shape and torch.equal(o, y)}
+    assert len(heads) == 1, heads
+    hidden = {f"{n}.weight" for n in outputs} - {f"{n}.weight" for n in heads}
+    members = {m.key for g in trace(model, x).groups.values() for m in g.members if m.axis == 0}
+    assert hidden <= members, sorted(hidden - members)
 
 
 def test_mlp_spec_has_one_group_per_hidden_layer():
