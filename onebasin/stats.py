@@ -156,6 +156,13 @@ class Moments:
         self._add("x", total)
         self._add("xx", squares)
 
+    def add_sums_(self, n: int, sums: dict[str, torch.Tensor]) -> "Moments":
+        """Add `n` samples' sums (taken about this Moments' shift: the same names and shapes), in place."""
+        self.n += n
+        for name, value in sums.items():
+            self._add(name, value)
+        return self
+
     def rebase_(self, shift: dict[str, torch.Tensor]) -> "Moments":
         """Re-express the sums about new per-unit shifts {"x": c', "y": d'} (rounded to this precision), in place
         in float64: with e = c - c', sum(x - c') = S + n e, sum(x - c')^2 = SS + 2 e S + n e^2, and likewise for

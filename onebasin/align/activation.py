@@ -14,11 +14,12 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..spec import PermutationSpec
 from ..graph import batch_size, model_inputs, shape_of, take_rows
-from ..distributed import batches
+from ..distributed import batches, distributed, reduce_device
 from ..stats import Moments, eval_mode
 from ..taps import SiteTaps
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
@@ -52,7 +53,8 @@ def site_moments(
         groups: the groups to measure (default: every group with sites).
     Returns:
         ({group: [Moments(paired=True) per site, x = A's units (samples, n), y = B's units]}, examples).
-        Conv activations (N, C, H, W) count as N*H*W samples of C units.
+        Conv activations (N, C, H, W) count as N*H*W samples of C units. (Activation matching under
+        torch.distributed holds each site's sums on one rank instead: `_owned_site_moments`.)
     """
     groups = [g for g in spec.groups.values() if g.sites and (groups is None or g.name in groups)]
     sites = [s for g in groups for s in g.sites]
@@ -125,27 +127,55 @@ def activation_matching(
     t0 = time.perf_counter()
     require_module(model_a, "activation"), require_module(model_b, "activation")
     passes = statistics_passes(spec, max_memory)
-    perms, objective, identity, site_stats, plain_stats = {}, {}, {}, {}, {}
+    world = distributed()[1]
+    solved, examples, peak = {"perms": {}, "objective": {}, "identity": {}, "site_stats": {}, "plain": {}}, 0, 0
     for groups in passes:  # each pass: the sums of whole families only, solved and freed before the next
-        moments, examples = site_moments(spec, model_a, model_b, data, max_examples=max_examples, device=device,
-                                         max_memory=max_memory, precision=precision, groups=groups)
-        corrs = {name: correlation_matrix(ms) for name, ms in moments.items()}
-        roots = {family_root(spec, g) for g in corrs}
-        perms |= solve_families(spec, corrs, [g for g in spec.groups if family_root(spec, g) in roots])
-        for name, corr in corrs.items():
-            units = corr.shape[0] * len(moments[name])
-            objective[name] = matched(corr, perms[name]) / units
-            identity[name] = matched(corr, torch.arange(corr.shape[0])) / units
-            site_stats[name] = [aligned_stats(m, perms[name]) for m in moments[name]]
-            plain_stats[name] = [aligned_stats(m, torch.arange(len(perms[name]))) for m in moments[name]]
-        del moments, corrs
+        options = {"max_examples": max_examples, "device": device, "max_memory": max_memory, "precision": precision}
+        if world == 1:
+            moments, examples = site_moments(spec, model_a, model_b, data, groups=groups, **options)
+            held = sum(t.nelement() * t.element_size() for ms in moments.values() for m in ms for t in m.sums.values())
+        else:  # each rank holds, and solves, the families it owns; the (small) solutions are shared
+            owners = family_owners(spec, groups, world)
+            moments, examples, held = _owned_site_moments(spec, [spec.groups[g] for g in groups], model_a, model_b, data,
+                                                          owners, **options)
+        peak = max(peak, held)
+        part = _solve(spec, moments)
+        del moments
+        for got in _gathered(part) if world > 1 else [part]:
+            for k in solved:
+                solved[k] |= got[k]
+    perms = solved["perms"]
     fallback = [g for g in spec.groups if g not in perms]
     if fallback:
         perms, _ = match_weights(spec, weights_of(model_a), weights_of(model_b), init=perms, groups=fallback)
-    record = {"method": "activation", "iterations": 1, "objective": objective, "identity": identity,
-              "examples": examples if passes else 0, "weight_fallback": fallback, "statistics_passes": len(passes),
-              "seconds": time.perf_counter() - t0}  # fmt: skip
-    return AlignResult(perms, record, site_stats=site_stats, plain_site_stats=plain_stats)
+    record = {"method": "activation", "iterations": 1, "objective": solved["objective"], "identity": solved["identity"],
+              "examples": examples, "weight_fallback": fallback, "statistics_passes": len(passes),
+              "statistics_bytes": peak, "seconds": time.perf_counter() - t0}  # fmt: skip
+    return AlignResult(perms, record, site_stats=solved["site_stats"], plain_site_stats=solved["plain"])
+
+
+def _solve(spec: PermutationSpec, moments: dict[str, list[Moments]]) -> dict[str, dict]:
+    """The permutations of the families whose moments are given, the matched and unmatched mean correlations
+    of each group (objective, identity), and the per-unit statistics of A and the aligned / unaligned B."""
+    corrs = {name: correlation_matrix(ms) for name, ms in moments.items()}
+    roots = {family_root(spec, g) for g in corrs}
+    perms = solve_families(spec, corrs, [g for g in spec.groups if family_root(spec, g) in roots])
+    out = {"perms": perms, "objective": {}, "identity": {}, "site_stats": {}, "plain": {}}
+    for name, corr in corrs.items():
+        units = corr.shape[0] * len(moments[name])
+        identity = torch.arange(len(perms[name]))
+        out["objective"][name] = matched(corr, perms[name]) / units
+        out["identity"][name] = matched(corr, identity) / units
+        out["site_stats"][name] = [{k: v.cpu() for k, v in aligned_stats(m, perms[name]).items()} for m in moments[name]]
+        out["plain"][name] = [{k: v.cpu() for k, v in aligned_stats(m, identity).items()} for m in moments[name]]
+    return out
+
+
+def _gathered(part: dict) -> list[dict]:
+    """Every rank's `_solve` result (all_gather_object: permutations and per-unit statistics only)."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return parts
 
 
 def statistics_passes(spec: PermutationSpec, max_memory: int | None) -> list[list[str]]:
@@ -156,8 +186,7 @@ def statistics_passes(spec: PermutationSpec, max_memory: int | None) -> list[lis
     for g in spec.groups.values():
         if g.sites:
             families.setdefault(family_root(spec, g.name), []).append(g.name)
-    cost = {root: sum(8 * len(spec.groups[g].sites) * (spec.groups[g].size ** 2 + 4 * spec.groups[g].size)
-                      for g in names) for root, names in families.items()}
+    cost = {root: _sum_bytes(spec, names) for root, names in families.items()}
     passes, used = [], 0
     for root, names in families.items():
         if not passes or (max_memory is not None and used + cost[root] > max_memory):
@@ -174,3 +203,105 @@ def aligned_stats(m: Moments, p: torch.Tensor) -> dict[str, torch.Tensor]:
     p = p.to(m.sums["xy"].device)
     return {"mean_a": m.mean_x, "var_a": m.var_x, "mean_b": m.mean_y[p], "var_b": m.var_y[p],
             "cov_ab": m.cov_xy_matched(p)}
+
+
+def _owned_site_moments(spec, groups, model_a, model_b, data, owners, *, max_examples, device, max_memory, precision):
+    """site_moments under torch.distributed with site ownership: every site's sums are held by one rank only
+    (`owners`: group -> rank). The ranks step through their shards together, one row slice at a time (a rank
+    whose shard is done takes part with zeros); each rank's sums of a slice are reduced to the site's owner,
+    which adds them to its running sums. Returns (the owned groups' moments, examples, peak bytes of sums
+    held at once on this rank)."""
+    rank, _ = distributed()
+    sites = [(g, s) for g in groups for s in g.sites]
+    mine = {k: Moments(paired=True, precision=precision) for k, (g, _) in enumerate(sites) if owners[g.name] == rank}
+    taps_a = SiteTaps(model_a, [s for _, s in sites], spec.graph, False)
+    taps_b = SiteTaps(model_b, [s for _, s in sites], spec.graph, False)
+    rows = _rows_within(spec, [s for _, s in sites], max_memory)
+    dev = device_of(model_a, device)
+    slices = (take_rows(x, slice(i, i + (rows or batch_size(x)))) if rows else x
+              for x in model_inputs(model_a, batches(data, max_examples, dev)) for i in range(0, batch_size(x), rows or batch_size(x)))
+    shifts, examples, transient = None, 0, 0
+    with torch.no_grad(), eval_mode(model_a, model_b):
+        while _any_rank(part := next(slices, None)):
+            acts_a, acts_b = (taps_a(part)[1], taps_b(part)[1]) if part is not None else (None, None)
+            examples += batch_size(part) if part is not None else 0
+            if shifts is None:
+                shifts = _common_shifts(sites, acts_a, acts_b, precision)
+            for k, (g, s) in enumerate(sites):
+                m = Moments(paired=True, precision=precision)
+                m.shift = dict(shifts[k])
+                if part is not None:
+                    m.update_pair(acts_a[k], acts_b[k], s)
+                n, sums = _reduce_to_owner(m, g.size, owners[g.name])
+                transient = max(transient, sum(t.nelement() * t.element_size() for t in sums.values()))
+                if k in mine:
+                    mine[k].add_sums_(n, sums)
+    for k in mine:
+        mine[k].shift = dict(shifts[k])
+    held = sum(t.nelement() * t.element_size() for m in mine.values() for t in m.sums.values())
+    owned = {}
+    for k, (g, _) in enumerate(sites):
+        if k in mine:
+            owned.setdefault(g.name, []).append(mine[k])
+    return owned, all_reduce_count(examples), held + transient
+
+
+def _any_rank(value) -> bool:
+    """Whether `value` is not None on any process (a collective: every rank calls it)."""
+    flag = torch.tensor([0.0 if value is None else 1.0], dtype=torch.float64, device=reduce_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _common_shifts(sites, acts_a, acts_b, precision) -> list[dict]:
+    """Per site {"x": c, "y": d}: float32 sums need one shift on every rank, the row-weighted mean of each
+    rank's first slice (all-reduced); float64 sums need none."""
+    probe = Moments(paired=True, precision=precision)
+    if probe.dtype == torch.float64:
+        return [{} for _ in sites]
+    out = []
+    for k, (g, s) in enumerate(sites):
+        units = g.size
+        local = torch.zeros(2 * units + 1, dtype=torch.float64, device=reduce_device())
+        if acts_a is not None:
+            first = Moments(paired=True, precision=precision)  # its shifts: this rank's first slice's means
+            ca, cb = first._block_shift("x", acts_a[k], s), first._block_shift("y", acts_b[k], s)
+            rows = acts_a[k].numel() // max(acts_a[k].shape[s.dim], 1)
+            local = torch.cat([ca * rows, cb * rows, torch.tensor([float(rows)], dtype=torch.float64)]).to(local.device)
+        dist.all_reduce(local)
+        total = max(local[-1].item(), 1.0)
+        out.append({"x": probe._representable(local[:units].cpu() / total), "y": probe._representable(local[units:2 * units].cpu() / total)})
+    return out
+
+
+def _reduce_to_owner(m: Moments, units: int, owner: int) -> tuple[int, dict[str, torch.Tensor]]:
+    """(samples, {x, xx, y, yy, xy}) of one slice summed over all processes, on the owner (two reduces: the
+    per-unit sums with the count, and the (units, units) cross sums); other ranks get zeros back."""
+    dev = reduce_device()
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=dev)  # noqa: E731
+    vec = torch.cat([m.sums.get(k, zeros(units)).to(dev) for k in ("x", "xx", "y", "yy")]
+                    + [torch.tensor([float(m.n)], dtype=torch.float64, device=dev)])
+    cross = m.sums.get("xy", zeros(units, units)).to(dev)
+    dist.reduce(vec, dst=owner)
+    dist.reduce(cross, dst=owner)
+    parts = vec[:-1].view(4, units)
+    return int(vec[-1].item()), {"x": parts[0], "xx": parts[1], "y": parts[2], "yy": parts[3], "xy": cross}
+
+
+def family_owners(spec: PermutationSpec, groups: list[str], world: int) -> dict[str, int]:
+    """group -> rank owning its statistics: whole families, the largest first, each to the rank holding the
+    fewest bytes of sums so far (so each rank holds about 1 / world of them)."""
+    families: dict[str, list[str]] = {}
+    for g in groups:
+        families.setdefault(family_root(spec, g), []).append(g)
+    load, owners = [0] * world, {}
+    for root, names in sorted(families.items(), key=lambda kv: -_sum_bytes(spec, kv[1])):
+        r = min(range(world), key=load.__getitem__)
+        load[r] += _sum_bytes(spec, names)
+        owners |= {g: r for g in names}
+    return owners
+
+
+def _sum_bytes(spec: PermutationSpec, groups: list[str]) -> int:
+    """float64 bytes of the paired sums of these groups' sites: per site (n, n) cross sums and four (n,) sums."""
+    return sum(8 * len(spec.groups[g].sites) * (spec.groups[g].size ** 2 + 4 * spec.groups[g].size) for g in groups)
