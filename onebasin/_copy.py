@@ -32,6 +32,13 @@ def copy_module(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def module_with(model: nn.Module, state: dict) -> nn.Module:
+    """A copy of `model` (`copy_module`: hooks checked) holding the state_dict `state`; `model` is untouched."""
+    out = copy_module(model)
+    out.load_state_dict(state)
+    return out
+
+
 def _reads(fn, owned: dict[int, str]) -> str | None:
     """What a plain function (deepcopy shares it) captures of `owned`: closure cells, defaults, globals it names."""
     if not isinstance(fn, types.FunctionType):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._copy import copy_module
+from ._copy import module_with
 from .checks import check_same_architecture
 from .distributed import distributed, presharded, reduce_device
 
@@ -41,9 +41,7 @@ def lerp(sd_a: StateDict, sd_b: StateDict, alpha: float) -> StateDict:
 
 def interpolate_model(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
     """A copy of `model_a` holding lerp(A, B, alpha) (theta_alpha, Jordan et al. 2022 Sec. 2.1); inputs untouched."""
-    new = copy_module(model_a)
-    new.load_state_dict(lerp(model_a.state_dict(), model_b.state_dict(), alpha))
-    return new
+    return module_with(model_a, lerp(model_a.state_dict(), model_b.state_dict(), alpha))
 
 
 # --- barriers ------------------------------------------------------------------------------------------

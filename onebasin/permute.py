@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._copy import copy_module
+from ._copy import module_with
 from .errors import InvalidOptionError
 from .spec import Group, Member, PermutationSpec
 
@@ -186,6 +186,4 @@ def permute_model(model: nn.Module, spec: PermutationSpec, perms: Perms) -> nn.M
     UnsupportedOpError for a forward hook that reads the model's tensors through a closure (`copy_module`).
     """
     check_perms(spec, perms)
-    new = copy_module(model)
-    new.load_state_dict(apply_perms(spec, perms, model.state_dict()))
-    return new
+    return module_with(model, apply_perms(spec, perms, model.state_dict()))

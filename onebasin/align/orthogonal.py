@@ -21,7 +21,6 @@ unit gain and zero bias).
 
 from __future__ import annotations
 
-import copy
 import operator
 import time
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from .._copy import module_with
 from ..graph import as_call, model_inputs
 from ..ops import LAYERS, NORMS, VIEWS, args_of
 from ..permute import apply_perms, identity_perms
@@ -111,9 +111,7 @@ def canonical(spec: PermutationSpec, model: nn.Module, streams: list[Group]) -> 
             if m.key not in skip:
                 _require_plain(m)
                 sd[m.key] = _along(sd[m.key].double(), m.axis, centre).to(sd[m.key])
-    out = copy.deepcopy(model)
-    out.load_state_dict(sd)
-    return out
+    return module_with(model, sd)
 
 
 def _check_canonical(model: nn.Module, canon: nn.Module, data) -> None:
@@ -140,9 +138,7 @@ def rebase(model: nn.Module, group: Group, q: torch.Tensor) -> nn.Module:
     for m in group.members:
         _require_plain(m)
         sd[m.key] = _along(sd[m.key].double(), m.axis, q).to(sd[m.key])
-    out = copy.deepcopy(model)
-    out.load_state_dict(sd)
-    return out
+    return module_with(model, sd)
 
 
 def procrustes(cross: torch.Tensor) -> torch.Tensor:
@@ -210,8 +206,7 @@ def orthogonal_alignment(
         raise AlignmentError("orthogonal alignment found no residual stream (a group read at a residual addition)")
     inner = get_method(permutations)(spec, model_a, model_b, data, max_examples=max_examples, device=device)
     perms = {**inner.perms, **{g.name: identity_perms(spec)[g.name] for g in streams}}
-    b = copy.deepcopy(model_b)
-    b.load_state_dict(apply_perms(spec, perms, model_b.state_dict()))
+    b = module_with(model_b, apply_perms(spec, perms, model_b.state_dict()))
     a, b = canonical(spec, model_a, streams), canonical(spec, b, streams)
     _check_canonical(model_a, a, data)
     objective = {}

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .._copy import copy_module
+from .._copy import module_with
 from ..graph import Captured, capture
 from ..ops import LAYERS, NORMS, args_of, produced_by
 from ..spec import Site
@@ -77,9 +77,7 @@ def fuse_corrections(model: nn.Module, graph: Captured, state: dict, corrections
             left[c.site.node] = RepairAffine(c.scale.to(p), c.shift.to(p), c.site.dim)
         folded.append(target is not None)
     if not left:
-        out = copy_module(model)
-        out.load_state_dict(sd)
-        return out, folded
+        return module_with(model, sd), folded
     return with_affines(graph, sd, left, type(model).__name__), folded
 
 
