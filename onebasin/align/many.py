@@ -165,17 +165,24 @@ def synchronise(pairwise: dict[tuple[int, int], torch.Tensor], n_models: int) ->
         pairwise: (i, j), i < j -> q (n,): unit u of model i matches unit q[u] of model j.
     Returns:
         p_0..p_{N-1}: universe unit u is unit p_i[u] of model i (universe order = model 0's where consistent).
-        Block matrix W (Nn, Nn) with W_ij the matching of (i, j) and W_ii = I; its n leading eigenvectors U
-        give U_0 U_i^T ~ the map from model 0 to model i, rounded by linear assignment. Exact (returns the
-        matchings themselves) when they are cycle-consistent.
+        Block matrix W (Nn, Nn) with W_ij the matching of (i, j) and W_ii = I; the projector P onto its n
+        leading eigenvectors gives P_0i = U_0 U_i^T ~ the map from model 0 to model i, rounded by linear
+        assignment. Exact (returns the matchings themselves) when they are cycle-consistent.
+
+    Deterministic: inconsistent matchings often tie W's n-th eigenvalue with the next, where "the n leading
+    eigenvectors" are any basis the eigensolver picks (it differed between one and two threads). P then spans
+    every eigenvector tied with the n-th, which no basis choice changes, and its entries are rounded to 1e-9
+    before the assignment, so that solver rounding cannot break its ties either.
     """
     n = len(next(iter(pairwise.values())))
     w = torch.eye(n_models * n, dtype=torch.float64)
     for (i, j), q in pairwise.items():
         w[i * n + torch.arange(n), j * n + q.cpu()] = 1.0
         w[j * n + q.cpu(), i * n + torch.arange(n)] = 1.0
-    u = torch.linalg.eigh(w).eigenvectors[:, -n:].reshape(n_models, n, n)
-    return [assign(u[0] @ u[i].T) for i in range(n_models)]
+    values, vectors = torch.linalg.eigh(w)
+    u = vectors[:, values >= values[-n] - 1e-9 * values[-1]]  # the n leading eigenvectors and any tied with the n-th
+    first = u[:n] @ u.T  # (n, N n): the rows of model 0 in the projector P = U U^T
+    return [assign(torch.round(first[:, i * n:(i + 1) * n] * 1e9)) for i in range(n_models)]
 
 
 def _ascend(score, p: list[torch.Tensor], order, max_iter: int) -> tuple[list[torch.Tensor], int, bool]:
