@@ -52,7 +52,7 @@ class MergeResult:
         return dict(self.__dict__)
 
 
-_NEEDS_DATA = ("activation", "annealing", "functional")  # built-in methods that run the networks
+_NEEDS_DATA = ("activation", "annealing", "functional", "learned")  # built-in methods that run the networks
 
 
 def _check_options(method: str, repair: str, alphas: Iterable, repairs=REPAIRS) -> None:

@@ -255,3 +255,12 @@ def test_learned_returns_the_start_when_learning_only_hurts():
     assert checks["final"] > checks["start"] and checks[result.record["chosen"]] == checks["start"]
     want = invert_perms(perms)
     assert all(torch.equal(result.perms[g], want[g]) for g in spec.groups)
+
+
+def test_merge_with_learned_and_no_data_names_the_cause():
+    from onebasin.errors import EmptyDataError
+    from onebasin.pipeline import merge
+
+    model, _ = tiny_mlp()
+    with pytest.raises(EmptyDataError, match="needs data"):
+        merge(model, tiny_mlp(seed=1)[0], method="learned", repair="none")
