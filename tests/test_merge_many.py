@@ -381,3 +381,22 @@ def test_universe_is_in_model0s_unit_order_so_relabelling_model0_relabels_the_me
     want = apply_perms(spec, q, merged.state_dict())
     for k, v in shuffled.state_dict().items():
         assert torch.allclose(v, want[k], rtol=0, atol=1e-12), k
+
+
+def test_layer_sites_only_keep_model0s_class_and_meet_the_layer_goals():
+    """sites=("layer",) (the CLI's --sites layer; issue 23 item 8: it was ignored for 3+ models): no correction after a
+    residual addition, so everything folds and the result is a plain ResNet; each corrected Linear/Conv output meets
+    its goal (numpy on hooked activations of the aligned endpoints)."""
+    models, data, weights = [build("resnet20_bn", s) for s in range(3)], data_for("resnet20_bn"), [0.2, 0.3, 0.5]
+    merged, result = onebasin.merge_many(models, weights=weights, data=data, sites=("layer",))
+    assert result.fused and type(merged) is type(models[0])
+    spec = trace(models[0], data[0])
+    layer_sites = [s for g in spec.groups.values() for s in g.sites if s.kind == "layer" and s.module]
+    names = sorted({s.module for s in layer_sites})[:4]
+    assert len(names) == 4
+    aligned = [permute_model(m, spec, p) for m, p in zip(models, result.perms)]
+    ends = [hooked_units(m, names, data) for m in aligned]
+    got = hooked_units(merged, names, data)
+    for name in names:
+        np.testing.assert_allclose(got[name].std(0), sum(w * e[name].std(0) for w, e in zip(weights, ends)), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(got[name].mean(0), sum(w * e[name].mean(0) for w, e in zip(weights, ends)), rtol=1e-8, atol=1e-10)
