@@ -205,8 +205,7 @@ def cmd_demo(args, fail) -> int:
     _check_out_folder(out, args.force, fail)
     try:
         model_info(args.model)
-        preset = demo_preset(args.model)
-        settings = _transformer_demo(args, preset) if preset is not None else _mlp_demo(args)
+        settings = _transformer_demo(args) if demo_preset(args.model) is not None else _mlp_demo(args)
         exp = Experiment(model=args.model, method=args.method, repair=args.repair, train_limit=args.train_limit,
                          test_examples=args.test_examples, out=out, data_dir=args.data_dir, cache_dir=args.cache_dir,
                          device=str(args.device), **settings)
@@ -231,8 +230,11 @@ def _mlp_demo(args) -> dict:
             "calib_examples": _given(args.calib_examples, 5000)}
 
 
-def _transformer_demo(args, preset: dict) -> dict:
+def _transformer_demo(args) -> dict:
     """The model's demo preset (`experiment.demo_preset`) with the options given on the command line replacing its own."""
+    from onebasin.experiment import demo_preset
+
+    preset = demo_preset(args.model)
     model_kwargs = {**preset["model_kwargs"], **{k: v for k, v in (("width", args.width), ("depth", args.depth))
                                                  if v is not None}}
     return {**preset, "dataset": _given(args.dataset, preset["dataset"]), "epochs": _given(args.epochs, preset["epochs"]),
