@@ -313,3 +313,17 @@ def test_progress_bars_write_one_line_each_when_stderr_is_not_a_terminal(capsys)
     onebasin.compare(*ms, loaders, d, alphas=[0, 0.5, 1], progress=True)
     err = capsys.readouterr().err
     assert err.count("\r") == 1 and err.count("\n") == 1 and "compare" in err and "5/5" in err, repr(err)
+
+
+def test_cli_merge_of_three_writes_only_out_and_its_sidecar(tmp_path, capsys, ckpts):
+    before = set(files(tmp_path))
+    code, _, err = run_cli(["merge", *ckpts, "--out", tmp_path / "m.safetensors", "--no-progress"], capsys)
+    assert code == 0, err
+    assert set(files(tmp_path)) - before == {"m.safetensors", "m.json"} and before <= set(files(tmp_path))
+
+
+def test_cli_names_a_folder_given_as_the_third_checkpoint(tmp_path, capsys, ckpts):
+    folder = tmp_path / "hf_model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    refused(tmp_path, capsys, [*ckpts[:2], folder, "--out", tmp_path / "o.safetensors"], "hf_model")
