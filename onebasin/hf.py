@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -254,17 +255,15 @@ def merge_pretrained(
         is an input, holds one, was not written by onebasin, or exists without `force`), InputMismatchError
         (calibration text the tokenizer cannot encode), ArchitectureMismatchError, and `merge`'s errors.
     """
+    if isinstance(dirs, (str, os.PathLike)):
+        raise InvalidOptionError(f"merge_pretrained takes a list of folders, got one: {dirs}")
     dirs, out = [Path(d) for d in dirs], Path(out)
     _check_folders(dirs)
     check_output_folder(out, force, MARKER, inputs=dirs)
     alpha, weights = _check_weights(dirs, method, repair, alpha, weights)
     _check_calibration(calib_text, data)
     with quiet(not progress):
-        models = [load_pretrained(d, device) for d in dirs]
-        for d, m in zip(dirs[1:], models[1:]):
-            if type(m) is not type(models[0]):
-                raise ArchitectureMismatchError(f"{dirs[0]} holds a {type(models[0]).__name__}, {d} a {type(m).__name__}")
-            check_same_architecture(models[0].state_dict(), m.state_dict(), (str(dirs[0]), str(d)))
+        models = _load_all(dirs, device)
         if repair in ("exact", "closed"):  # corrections at bias-free Linear outputs then fold
             models = [with_biases(m) for m in models]
         calib = calibration(models[0], dirs[0], calib_text=calib_text, data=data, data_dir=data_dir,
@@ -279,6 +278,16 @@ def merge_pretrained(
         if is_main():
             _save(merged, result, out, dirs, models[0].config)
     return out, result
+
+
+def _load_all(dirs: list[Path], device) -> list[nn.Module]:
+    """The folders' models, checked to be of one class and architecture."""
+    models = [load_pretrained(d, device) for d in dirs]
+    for d, m in zip(dirs[1:], models[1:]):
+        if type(m) is not type(models[0]):
+            raise ArchitectureMismatchError(f"{dirs[0]} holds a {type(models[0]).__name__}, {d} a {type(m).__name__}")
+        check_same_architecture(models[0].state_dict(), m.state_dict(), (str(dirs[0]), str(d)))
+    return models
 
 
 def _check_folders(dirs: list[Path]) -> None:

@@ -163,6 +163,11 @@ def test_api_raises_a_onebasin_error_naming_the_cause_and_touches_nothing(case, 
     assert H.tree(proj) == before
 
 
+def test_api_refuses_one_folder_given_as_a_string(proj):
+    with pytest.raises(InvalidOptionError, match="list of folders"):
+        merge_pretrained(str(proj / "a"), out=proj / "m", calib_text=proj / T)
+
+
 def test_a_merge_writes_only_its_output_and_removes_a_killed_merges_temporary_folder(proj, capsys):
     stale, live = proj / ".m.999999999.tmp", proj / f".m2.{os.getppid()}.tmp"
     for d in (stale, live):
