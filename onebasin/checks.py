@@ -62,6 +62,19 @@ def check_finite(sd: StateDict, name: str = "model") -> None:
         raise InvalidWeightsError(f"{name} has non-finite (NaN/inf) values in: {', '.join(bad[:10])}")
 
 
+def check_module(model, name: str) -> None:
+    """InvalidOptionError naming `name` unless `model` is an nn.Module (a state_dict is the usual mistake)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidOptionError(f"{name} is a {type(model).__name__}, not an nn.Module "
+                                 "(load a state_dict into its model first, e.g. with onebasin.load_any)")
+
+
+def check_max_examples(max_examples) -> None:
+    """InvalidOptionError unless `max_examples` is None (all) or an integer >= 1."""
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
+        raise InvalidOptionError(f"max_examples must be an integer >= 1 (or None: all), got {max_examples!r}")
+
+
 def check_models(models, what: str = "merge_many") -> list[nn.Module]:
     """`models` as a list: >= 2 nn.Modules of one architecture and dtype with finite weights, else the
     OnebasinError naming the first bad one by position (models[i] / model i) and the cause."""
@@ -72,9 +85,7 @@ def check_models(models, what: str = "merge_many") -> list[nn.Module]:
     if len(models) < 2:
         raise InvalidOptionError(f"{what} needs at least 2 models, got {len(models)}")
     for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise InvalidOptionError(f"{what}: models[{i}] is a {type(m).__name__}, not an nn.Module "
-                                     "(load a state_dict into its model first, e.g. with onebasin.load_any)")
+        check_module(m, f"{what}: models[{i}]")
     sds = [m.state_dict() for m in models]
     for i, sd in enumerate(sds):
         check_finite(sd, f"model {i}")

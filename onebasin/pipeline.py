@@ -18,8 +18,8 @@ from .align import align, check_same_function, get_method
 from ._copy import copy_module
 from .align.many import ALIGNMENTS, agreement, align_many, cycle_consistency, get_combiner, induced_maps
 from .barrier import barrier_curve
-from .checks import (check_example_input, check_finite, check_models, check_same_architecture, check_same_dtype,
-                     check_weights, first_input)
+from .checks import (check_example_input, check_finite, check_max_examples, check_models, check_module,
+                     check_same_architecture, check_same_dtype, check_weights, first_input)
 from .diagnostics import site_label, variance_ratios
 from .errors import EmptyDataError, InvalidOptionError
 from .permute import Perms, StateDict, check_perm_list, permute_model
@@ -83,6 +83,7 @@ def on_device(model: nn.Module, device) -> nn.Module:
 
 
 def _check_models(model_a: nn.Module, model_b: nn.Module) -> None:
+    check_module(model_a, "model_a"), check_module(model_b, "model_b")
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_same_architecture(sd_a, sd_b)
     check_same_dtype(sd_a, sd_b)
@@ -135,6 +136,7 @@ def merge(
         run through A: shape, dtype or device; checked with `checks.check_example_input` before tracing).
     """
     _check_options(method, repair, [alpha])
+    check_max_examples(max_examples)
     _check_models(model_a, model_b)
     model_a, model_b = on_device(model_a, device), on_device(model_b, device)
     if data is None and (method in _NEEDS_DATA or repair != "none"):
@@ -266,8 +268,7 @@ def merge_many(
         raise InvalidOptionError(f"unknown alignment {alignment!r}; valid: {', '.join(ALIGNMENTS)}")
     if repair not in MANY_REPAIRS:
         raise InvalidOptionError(f"unknown repair {repair!r}; valid: {', '.join(MANY_REPAIRS)}")
-    if max_examples is not None and not (isinstance(max_examples, int) and max_examples >= 1):
-        raise InvalidOptionError(f"max_examples must be an integer >= 1 (or None: all), got {max_examples!r}")
+    check_max_examples(max_examples)
     models = check_models(models)
     w = check_weights(weights, len(models))
     if data is None and (spec is None or repair != "none"):

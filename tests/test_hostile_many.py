@@ -327,3 +327,12 @@ def test_cli_names_a_folder_given_as_the_third_checkpoint(tmp_path, capsys, ckpt
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     refused(tmp_path, capsys, [*ckpts[:2], folder, "--out", tmp_path / "o.safetensors"], "hf_model")
+
+
+def test_two_model_merge_names_a_state_dict_and_a_bad_max_examples():
+    """The same validation for merge: a state_dict as model B was an AttributeError, max_examples=0 a KeyError 'xx'."""
+    a, b = three()[:2]
+    with pytest.raises(InvalidOptionError, match="model_b is a \\w*Dict, not an nn.Module"):
+        onebasin.merge(a, b.state_dict(), data=data())
+    with pytest.raises(InvalidOptionError, match="max_examples must be an integer >= 1"):
+        onebasin.merge(a, b, data=data(), max_examples=0)
