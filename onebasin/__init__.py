@@ -14,7 +14,7 @@ modules stay reachable as attributes.
 from ._version import __version__
 
 from .align import AlignResult, anneal_many, get_method, list_methods, register_method
-from .align.many import align_many
+from .align.many import align_many, list_combiners, register_combiner
 from .barrier import barrier_curve
 from .checkpoint import CheckpointError, load_any, load_checkpoint, load_model, save_checkpoint
 from .data import DataNotFoundError, biased_split, dataset_info, load_dataset
@@ -44,7 +44,7 @@ __all__ = [
     "build_model", "compare", "compose_perms", "create_model", "dataset_info", "from_groups",
     "get_method", "get_recipe", "identity_perms", "interpolate_model", "invert_perms", "lerp",
     "list_methods", "list_models", "load_any", "load_checkpoint", "load_dataset", "load_model", "merge",
-    "merge_many", "ManyResult", "align_many",
+    "merge_many", "ManyResult", "align_many", "list_combiners", "register_combiner",
     "permute_model", "random_perms", "register_method", "register_model", "reset_bn",
     "run_experiment", "run_sweep", "save_checkpoint", "trace", "train_model", "variance_ratios",
 ]  # fmt: skip

@@ -400,3 +400,27 @@ def test_layer_sites_only_keep_model0s_class_and_meet_the_layer_goals():
     for name in names:
         np.testing.assert_allclose(got[name].std(0), sum(w * e[name].std(0) for w, e in zip(weights, ends)), rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(got[name].mean(0), sum(w * e[name].mean(0) for w, e in zip(weights, ends)), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+def test_a_registered_combiner_is_a_merge_many_method(alignment):
+    """A combiner is one decorated function of the problem: one that keeps every model's order merges as plain
+    averaging ("none") does; a second registration under the same name is refused, an unknown name lists the valid ones."""
+    from onebasin.align.many import _COMBINERS
+
+    @onebasin.register_combiner(name="keep-order", reference="a test")
+    def keep_order(problem):
+        return [problem.identity] * problem.n_models, 0, True
+
+    try:
+        models, data = [build("mlp", s) for s in range(3)], data_for("mlp")
+        merged, result = onebasin.merge_many(models, method="keep-order", repair="none", data=data, alignment=alignment)
+        plain, _ = onebasin.merge_many(models, method="none", repair="none", data=data)
+        assert all(torch.equal(v, plain.state_dict()[k]) for k, v in merged.state_dict().items())
+        assert "keep-order" in onebasin.list_combiners() and result.method == "keep-order"
+        with pytest.raises(ValueError, match="already registered"):
+            onebasin.register_combiner(name="keep-order", reference="again")(keep_order)
+    finally:
+        _COMBINERS.pop("keep-order")
+    with pytest.raises(OnebasinError, match="keep-order.*valid methods: universe, mergemany, anchor, none"):
+        onebasin.merge_many(models, method="keep-order", data=data)
