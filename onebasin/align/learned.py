@@ -24,6 +24,7 @@ keeps that one) and the start, the one whose midpoint (lam = 1/2) has the lowest
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -139,8 +140,6 @@ def _stream_start(spec, streams, a, b, perms, data, init, max_examples, device) 
 
 def _module_with(model: nn.Module, sd: StateDict) -> nn.Module:
     """A copy of `model` holding `sd`."""
-    import copy
-
     out = copy.deepcopy(model)
     out.load_state_dict(sd)
     return out
