@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from .._spec import Layout
 from ..labels import Axis, Heads, Parts, Seg, WeightView, label_dims, plain_axis, remap
-from ..ops import BROADCASTS, ELEMENTWISE, FILLS, REDUCES, args_of  # noqa: F401  (args_of: re-exported for the rules)
+from ..ops import BROADCASTS, ELEMENTWISE, FILLS, REDUCES
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
     from ..tracer import Tracer
@@ -285,6 +285,6 @@ def _reduced(t: Tracer, node: fx.Node, dims: set[int]) -> set[int]:
 
 
 __all__ = [
-    "Axis", "Heads", "Parts", "Seg", "WeightView", "args_of", "tensor_args", "norm_dim", "fit_layout",
+    "Axis", "Heads", "Parts", "Seg", "WeightView", "tensor_args", "norm_dim", "fit_layout",
     "unify_labels", "weight_joins", "constant_joins", "moved", "plain_axis",
 ]  # fmt: skip

@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from .._spec import Layout
 from ..labels import Axis, Heads, Seg, WeightView, label_dims, remap
-from ._common import args_of, constant_joins, plain_axis, unify_labels, varying_dims, weight_joins
+from ..ops import args_of
+from ._common import constant_joins, plain_axis, unify_labels, varying_dims, weight_joins
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
     from ..tracer import Tracer

@@ -11,7 +11,8 @@ import torch
 import torch.fx as fx
 
 from ..labels import Axis, Heads, Multi, Parts, Pieces, Seg, WeightView, label_dims, remap
-from ._common import (args_of, constant_joins, cut_segs, heads_to_parts, moved, norm_dim, seg_end, unify_labels,
+from ..ops import args_of
+from ._common import (constant_joins, cut_segs, heads_to_parts, moved, norm_dim, seg_end, unify_labels,
                       varying_dims, weight_joins)
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
