@@ -62,7 +62,8 @@ def gpt2(depth, width=768, heads=12):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=depth, n_embd=width, n_head=heads, vocab_size=256, n_positions=1024, use_cache=False)
+    cfg = GPT2Config(n_layer=depth, n_embd=width, n_head=heads, vocab_size=256, n_positions=1024, use_cache=False,
+                     bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg), {"input_ids": torch.randint(256, (2, 1024))}
 
 
