@@ -209,7 +209,8 @@ def capture(model: nn.Module, example) -> Captured:
     """Export `model` (in eval mode) on `example` into a functional ATen graph.
 
     Args:
-        model: any nn.Module; exported in eval mode, each submodule's mode restored afterwards.
+        model: any nn.Module; exported in eval mode, each submodule's mode restored afterwards (and a Hugging
+            Face causal LM without its key/value cache: `without_cache`).
         example: the model's input: a tensor (N, ...), a tuple of positional inputs, or a dict of keyword
             inputs (e.g. {"input_ids": (N, T) LongTensor}); N >= 2 keeps the batch axis dynamic.
     Returns:
@@ -221,7 +222,7 @@ def capture(model: nn.Module, example) -> Captured:
     """
     check_example_input(model, example)
     args, kwargs = as_call(example)
-    with eval_mode(model):
+    with eval_mode(model), without_cache([model]):
         try:
             try:
                 program = _export(model, args, kwargs, dynamic=True)
@@ -230,6 +231,21 @@ def capture(model: nn.Module, example) -> Captured:
         except Exception as err:  # export raises many types (UserError, RuntimeError, TypeError, ...)
             _raise_untraceable(model, err)
     return _captured(model, program, example)
+
+
+@contextlib.contextmanager
+def without_cache(models: Iterable[nn.Module]):
+    """Each model's config with use_cache=False inside the block, restored after (a Hugging Face causal LM
+    saved with use_cache=True, the default of from_pretrained): a key/value cache is no tensor output that
+    torch.export can follow ("Found DynamicCache in output"), and no statistic needs one."""
+    saved = [(m.config, m.config.use_cache) for m in models if getattr(getattr(m, "config", None), "use_cache", None)]
+    for config, _ in saved:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config.use_cache = value
 
 
 def _raise_untraceable(model: nn.Module, err: Exception):

@@ -32,6 +32,7 @@ from ._version import __version__
 from .checkpoint import save_merged
 from .checks import check_same_architecture, check_weights
 from .distributed import is_main
+from .graph import without_cache
 from .errors import ArchitectureMismatchError, InputMismatchError, InvalidOptionError, OnebasinError
 from .pipeline import merge, merge_many
 
@@ -152,20 +153,6 @@ def _check_calibration(calib_text, data) -> None:
     if (calib_text is None) == (data is None):
         raise InvalidOptionError("say what to calibrate on: calib_text=FILE (--calib-text, text models) or "
                                  "data=DATASET (--data, image models)")
-
-
-@contextlib.contextmanager
-def without_cache(models):
-    """Each model's config with use_cache=False inside the block, as it was after: a key/value cache is no
-    tensor output that torch.export can follow ("Found DynamicCache in output"), and merging needs none."""
-    saved = [(m.config, m.config.use_cache) for m in models if getattr(getattr(m, "config", None), "use_cache", None)]
-    for config, _ in saved:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        for config, value in saved:
-            config.use_cache = value
 
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config flags of Llama-style models whose Linear layers have no bias

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from onebasin.graph import as_call
-from onebasin.hf import quiet, without_cache
+from onebasin.graph import as_call, without_cache
+from onebasin.hf import quiet
 from onebasin.permute import permute_model, random_perms
 from onebasin.spec import trace
 

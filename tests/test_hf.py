@@ -166,3 +166,19 @@ def test_two_folders_take_weights_as_alpha(tmp_path, capsys):
     assert json.loads((tmp_path / "m" / "onebasin.json").read_text())["merge"]["alpha"] == 0.75
     code, _, err = merge_cli(tmp_path, capsys, tmp_path / "a", tmp_path / "p", "--weights", 1, 3, "--alpha", 0.2, out="n")
     assert code == 2 and "alpha or weights" in err and not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_causal_lms_in_memory_with_use_cache_trace_and_merge(kind):
+    """A causal LM as from_pretrained gives it (use_cache=True) traces and merges in memory (was "Found
+    DynamicCache in output" from torch.export): merged with a permuted copy of itself it computes its logits,
+    and its config still asks for the cache afterwards."""
+    a = H.build(kind)
+    assert a.config.use_cache is True
+    p = H.permuted_copy(a, kind)
+    x = H.example(kind)
+    merged, _ = onebasin.merge(a, p, method="activation", repair="none", data=[x, H.example(kind, seed=1)])
+    with torch.no_grad():
+        ref, got = a(**x).logits, merged(**x).logits
+    assert close(got, ref, rtol=1e-4)
+    assert a.config.use_cache is True and p.config.use_cache is True
