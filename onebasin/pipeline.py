@@ -150,6 +150,8 @@ def merge(
     if example is not None:
         result.example_input = describe_input(example)
     ends = None
+    if method == "learned":  # learn the permutations for the midpoint that will be used: REPAIRed or not
+        align_options.setdefault("repair_in_loop", repair in ("exact", "closed"))
     if method != "none":
         model_b, aligned = align(model_a, model_b, method, data, spec=spec, max_examples=max_examples, **align_options)
         model_a = aligned.models[0] if aligned.models is not None else model_a

@@ -150,7 +150,7 @@ def test_learned_recovers_a_permuted_mlp_from_the_identity():
     data = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
     b = permute_model(model, spec, perms)
     aligned, result = align(model, b, "learned", data, init="identity", steps=300, lr=0.3, lam=(0.02, 0.1),
-                            batch_size=128, loss_fn=F.mse_loss, progress=False)
+                            batch_size=128, loss_fn=F.mse_loss, repair_in_loop=False, progress=False)
     want = invert_perms(perms)
     assert all(torch.equal(result.perms[g], want[g]) for g in spec.groups), "not the exact inverse"
     assert result.record["moved"][-1] == sum(len(p) for p in perms.values()) - sum(int((p == torch.arange(len(p))).sum()) for p in want.values())
@@ -217,9 +217,10 @@ def test_merge_and_compare_run_learned():
     b, _ = tiny_mlp(seed=1)
     y = torch.randint(0, 5, (len(x),))
     data = [(x[:256], y[:256]), (x[256:], y[256:])]
-    merged, result = merge(model, b, method="learned", repair="none", data=data, steps=3, batch_size=64, progress=False)
-    assert result.align_record["method"] == "learned" and result.align_record["steps"] == 3
-    assert result.align_record["check_max_diff"] < 1e-9
+    for repair, in_loop in (("none", False), ("exact", True)):  # learned for the midpoint merge will return
+        merged, result = merge(model, b, method="learned", repair=repair, data=data, steps=3, batch_size=64, progress=False)
+        assert result.align_record["method"] == "learned" and result.align_record["steps"] == 3
+        assert result.align_record["check_max_diff"] < 1e-9 and result.align_record["repair_in_loop"] is in_loop
 
 
 @pytest.mark.parametrize("name", ["vgg_bn", "resnet20_bn", "resnet20_ln"])
@@ -249,7 +250,7 @@ def test_learned_returns_the_start_when_learning_only_hurts():
         y = model(x).argmax(1)
     data = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
     _, result = align(model, permute_model(model, spec, perms), "learned", data, init="weight", steps=20, lr=5.0,
-                      batch_size=128, progress=False)
+                      batch_size=128, repair_in_loop=False, progress=False)
     assert max(result.record["moved"]) > 0, "learning did not move: the test tests nothing"
     checks = result.record["midpoint_loss"]
     assert checks["final"] > checks["start"] and checks[result.record["chosen"]] == checks["start"]
@@ -264,3 +265,37 @@ def test_merge_with_learned_and_no_data_names_the_cause():
     model, _ = tiny_mlp()
     with pytest.raises(EmptyDataError, match="needs data"):
         merge(model, tiny_mlp(seed=1)[0], method="learned", repair="none")
+
+
+def test_in_loop_repair_gives_each_unit_the_interpolated_endpoint_statistics():
+    """With repair, every layer site of the interpolated network has, over the batch, unit i's mean and std equal to
+    (1 - lam) * A's unit i + lam * B's unit p[i] (numpy on hooked activations of A and B; Jordan et al. eq. 4)."""
+    from onebasin.align.learned import _Run
+
+    a, x = tiny_mlp()
+    b, _ = tiny_mlp(seed=1)
+    spec = trace(a, x[:8])
+    perms, lam = random_perms(spec, seed=2), 0.3
+    run = _Run(spec, a, b, perms, {}, F.cross_entropy, False)
+    run.repair(a, b, x)
+    assert len(run.sites) == len(spec.groups)
+
+    def hooked(model, state=None):
+        outs = {}
+        hooks = [model.get_submodule(s.module).register_forward_hook(lambda m, i, o, s=s: outs.__setitem__(s, o.detach().numpy()))
+                 for _, s in run.sites]
+        with torch.no_grad():
+            model(x) if state is None else functional_call(model, state, (x,))
+        for h in hooks:
+            h.remove()
+        return outs
+
+    ends_a, ends_b = hooked(a), hooked(b)
+    run.lam = lam
+    tb = apply_perms(spec, perms, b.state_dict())
+    mid = hooked(run.scratch, {k: (1 - lam) * v + lam * tb[k] for k, v in a.state_dict().items()})
+    for g, s in run.sites:
+        p = perms[g].numpy()
+        want_mean = (1 - lam) * ends_a[s].mean(0) + lam * ends_b[s].mean(0)[p]
+        want_std = (1 - lam) * ends_a[s].std(0) + lam * ends_b[s].std(0)[p]
+        assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10

@@ -17,6 +17,11 @@ method's result (`init`). Each step:
    <G[unit i], T_g(B)[unit j]>, with G = dloss/dtheta and T_g(B) = B with every other axis mapped: the
    weight-matching score with A replaced by G (`weight.weight_scores`). Adam steps the latents with it.
 
+With `repair_in_loop` (the default; `merge` turns it off when it will not REPAIR) the loss is that of the
+REPAIRed interpolated network: every layer site is renormalised, from the batch's statistics, to the interpolation
+of the endpoints' unit statistics (Jordan et al. 2022, eq. 4), so the permutations are learnt for the network that
+REPAIR will return (a deep MLP's variance collapse is REPAIR's to fix, not the permutations').
+
 The result is an exact permutation of every group (and an orthogonal map of every stream) applied to B, which
 therefore computes what B computes: of the final projection, the one with the lowest batch loss (Git Re-Basin
 keeps that one) and the start, the one whose midpoint (lam = 1/2) has the lowest loss on the first examples.
@@ -35,9 +40,10 @@ from torch.func import functional_call
 
 from .._progress import progress_bar
 from ..errors import EmptyDataError, InvalidOptionError
+from ..checks import eval_mode
 from ..graph import as_call, model_inputs, take_rows
 from ..permute import Perms, StateDict, apply_perms, identity_perms
-from ..spec import Group, PermutationSpec
+from ..spec import Group, PermutationSpec, Site
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
 from ._structured import solve_families
 from .orthogonal import _along, _check_canonical, _require_plain, canonical, procrustes, stream_cross, stream_groups
@@ -195,6 +201,45 @@ def _loss_at(scratch: nn.Module, a: StateDict, tb: StateDict, lam: float, keys: 
     return loss.item(), {k: (g if g is not None else torch.zeros_like(theta[k])) * lam for k, g in zip(leaves, grads)}
 
 
+# --- REPAIR inside the loop ----------------------------------------------------------------------------------
+
+
+def repair_sites(spec: PermutationSpec, maps: dict) -> list[tuple[str, Site]]:
+    """(group, site) of every layer site (a module's output) holding a whole permuted group; streams with a map
+    are left out (an orthogonal map mixes their units, so their statistics do not follow a permutation)."""
+    return [(g.name, s) for g in spec.groups.values() if g.name not in maps
+            for s in g.sites if s.kind == "layer" and s.module is not None and s.size is None]  # fmt: skip
+
+
+def _units(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(samples, units) view of an activation with its units on axis `dim`."""
+    return t.movedim(dim, -1).reshape(-1, t.shape[dim])
+
+
+def unit_moments(model: nn.Module, sites: list[tuple[str, Site]], x) -> dict:
+    """{site: (mean, std)} float64 (units,) of each site's units over the inputs x (one forward, population std)."""
+    outs, hooks = {}, []
+    for _, s in sites:
+        hooks.append(model.get_submodule(s.module).register_forward_hook(lambda m, i, o, s=s: outs.__setitem__(s, o.detach())))
+    args, kwargs = as_call(x)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {s: (_units(o, s.dim).double().mean(0), _units(o, s.dim).double().std(0, unbiased=False)) for s, o in outs.items()}
+
+
+def renormalise(out: torch.Tensor, dim: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`out` with each unit (axis `dim`) standardised over the batch, then given `mean` and `std` (units,): REPAIR's
+    correction (Jordan et al. 2022, eq. 4) with the batch's own statistics, differentiable."""
+    y = out.movedim(dim, -1)
+    flat = y.reshape(-1, y.shape[-1])
+    mu, sd = flat.mean(0), flat.std(0, unbiased=False)
+    return ((y - mu) / (sd + 1e-12) * std.to(y) + mean.to(y)).movedim(-1, dim)
+
+
 class _Run:
     """The latents of one learned matching and the pair they act on: A and B (canonical forms when streams are mapped)."""
 
@@ -207,7 +252,22 @@ class _Run:
         params = {k for k, _ in canon_a.named_parameters(remove_duplicate=False)}  # buffers (BatchNorm statistics)
         self.keys = set(spec.members_of) & params  # are permuted with their units, but the loss is not differentiated by them
         self.scratch = _module_with(canon_a, canon_a.state_dict()).train(train_mode)
+        self.lam, self.sites = 0.5, []
         self.project()
+
+    def repair(self, canon_a: nn.Module, canon_b: nn.Module, x) -> None:
+        """Renormalise every layer site of the interpolated network to (1 - lam) A's + lam B's unit statistics
+        (B's in the current permutation; the endpoints' from the inputs x), as REPAIR will after alignment."""
+        self.sites = repair_sites(self.spec, self.maps)
+        ends = [unit_moments(m, self.sites, x) for m in (canon_a, canon_b)]
+        for group, site in self.sites:
+            (mean_a, std_a), (mean_b, std_b) = ends[0][site], ends[1][site]
+
+            def hook(module, args, out, group=group, site=site, mean_a=mean_a, std_a=std_a, mean_b=mean_b, std_b=std_b):
+                p, lam = self.perms[group].to(mean_b.device), self.lam
+                return renormalise(out, site.dim, (1 - lam) * mean_a + lam * mean_b[p], (1 - lam) * std_a + lam * std_b[p])
+
+            self.scratch.get_submodule(site.module).register_forward_hook(hook)
 
     def project(self) -> None:
         """The hard maps: each latent's nearest permutation, and each stream latent's nearest orthogonal map."""
@@ -223,7 +283,7 @@ class _Run:
 
     def step(self, opt, lam: float, x, y) -> float:
         """One straight-through step at interpolation weight lam on batch (x, y); returns the batch loss."""
-        mapped_b = map_streams(self.spec, self.b, self.maps)
+        mapped_b, self.lam = map_streams(self.spec, self.b, self.maps), lam
         loss, grads = _loss_at(self.scratch, self.a, apply_perms(self.spec, self.perms, mapped_b), lam, self.keys, x, y, self.loss_fn)
         opt.zero_grad()
         for g, grad in ste_gradients(self.spec, self.perms, grads, mapped_b, self.b, self.maps).items():
@@ -235,11 +295,13 @@ class _Run:
     def midpoint_loss(self, candidate: tuple[Perms, dict], x, y, batch_size: int, max_examples: int = 2000) -> float:
         """Mean loss of the midpoint (lam = 0.5) under `candidate` = (perms, maps) on the first examples."""
         tb, n = self.transformed(*candidate), min(len(y), max_examples)
+        now, (self.perms, _), self.lam = self.perms, candidate, 0.5  # the REPAIR hooks read them
         theta = {k: torch.lerp(t, tb[k].to(t), 0.5) if t.is_floating_point() else t for k, t in self.a.items()}
         total = 0.0
         with torch.no_grad():
             for idx in torch.arange(n).split(batch_size):
                 total += float(self.loss_fn(_call(self.scratch, theta, take_rows(x, idx)), y[idx])) * len(idx)
+        self.perms = now
         return total / n
 
     def moved(self) -> int:
@@ -267,6 +329,7 @@ def learned_matching(
     batch_size: int = 100,
     lam: tuple[float, float] = (0.4, 0.6),
     loss_fn=cross_entropy,
+    repair_in_loop: bool = True,
     train_mode: bool = False,
     max_examples: int | None = 10_000,
     device=None,
@@ -287,6 +350,10 @@ def learned_matching(
         lr: Adam's learning rate on the latents (they start as 0/1 permutation matrices).
         batch_size: examples per step; lam: the interpolation weight is drawn uniformly from this range.
         loss_fn: loss(model output, labels) -> scalar; default cross-entropy (sequence logits flattened).
+        repair_in_loop: learn for the REPAIRed midpoint: every layer site of the interpolated network (a module's
+            output holding a permuted group, mapped streams excepted) is renormalised in the loop from the
+            batch's statistics to the interpolated endpoint statistics (`renormalise`; the endpoints'
+            measured once on the first 2,000 examples). False: learn for the plain interpolation.
         train_mode: run the interpolated network in training mode (BatchNorm on batch statistics, dropout
             on); default eval mode (the interpolated running statistics, no dropout).
         seed: seeds the batch order and the draws of lam.
@@ -315,6 +382,8 @@ def learned_matching(
     x, y = _examples(canon_a, data, max_examples)
     total = steps if steps is not None else max(1, math.ceil(epochs * len(y) / batch_size))
     run = _Run(spec, canon_a, canon_b, start, maps, loss_fn, train_mode)
+    if repair_in_loop:
+        run.repair(canon_a, canon_b, take_rows(x, slice(0, 2000)))
     gen = torch.Generator().manual_seed(seed)
     batches = _batches(x, y, batch_size, gen)
     opt = torch.optim.Adam(list(run.latents.values()), lr=lr)
@@ -337,7 +406,8 @@ def learned_matching(
     chosen = min(checks, key=checks.get)  # never worse than the start on these examples
     perms, maps = candidates[chosen]
     record = {"method": "learned", "init": init if isinstance(init, str) else "given", "init_record": init_record,
-              "orthogonal": bool(maps), "orthogonal_note": note, "steps": total, "lr": lr, "batch_size": batch_size,
+              "orthogonal": bool(maps), "orthogonal_note": note, "repair_in_loop": repair_in_loop,
+              "repair_sites": len(run.sites), "steps": total, "lr": lr, "batch_size": batch_size,
               "examples": len(y), **history, "midpoint_loss": checks, "chosen": chosen,
               "seconds": time.perf_counter() - t0}  # fmt: skip
     final = {**perms, **{g: torch.arange(spec.groups[g].size) for g in maps}}
