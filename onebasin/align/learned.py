@@ -29,7 +29,6 @@ keeps that one) and the start, the one whose midpoint (lam = 1/2) has the lowest
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -38,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .._copy import module_with
 from .._progress import progress_bar
 from ..errors import EmptyDataError, InvalidOptionError
 from ..checks import eval_mode
@@ -136,19 +136,12 @@ def _stream_start(spec, streams, a, b, perms, data, init, max_examples, device) 
     if init != "orthogonal":
         return {g.name: permutation_matrix(perms[g.name]) for g in streams}
     hidden = {k: p for k, p in perms.items() if k not in {g.name for g in streams}}
-    b = _module_with(b, apply_perms(spec, hidden, b.state_dict()))
+    b = module_with(b, apply_perms(spec, hidden, b.state_dict()))
     maps = {}
     for g in streams:  # as orthogonal_alignment does it
-        maps[g.name] = procrustes(stream_cross(spec, g, a, _module_with(b, map_streams(spec, b.state_dict(), maps)),
+        maps[g.name] = procrustes(stream_cross(spec, g, a, module_with(b, map_streams(spec, b.state_dict(), maps)),
                                                data, max_examples, device)[0])
     return maps
-
-
-def _module_with(model: nn.Module, sd: StateDict) -> nn.Module:
-    """A copy of `model` holding `sd`."""
-    out = copy.deepcopy(model)
-    out.load_state_dict(sd)
-    return out
 
 
 # --- the training loop ------------------------------------------------------------------------------------
@@ -251,7 +244,7 @@ class _Run:
         self.b = {k: v.detach() for k, v in canon_b.state_dict().items()}
         params = {k for k, _ in canon_a.named_parameters(remove_duplicate=False)}  # buffers (BatchNorm statistics)
         self.keys = set(spec.members_of) & params  # are permuted with their units, but the loss is not differentiated by them
-        self.scratch = _module_with(canon_a, canon_a.state_dict()).train(train_mode)
+        self.scratch = module_with(canon_a, canon_a.state_dict()).train(train_mode)
         self.lam, self.sites = 0.5, []
         self.project()
 
@@ -413,4 +406,4 @@ def learned_matching(
     final = {**perms, **{g: torch.arange(spec.groups[g].size) for g in maps}}
     if not maps:
         return AlignResult(final, record)
-    return AlignResult(final, record, models=(canon_a, _module_with(canon_b, run.transformed(perms, maps))), maps=maps)
+    return AlignResult(final, record, models=(canon_a, module_with(canon_b, run.transformed(perms, maps))), maps=maps)
