@@ -1,5 +1,7 @@
-"""Shared fixtures: the real data folder (skipped when absent) and tiny synthetic image sets."""
+"""Shared fixtures: the real data folder (skipped when absent), tiny synthetic image sets, hooked-activation
+oracles, and a gloo process group to run a function on several ranks."""
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,24 @@ class CountUses(TorchDispatchMode):
         flat = [a for a in args if type(a) is torch.Tensor or type(a) is torch.nn.Parameter]  # not export's fake tensors
         self.n += func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.mm) and any(t.data_ptr() == self.ptr for t in flat)
         return func(*args, **(kwargs or {}))
+
+
+def _gloo_rank(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(*args), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def gloo_results(fn, *args, world: int = 2) -> list:
+    """[fn(*args) on rank r for r < world] of a gloo group of `world` spawned processes (fn: a module-level
+    function of a test module; its result is saved by each rank with torch.save)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_gloo_rank, args=(world, str(Path(tmp) / "init"), tmp, fn, args), nprocs=world, start_method="spawn")
+        return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]

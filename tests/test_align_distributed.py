@@ -1,13 +1,9 @@
 """Scale-out: two gloo processes, each reading its shard, give the single-process statistics and perms."""
 
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import gloo_results
 from onebasin.align import get_method, input_moments, site_moments
 from onebasin.spec import trace
 from reference_models import ResNet20ish
@@ -26,6 +22,12 @@ def setup():
     return models[0], models[1], trace(models[0], data[0]), data
 
 
+def setup_statistics() -> dict:
+    """`statistics` of `setup()`: what each rank computes."""
+    a, b, spec, data = setup()
+    return statistics(spec, a, b, data)
+
+
 def statistics(spec, a, b, data) -> dict:
     """Every sum the methods all-reduce, the examples counted, and the perms of both data methods."""
     sites, examples = site_moments(spec, a, b, data)
@@ -42,23 +44,10 @@ def statistics(spec, a, b, data) -> dict:
     return out
 
 
-def worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        a, b, spec, data = setup()
-        torch.save(statistics(spec, a, b, data), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process():
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        # fork (where available) starts the workers without re-importing torch: ~3x faster than spawn here
-        mp.start_processes(worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, start_method="spawn")
-        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = gloo_results(setup_statistics, world=WORLD)
     a, b, spec, data = setup()
     single = statistics(spec, a, b, data)
     assert single["examples"].item() == 105
@@ -69,15 +58,6 @@ def test_two_gloo_processes_equal_one_process():
                 assert torch.equal(got[key], want), key
             else:
                 assert (got[key] - want).abs().max().item() <= 1e-10 * max(1.0, want.abs().max().item()), key
-
-
-def merge_worker(rank: int, init_file: str, out_dir: str, n_batches: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.save(merged_and_stats(n_batches), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def merged_and_stats(n_batches: int) -> dict:
@@ -100,9 +80,7 @@ def merged_and_stats(n_batches: int) -> dict:
 def test_merge_under_two_gloo_processes_equals_one_process(n_batches):
     """Issue 12 #7 and issue 14: with 1 batch, rank 1 reads nothing and still takes part in every all-reduce."""
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(merge_worker, args=(str(Path(tmp) / "init"), tmp, n_batches), nprocs=WORLD, start_method="spawn")
-        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = gloo_results(merged_and_stats, n_batches, world=WORLD)
     single = merged_and_stats(n_batches)
     for got in ranks:
         assert set(got) == set(single)

@@ -11,6 +11,7 @@ from onebasin.align._registry import matched
 from onebasin.align.activation import correlation_matrix, site_moments
 from onebasin.spec import Site, trace
 from onebasin.stats import Moments
+from conftest import gloo_results
 from reference_models import TinyTransformer, reference_models
 
 
@@ -126,15 +127,8 @@ def test_float32_activation_matching_gives_float64_permutations(name):
         assert abs(matched(corr, p64[g]) - matched(corr, p32[g])) < 1e-5 * len(p64[g]) * len(m64[g])
 
 
-def shard_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.save({n: sharded_stats(n) for n in (1, 7)}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def sharded_stats_of(counts) -> dict:
+    return {n: sharded_stats(n) for n in counts}
 
 
 def sharded_stats(n_batches: int) -> dict:
@@ -153,15 +147,13 @@ def sharded_stats(n_batches: int) -> dict:
 
 
 @pytest.mark.slow
-def test_float32_sums_of_two_gloo_processes_equal_one_process(tmp_path):
+def test_float32_sums_of_two_gloo_processes_equal_one_process():
     """Each rank shifts by its own first batch; all_reduce_ re-bases them on one shift: the statistics equal one
     process's to float32 accuracy, with uneven shards (7 batches) and with a rank that saw no batch (1)."""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(shard_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = gloo_results(sharded_stats_of, (1, 7))
     for r, n_batches in [(r, n) for r in range(2) for n in (1, 7)]:
         single = sharded_stats(n_batches)
-        got = torch.load(tmp_path / f"rank{r}.pt")[n_batches]
+        got = ranks[r][n_batches]
         assert got["n"] == single["n"] == 100 * n_batches
         torch.testing.assert_close(got["mean"], single["mean"], rtol=1e-9, atol=0)
         for k in ("var", "cov", "corr"):
@@ -273,19 +265,12 @@ def test_entry_points_take_precision(monkeypatch):
         align(a, b, "activation", data, precision="float16")
 
 
-def ownership_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.save({key: owned_alignment(*key) for key in OWNERSHIP_CASES}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 OWNERSHIP_CASES = [("resnet20_bn", "float64", 7), ("resnet20_bn", "float64", 1), ("resnet20_bn", "float32", 5),
                    ("transformer", "float32", 5)]
+
+
+def owned_alignments() -> dict:
+    return {key: owned_alignment(*key) for key in OWNERSHIP_CASES}
 
 
 def owned_alignment(name: str, precision: str, n_batches: int) -> dict:
@@ -301,16 +286,13 @@ def owned_alignment(name: str, precision: str, n_batches: int) -> dict:
 
 
 @pytest.mark.slow
-def test_site_ownership_under_two_gloo_processes_equals_one_process(tmp_path):
+def test_site_ownership_under_two_gloo_processes_equals_one_process():
     """Two gloo ranks, each holding the sums of the families it owns (partial sums reduced to the owner per
     row slice): the permutations equal one process's, objectives and REPAIR goals agree to 1e-10 (float64)
     or 1e-6 (float32), and each rank holds at most 0.6x the bytes of sums one process holds (ResNet; measured as
     the bytes of the sums each rank held, plus its largest per-slice buffer); also with uneven shards and with a
     rank that reads no batch, and for a transformer's structured families."""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(ownership_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = gloo_results(owned_alignments)
     for key in OWNERSHIP_CASES:
         one = owned_alignment(*key)
         tol = 1e-10 if key[1] == "float64" else 1e-6
