@@ -50,7 +50,7 @@ def _add_merge(sub):
     m.add_argument("--allow-onebasin-checkpoint", action="store_true",
                    help="Hugging Face folders: if some corrections cannot be folded, save an onebasin checkpoint instead "
                    "(OUT/onebasin.safetensors, reloaded by onebasin.load_model)")
-    m.add_argument("--combine", default="universe",
+    m.add_argument("--combine",
                    help="three or more models: universe (default, cycle-consistent), mergemany or anchor (all to A)")
     m.add_argument("--weights", nargs="+", metavar="W", help="weight of each model (default equal; two models: "
                    "--weights 1 2 is --alpha 2/3)")
@@ -146,7 +146,7 @@ def cmd_merge_pretrained(args, fail) -> int:
         out, result = merge_pretrained(
             paths, out=args.out, calib_text=args.calib_text, data=args.data,
             data_dir=args.data_dir, seq_len=args.seq_len, max_examples=args.calib_examples, method=args.method,
-            repair=args.repair, alpha=args.alpha, combine=args.combine, weights=weights,
+            repair=args.repair, alpha=args.alpha, combine=args.combine or "universe", weights=weights,
             sites=_sites(args, "layer"), device=args.device, force=args.force,
             allow_onebasin_checkpoint=args.allow_onebasin_checkpoint, progress=not args.no_progress)
     except _errors() as err:
@@ -167,6 +167,7 @@ def cmd_merge(args, fail) -> int:
     paths = [args.a, args.b, *args.more]
     alpha_given, args.alpha = args.alpha is not None, 0.5 if args.alpha is None else args.alpha
     args.weights = weights = _weights(args, len(paths), fail)
+    _check_checkpoint_options(args, fail)
     _check_out_file(args.out, args.force, fail)
     _check_not_an_input(args.out, paths, fail)
     _check_calib_examples(args, fail)
@@ -208,7 +209,7 @@ def cmd_merge_many(args, paths, weights, alpha_given, fail) -> int:
         fail("three or more models take --weights (one per model) instead of --alpha")
     try:
         models, meta, dataset, calib, loaders = _load_models(args, paths, fail)
-        merged, result = merge_many(models, method=args.combine, repair=args.repair, weights=weights, data=calib,
+        merged, result = merge_many(models, method=args.combine or "universe", repair=args.repair, weights=weights, data=calib,
                                     alignment=args.method, max_examples=args.calib_examples, sites=_sites(args, "layer,block"))
         measured = merge_diagnostics(models, merged, loaders["test"], result.weights)
         out = save_merged(args.out, merged, result, sources=paths, meta={**meta, "dataset": dataset}, measured=measured,
@@ -218,6 +219,15 @@ def cmd_merge_many(args, paths, weights, alpha_given, fail) -> int:
     _print_main({"out": str(out), **{k: round(measured[k]["acc"], 4) for k in ("merged", "endpoint_mean", "ensemble")},
                  "fused": result.fused})
     return 0
+
+
+def _check_checkpoint_options(args, fail) -> None:
+    """Refuse the options that checkpoints would ignore: the Hugging Face ones, and --combine with two models."""
+    for given, option in ((args.calib_text is not None, "--calib-text"), (args.allow_onebasin_checkpoint, "--allow-onebasin-checkpoint")):
+        if given:
+            fail(f"{option} is for Hugging Face folders; {args.a} is a checkpoint (use --data DATASET to calibrate on)")
+    if args.combine is not None and not args.more:
+        fail(f"--combine {args.combine} is for three or more models; two are aligned pairwise (--method)")
 
 
 def _weights(args, n_models: int, fail) -> list[float] | None:

@@ -336,3 +336,10 @@ def test_two_model_merge_names_a_state_dict_and_a_bad_max_examples():
         onebasin.merge(a, b.state_dict(), data=data())
     with pytest.raises(InvalidOptionError, match="max_examples must be an integer >= 1"):
         onebasin.merge(a, b, data=data(), max_examples=0)
+
+
+@pytest.mark.parametrize("option", [["--combine", "mergemany"], ["--calib-text", "corpus.txt"], ["--allow-onebasin-checkpoint"]],
+                         ids=["combine-with-two", "calib-text", "allow-onebasin-checkpoint"])
+def test_cli_refuses_options_two_checkpoints_would_ignore(tmp_path, capsys, ckpts, option):
+    """--combine with two models and the Hugging Face options with checkpoints were ignored without a word."""
+    refused(tmp_path, capsys, [*ckpts[:2], "--out", tmp_path / "o.safetensors", *option], option[0])
