@@ -10,7 +10,7 @@ import sys
 METHODS = ["activation", "weight", "annealing", "functional", "orthogonal", "learned"]
 
 
-REPAIRS = ["exact", "closed", "reset_bn", "none"]
+REPAIRS = ["exact", "closed", "reset_bn", "none", "auto"]  # merge's; the first three: a barrier curve's correction
 
 
 def _sub(sub, name, help_, epilog):

@@ -33,7 +33,9 @@ def _add_pair(p, repairs):
     p.add_argument("--model", help="registered model name or module:factory (needed for plain state_dict files)")
     p.add_argument("--model-opts", nargs="*", default=[], metavar="KEY=VALUE", help="options of --model, e.g. width=128")
     p.add_argument("--data", help="dataset for calibration and evaluation (default: the checkpoints' dataset)")
-    p.add_argument("--repair", default="exact", choices=repairs, help="correction after interpolating (default exact)")
+    auto = "; auto: exact REPAIR, kept only if it does not raise the loss on the 1,000 training images after the " \
+           "calibration set" if "auto" in repairs else ""
+    p.add_argument("--repair", default="exact", choices=repairs, help=f"correction after interpolating (default exact{auto})")
     p.add_argument("--allow-different-data", action="store_true",
                    help="proceed (with a warning) when A and B were trained on different datasets")
 
@@ -180,18 +182,26 @@ def cmd_merge(args, fail) -> int:
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
     from onebasin.checkpoint import save_merged
     from onebasin.interpolate import evaluate
-    from onebasin.pipeline import merge
+    from onebasin.pipeline import held_out_batches, merge
 
     try:
         models, meta, dataset, calib, loaders = _load_models(args, paths, fail)
+        held = held_out_batches(loaders["train"], args.calib_examples)  # training images after the calibration set
         merged, result = merge(*models, method=args.method, repair=args.repair, alpha=alpha, data=calib,
-                               max_examples=args.calib_examples, sites=_sites(args, "layer,block"))
+                               max_examples=args.calib_examples, sites=_sites(args, "layer,block"), held_out=held or None)
         measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
                     for name, m in zip(("model_a", "model_b", "merged"), (*models, merged))}
         out = save_merged(args.out, merged, result, sources=paths, meta={**meta, "dataset": dataset}, measured=measured)
     except _errors() as err:
         fail(str(err))
-    _print_main({"out": str(out), **{k: round(v["test_acc"], 4) for k, v in measured.items()}, "fused": result.fused})
+    check = result.repair_check
+    if check.get("repair_raised_loss"):
+        _warn(args, f"REPAIR raised the loss on {check['examples']} held-out training examples "
+                    f"({check['loss_without_repair']:.4f} -> {check['loss_with_repair']:.4f}); "
+                    + ("the uncorrected interpolation is kept (--repair auto)" if check["kept"] == "none" else
+                       "--repair auto keeps whichever is lower"))
+    raised = {"repair_raised_loss": check["repair_raised_loss"]} if check else {}
+    _print_main({"out": str(out), **{k: round(v["test_acc"], 4) for k, v in measured.items()}, "fused": result.fused, **raised})
     return 0
 
 

@@ -206,7 +206,8 @@ def run_experiment(exp: Experiment, progress: bool = True) -> tuple[Comparison, 
 
 def summary_table(comparison: Comparison) -> str:
     """The endpoint and midpoint table (test set) that `onebasin demo` prints."""
-    return format_table(SUMMARY_HEADER, comparison.summary_rows())
+    note = comparison.repair_note()
+    return format_table(SUMMARY_HEADER, comparison.summary_rows()) + (f"\n{note}" if note else "")
 
 
 def is_text(dataset: str) -> bool:

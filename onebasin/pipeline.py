@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -23,15 +24,17 @@ from .checks import (check_example_input, check_finite, check_max_examples, chec
 from .diagnostics import site_label, variance_ratios
 from .errors import EmptyDataError, InvalidOptionError
 from .permute import Perms, StateDict, check_perm_list, permute_model
-from .interpolate import BarrierCurve, interpolate_model
+from .interpolate import BarrierCurve, evaluate, interpolate_model
 from .repair import endpoint_stats, endpoints_from_alignment, reset_bn
 from .repair import repair as repair_fn
 from .repair.many import repair_many
 from .spec import PermutationSpec, trace
-from .graph import describe_input
+from .graph import batch_size, describe_input, take_rows
 
-REPAIRS = ("exact", "closed", "reset_bn", "none")
+REPAIRS = ("exact", "closed", "auto", "reset_bn", "none")
+HELD_OUT = 1000  # examples after the calibration set that judge REPAIR (repair="auto", MergeResult.repair_check)
 CORRECTION_OF = {"exact": "repair_exact", "closed": "repair_closed", "reset_bn": "reset_bn", "none": None}
+CURVE_REPAIRS = ("exact", "closed", "reset_bn")  # the corrections of compare's third curve
 
 
 @dataclass
@@ -47,6 +50,9 @@ class MergeResult:
     affines: dict = field(default_factory=dict)  # graph node -> unit axis of each unfused correction
     example_input: dict = field(default_factory=dict)  # shapes/dtypes of the input (rebuilds the graph on reload)
     seconds: float = 0.0
+    # held-out loss of the interpolated network with and without REPAIR (when held-out labelled examples were
+    # available): {"examples", "loss_with_repair", "loss_without_repair", "repair_raised_loss", "kept"}
+    repair_check: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -112,6 +118,7 @@ def merge(
     max_examples: int = 5000,
     device: str | torch.device | None = None,
     sites: Iterable[str] = ("layer", "block"),
+    held_out: Iterable | None = None,
     **align_options,
 ) -> tuple[nn.Module, MergeResult]:
     """Merge two networks of one architecture into one: align B to A, interpolate at `alpha`, correct.
@@ -119,7 +126,12 @@ def merge(
     Args:
         model_a, model_b: trained nn.Modules of one architecture (not modified).
         method: alignment method ("activation", "weight", "annealing", "functional") or "none".
-        repair: "exact" / "closed" REPAIR (Jordan et al. 2022, Sec. 4), "reset_bn" (Sec. 5.2) or "none".
+        repair: "exact" / "closed" REPAIR (Jordan et al. 2022, Sec. 4), "reset_bn" (Sec. 5.2) or "none"; "auto":
+            exact REPAIR kept only if it does not raise the loss on held-out labelled examples (else the
+            uncorrected interpolation; both losses in `result.repair_check`).
+        held_out: labelled (x, y) batches, not the test set, that judge REPAIR (default: up to 1,000 examples
+            of `data` after its first `max_examples`); exact and closed REPAIR are judged too when there are
+            any (`result.repair_check["repair_raised_loss"]`).
         alpha: interpolation weight, 0 = A, 1 = B.
         device: where to run (copies of A and B are moved there; statistics in float64 on it); default: A's.
         sites: the REPAIR site kinds ("layer": Linear/Conv outputs, "block": residual additions, which
@@ -151,24 +163,62 @@ def merge(
         result.example_input = describe_input(example)
     ends = None
     if method == "learned":  # learn the permutations for the midpoint that will be used: REPAIRed or not
-        align_options.setdefault("repair_in_loop", repair in ("exact", "closed"))
+        align_options.setdefault("repair_in_loop", repair in ("exact", "closed", "auto"))
     if method != "none":
         model_b, aligned = align(model_a, model_b, method, data, spec=spec, max_examples=max_examples, **align_options)
         model_a = aligned.models[0] if aligned.models is not None else model_a
         result.align_record = aligned.record
         ends = endpoints_from_alignment(spec, aligned.site_stats, tuple(sites))  # REPAIR's goals from the same pass
-    if repair in ("exact", "closed"):
+    if repair in ("exact", "closed", "auto"):
         if data is None:
             raise EmptyDataError("REPAIR needs calibration data (training batches)")
-        repaired = repair_fn(model_a, model_b, alpha, data, spec=spec, method=repair, max_examples=max_examples,
-                             sites=tuple(sites), endpoints=ends)
+        held = list(held_out) if held_out is not None else held_out_batches(data, max_examples)
+        if repair == "auto" and not held:
+            raise InvalidOptionError(f"repair='auto' judges REPAIR on held-out labelled examples: pass held_out=<(x, y) "
+                                     f"batches> or data with more than max_examples={max_examples} (x, y) examples "
+                                     "(up to 1,000 after them are held out), or choose repair='exact'")
+        repaired = repair_fn(model_a, model_b, alpha, data, spec=spec, method="exact" if repair == "auto" else repair,
+                             max_examples=max_examples, sites=tuple(sites), endpoints=ends)
         merged, result.repair_passes, result.fused, result.affines = repaired.model, repaired.passes, repaired.fused, repaired.affines
+        if held:
+            plain = interpolate_model(model_a, model_b, alpha)
+            result.repair_check = judge_repair(merged, plain, held, keep_better=repair == "auto")
+            if result.repair_check["kept"] == "none":
+                merged, result.fused, result.affines = plain, True, {}
     elif repair == "reset_bn":
         merged = reset_bn(interpolate_model(model_a, model_b, alpha), data, max_examples)
     else:
         merged = interpolate_model(model_a, model_b, alpha)
     result.seconds = time.perf_counter() - start
     return merged, result
+
+
+def held_out_batches(data: Iterable, skip: int, limit: int = HELD_OUT) -> list:
+    """The labelled (x, y) batches of `data` after its first `skip` examples, `limit` examples at most (the batch
+    that straddles either bound is cut); [] when `data` has no more examples or its batches carry no labels."""
+    out, seen = [], 0
+    for batch in data:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            return []
+        x, y = batch[0], batch[1]
+        n = batch_size(x)
+        lo, hi = max(skip - seen, 0), min(n, skip + limit - seen)
+        if lo < hi:
+            out.append((take_rows(x, slice(lo, hi)), y[lo:hi]))
+        seen += n
+        if seen >= skip + limit:
+            break
+    return out
+
+
+def judge_repair(repaired: nn.Module, plain: nn.Module, held: list, keep_better: bool = False) -> dict:
+    """Mean loss of the REPAIRed and the uncorrected interpolated network on held-out batches; with `keep_better`,
+    "kept" names the lower ("repair" on a tie), else always "repair" (REPAIR kept, its effect reported)."""
+    with_repair, _ = evaluate(repaired, held)
+    without, _ = evaluate(plain, held)
+    raised = with_repair > without
+    return {"examples": sum(len(y) for _, y in held), "loss_with_repair": with_repair, "loss_without_repair": without,
+            "repair_raised_loss": raised, "kept": "none" if keep_better and raised else "repair"}
 
 
 # --- N models --------------------------------------------------------------------------------------------
@@ -329,9 +379,21 @@ class Comparison:
             rows.append([f"midpoint {label}", acc, loss, c.barrier(split, "loss"), c.barrier(split, "error")])
         return rows
 
+    def repair_note(self, split: str = "test") -> str:
+        """One line when the correction raised the midpoint loss over the aligned midpoint's, else ""."""
+        fixed = next((label for label in self.curves if label.startswith("aligned+")), None)
+        if fixed is None or "aligned" not in self.curves:
+            return ""
+        (_, before), (_, after) = self.midpoint("aligned", split), self.midpoint(fixed, split)
+        if after <= before:
+            return ""
+        return (f"note: the correction raised the midpoint {split} loss ({before:.4f} aligned -> {after:.4f} {fixed}); "
+                f"merge with repair='auto' keeps whichever is lower on held-out training data")
+
     def to_dict(self) -> dict:
         return {
             "settings": self.settings,
+            "repair_raised_loss": bool(self.repair_note()),
             "curves": {k: c.to_dict() for k, c in self.curves.items()},
             "variance_ratio": {k: [{"site": site_label(s), "kind": s.kind, "ratio": r} for s, r in rows]
                                for k, rows in self.variance.items()},
@@ -366,7 +428,7 @@ def compare(
     Raises: as `merge`; EmptyDataError also names an empty split of `loaders`.
     """
     alphas = list(alphas) if alphas is not None else [i / 10 for i in range(11)]
-    _check_options(method, repair, alphas, REPAIRS[:3])
+    _check_options(method, repair, alphas, CURVE_REPAIRS)
     _check_models(model_a, model_b)
     model_a, model_b = on_device(model_a, device), on_device(model_b, device)
     if not loaders:
@@ -382,7 +444,8 @@ def compare(
         steps.refresh()
 
     step(f"aligning ({method})")
-    aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples)
+    quiet = {"progress": False} if not progress and "progress" in inspect.signature(get_method(method).fn).parameters else {}
+    aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples, **quiet)
     aligned_a = aligned.models[0] if aligned.models is not None else model_a  # orthogonal rewrites A too
     steps.update()
 

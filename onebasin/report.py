@@ -139,6 +139,7 @@ def write_comparison_report(comparison, out_dir, title: str, extra: dict | None 
                  variance_rows)],
         images=[("Test accuracy and loss along the interpolation path", "barrier.png"),
                 ("Per-layer variance ratio at the midpoint", "variance.png")],
-        notes=json.dumps(_jsonable({"settings": comparison.settings, "run": extra or {}}), indent=2),
+        notes="\n\n".join(filter(None, [comparison.repair_note(),
+                                          json.dumps(_jsonable({"settings": comparison.settings, "run": extra or {}}), indent=2)])),
     )
     return paths
