@@ -270,6 +270,7 @@ def main(argv=None) -> int:
     import torch
 
     from onebasin.distributed import default_device, init_from_env, shutdown
+    from onebasin.stats import statistics_precision
 
     if getattr(args, "device", None) is not None:
         try:
@@ -280,7 +281,8 @@ def main(argv=None) -> int:
             fail(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     try:
         init_from_env(args.device if getattr(args, "device", None) is not None else default_device())
-        return commands[args.command](args, fail)
+        with statistics_precision(getattr(args, "precision", None)):  # every statistic below takes it
+            return commands[args.command](args, fail)
     except KeyboardInterrupt:
         print(f"onebasin {args.command}: interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
         return 130

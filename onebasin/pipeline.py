@@ -29,6 +29,7 @@ from .repair import endpoint_stats, endpoints_from_alignment, reset_bn
 from .repair import repair as repair_fn
 from .repair.many import repair_many
 from .spec import PermutationSpec, trace
+from .stats import current_precision, takes_precision
 from .graph import batch_size, describe_input, take_rows
 
 REPAIRS = ("exact", "closed", "auto", "reset_bn", "none")
@@ -106,6 +107,7 @@ def _example(model: nn.Module, data: Iterable, name: str = "the data", check: bo
     return example
 
 
+@takes_precision
 def merge(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -119,6 +121,7 @@ def merge(
     device: str | torch.device | None = None,
     sites: Iterable[str] = ("layer", "block"),
     held_out: Iterable | None = None,
+    precision: str | None = None,
     **align_options,
 ) -> tuple[nn.Module, MergeResult]:
     """Merge two networks of one architecture into one: align B to A, interpolate at `alpha`, correct.
@@ -132,6 +135,8 @@ def merge(
         held_out: labelled (x, y) batches, not the test set, that judge REPAIR (default: up to 1,000 examples
             of `data` after its first `max_examples`); exact and closed REPAIR are judged too when there are
             any (`result.repair_check["repair_raised_loss"]`).
+        precision: of every statistic: "float64" (exact float64 sums) or "float32" (shifted float32 products
+            added into float64 sums, ~1e-6 relative error; stats.Moments); None: float64.
         alpha: interpolation weight, 0 = A, 1 = B.
         device: where to run (copies of A and B are moved there; statistics in float64 on it); default: A's.
         sites: the REPAIR site kinds ("layer": Linear/Conv outputs, "block": residual additions, which
@@ -270,6 +275,7 @@ def _aligned(models: list[nn.Module], spec: PermutationSpec, perms: list[Perms],
     return aligned
 
 
+@takes_precision
 def merge_many(
     models: Sequence[nn.Module],
     method: str = "universe",
@@ -284,6 +290,7 @@ def merge_many(
     seed: int = 0,
     perms: list[Perms] | None = None,
     sites: Iterable[str] = ("layer", "block"),
+    precision: str | None = None,
 ) -> tuple[nn.Module, ManyResult]:
     """Merge N networks of one architecture into one: align into a universe, average, correct.
 
@@ -306,6 +313,7 @@ def merge_many(
         perms: one {group: LongTensor} per model (e.g. `result.perms` of an earlier call) to use instead of
             aligning; `method` is then only recorded, and the pairwise measures are None.
         sites: the REPAIR site kinds, as `merge`'s ("layer", "block"; ("layer",) keeps model 0's class).
+        precision: of REPAIR's statistics, as `merge`'s (the joint statistics of N models stay float64).
     Returns:
         (merged model, ManyResult with per-model perms, cycle-consistency measures, record and timings).
         The model has model 0's class when every REPAIR correction could be fused.
@@ -401,6 +409,7 @@ class Comparison:
         }  # fmt: skip
 
 
+@takes_precision
 def compare(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -413,6 +422,7 @@ def compare(
     max_examples: int = 5000,
     progress: bool = True,
     device: str | torch.device | None = None,
+    precision: str | None = None,
 ) -> Comparison:
     """Interpolate A and B plain, aligned, and aligned + correction; measure barriers and variance collapse.
 
@@ -421,6 +431,8 @@ def compare(
         calib_data: training batches for alignment statistics and REPAIR calibration (first `max_examples`).
         method: alignment method; repair: "exact" | "closed" | "reset_bn" (the third curve's correction).
         device: where to run (copies of A and B are moved there); default: where A is.
+        precision: of every statistic: "float64" (exact float64 sums) or "float32" (shifted float32 products
+            added into float64 sums, ~1e-6 relative error; stats.Moments); None: float64.
             With activation matching, the endpoint statistics of the plain and of the aligned pair (REPAIR's
             goals, the variance ratios' endpoint stds) come from the alignment's own pass: one pass in all.
     Returns:
@@ -477,5 +489,6 @@ def compare(
     variance[fixed] = variance_ratios(aligned_a, aligned_b, midpoint["model"], calib_data, endpoints=ends["aligned"])
     steps.update()
     steps.close()
-    settings = {"method": method, "repair": repair, "alphas": alphas, "max_examples": max_examples}
+    settings = {"method": method, "repair": repair, "alphas": alphas, "max_examples": max_examples,
+                "precision": current_precision()}
     return Comparison(curves, variance, aligned.record, settings)

@@ -64,6 +64,11 @@ def statistics_precision(precision: str | None) -> Iterator[None]:
         _precision.pop()
 
 
+def current_precision() -> str:
+    """The precision a Moments made now takes by default (the innermost `statistics_precision`)."""
+    return _precision[-1]
+
+
 def takes_precision(fn):
     """Decorate an entry point with a `precision` argument: its call runs inside `statistics_precision`."""
     signature = inspect.signature(fn)

@@ -308,3 +308,32 @@ def test_site_ownership_under_two_gloo_processes_equals_one_process():
                             torch.testing.assert_close(r2[name], r1[name].cpu(), rtol=tol, atol=tol)
             if key[0] != "transformer":  # its residual-stream family alone holds 2/3 of the sums: no even split
                 assert got["bytes"] < 0.6 * one["bytes"], (key, got["bytes"], one["bytes"])
+
+
+def test_merge_compare_and_the_cli_take_precision(tmp_path, monkeypatch, capsys):
+    """merge(precision="float32") and `onebasin merge --precision float32` take float32 sums (seen in the
+    statistics) and give float64's permutations on a model without ties; compare records the precision."""
+    from cli_helpers import checkpoint, run_cli, use_fake_data
+    from onebasin.pipeline import compare, merge
+
+    (a, b), data = pair("mlp")
+    seen = []
+    update = Moments.update_pair
+    monkeypatch.setattr(Moments, "update_pair", lambda self, *args, **kw: (seen.append(self.dtype), update(self, *args, **kw)))
+    _, r32 = merge(a, b, data=data, precision="float32")
+    assert set(seen) == {torch.float32}
+    _, r64 = merge(a, b, data=data)
+    assert seen[-1] == torch.float64
+    assert r32.align_record["objective"].keys() == r64.align_record["objective"].keys()
+    assert all(abs(r32.align_record["objective"][g] - v) < 1e-5 for g, v in r64.align_record["objective"].items())
+    x = torch.cat(data)
+    y = torch.zeros(len(x), dtype=torch.long)
+    assert compare(a, b, {"test": [(x, y)]}, data, precision="float32", progress=False).settings["precision"] == "float32"
+    use_fake_data(monkeypatch)
+    ca, cb = checkpoint(tmp_path / "a.safetensors", seed=0), checkpoint(tmp_path / "b.safetensors", seed=1)
+    seen.clear()
+    code, _, err = run_cli(["merge", ca, cb, "--precision", "float32", "--out", tmp_path / "m.safetensors"], capsys)
+    assert code == 0, err
+    assert seen and set(seen) == {torch.float32}
+    code, _, err = run_cli(["merge", ca, cb, "--precision", "half", "--out", tmp_path / "n.safetensors"], capsys)
+    assert code == 2 and "invalid choice: 'half'" in err
