@@ -46,7 +46,7 @@ from ..permute import Perms, StateDict, apply_perms, identity_perms
 from ..spec import Group, PermutationSpec, Site
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
 from ._structured import solve_families
-from .orthogonal import _along, _check_canonical, _require_plain, canonical, procrustes, stream_cross, stream_groups
+from .orthogonal import _along, _check_canonical, _require_plain, canonical, procrustes, stream_cross, stream_groups, tied_readers
 from .weight import weight_scores
 
 INITS = ("weight", "activation", "orthogonal", "identity")
@@ -113,7 +113,7 @@ def _start(spec, model_a, model_b, data, init, *, max_examples, device) -> tuple
     return {g: p.cpu() for g, p in inner.perms.items()}, inner.record
 
 
-def _streams(spec, model_a, model_b, data, orthogonal) -> tuple[list[Group], nn.Module, nn.Module, str]:
+def _streams(spec, model_a, model_b, data, orthogonal, untie=False) -> tuple[list[Group], nn.Module, nn.Module, str]:
     """(stream groups that get an orthogonal map, A and B in canonical form (or as given), why not, if not)."""
     streams = stream_groups(spec) if orthogonal is not False else []
     if not streams:
@@ -121,7 +121,7 @@ def _streams(spec, model_a, model_b, data, orthogonal) -> tuple[list[Group], nn.
             raise AlignmentError("learned matching: orthogonal=True, but the model has no residual stream")
         return [], model_a, model_b, "no residual stream" if orthogonal is None else "orthogonal=False"
     try:
-        a, b = canonical(spec, model_a, streams), canonical(spec, model_b, streams)
+        a, b = canonical(spec, model_a, streams, untie), canonical(spec, model_b, streams, untie)
         _check_canonical(model_a, a, data)
     except AlignmentError as err:
         if orthogonal:
@@ -316,6 +316,7 @@ def learned_matching(
     *,
     init: str = "weight",
     orthogonal: bool | None = None,
+    untie: bool = False,
     epochs: float = 10,
     steps: int | None = None,
     lr: float = 0.05,
@@ -339,6 +340,8 @@ def learned_matching(
             plus the Procrustes map of the stream) or "identity".
         orthogonal: learn an orthogonal map of each residual stream (both networks rewritten in the
             canonical form of `orthogonal.canonical`); None: when the model is a pre-norm transformer.
+        untie: with a stream map, give a tied LM head its own copy (`orthogonal.orthogonal_alignment`); without
+            it a tied head whose final norm has a non-uniform gain gets no stream map (None) or is refused (True).
         epochs: passes over the examples (ignored when `steps` is given); steps: optimiser steps.
         lr: Adam's learning rate on the latents (they start as 0/1 permutation matrices).
         batch_size: examples per step; lam: the interpolation weight is drawn uniformly from this range.
@@ -353,7 +356,8 @@ def learned_matching(
     Returns:
         AlignResult with perms (a stream with a map keeps the identity) and, when streams are mapped,
         `models` = (A, B) in canonical form, B permuted and mapped into A's basis (the orthogonal method's
-        convention), and `maps` = {stream: O (n, n) float64}. record: init, init_record, orthogonal, orthogonal_note, steps, lr, batch_size,
+        convention), and `maps` = {stream: O (n, n) float64}. record: init, init_record, orthogonal, orthogonal_note,
+        untied (keys of a tied head given their own copy), steps, lr, batch_size,
         examples, loss (per step: the interpolated loss of the batch), lam (per step), moved (per step:
         units whose permutation differs from the start), stream_change (per step: ||O - O_start||_F /
         sqrt(n), summed over streams), midpoint_loss ({"final", "best", "start"}: the loss at lam = 1/2 on
@@ -366,7 +370,7 @@ def learned_matching(
         raise InvalidOptionError(f"learned matching: unknown init {init!r}; valid: {', '.join(INITS)}")
     t0 = time.perf_counter()
     model_a, model_b = require_module(model_a, "learned"), require_module(model_b, "learned")
-    streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal)
+    streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal, untie)
     if init == "orthogonal" and not streams:
         raise InvalidOptionError(f"learned matching: init='orthogonal' needs an orthogonal stream map ({note})")
     start, init_record = _start(spec, model_a, model_b, data, "activation" if init == "orthogonal" else init,
@@ -399,7 +403,7 @@ def learned_matching(
     chosen = min(checks, key=checks.get)  # never worse than the start on these examples
     perms, maps = candidates[chosen]
     record = {"method": "learned", "init": init if isinstance(init, str) else "given", "init_record": init_record,
-              "orthogonal": bool(maps), "orthogonal_note": note, "repair_in_loop": repair_in_loop,
+              "orthogonal": bool(maps), "orthogonal_note": note, "untied": tied_readers(spec, streams) if untie else [], "repair_in_loop": repair_in_loop,
               "repair_sites": len(run.sites), "steps": total, "lr": lr, "batch_size": batch_size,
               "examples": len(y), **history, "midpoint_loss": checks, "chosen": chosen,
               "seconds": time.perf_counter() - t0}  # fmt: skip

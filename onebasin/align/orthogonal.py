@@ -17,6 +17,13 @@ and B (one pass, exact float64 sums of x_A x_B^T over every stream site), restri
 of the ones vector. The other groups (MLP hidden units, attention heads) are permuted first by
 activation or weight matching. The merged model is a plain model of the original class (LayerNorms with
 unit gain and zero bias).
+
+Tied, bias-free heads (nanoGPT: LM head = token embedding, no head bias). The final LayerNorm feeds only the
+head. Its gain cannot fold into the shared matrix without changing the embedding, and a non-uniform gain does
+not commute with an orthogonal map, so: a uniform gain c stays in the norm (c 1 commutes with every map);
+any other gain needs `untie=True` (the head gets its own copy, recorded) and is refused without it. A shift
+that a reader without bias cannot take stays in the norm as a stream vector, rotated with the stream
+(LN(Qx) + Q s = Q (LN(x) + s)); that norm's readers are then not centred.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .._copy import module_with
-from ..graph import as_call, model_inputs
+from .._copy import copy_module, module_with
+from ..graph import as_call, model_inputs, module_path
 from ..ops import LAYERS, NORMS, VIEWS, args_of
 from ..permute import apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
@@ -46,7 +53,8 @@ def stream_groups(spec: PermutationSpec) -> list[Group]:
 def _norm_readers(spec: PermutationSpec, group: Group) -> list[tuple[str, str | None, list[tuple[str, str | None, int]]]]:
     """[(norm weight key, norm bias key, [(reader weight key, reader bias key, reader's input axis)])] for each
     LayerNorm on the stream (a centring norm over the last axes, `ops.NORMS`) and the layers (`ops.LAYERS`
-    on the last axis) that read it through views (`ops.VIEWS`)."""
+    on the last axis) that read it through views (`ops.VIEWS`). A tied reader weight is named by the key its
+    own module holds (`lm_head.weight`, not the embedding's `tok_embed.weight`)."""
     graph = spec.graph
     keys = {(m.key, m.axis) for m in group.members}
     out = []
@@ -65,7 +73,7 @@ def _norm_readers(spec: PermutationSpec, group: Group) -> list[tuple[str, str | 
                 todo += [(u, user) for u in user.users]
             elif layer is not None and layer.feature_dim == -1 and args_of(user)[layer.input] is src:
                 a = args_of(user)
-                readers.append((_key(graph, a, layer.weight), _key(graph, a, layer.bias), layer.in_axis))
+                readers.append((_own_key(graph, user, _key(graph, a, layer.weight)), _key(graph, a, layer.bias), layer.in_axis))
             else:
                 raise AlignmentError(f"orthogonal alignment: LayerNorm {w!r} feeds {user.target} ({user.name}); only "
                                      "linear layers may read a LayerNorm of the residual stream")  # fmt: skip
@@ -79,39 +87,108 @@ def _key(graph, args: dict, name: str | None) -> str | None:
     return graph.keys.get(arg.name) if arg is not None else None
 
 
+def _own_key(graph, node, key: str) -> str:
+    """Of the keys holding `key`'s tensor (several when tied), the one the module that made `node` holds."""
+    own = [k for k in graph.aliases.get(key, (key,)) if k.rpartition(".")[0] == (module_path(node) or "")]
+    return own[0] if len(own) == 1 else key
+
+
+def tied_readers(spec: PermutationSpec, streams: list[Group]) -> list[str]:
+    """Keys of the weights that read a stream LayerNorm and are tied to another key (a tied LM head)."""
+    return [rw for g in streams for _, _, readers in _norm_readers(spec, g) for rw, _, _ in readers
+            if len(spec.graph.aliases.get(rw, (rw,))) > 1]  # fmt: skip
+
+
 def _along(t: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
     """t with matrix q applied along `axis`: every vector v along that axis becomes q v."""
     return torch.movedim(torch.tensordot(q.to(t), t, dims=([1], [axis])), 0, axis)
 
 
-def canonical(spec: PermutationSpec, model: nn.Module, streams: list[Group]) -> nn.Module:
-    """A copy of `model` with every stream LayerNorm folded into its readers and the stream centred (Sec. 3)."""
+def _untie(model: nn.Module, keys: list[str]) -> nn.Module:
+    """`model` with each parameter `keys` given its own copy (the other keys that held it keep the original)."""
+    for key in keys:
+        path, _, name = key.rpartition(".")
+        module = model.get_submodule(path)
+        setattr(module, name, nn.Parameter(getattr(module, name).detach().clone()))
+    return model
+
+
+def _fold(sd: dict, w: str, b: str | None, readers: list, aliases: dict, untie: bool) -> bool:
+    """Fold LayerNorm (w, b) into its readers in `sd` (in place); True when the norm's output stays centred.
+
+    gain gamma: into every reader, W' = W diag(gamma), gamma = 1; a reader tied to another tensor (a tied LM
+      head) cannot take it without changing that tensor, so there gamma stays in the norm, which needs gamma
+      uniform (c 1 commutes with every orthogonal map; refused otherwise) unless `untie`.
+    shift beta: into the readers' biases, b' = b + W beta, beta = 0; when a reader has no bias (nanoGPT's LM
+      head) it stays in the norm as beta / gamma (beta with the gain kept), a stream vector that the
+      orthogonal map rotates like any other: LN(Qx) + Q s = Q (LN(x) + s).
+    """
+    gamma, beta = sd[w].double(), sd[b].double() if b else None
+    tied = [rw for rw, _, _ in readers if len(aliases.get(rw, (rw,))) > 1]
+    keep_gain = bool(tied) and not untie
+    if keep_gain and _uniform(gamma, sd[w].dtype):
+        sd[w] = torch.full_like(sd[w], gamma.mean().item())  # exactly uniform again (a map leaves rounding errors)
+    elif keep_gain:
+        rw = tied[0]
+        others = [k for k in aliases[rw] if k != rw]
+        raise AlignmentError(
+            f"orthogonal alignment: LayerNorm {w!r} feeds {rw!r}, which is tied to {', '.join(map(repr, others))}: its gain "
+            "(not uniform) cannot fold into the shared matrix without changing the embedding, and it does not commute "
+            "with an orthogonal map of the stream; pass untie=True (A and B come back with their own copy of "
+            f"{rw!r}, listed in record['untied']) or align by permutations only (method 'activation' or 'weight'), which keep the tie")  # fmt: skip
+    fold_shift = beta is None or not bool(beta.any()) or all(rb is not None for _, rb, _ in readers)
+    if not fold_shift and not keep_gain and bool(((gamma == 0) & (beta != 0)).any()):
+        raise AlignmentError(f"orthogonal alignment: LayerNorm {w!r} has gain 0 where its shift is not, and a reader "
+                             f"({', '.join(repr(rw) for rw, rb, _ in readers if rb is None)}) has no bias to take the shift")  # fmt: skip
+    for rw, rb, axis in readers:
+        weight = sd[rw].double()
+        if rb is not None and beta is not None and fold_shift:
+            sd[rb] = (sd[rb].double() + torch.tensordot(weight, beta, dims=([axis], [0]))).to(sd[rb])
+        if not keep_gain:
+            sd[rw] = (weight * gamma.reshape([-1 if d == axis else 1 for d in range(weight.ndim)])).to(sd[rw])
+    if b and fold_shift:
+        sd[b] = torch.zeros_like(sd[b])
+    elif b and not keep_gain:
+        sd[b] = torch.where(gamma == 0, 0.0, beta / torch.where(gamma == 0, 1.0, gamma)).to(sd[b])
+    if not keep_gain:
+        sd[w] = torch.ones_like(sd[w])
+    return fold_shift
+
+
+def _uniform(gamma: torch.Tensor, dtype: torch.dtype) -> bool:
+    """All entries equal, up to the rounding an orthogonal map of the stream leaves (16 sqrt(n) eps relative)."""
+    return bool((gamma - gamma.mean()).abs().max() <= 16 * len(gamma) ** 0.5 * torch.finfo(dtype).eps * gamma.abs().max())
+
+
+def canonical(spec: PermutationSpec, model: nn.Module, streams: list[Group], untie: bool = False) -> nn.Module:
+    """A copy of `model` with every stream LayerNorm folded into its readers and the stream centred (Sec. 3).
+
+    Exceptions (`_fold`): a LayerNorm read by a tied weight keeps its (uniform) gain; one read by a layer
+    without bias keeps its shift, and its readers are not centred (their input is not). `untie`: every tied
+    reader (`tied_readers`) gets its own copy of the shared tensor first, so that the gain can fold into it.
+    """
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    aliases = spec.graph.aliases
     for group in streams:
         norms = _norm_readers(spec, group)
         if not norms:
             raise AlignmentError(f"orthogonal alignment needs a pre-norm transformer: stream {group.name!r} has no LayerNorm")
         skip = set()
         for w, b, readers in norms:
-            gamma, beta = sd[w].double(), sd[b].double() if b else None
-            for rw, rb, axis in readers:
-                if rb is None and beta is not None and beta.abs().max() > 0:
-                    raise AlignmentError(f"orthogonal alignment: {rw!r} has no bias to take LayerNorm {b!r}'s shift")
-                weight = sd[rw].double()
-                if rb is not None and beta is not None:
-                    sd[rb] = (sd[rb].double() + torch.tensordot(weight, beta, dims=([axis], [0]))).to(sd[rb])
-                sd[rw] = (weight * gamma.reshape([-1 if d == axis else 1 for d in range(weight.ndim)])).to(sd[rw])
-            sd[w] = torch.ones_like(sd[w])
-            if b:
-                sd[b] = torch.zeros_like(sd[b])
             skip |= {w, b}
+            if not _fold(sd, w, b, readers, aliases, untie):  # readers of an uncentred output stay as they are
+                skip |= {k for rw, _, _ in readers for k in ((rw,) if untie else aliases.get(rw, (rw,)))}
         n = group.size
         centre = torch.eye(n, dtype=torch.float64) - 1.0 / n
         for m in group.members:
             if m.key not in skip:
                 _require_plain(m)
                 sd[m.key] = _along(sd[m.key].double(), m.axis, centre).to(sd[m.key])
-    return module_with(model, sd)
+    out = copy_module(model)
+    if untie:
+        _untie(out, tied_readers(spec, streams))
+    out.load_state_dict(sd)
+    return out
 
 
 def _check_canonical(model: nn.Module, canon: nn.Module, data) -> None:
@@ -178,6 +255,7 @@ def orthogonal_alignment(
     data=None,
     *,
     permutations: str = "activation",
+    untie: bool = False,
     max_examples: int | None = 10_000,
     device=None,
 ) -> AlignResult:
@@ -187,10 +265,15 @@ def orthogonal_alignment(
         spec: a traced spec of a pre-norm transformer (LayerNorm before every reader of the stream).
         model_a, model_b: the networks; data: x or (x, y) batches (max_examples inputs are read).
         permutations: "activation" or "weight": how the groups other than the stream are matched.
+        untie: give a weight that reads a stream LayerNorm and is tied to another tensor (a tied LM head) its
+            own copy in both returned models, so that the final norm's gain can fold into it. Without it a tied
+            head is kept tied when that norm's gain is uniform and refused otherwise (`canonical`); a head
+            without bias always works: the norm keeps the shift.
     Returns:
         AlignResult with perms (the stream's left as the identity) and `models` = (A, B) rewritten: A in the
         canonical form, B permuted, canonical and re-based into A's stream basis. Both compute what the
         originals compute; interpolating them gives a plain model of the original class. record: method,
+        untied (the keys given their own copy: [] unless `untie` found a tied reader),
         stream_objective {group: [mean <x_A, x_B> per
         sample over the stream's coordinates before the map, after it]}, inner_record (the permutation
         method's record), seconds.
@@ -207,7 +290,7 @@ def orthogonal_alignment(
     inner = get_method(permutations)(spec, model_a, model_b, data, max_examples=max_examples, device=device)
     perms = {**inner.perms, **{g.name: identity_perms(spec)[g.name] for g in streams}}
     b = module_with(model_b, apply_perms(spec, perms, model_b.state_dict()))
-    a, b = canonical(spec, model_a, streams), canonical(spec, b, streams)
+    a, b = canonical(spec, model_a, streams, untie), canonical(spec, b, streams, untie)
     _check_canonical(model_a, a, data)
     objective = {}
     for group in streams:
@@ -216,6 +299,7 @@ def orthogonal_alignment(
         objective[group.name] = [float(cross.trace() / samples), float((q * cross).sum() / samples)]
         b = rebase(b, group, q)
     record = {"method": "orthogonal", "permutations": permutations, "inner_record": inner.record,
+              "untied": tied_readers(spec, streams) if untie else [],
               "stream_groups": [g.name for g in streams], "stream_objective": objective,
               "examples": inner.record.get("examples"), "seconds": time.perf_counter() - t0}  # fmt: skip
     return AlignResult(perms, record, models=(a, b))

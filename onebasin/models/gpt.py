@@ -2,8 +2,10 @@
 
 Token ids (B, T) -> token embedding + learned position embedding -> `depth` pre-norm causal blocks
 (the ViT's `Block` with causal scaled_dot_product_attention) -> final LayerNorm -> LM head, whose weight
-is the token embedding's (tied, as in GPT-2) unless `tie=False` (then its own, with a bias: the orthogonal
-alignment of the residual stream folds the final LayerNorm into it). Output: next-token logits (B, T, vocab).
+is the token embedding's (tied, as in GPT-2) unless `tie=False` (then its own). The head has a bias when
+`head_bias` says so; by default only when untied (None), so the default is nanoGPT's shape (tied, no head bias)
+and checkpoints of `tie=False` from before the option (which hold `lm_head.bias`) still load.
+Output: next-token logits (B, T, vocab).
 No dropout; nanoGPT's init (normal(0, 0.02), residual projections scaled by 1/sqrt(2 * depth)).
 
 Permutation groups: the residual stream (embeddings, positions, every block's output projections and
@@ -31,6 +33,7 @@ class GPTConfig:
     heads: int = 4  # attention heads per block; head size = width / heads
     mlp_ratio: int = 4  # hidden units of each block's MLP = mlp_ratio * width
     tie: bool = True  # LM head weight = token embedding weight
+    head_bias: bool | None = None  # LM head bias; None: only when untied
 
 
 class GPT(nn.Module):
@@ -43,7 +46,7 @@ class GPT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, causal=True) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
-        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=not cfg.tie)  # untied: a bias, so a final-norm shift can fold in
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=not cfg.tie if cfg.head_bias is None else cfg.head_bias)
         init_weights(self, cfg.depth)
         nn.init.normal_(self.pos_embed, 0.0, 0.02)
         if cfg.tie:
@@ -62,6 +65,7 @@ _DEMO = {"dataset": "pydoc", "model_kwargs": {"width": 192}, "calib_examples": 2
 
 
 @register_model(tokens=True, default_dataset="pydoc", recipe="gpt", demo=_DEMO)
-def gpt(width=192, depth=4, heads=4, mlp_ratio=4, tie=True, vocab_size=97, block_size=128):
-    """Pre-norm character-level GPT: width 192, 4 blocks of 4 heads, 128 positions, tied LM head."""
-    return GPT(GPTConfig(vocab_size, block_size, width, depth, heads, mlp_ratio, tie))
+def gpt(width=192, depth=4, heads=4, mlp_ratio=4, tie=True, vocab_size=97, block_size=128, head_bias=None):
+    """Pre-norm character-level GPT: width 192, 4 blocks of 4 heads, 128 positions, tied LM head without bias
+    (nanoGPT's shape); head_bias None: a bias only when tie=False."""
+    return GPT(GPTConfig(vocab_size, block_size, width, depth, heads, mlp_ratio, tie, head_bias))

@@ -1,0 +1,106 @@
+"""A GPT of nanoGPT's shape (embedding and LM head tied, LM head without bias, LayerNorms with gains and biases):
+every alignment method keeps B's function (1e-9, float64) and the tie, or says that it untied the head."""
+
+import pytest
+import torch
+
+from onebasin.align import AlignmentError, align
+from onebasin.align.orthogonal import canonical, rebase, stream_groups
+from onebasin.interpolate import lerp
+from onebasin.models import create_model
+from onebasin.permute import permute_model, random_perms
+from onebasin.spec import trace
+from test_orthogonal import random_stream_rotation
+
+VOCAB, T = 11, 8
+
+
+def tiny_gpt(seed, **kwargs):
+    """float64, eval mode, every parameter random (LayerNorm gains far from uniform, biases non-zero)."""
+    torch.manual_seed(seed)
+    model = create_model("gpt", width=16, depth=2, heads=2, vocab_size=VOCAB, block_size=T, **kwargs).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def data(n=64):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (n, T + 1), generator=g)
+    return [(ids[i : i + 16, :-1], ids[i : i + 16, 1:]) for i in range(0, n, 16)]
+
+
+def same_function(m1, m2, batches):
+    x = torch.cat([x for x, _ in batches])
+    with torch.no_grad():
+        return (m1(x) - m2(x)).abs().max().item()
+
+
+def is_tied(model):
+    return model.lm_head.weight is model.tok_embed.weight
+
+
+def test_the_zoo_gpt_defaults_to_nanogpt_shape_and_takes_head_bias():
+    model = tiny_gpt(0)
+    assert is_tied(model) and model.lm_head.bias is None  # tied, no head bias (nanoGPT)
+    assert tiny_gpt(0, tie=False).lm_head.bias is not None  # checkpoints of tie=False hold lm_head.bias
+    assert tiny_gpt(0, tie=False, head_bias=False).lm_head.bias is None
+    tied_bias = tiny_gpt(0, head_bias=True)
+    assert is_tied(tied_bias) and tied_bias.lm_head.bias.shape == (VOCAB,)
+
+
+@pytest.mark.parametrize("method,options", [("activation", {}), ("weight", {}),
+                                            ("learned", {"steps": 3, "orthogonal": False, "progress": False})])
+def test_permutation_methods_keep_the_function_and_the_tie(method, options):
+    a, b, batches = tiny_gpt(0), tiny_gpt(1), data()
+    aligned, result = align(a, b, method, batches, **options)
+    assert is_tied(aligned)
+    assert same_function(aligned, b, batches) < 1e-9
+    assert not torch.equal(aligned.tok_embed.weight, b.tok_embed.weight), "nothing moved: the test shows nothing"
+
+
+def test_orthogonal_refuses_a_tied_head_under_a_non_uniform_gain_naming_the_tie_and_untie():
+    a, b, batches = tiny_gpt(0), tiny_gpt(1), data()
+    with pytest.raises(AlignmentError, match=r"'lm_head.weight', which is tied to 'tok_embed.weight'.*untie=True"):
+        align(a, b, "orthogonal", batches)
+
+
+@pytest.mark.parametrize("method,options", [("orthogonal", {}), ("learned", {"steps": 3, "progress": False})])
+def test_untie_returns_untied_models_that_compute_a_and_b(method, options):
+    a, b, batches = tiny_gpt(0), tiny_gpt(1), data()
+    aligned, result = align(a, b, method, batches, untie=True, **options)
+    a2 = result.models[0]
+    assert result.record["untied"] == ["lm_head.weight"]
+    assert method != "learned" or result.record["orthogonal"]
+    assert not is_tied(aligned) and not is_tied(a2)
+    assert same_function(aligned, b, batches) < 1e-9
+    assert same_function(a2, a, batches) < 1e-9
+    assert torch.equal(a2.ln_f.weight, torch.ones(16, dtype=torch.float64))  # the final gain folded into the head
+
+
+def test_learned_without_untie_keeps_the_tie_and_says_why_there_is_no_stream_map():
+    a, b, batches = tiny_gpt(0), tiny_gpt(1), data()
+    aligned, result = align(a, b, "learned", batches, steps=3, progress=False)
+    assert not result.record["orthogonal"] and "tied to 'tok_embed.weight'" in result.record["orthogonal_note"]
+    assert is_tied(aligned) and same_function(aligned, b, batches) < 1e-9
+
+
+def test_a_tied_bias_free_head_under_a_uniform_gain_keeps_the_tie_and_a_rotated_copy_is_recovered():
+    """The exact treatment without untying: a uniform final gain c commutes with the stream map and stays in the
+    norm; the final shift, which the bias-free head cannot take, stays as a stream vector rotated with the stream."""
+    a, batches = tiny_gpt(0), data()
+    with torch.no_grad():
+        a.ln_f.weight.fill_(1.3)
+    spec = trace(a, batches[0][0])
+    (stream,) = stream_groups(spec)
+    other = permute_model(a, spec, {k: v for k, v in random_perms(spec, seed=2).items() if k != stream.name})
+    b = rebase(canonical(spec, other, [stream]), stream, random_stream_rotation(stream.size, seed=4))
+    assert is_tied(b) and same_function(b, a, batches) < 1e-9
+    aligned, result = align(a, b, "orthogonal", batches, spec=spec)
+    a2 = result.models[0]
+    assert is_tied(aligned) and is_tied(a2) and result.record["untied"] == []
+    assert same_function(aligned, b, batches) < 1e-9 and same_function(a2, a, batches) < 1e-9
+    assert torch.equal(a2.ln_f.weight, a.ln_f.weight) and a2.ln_f.bias.abs().max() > 0.1
+    mid = lerp(a2.state_dict(), aligned.state_dict(), 0.5)
+    assert max((mid[k] - v).abs().max().item() for k, v in a2.state_dict().items()) < 1e-8, "B was not brought onto A"
