@@ -30,7 +30,8 @@ from .experiment import Experiment, run_experiment
 from .interpolate import BarrierCurve, interpolate_model, lerp
 from .models import build_model, create_model, list_models, register_model
 from .permute import apply_perms, compose_perms, identity_perms, invert_perms, permute_model, random_perms
-from .pipeline import Comparison, ManyResult, MergeResult, compare, merge, merge_many
+from .comparison import Comparison, compare
+from .pipeline import ManyResult, MergeResult, merge, merge_many
 from .repair import RepairResult, reset_bn
 from .spec import Group, Member, PermutationSpec, Site, from_groups, trace
 from .sweep import run_sweep

@@ -275,7 +275,7 @@ def _print_main(record: dict) -> None:
 
 def cmd_barrier(args, fail) -> int:
     from onebasin.distributed import is_main
-    from onebasin.pipeline import compare
+    from onebasin.comparison import compare
     from onebasin.experiment import summary_table
     from onebasin.report import write_comparison_report
 

@@ -24,7 +24,7 @@ from .checkpoint import checkpoint_paths, load_model
 from .data import TextInfo, batches, dataset_info, load_dataset
 from .errors import InvalidOptionError
 from .models import create_model, data_kwargs, model_info
-from .pipeline import Comparison, compare
+from .comparison import Comparison, compare
 from .report import SUMMARY_HEADER, format_table, write_comparison_report
 from .train import RECIPES, Recipe, default_recipe, train_model
 

@@ -113,7 +113,7 @@ def curve_rows(curves: dict) -> list[dict]:
 
 
 def write_comparison_report(comparison, out_dir, title: str, extra: dict | None = None) -> dict[str, Path]:
-    """Write report.json, barrier.csv, barrier.png, variance.png and index.html for a `pipeline.Comparison`.
+    """Write report.json, barrier.csv, barrier.png, variance.png and index.html for a `comparison.Comparison`.
 
     Returns {name: path}. `extra` (e.g. endpoint training details) is stored in report.json under "run".
     """

@@ -18,7 +18,8 @@ from onebasin.errors import OnebasinError
 from onebasin.barrier import barrier_curve
 from onebasin.interpolate import BarrierCurve, interpolate_model
 from onebasin.permute import invert_perms, permute_model, random_perms
-from onebasin.pipeline import compare, merge
+from onebasin.comparison import compare
+from onebasin.pipeline import merge
 from onebasin.plots import plot_barrier_curves, plot_variance_ratios
 from onebasin.repair import repair, repair_errors
 from onebasin.spec import trace

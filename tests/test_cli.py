@@ -139,7 +139,7 @@ method = ["weight"]
 def fake_comparison(barrier):
     """A Comparison whose plain curve rises `barrier` above the chord at alpha 0.5 (no training needed)."""
     from onebasin.interpolate import BarrierCurve
-    from onebasin.pipeline import Comparison
+    from onebasin.comparison import Comparison
 
     curve = BarrierCurve([0.0, 0.5, 1.0], {"test": [0.1, 0.1 + barrier, 0.1]}, {"test": [0.9, 0.5, 0.9]})
     return Comparison({"plain": curve}, {}, {}, {})

@@ -314,7 +314,8 @@ def test_merge_compare_and_the_cli_take_precision(tmp_path, monkeypatch, capsys)
     """merge(precision="float32") and `onebasin merge --precision float32` take float32 sums (seen in the
     statistics) and give float64's permutations on a model without ties; compare records the precision."""
     from cli_helpers import checkpoint, run_cli, use_fake_data
-    from onebasin.pipeline import compare, merge
+    from onebasin.comparison import compare
+    from onebasin.pipeline import merge
 
     (a, b), data = pair("mlp")
     seen = []

@@ -132,7 +132,7 @@ def test_reports_say_when_the_correction_raised_the_midpoint_loss():
     test loss above the aligned midpoint's, and is silent when it lowered it."""
     from onebasin.experiment import summary_table
     from onebasin.interpolate import BarrierCurve
-    from onebasin.pipeline import Comparison
+    from onebasin.comparison import Comparison
 
     def comparison(repaired_mid_loss):
         curve = lambda mid: BarrierCurve([0.0, 0.5, 1.0], {"test": [0.1, mid, 0.1]}, {"test": [0.9, 0.5, 0.9]})  # noqa: E731
