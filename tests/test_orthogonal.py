@@ -88,3 +88,28 @@ def test_activation_matching_recovers_shuffled_and_inside_permuted_heads():
     check_perms(spec, result.perms)
     want = invert_perms(perms)
     assert all(torch.equal(result.perms[g], want[g]) for g in spec.groups), "not the exact inverse"
+
+
+def test_weight_based_stream_map_recovers_a_permuted_and_rotated_copy_without_data():
+    """stream="weights" (Theus et al. 2025, data-free): weight matching alternated with Procrustes on the canonical
+    weights finds the exact inverse of a random rotation of the stream and of a random permutation of every other
+    group (heads shuffled and permuted inside); the map is orthogonal to 1e-12 and B's function is kept."""
+    from onebasin.permute import invert_perms
+
+    model, x, spec = setup()
+    (stream,) = stream_groups(spec)
+    perms = {k: v for k, v in random_perms(spec, seed=2).items() if k != stream.name}
+    q = random_stream_rotation(stream.size, seed=4)
+    b = rebase(canonical(spec, permute_model(model, spec, perms), [stream]), stream, q)
+    aligned_b, result = align(model, b, "orthogonal", example_input=x, spec=spec, stream="weights")
+    found = result.maps[stream.name]
+    eye = torch.eye(stream.size, dtype=torch.float64)
+    assert (found.T @ found - eye).abs().max() < 1e-12
+    assert (found - q.T).abs().max() < 1e-10  # B's stream is A's rotated by q: the map back is q^T
+    want = invert_perms(perms)
+    assert all(torch.equal(result.perms[g], want[g]) for g in perms)
+    a_canon = result.models[0]
+    with torch.no_grad():
+        assert (aligned_b(x) - b(x)).abs().max() < 1e-9 and (a_canon(x) - model(x)).abs().max() < 1e-9
+    mid = lerp(a_canon.state_dict(), aligned_b.state_dict(), 0.5)
+    assert max((mid[k] - v).abs().max().item() for k, v in a_canon.state_dict().items()) < 1e-8

@@ -104,3 +104,25 @@ def test_a_tied_bias_free_head_under_a_uniform_gain_keeps_the_tie_and_a_rotated_
     assert torch.equal(a2.ln_f.weight, a.ln_f.weight) and a2.ln_f.bias.abs().max() > 0.1
     mid = lerp(a2.state_dict(), aligned.state_dict(), 0.5)
     assert max((mid[k] - v).abs().max().item() for k, v in a2.state_dict().items()) < 1e-8, "B was not brought onto A"
+
+
+def test_data_free_stream_map_recovers_a_rotated_tied_copy():
+    """orthogonal(stream="weights") on the tied, bias-free-head GPT: no data read, the exact inverse rotation
+    (orthogonal to 1e-12) and permutations found, the tie kept, B's function kept."""
+    from onebasin.permute import invert_perms
+
+    a, batches = tiny_gpt(0), data()
+    with torch.no_grad():
+        a.ln_f.weight.fill_(1.3)
+    spec = trace(a, batches[0][0])
+    (stream,) = stream_groups(spec)
+    perms = {k: v for k, v in random_perms(spec, seed=3).items() if k != stream.name}
+    q = random_stream_rotation(stream.size, seed=5)
+    b = rebase(canonical(spec, permute_model(a, spec, perms), [stream]), stream, q)
+    aligned, result = align(a, b, "orthogonal", example_input=batches[0][0], spec=spec, stream="weights")
+    found = result.maps[stream.name]
+    assert (found.T @ found - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-12
+    assert (found - q.T).abs().max() < 1e-10 and result.record["examples"] == 0
+    want = invert_perms(perms)
+    assert all(torch.equal(result.perms[g], want[g]) for g in perms)
+    assert is_tied(aligned) and same_function(aligned, b, batches) < 1e-9

@@ -46,7 +46,7 @@ from ..permute import Perms, StateDict, apply_perms, identity_perms
 from ..spec import Group, PermutationSpec, Site
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
 from ._structured import solve_families
-from .orthogonal import _along, _check_canonical, _require_plain, canonical, procrustes, stream_cross, stream_groups, tied_readers
+from .orthogonal import _check_canonical, canonical, map_streams, procrustes, stream_cross, stream_groups, tied_readers
 from .weight import weight_scores
 
 INITS = ("weight", "activation", "orthogonal", "identity")
@@ -74,16 +74,6 @@ def project(spec: PermutationSpec, latents: dict[str, torch.Tensor], names: list
 def nearest_orthogonal(latent: torch.Tensor) -> torch.Tensor:
     """The orthogonal Q with Q 1 = 1 nearest `latent` (n, n) in Frobenius norm (SVD on the complement of 1)."""
     return procrustes(latent)
-
-
-def map_streams(spec: PermutationSpec, sd: StateDict, maps: dict[str, torch.Tensor]) -> StateDict:
-    """A new state_dict with every stream group's axes mapped by its orthogonal matrix (v -> O v, in float64)."""
-    out = dict(sd)
-    for name, q in maps.items():
-        for m in spec.groups[name].members:
-            _require_plain(m)
-            out[m.key] = _along(out[m.key].double(), m.axis, q).to(sd[m.key])
-    return out
 
 
 def ste_gradients(spec: PermutationSpec, perms: Perms, grads: StateDict, mapped_b: StateDict, b: StateDict,

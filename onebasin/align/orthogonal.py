@@ -43,6 +43,7 @@ from ..spec import Group, PermutationSpec
 from ..distributed import batches
 from ..stats import Moments, eval_mode
 from ..taps import SiteTaps
+from ..errors import InvalidOptionError
 from ._registry import AlignmentError, AlignResult, device_of, get_method, register_method, require_module
 
 def stream_groups(spec: PermutationSpec) -> list[Group]:
@@ -209,6 +210,42 @@ def _require_plain(m) -> None:
         raise AlignmentError(f"orthogonal alignment: {m} is not a plain axis of the stream")
 
 
+def map_streams(spec: PermutationSpec, sd: dict, maps: dict[str, torch.Tensor]) -> dict:
+    """A new state_dict with every stream group's axes mapped by its orthogonal matrix (v -> O v, in float64)."""
+    out = dict(sd)
+    for name, q in maps.items():
+        for m in spec.groups[name].members:
+            _require_plain(m)
+            out[m.key] = _along(out[m.key].double(), m.axis, q).to(sd[m.key])
+    return out
+
+
+def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: list[Group], max_iter: int = 20):
+    """Data-free alignment of canonical forms (Theus et al. 2025, Sec. 3, weight matching): alternate weight
+    matching of the other groups (B's streams mapped) with, per stream, Procrustes on the weights: Q from
+    cross = sum over the stream's tensors of rows_A @ rows_B^T (units of the stream as rows, every other axis of B
+    permuted; `weight.weight_scores`), until neither the permutations nor the maps change.
+    Returns (perms of every group, the streams' the identity; {stream: Q (n, n) float64}; record)."""
+    from .weight import match_weights, weight_scores
+
+    names = [g for g in spec.groups if g not in {s.name for s in streams}]
+    maps = {s.name: torch.eye(s.size, dtype=torch.float64) for s in streams}
+    perms, sweeps = None, []
+    for it in range(max_iter):
+        new, rec = match_weights(spec, sd_a, map_streams(spec, sd_b, maps), groups=names, init=perms)
+        new_maps = {}
+        for s in streams:
+            others = map_streams(spec, sd_b, {k: q for k, q in maps.items() if k != s.name})
+            new_maps[s.name] = procrustes(weight_scores(spec, s.name, new, sd_a, others))
+        change = max(float((new_maps[k] - maps[k]).abs().max()) for k in maps)
+        same = perms is not None and all(torch.equal(new[g], perms[g]) for g in names)
+        perms, maps = new, new_maps
+        sweeps.append({"weight_sweeps": rec["iterations"], "map_change": change})
+        if same and change < 1e-12:
+            break
+    return perms, maps, {"rounds": sweeps, "converged": same and change < 1e-12}
+
+
 def rebase(model: nn.Module, group: Group, q: torch.Tensor) -> nn.Module:
     """A copy of a canonical `model` with its stream re-based by orthogonal q (n, n), q @ 1 = 1."""
     sd = dict(model.state_dict())
@@ -255,6 +292,7 @@ def orthogonal_alignment(
     data=None,
     *,
     permutations: str = "activation",
+    stream: str = "activations",
     untie: bool = False,
     max_examples: int | None = 10_000,
     device=None,
@@ -265,6 +303,9 @@ def orthogonal_alignment(
         spec: a traced spec of a pre-norm transformer (LayerNorm before every reader of the stream).
         model_a, model_b: the networks; data: x or (x, y) batches (max_examples inputs are read).
         permutations: "activation" or "weight": how the groups other than the stream are matched.
+        stream: "activations" (Procrustes on the stream activations, after `permutations`) or "weights" (no
+            data: `weight_stream_maps`, weight matching alternated with Procrustes on the canonical weights;
+            `permutations` is not used; `data` only checks the canonical form, the traced example otherwise).
         untie: give a weight that reads a stream LayerNorm and is tied to another tensor (a tied LM head) its
             own copy in both returned models, so that the final norm's gain can fold into it. Without it a tied
             head is kept tied when that norm's gain is uniform and refused otherwise (`canonical`); a head
@@ -278,8 +319,10 @@ def orthogonal_alignment(
         sample over the stream's coordinates before the map, after it]}, inner_record (the permutation
         method's record), seconds.
     """
-    if data is None:
-        raise ValueError("orthogonal alignment needs data: an iterable of x or (x, y) batches")
+    if stream not in ("activations", "weights"):
+        raise InvalidOptionError(f"orthogonal alignment: stream={stream!r}; valid: 'activations', 'weights'")
+    if data is None and stream == "activations":
+        raise ValueError("orthogonal alignment needs data: an iterable of x or (x, y) batches (or stream='weights')")
     if spec.graph is None:
         raise AlignmentError("orthogonal alignment needs a traced spec (onebasin.trace)")
     t0 = time.perf_counter()
@@ -287,6 +330,8 @@ def orthogonal_alignment(
     streams = stream_groups(spec)
     if not streams:
         raise AlignmentError("orthogonal alignment found no residual stream (a group read at a residual addition)")
+    if stream == "weights":
+        return _weights_alignment(spec, model_a, model_b, data, streams, untie, t0)
     inner = get_method(permutations)(spec, model_a, model_b, data, max_examples=max_examples, device=device)
     perms = {**inner.perms, **{g.name: identity_perms(spec)[g.name] for g in streams}}
     b = module_with(model_b, apply_perms(spec, perms, model_b.state_dict()))
@@ -298,8 +343,20 @@ def orthogonal_alignment(
         q = procrustes(cross)
         objective[group.name] = [float(cross.trace() / samples), float((q * cross).sum() / samples)]
         b = rebase(b, group, q)
-    record = {"method": "orthogonal", "permutations": permutations, "inner_record": inner.record,
+    record = {"method": "orthogonal", "stream": "activations", "permutations": permutations, "inner_record": inner.record,
               "untied": tied_readers(spec, streams) if untie else [],
               "stream_groups": [g.name for g in streams], "stream_objective": objective,
               "examples": inner.record.get("examples"), "seconds": time.perf_counter() - t0}  # fmt: skip
     return AlignResult(perms, record, models=(a, b))
+
+
+def _weights_alignment(spec, model_a, model_b, data, streams, untie, t0) -> AlignResult:
+    """orthogonal_alignment(stream="weights"): canonical forms, then `weight_stream_maps`; no data read."""
+    a, b = canonical(spec, model_a, streams, untie), canonical(spec, model_b, streams, untie)
+    _check_canonical(model_a, a, data if data is not None else [spec.graph.example])
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    perms, maps, record = weight_stream_maps(spec, sd_a, sd_b, streams)
+    b = module_with(b, map_streams(spec, apply_perms(spec, perms, sd_b), maps))
+    record = {"method": "orthogonal", "stream": "weights", **record, "untied": tied_readers(spec, streams) if untie else [],
+              "stream_groups": [g.name for g in streams], "examples": 0, "seconds": time.perf_counter() - t0}  # fmt: skip
+    return AlignResult(perms, record, models=(a, b), maps=maps)
