@@ -1,17 +1,13 @@
 """merge and merge_many under two gloo processes equal one process: the same examples (max_examples counts
 examples of the whole job, also under a DistributedSampler) and the same unit order (issue 23, item 10)."""
 
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import onebasin
+from conftest import gloo_results
 from reference_models import mlp
 
 WORLD, MAX_EXAMPLES = 2, 40
@@ -49,22 +45,11 @@ def results(sharded: bool) -> dict:
     return out
 
 
-def worker(rank: int, init_file: str, out_dir: str, sharded: bool) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.save(results(sharded), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain-loader", "distributed-sampler"])
 def test_two_processes_merge_the_examples_and_unit_order_of_one_process(sharded):
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(worker, args=(str(Path(tmp) / "init"), tmp, sharded), nprocs=WORLD, start_method="spawn")
-        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = gloo_results(results, sharded, world=WORLD)
     single = results(sharded=False)
     assert single["examples"].item() == MAX_EXAMPLES
     for got in ranks:
