@@ -102,6 +102,7 @@ def test_weight_based_stream_map_recovers_a_permuted_and_rotated_copy_without_da
     q = random_stream_rotation(stream.size, seed=4)
     b = rebase(canonical(spec, permute_model(model, spec, perms), [stream]), stream, q)
     aligned_b, result = align(model, b, "orthogonal", example_input=x, spec=spec, stream="weights")
+    assert len(result.record["head_families"]) == 2  # fused qkv: heads matched by their QK and OV products
     found = result.maps[stream.name]
     eye = torch.eye(stream.size, dtype=torch.float64)
     assert (found.T @ found - eye).abs().max() < 1e-12

@@ -120,9 +120,38 @@ def test_data_free_stream_map_recovers_a_rotated_tied_copy():
     q = random_stream_rotation(stream.size, seed=5)
     b = rebase(canonical(spec, permute_model(a, spec, perms), [stream]), stream, q)
     aligned, result = align(a, b, "orthogonal", example_input=batches[0][0], spec=spec, stream="weights")
+    assert len(result.record["head_families"]) == 2
     found = result.maps[stream.name]
     assert (found.T @ found - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-12
     assert (found - q.T).abs().max() < 1e-10 and result.record["examples"] == 0
     want = invert_perms(perms)
     assert all(torch.equal(result.perms[g], want[g]) for g in perms)
     assert is_tied(aligned) and same_function(aligned, b, batches) < 1e-9
+
+
+def test_head_products_are_qk_and_ov_per_head_and_ignore_permutations_inside_heads():
+    """head_products of the query/key group: [W_Q,h b_Q,h]^T [W_K,h b_K,h] per head (numpy); of the value/output
+    group: [W_V,h b_V,h]^T W_O[:, h]^T; unchanged when the units inside each head are permuted."""
+    import numpy as np
+
+    from onebasin.align.orthogonal import head_products
+    from onebasin.permute import identity_perms
+
+    model = tiny_gpt(0)
+    spec = trace(model, data()[0][0])
+    sd, d = model.state_dict(), 8
+    qk, vo = spec.groups["blocks.0.attn.query"], spec.groups["blocks.0.attn.value"]
+    got_qk, got_vo = (head_products(spec, g, sd, identity_perms(spec)).numpy() for g in (qk, vo))
+    w = {k: v.numpy() for k, v in sd.items()}
+    for h in range(2):
+        rows = slice(h * d, (h + 1) * d)
+        q, k, v = (np.concatenate([w[f"blocks.0.attn.{n}.weight"][rows], w[f"blocks.0.attn.{n}.bias"][rows, None]], 1)
+                   for n in ("query", "key", "value"))
+        np.testing.assert_allclose(got_qk[h], (q.T @ k).ravel(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_vo[h], (v.T @ w["blocks.0.attn.proj.weight"][:, rows].T).ravel(), rtol=1e-12, atol=1e-12)
+    inside = {g: p for g, p in identity_perms(spec).items()}
+    inside[qk.name] = torch.cat([torch.randperm(d) + h * d for h in range(2)])
+    inside[vo.name] = torch.cat([torch.randperm(d) + h * d for h in range(2)])
+    moved = permute_model(model, spec, inside).state_dict()
+    assert np.abs(head_products(spec, qk, moved, identity_perms(spec)).numpy() - got_qk).max() < 1e-12
+    assert np.abs(head_products(spec, vo, moved, identity_perms(spec)).numpy() - got_vo).max() < 1e-12

@@ -24,6 +24,10 @@ not commute with an orthogonal map, so: a uniform gain c stays in the norm (c 1 
 any other gain needs `untie=True` (the head gets its own copy, recorded) and is refused without it. A shift
 that a reader without bias cannot take stays in the norm as a stream vector, rotated with the stream
 (LN(Qx) + Q s = Q (LN(x) + s)); that norm's readers are then not centred.
+
+Data-free (`stream="weights"`, Theus et al.'s weight matching): Q by Procrustes on the canonical weights instead
+of the activations, alternated with weight matching of the MLP units and head matching by each head's QK and OV
+products (||QK_i - QK_j||^2 + ||OV_i - OV_j||^2, invariant to the maps inside a head).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from ..distributed import batches
 from ..stats import Moments, eval_mode
 from ..taps import SiteTaps
 from ..errors import InvalidOptionError
-from ._registry import AlignmentError, AlignResult, device_of, get_method, register_method, require_module
+from ._registry import AlignmentError, AlignResult, assign, device_of, get_method, register_method, require_module
 
 def stream_groups(spec: PermutationSpec) -> list[Group]:
     """The residual streams: free groups read at a residual addition (a "block" site)."""
@@ -220,19 +224,82 @@ def map_streams(spec: PermutationSpec, sd: dict, maps: dict[str, torch.Tensor]) 
     return out
 
 
+def head_families(spec: PermutationSpec, names: list[str]) -> dict[str, list[str]]:
+    """{head group: its child groups} for the attention families matched by `match_heads`: a parent group
+    without members, not fixed, whose children (block = head size, free inside) each hold two parts (Q and K,
+    or V and O; `_parts`). Other structured families (GQA, rotary) are left to weight matching."""
+    out = {}
+    for name in names:
+        g, kids = spec.groups[name], spec.children(name)
+        if g.members or g.parent is not None or g.fixed_blocks or not kids:
+            continue
+        if all(k.name in names and k.inner and not k.fixed_blocks and not spec.children(k.name)
+               and len(_parts(k)) == 2 for k in kids):  # fmt: skip
+            out[name] = [k.name for k in kids]
+    return out
+
+
+def _parts(group: Group) -> list[list]:
+    """The group's members by the layer that owns them (module of the key, slice of a fused tensor): the query
+    and key projections of a query/key group, the value and output projections of a value/output group."""
+    parts: dict = {}
+    for m in group.members:
+        parts.setdefault((m.key.rpartition(".")[0], m.layout.start if m.layout is not None else None), []).append(m)
+    return list(parts.values())
+
+
+def head_products(spec: PermutationSpec, group: Group, sd: dict, perms: dict) -> torch.Tensor:
+    """(heads, r1 * r2) float64: per head h, U1_h^T U2_h flattened, U_i (head size, r_i) the head's rows of part i
+    (bias columns included; every other axis permuted by `perms`): W_Q^T W_K of a query/key group, (W_O W_V)^T of a
+    value/output group. Invariant to any orthogonal map inside the head, permutations included."""
+    from .weight import member_rows, other_axes_permuted
+
+    rows = [torch.cat([member_rows(other_axes_permuted(spec, m.key, m.axis, perms, sd[m.key]).double(), m, group.size)
+                       for m in part], 1) for part in _parts(group)]  # fmt: skip
+    u1, u2 = (r.reshape(group.blocks, group.block, -1) for r in rows)
+    return (u1.transpose(1, 2) @ u2).flatten(1)
+
+
+def match_heads(spec: PermutationSpec, parent: str, children: list[str], sd_a: dict, sd_b: dict, perms: dict) -> dict:
+    """Theus et al. 2025's head matching: sigma minimising sum_groups ||QK_i - QK_j||^2 + ||OV_i - OV_j||^2
+    (`head_products`, A's head i against B's head j, B's other axes permuted by `perms`), then inside each matched
+    pair of heads the permutation of every child group by linear assignment on its weight-matching score.
+    Returns {parent: sigma, child: the structured permutation (unit j*d + u <- sigma(j)*d + tau_j(u))}."""
+    from .weight import weight_scores
+
+    cost = 0.0
+    for name in children:
+        pa, pb = (head_products(spec, spec.groups[name], sd, perms) for sd in (sd_a, sd_b))
+        cost = cost + torch.cdist(pa, pb) ** 2
+    sigma = assign(cost, maximize=False)
+    out = {parent: sigma}
+    for name in children:
+        g, d = spec.groups[name], spec.groups[name].block
+        score = weight_scores(spec, name, perms, sd_a, sd_b)
+        out[name] = torch.cat([sigma[j] * d + assign(score[j * d : (j + 1) * d, sigma[j] * d : (sigma[j] + 1) * d])
+                               for j in range(g.blocks)])  # fmt: skip
+    return out
+
+
 def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: list[Group], max_iter: int = 20):
     """Data-free alignment of canonical forms (Theus et al. 2025, Sec. 3, weight matching): alternate weight
-    matching of the other groups (B's streams mapped) with, per stream, Procrustes on the weights: Q from
+    matching of the other groups (B's streams mapped; attention heads by their QK and OV products,
+    `match_heads`) with, per stream, Procrustes on the weights: Q from
     cross = sum over the stream's tensors of rows_A @ rows_B^T (units of the stream as rows, every other axis of B
     permuted; `weight.weight_scores`), until neither the permutations nor the maps change.
     Returns (perms of every group, the streams' the identity; {stream: Q (n, n) float64}; record)."""
     from .weight import match_weights, weight_scores
 
     names = [g for g in spec.groups if g not in {s.name for s in streams}]
+    heads = head_families(spec, names)
+    free = [g for g in names if g not in heads and spec.groups[g].parent not in heads]
     maps = {s.name: torch.eye(s.size, dtype=torch.float64) for s in streams}
     perms, sweeps = None, []
     for it in range(max_iter):
-        new, rec = match_weights(spec, sd_a, map_streams(spec, sd_b, maps), groups=names, init=perms)
+        mapped = map_streams(spec, sd_b, maps)
+        new, rec = match_weights(spec, sd_a, mapped, groups=free, init=perms)
+        for parent, children in heads.items():
+            new.update(match_heads(spec, parent, children, sd_a, mapped, new))
         new_maps = {}
         for s in streams:
             others = map_streams(spec, sd_b, {k: q for k, q in maps.items() if k != s.name})
@@ -243,7 +310,7 @@ def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: l
         sweeps.append({"weight_sweeps": rec["iterations"], "map_change": change})
         if same and change < 1e-12:
             break
-    return perms, maps, {"rounds": sweeps, "converged": same and change < 1e-12}
+    return perms, maps, {"rounds": sweeps, "converged": same and change < 1e-12, "head_families": list(heads)}
 
 
 def rebase(model: nn.Module, group: Group, q: torch.Tensor) -> nn.Module:
