@@ -27,6 +27,12 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+def input_label(t: Tracer, node: fx.Node):
+    """(label, number of axes) of the op's first input, or None when that input carries no permuted axis."""
+    lab = t.label(node.args[0])
+    return None if lab is None else (lab, len(t.shape(node.args[0])))
+
+
 def norm_dim(d: int, ndim: int) -> int:
     return d % ndim if ndim else 0
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..labels import Axis, Heads, Multi, Seg, WeightView, label_dims, remap
 from ..ops import JOINS, REDUCTIONS, UNARY
-from ._common import constant_joins, norm_dim, unify_labels, weight_joins
+from ._common import constant_joins, input_label, norm_dim, unify_labels, weight_joins
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
     from ..tracer import Tracer
@@ -155,11 +155,9 @@ def multi_reduction(t: Tracer, node: fx.Node):
 
 def order_dependent(t: Tracer, node: fx.Node):
     """cumsum/sort/topk/argmax along an axis: along a permuted axis the units must stay in place."""
-    x = node.args[0]
-    lab = t.label(x)
-    if lab is None:
+    if (got := input_label(t, node)) is None:
         return None
-    ndim = len(t.shape(x))
+    lab, ndim = got
     dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1) or 0, ndim)
     if dim in label_dims(lab):
         t.fix_label(lab, node, f"{node.target} depends on the order of the units")

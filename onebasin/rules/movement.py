@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..labels import Multi, WeightView, label_dims, remap
-from ._common import moved, norm_dim
+from ._common import input_label, moved, norm_dim
 from ._reshape import reshape_label
 
 if TYPE_CHECKING:  # annotations only: the tracer imports the rules
@@ -93,11 +93,9 @@ def pool(spatial: int):
     axis must not be one of them."""
 
     def rule(t: Tracer, node: fx.Node):
-        x = node.args[0]
-        lab = t.label(x)
-        if lab is None:
+        if (got := input_label(t, node)) is None:
             return None
-        ndim = len(t.shape(x))
+        lab, ndim = got
         if label_dims(lab) & set(range(ndim - spatial, ndim)):
             raise t.refuse(node, "pooling or interpolation over the permuted axis")
         return lab
@@ -117,11 +115,9 @@ def pool_with_indices(spatial: int):
 
 def order_moving(t: Tracer, node: fx.Node):
     """roll/flip/gather/index_select/repeat: along the permuted axis the units must stay in place."""
-    x = node.args[0]
-    lab = t.label(x)
-    if lab is None:
+    if (got := input_label(t, node)) is None:
         return None
-    ndim = len(t.shape(x))
+    lab, ndim = got
     dims = node.args[2] if node.target == aten.roll.default else node.args[1]
     if node.target == aten.repeat.default:
         shift = len(dims) - ndim
