@@ -101,6 +101,8 @@ def _quiet():
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> ExportedProgram:
+    # inputs as tensors of their own: export guards a view on its base's shape, which a later input never has
+    args, kwargs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (args, kwargs))
     with _quiet():
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs) if dynamic else None, strict=False)
         return ep if functionalize(ep.graph_module) else ep.run_decompositions({})

@@ -166,6 +166,8 @@ def merge(
     if method != "none":
         model_b, aligned = align(model_a, model_b, method, data, spec=spec, max_examples=max_examples, **align_options)
         model_a = aligned.models[0] if aligned.models is not None else model_a
+        if aligned.record.get("untied"):  # A and B now hold the head apart from the embedding: trace them anew
+            spec = trace(model_a, example)
         result.align_record = aligned.record
         ends = endpoints_from_alignment(spec, aligned.site_stats, tuple(sites))  # REPAIR's goals from the same pass
     if repair in ("exact", "closed", "auto"):

@@ -471,3 +471,17 @@ def test_goals_from_the_alignment_pass_equal_numpy_statistics(make, shape, kinds
         for key, columns in want.items():
             for got, expected, s in zip(getattr(mine, key), columns, sites):
                 np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12, err_msg=f"{key} at {s.node}")
+
+
+def test_unfused_repair_wrapper_runs_on_inputs_that_are_not_views():
+    """Calibration batches that are views of a larger tensor (x[:, :3] of a 4-channel array): the Repaired wrapper,
+    built from the captured graph, must still run on an ordinary tensor of another batch size (export had
+    guarded the view's base shape: 'Guard failed: x._base.size()[1] != 4'; test failed before the fix)."""
+    a, b = build("resnet20_bn", 0), build("resnet20_bn", 1)
+    big = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    data = [big[i:i + 16, :3] for i in range(0, 64, 16)]  # views
+    result = repair(a, b, 0.0, data, fuse=True)  # alpha 0: the goals are A's own statistics
+    assert not result.fused  # block corrections stay as modules: the wrapper is what runs
+    fresh = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(fresh), a(fresh), rtol=1e-6, atol=1e-6)

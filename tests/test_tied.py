@@ -155,3 +155,16 @@ def test_head_products_are_qk_and_ov_per_head_and_ignore_permutations_inside_hea
     moved = permute_model(model, spec, inside).state_dict()
     assert np.abs(head_products(spec, qk, moved, identity_perms(spec)).numpy() - got_qk).max() < 1e-12
     assert np.abs(head_products(spec, vo, moved, identity_perms(spec)).numpy() - got_vo).max() < 1e-12
+
+
+@pytest.mark.parametrize("sites", [("layer",), ("layer", "block")])
+def test_merge_with_untie_repairs_the_untied_network(sites):
+    """merge(..., untie=True) REPAIRs the untied network it returns, traced anew: at alpha 0 the goals are A's own
+    statistics, so the corrected network computes A (with the tied graph, REPAIR read one tensor for both the
+    embedding and the head, and the merged model held the head's weight as its embedding)."""
+    from onebasin.pipeline import merge
+
+    a, b, batches = tiny_gpt(0), tiny_gpt(1), data()
+    merged, result = merge(a, b, method="orthogonal", untie=True, repair="exact", alpha=0.0, data=batches, sites=sites)
+    assert result.align_record["untied"] == ["lm_head.weight"]
+    assert same_function(merged, a, batches) < 1e-6
