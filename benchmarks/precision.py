@@ -1,7 +1,7 @@
 """float32 vs float64 statistics on trained pairs (issue 26): the same permutations, the same merged accuracy?
 
     python benchmarks/precision.py                      # the demo's cached MLP pair (10 x 128, MNIST)
-    python benchmarks/precision.py --endpoints A B      # any two onebasin checkpoints
+    python benchmarks/precision.py --endpoints A B --dataset fashionmnist   # any two onebasin checkpoints
 
 Activation matching at both precisions on the calibration set the demo uses (5,000 training images): per
 group, whether the permutations are equal, and where they differ whether it is a tie (both reach the same
@@ -24,6 +24,7 @@ from onebasin.align.activation import correlation_matrix, site_moments
 from onebasin.checkpoint import load_model
 from onebasin.experiment import evaluation_batches
 from onebasin.interpolate import evaluate
+from onebasin.models import model_info
 from onebasin.pipeline import merge
 from onebasin.spec import trace
 
@@ -39,8 +40,10 @@ def main() -> None:
     parser.add_argument("--calib-examples", type=int, default=5000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    a, b = (load_model(p)[0].eval() for p in args.endpoints)
-    loaders, calib = evaluation_batches(args.dataset, None, data_dir=args.data_dir, calib_examples=args.calib_examples)
+    (a, meta), (b, _) = (load_model(p) for p in args.endpoints)
+    a, b = a.eval(), b.eval()
+    size = meta.get("image_size") or model_info(meta["model"]).image_size
+    loaders, calib = evaluation_batches(args.dataset, size, data_dir=args.data_dir, calib_examples=args.calib_examples)
     spec = trace(a, calib[0][0][:64])
     moments = {p: site_moments(spec, a, b, calib, max_examples=args.calib_examples, precision=p)[0] for p in ("float64", "float32")}
     perms = {p: get_method("activation")(spec, a, b, calib, max_examples=args.calib_examples, precision=p).perms
