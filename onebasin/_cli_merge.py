@@ -38,6 +38,8 @@ def _add_pair(p, repairs):
     p.add_argument("--repair", default="exact", choices=repairs, help=f"correction after interpolating (default exact{auto})")
     p.add_argument("--allow-different-data", action="store_true",
                    help="proceed (with a warning) when A and B were trained on different datasets")
+    p.add_argument("--untie", action="store_true", help="--method orthogonal or learned on a model whose LM head is "
+                   "tied to its embedding: give the head its own copy (recorded), so the final LayerNorm's gain can fold")
 
 
 def _add_merge(sub):
@@ -132,6 +134,15 @@ def _pair_data(args, meta, fail):
     return name, calib, loaders
 
 
+def _untie(args, fail) -> dict:
+    """The alignment option of --untie: {"untie": True} for orthogonal or learned, refused for other methods."""
+    if not args.untie:
+        return {}
+    if args.method not in ("orthogonal", "learned"):
+        fail(f"--untie applies to --method orthogonal or learned, not {args.method}")
+    return {"untie": True}
+
+
 def _sites(args, default: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in (args.sites or default).split(",") if x.strip())
 
@@ -143,6 +154,8 @@ def cmd_merge_pretrained(args, fail) -> int:
 
     paths = [args.a, args.b, *args.more]
     _check_calib_examples(args, fail)
+    if args.untie:
+        fail("--untie applies to two onebasin checkpoints or state_dicts, not to Hugging Face folders")
     weights = _weights(args, len(paths), fail)
     try:
         out, result = merge_pretrained(
@@ -188,7 +201,8 @@ def cmd_merge(args, fail) -> int:
         models, meta, dataset, calib, loaders = _load_models(args, paths, fail)
         held = held_out_batches(loaders["train"], args.calib_examples)  # training images after the calibration set
         merged, result = merge(*models, method=args.method, repair=args.repair, alpha=alpha, data=calib,
-                               max_examples=args.calib_examples, sites=_sites(args, "layer,block"), held_out=held or None)
+                               max_examples=args.calib_examples, sites=_sites(args, "layer,block"), held_out=held or None,
+                               **_untie(args, fail))
         measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
                     for name, m in zip(("model_a", "model_b", "merged"), (*models, merged))}
         out = save_merged(args.out, merged, result, sources=paths, meta={**meta, "dataset": dataset}, measured=measured)
@@ -213,6 +227,8 @@ def cmd_merge_many(args, paths, weights, alpha_given, fail) -> int:
 
     if args.method not in ("activation", "weight"):
         fail(f"--method {args.method}: three or more models are aligned by activation or weight")
+    if args.untie:
+        fail("--untie applies to two models aligned by --method orthogonal or learned")
     if args.repair == "closed":
         fail("three or more models take --repair exact, reset_bn or none")
     if alpha_given:
@@ -286,8 +302,8 @@ def cmd_barrier(args, fail) -> int:
     try:
         (a, b), meta, _, calib, loaders = _load_models(args, [args.a, args.b], fail)
         alphas = [i / (args.alphas - 1) for i in range(args.alphas)]
-        comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair,
-                             alphas=alphas, max_examples=args.calib_examples, progress=not args.no_progress)
+        comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair, alphas=alphas,
+                             max_examples=args.calib_examples, progress=not args.no_progress, align_options=_untie(args, fail))
         if not is_main():
             return 0
         paths = write_comparison_report(comparison, args.out, f"{args.a} vs {args.b}",

@@ -58,3 +58,13 @@ def _contents(cell) -> list:
         return [cell.cell_contents]
     except ValueError:  # an empty cell (a variable not yet assigned)
         return []
+
+
+def untie_parameters(model: nn.Module, keys: list[str]) -> nn.Module:
+    """`model` with each parameter of `keys` given its own copy, in place (the other keys that held it keep the
+    original): e.g. an LM head tied to the embedding, untied."""
+    for key in keys:
+        path, _, name = key.rpartition(".")
+        module = model.get_submodule(path)
+        setattr(module, name, nn.Parameter(getattr(module, name).detach().clone()))
+    return model

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from onebasin._copy import untie_parameters
 from onebasin._io import atomic_write, atomic_write_text
 from onebasin._version import __version__
 from onebasin.distributed import is_main
@@ -89,7 +90,8 @@ def save_merged(path, model, result, *, sources, meta: dict | None = None, measu
     Metadata: the MODEL_FIELDS of `meta` (how `load_model` rebuilds the model; dataset), "merged_from" (the
     `sources` as strings), `result.to_dict()` under `key` ("merge" for a MergeResult, "merge_many" for a
     ManyResult), "measured" when given, and, when some REPAIR corrections stay as modules (`result.affines`),
-    "repair_affines" and "example_input" (what `load_model` needs to rebuild them).
+    "repair_affines" and "example_input" (what `load_model` needs to rebuild them), and "untied" (weights the
+    alignment gave their own copy: `load_model` unties them in the rebuilt model).
     """
     out = {k: meta[k] for k in MODEL_FIELDS if meta and k in meta}
     out |= {"merged_from": [str(s) for s in sources], key: result.to_dict()}
@@ -97,6 +99,8 @@ def save_merged(path, model, result, *, sources, meta: dict | None = None, measu
         out["measured"] = measured
     if result.affines:
         out |= {"repair_affines": result.affines, "example_input": result.example_input}
+    if untied := getattr(result, "align_record", {}).get("untied"):
+        out["untied"] = untied  # parameters the merge gave their own copy (orthogonal untie=True)
     if is_main():
         return save_checkpoint(path, model.state_dict(), out)
     return checkpoint_paths(path)[0]
@@ -219,7 +223,8 @@ def load_model(path, expect: dict | None = None, device="cpu"):
     (the CLI: --model package.module:factory), or when it is one of onebasin's own (`OWN_FACTORIES`: merged
     Hugging Face models): a checkpoint cannot make onebasin run code it names.
     A merged model whose REPAIR corrections could not all be fused (metadata "repair_affines") comes
-    back as the same `Repaired<Class>` wrapper that `onebasin merge` saved. Returns (model in eval mode, meta).
+    back as the same `Repaired<Class>` wrapper that `onebasin merge` saved; weights listed under "untied"
+    (an LM head untied from its embedding by the merge) get their own copy before the weights are loaded. Returns (model in eval mode, meta).
     Raises CheckpointError when the file is bad or its metadata does not fit the model.
     """
     from onebasin.graph import example_from
@@ -232,7 +237,7 @@ def load_model(path, expect: dict | None = None, device="cpu"):
     if ":" in str(name) and name not in OWN_FACTORIES and (expect or {}).get("model") != name:
         raise CheckpointError(f"{path} holds a model built by the factory {name!r}: name it to allow importing and "
                               f"calling it (--model {name}, or load_model(path, expect={{'model': {name!r}}}))")
-    model = _build(name, kwargs, f"{path}: its metadata does not fit the model")
+    model = untie_parameters(_build(name, kwargs, f"{path}: its metadata does not fit the model"), meta.get("untied", []))
     try:
         if meta.get("repair_affines"):
             if "example_input" not in meta:

@@ -87,6 +87,7 @@ def compare(
     progress: bool = True,
     device: str | torch.device | None = None,
     precision: str | None = None,
+    align_options: dict | None = None,
 ) -> Comparison:
     """Interpolate A and B plain, aligned, and aligned + correction; measure barriers and variance collapse.
 
@@ -97,10 +98,11 @@ def compare(
         device: where to run (copies of A and B are moved there); default: where A is.
         precision: of every statistic: "float64" (exact float64 sums) or "float32" (shifted float32 products
             added into float64 sums, ~1e-6 relative error; stats.Moments); None: float64.
-            With activation matching, the endpoint statistics of the plain and of the aligned pair (REPAIR's
-            goals, the variance ratios' endpoint stds) come from the alignment's own pass: one pass in all.
+        align_options: passed to the alignment method (e.g. {"untie": True} for orthogonal or learned).
     Returns:
         Comparison with curves {"plain", "aligned", "aligned+<REPAIR>"} and variance ratios at alpha = 0.5.
+        With activation matching, the endpoint statistics of the plain and of the aligned pair (REPAIR's
+        goals, the variance ratios' endpoint stds) come from the alignment's own pass: one pass in all.
     Raises: as `merge`; EmptyDataError also names an empty split of `loaders`.
     """
     alphas = list(alphas) if alphas is not None else [i / 10 for i in range(11)]
@@ -111,7 +113,8 @@ def compare(
         raise EmptyDataError("compare needs at least one evaluation split, e.g. loaders={'test': test_batches}")
     for split, loader in loaders.items():
         first_input(loader, name=f"loaders[{split!r}]")
-    spec = trace(model_a, _example(model_a, calib_data, "calib_data", check=False))
+    example = _example(model_a, calib_data, "calib_data", check=False)
+    spec = trace(model_a, example)
     fixed = f"aligned+{'REPAIR' if repair == 'exact' else repair}"
     steps = progress_bar(total=5, desc="compare", disable=not progress)
 
@@ -121,15 +124,17 @@ def compare(
 
     step(f"aligning ({method})")
     quiet = {"progress": False} if not progress and "progress" in inspect.signature(get_method(method).fn).parameters else {}
-    aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples, **quiet)
+    aligned_b, aligned = align(model_a, model_b, method, calib_data, spec=spec, max_examples=max_examples,
+                               **quiet, **(align_options or {}))
     aligned_a = aligned.models[0] if aligned.models is not None else model_a  # orthogonal rewrites A too
+    aligned_spec = trace(aligned_a, example) if aligned.record.get("untied") else spec  # an untied head: a new graph
     steps.update()
 
-    def endpoints(site_stats, a: nn.Module, b: nn.Module):  # from the alignment's own pass, or measured
+    def endpoints(site_stats, a: nn.Module, b: nn.Module, spec):  # from the alignment's own pass, or measured
         return endpoints_from_alignment(spec, site_stats) or endpoint_stats(a, b, calib_data, spec, max_examples=max_examples)
 
-    ends = {"plain": endpoints(aligned.plain_site_stats, model_a, model_b),
-            "aligned": endpoints(aligned.site_stats, aligned_a, aligned_b)}
+    ends = {"plain": endpoints(aligned.plain_site_stats, model_a, model_b, spec),
+            "aligned": endpoints(aligned.site_stats, aligned_a, aligned_b, aligned_spec)}
     curves, variance, midpoint = {}, {}, {}
 
     def keep_midpoint(a: float, model: nn.Module) -> None:  # the corrected midpoint, for its variance ratios
@@ -143,13 +148,14 @@ def compare(
         steps.update()
     step(f"barrier curve: {fixed}")
     curves[fixed] = barrier_curve(aligned_a, aligned_b, loaders, alphas, CORRECTION_OF[repair], calib_data=calib_data,
-                                  max_examples=max_examples, spec=spec, endpoints=ends["aligned"], on_model=keep_midpoint)
+                                  max_examples=max_examples, spec=aligned_spec, endpoints=ends["aligned"], on_model=keep_midpoint)
     steps.update()
     step("variance ratios")
     for label, (a, b) in pairs.items():
         variance[label] = variance_ratios(a, b, interpolate_model(a, b, 0.5), calib_data, endpoints=ends[label])
     if "model" not in midpoint:  # 0.5 not among the alphas
-        midpoint["model"] = merge(aligned_a, aligned_b, method="none", repair=repair, data=calib_data, spec=spec, max_examples=max_examples)[0]
+        midpoint["model"] = merge(aligned_a, aligned_b, method="none", repair=repair, data=calib_data, spec=aligned_spec,
+                                  max_examples=max_examples)[0]
     variance[fixed] = variance_ratios(aligned_a, aligned_b, midpoint["model"], calib_data, endpoints=ends["aligned"])
     steps.update()
     steps.close()

@@ -168,3 +168,37 @@ def test_merge_with_untie_repairs_the_untied_network(sites):
     merged, result = merge(a, b, method="orthogonal", untie=True, repair="exact", alpha=0.0, data=batches, sites=sites)
     assert result.align_record["untied"] == ["lm_head.weight"]
     assert same_function(merged, a, batches) < 1e-6
+
+
+def test_cli_untie_merges_and_compares_a_tied_gpt(tmp_path, monkeypatch, capsys):
+    """`onebasin merge/barrier --method orthogonal --untie` on tied GPT checkpoints: without --untie one line naming
+    the tie and --untie (exit 2); with it a merged checkpoint whose head is untied, and a barrier report whose
+    aligned curve starts at A's loss; --untie with a permutation method is refused."""
+    import json
+
+    from cli_helpers import run_cli
+    from onebasin.checkpoint import load_model, save_checkpoint
+
+    kw = {"width": 16, "depth": 2, "heads": 2, "vocab_size": VOCAB, "block_size": T}
+    paths = []
+    for seed in (0, 1):
+        path = tmp_path / f"g{seed}.safetensors"
+        save_checkpoint(path, tiny_gpt(seed).float().state_dict(), {"model": "gpt", "model_kwargs": kw, "dataset": "pydoc"})
+        paths.append(path)
+    batches = [(x, y) for x, y in data()]
+    fake = lambda *a, **k: ({"test": batches, "train": batches}, batches)  # noqa: E731
+    monkeypatch.setattr("onebasin.experiment.evaluation_batches", fake)
+    merge = ["merge", *paths, "--method", "orthogonal", "--calib-examples", "64", "--no-progress"]
+    code, _, err = run_cli([*merge, "--out", tmp_path / "m.safetensors"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "tied" in err and "--untie" in err
+    code, out, err = run_cli([*merge, "--untie", "--out", tmp_path / "m.safetensors"], capsys)
+    assert code == 0, err
+    merged, meta = load_model(tmp_path / "m.safetensors")
+    assert not is_tied(merged) and meta["merge"]["align_record"]["untied"] == ["lm_head.weight"]
+    code, out, err = run_cli(["barrier", *paths, "--method", "orthogonal", "--untie", "--calib-examples", "64", "--no-progress",
+                              "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["alignment"]["untied"] == ["lm_head.weight"]
+    code, _, err = run_cli(["merge", *paths, "--method", "weight", "--untie", "--out", tmp_path / "w.safetensors"], capsys)
+    assert code == 2 and "--untie applies to --method orthogonal or learned" in err

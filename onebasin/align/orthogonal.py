@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .._copy import copy_module, module_with
+from .._copy import copy_module, module_with, untie_parameters
 from ..graph import as_call, model_inputs, module_path
 from ..ops import LAYERS, NORMS, VIEWS, args_of
 from ..permute import apply_perms, identity_perms
@@ -109,15 +109,6 @@ def _along(t: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
     return torch.movedim(torch.tensordot(q.to(t), t, dims=([1], [axis])), 0, axis)
 
 
-def _untie(model: nn.Module, keys: list[str]) -> nn.Module:
-    """`model` with each parameter `keys` given its own copy (the other keys that held it keep the original)."""
-    for key in keys:
-        path, _, name = key.rpartition(".")
-        module = model.get_submodule(path)
-        setattr(module, name, nn.Parameter(getattr(module, name).detach().clone()))
-    return model
-
-
 def _fold(sd: dict, w: str, b: str | None, readers: list, aliases: dict, untie: bool) -> bool:
     """Fold LayerNorm (w, b) into its readers in `sd` (in place); True when the norm's output stays centred.
 
@@ -139,7 +130,7 @@ def _fold(sd: dict, w: str, b: str | None, readers: list, aliases: dict, untie: 
         raise AlignmentError(
             f"orthogonal alignment: LayerNorm {w!r} feeds {rw!r}, which is tied to {', '.join(map(repr, others))}: its gain "
             "(not uniform) cannot fold into the shared matrix without changing the embedding, and it does not commute "
-            "with an orthogonal map of the stream; pass untie=True (A and B come back with their own copy of "
+            "with an orthogonal map of the stream; pass untie=True (--untie; A and B come back with their own copy of "
             f"{rw!r}, listed in record['untied']) or align by permutations only (method 'activation' or 'weight'), which keep the tie")  # fmt: skip
     fold_shift = beta is None or not bool(beta.any()) or all(rb is not None for _, rb, _ in readers)
     if not fold_shift and not keep_gain and bool(((gamma == 0) & (beta != 0)).any()):
@@ -191,7 +182,7 @@ def canonical(spec: PermutationSpec, model: nn.Module, streams: list[Group], unt
                 sd[m.key] = _along(sd[m.key].double(), m.axis, centre).to(sd[m.key])
     out = copy_module(model)
     if untie:
-        _untie(out, tied_readers(spec, streams))
+        untie_parameters(out, tied_readers(spec, streams))
     out.load_state_dict(sd)
     return out
 
