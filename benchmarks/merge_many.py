@@ -27,14 +27,15 @@ from pathlib import Path
 
 import torch
 
+from onebasin.checkpoint import checkpoint_paths, load_model
 from onebasin.diagnostics import merge_diagnostics
 from onebasin.pipeline import merge_many
-from onebasin.data import batches, dataset_info, load_dataset
-from onebasin.experiment import Experiment, endpoint, evaluation_data
-from onebasin.models import model_info
+from onebasin.data import batches, dataset_info, load_dataset, take
+from onebasin.experiment import Experiment, endpoint, endpoint_path, evaluation_data
+from onebasin.models import create_model, data_kwargs, model_info
 from onebasin.interpolate import evaluate
 from onebasin.report import read_csv, write_csv
-from onebasin.train import default_recipe, get_recipe
+from onebasin.train import default_recipe, get_recipe, seed_everything, train
 
 print = functools.partial(print, flush=True)  # noqa: A001
 
@@ -44,6 +45,10 @@ DATA_DIR = os.environ.get("ONEBASIN_DATA", "/work/shared/data")
 CACHE = os.environ.get("ONEBASIN_CACHE", "/work/cache")
 MLP_RECIPE = {"lr": 0.1, "warmup": 0.25}  # the demo's: 8 epochs at lr 0.1, warmup 25 % (docs/training.md)
 RN_RECIPE = {"batch_size": 100, "lr": 0.1, "warmup": 0.05}  # benchmarks/reproduce.py's RN_OVERRIDES
+# Git Re-Basin's MergeMany (src/mnist_mlp_wm_many.py): Adam at a constant lr 1e-3, batch 500, no augmentation
+GRB_RECIPE = {"optimizer": "adamw", "weight_decay": 0.0, "lr": 1e-3, "schedule": "constant", "warmup": 0.0,
+              "batch_size": 500, "augment": ()}
+HALF_SEED = 1000  # model i trains on the random half of the training set drawn with seed HALF_SEED + i
 METHODS = ("none", "anchor", "mergemany", "universe")
 
 
@@ -52,6 +57,7 @@ class Family:
     name: str
     exp: Experiment
     note: str
+    half: bool = False  # each model on its own seeded random half of the training set (Git Re-Basin's MergeMany)
 
 
 @dataclasses.dataclass
@@ -93,20 +99,62 @@ def _resnet() -> Family:
     return Family("resnet20-fashionmnist-x1", exp, note)
 
 
+def _grb(epochs: int) -> Family:
+    """Git Re-Basin's MergeMany setting (their Table 3): MLPs 784-512-512-512-10, Adam lr 1e-3, batch 500, each
+    model on its own random half of MNIST; their recipe trains 100 epochs."""
+    exp = Experiment(dataset="mnist", model="mlp", model_kwargs={"width": 512, "depth": 4}, epochs=epochs,
+                     recipe_overrides=GRB_RECIPE, calib_examples=5000, train_eval_examples=5000, data_dir=DATA_DIR,
+                     cache_dir=CACHE)
+    note = (f"Git Re-Basin MergeMany: {epochs} of 100 epochs, Adam lr 1e-3 constant, batch 500, no augmentation, each "
+            "model on its own random half of MNIST (30,000 images); 5,000 calibration images; full test set")
+    return Family(f"mlp-mnist-512-d4-grb-e{epochs}", exp, note, half=True)
+
+
 MNIST, FMNIST, MNIST256, RESNET = _mlp("mnist", 128), _mlp("fashionmnist", 128), _mlp("mnist", 256), _resnet()
 SHALLOW = _mlp("mnist", 512, depth=4)  # 3 hidden layers: where N-way merging of MLPs is easy (C2M3's MLP is of this kind)
 SHALLOW20 = _mlp("mnist", 512, depth=4, epochs=20)  # the same, trained 2.5x longer: does training close the gap?
 SHALLOW100 = _mlp("mnist", 512, depth=4, epochs=100)  # and with the paper's whole recipe
 WIDE20 = _mlp("mnist", 1024, depth=4, epochs=20)  # twice as wide: does width close the gap?
+GRB_EPOCHS = int(os.environ.get("GRB_EPOCHS", 100))  # shortened where the CPU allows less (docs/results.md says so)
+GRB = _grb(GRB_EPOCHS)  # Git Re-Basin's own MergeMany setting (Adam, random halves, weight matching)
 SETTINGS = [  # priority order
     Setting(MNIST, 5), Setting(MNIST, 3), Setting(MNIST, 2), Setting(FMNIST, 5), Setting(FMNIST, 3),
     Setting(FMNIST, 2), Setting(RESNET, 3), Setting(RESNET, 5), Setting(MNIST, 8), Setting(FMNIST, 8),
     Setting(MNIST256, 5), Setting(MNIST256, 3), Setting(MNIST256, 2), Setting(MNIST, 5, "weight"),
     Setting(RESNET, 5, "weight"), Setting(SHALLOW, 5), Setting(SHALLOW, 3), Setting(SHALLOW, 2),
     Setting(SHALLOW20, 5), Setting(SHALLOW20, 2), Setting(SHALLOW100, 5), Setting(SHALLOW100, 2),
-    Setting(WIDE20, 5), Setting(WIDE20, 2),
+    Setting(WIDE20, 5), Setting(WIDE20, 2), Setting(GRB, 5, "weight"), Setting(GRB, 5),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def half_endpoint(family: Family, seed: int) -> tuple[torch.nn.Module, dict, bool]:
+    """`endpoint` for a family whose model `seed` trains on its own random half of the training set (the
+    sample of len // 2 images drawn with seed HALF_SEED + seed), cached beside the full-data endpoints."""
+    exp = family.exp
+    path = endpoint_path(exp, seed)
+    path = path.with_name(path.name.replace(f"_s{seed}.safetensors", f"_half{HALF_SEED + seed}_s{seed}.safetensors"))
+    cached = checkpoint_paths(path)[0].exists()
+    if not cached:
+        info = dataset_info(exp.dataset)
+        full = load_dataset(exp.dataset, True, exp.data_dir)
+        half = full.subset(take(len(full), len(full) // 2, HALF_SEED + seed))
+        test = load_dataset(exp.dataset, False, exp.data_dir)
+        kwargs = {**exp.model_kwargs, **data_kwargs(exp.model, info)}
+        seed_everything(seed)
+        net = create_model(exp.model, **kwargs)
+        recipe = get_recipe(default_recipe(exp.model), epochs=exp.epochs, **exp.recipe_overrides)
+        meta = {"model": exp.model, "model_kwargs": kwargs, "dataset": info.name, "train_examples": len(half),
+                "train_subset_seed": HALF_SEED + seed}
+        train(net, half, test, recipe, seed, checkpoint_path=path, meta=meta, progress=False,
+              on_epoch_end=lambda e, r: print(f"  {family.name} seed {seed} epoch {e}: test acc {r['test_acc']:.4f} "
+                                               f"({r['epoch_time_s']:.1f} s)"))
+    model, meta = load_model(path, expect={"model": exp.model, "seed": seed})
+    return model, meta, cached
+
+
+def _endpoint(family: Family, seed: int) -> tuple[torch.nn.Module, dict, bool]:
+    return half_endpoint(family, seed) if family.half else endpoint(family.exp, seed, progress=False)
 
 
 def train_all(settings: list[Setting]) -> None:
@@ -117,7 +165,7 @@ def train_all(settings: list[Setting]) -> None:
             if (s.family.name, seed) in done:
                 continue
             t0 = time.perf_counter()
-            _, meta, cached = endpoint(s.family.exp, seed, progress=False)
+            _, meta, cached = _endpoint(s.family, seed)
             done.add((s.family.name, seed))
             print(f"{s.family.name} seed {seed}: test acc {meta.get('test_acc')} "
                   f"({'cached' if cached else f'{time.perf_counter() - t0:.0f} s'})")
@@ -134,7 +182,7 @@ def calibration(exp: Experiment, draw: int) -> list:
 def run_setting(s: Setting, draw: int, threads: int) -> list[dict]:
     """One row per method: merged accuracy with and without correction beside the endpoints and the ensemble."""
     exp = s.family.exp
-    models = [endpoint(exp, seed, progress=False)[0] for seed in range(s.n_models)]
+    models = [_endpoint(s.family, seed)[0] for seed in range(s.n_models)]
     test, calib = evaluation_data(exp)[0]["test"], calibration(exp, draw)
     t0 = time.perf_counter()
     base = merge_diagnostics(models, models[0], test)

@@ -51,7 +51,7 @@ class Recipe:
     batch_size: int  # examples per step (images, or sequences of seq_len characters)
     epochs: int  # passes over the training set
     lr: float  # peak learning rate per step at this batch size (not scaled further)
-    schedule: str  # "linear": up from 0 to lr over `warmup`, then linearly to 0; "cosine": lr -> 0
+    schedule: str  # "linear": up from 0 to lr over `warmup`, then linearly to 0; "cosine": lr -> 0; "constant": lr
     warmup: float  # fraction of all steps spent warming up linearly from 0 to lr
     weight_decay: float  # SGD: L2 coefficient on every parameter; AdamW: decoupled decay of weight matrices only
     augment: tuple[str, ...]  # from ("translate", "flip", "cutout"); flip/cutout skipped on MNIST, SVHN
@@ -125,11 +125,13 @@ def lr_at(step: int, total_steps: int, recipe: Recipe) -> float:
     if t < w:
         return recipe.lr * t / w
     u = (t - w) / (1 - w)
+    if recipe.schedule == "constant":  # Git Re-Basin's Adam at a fixed lr
+        return recipe.lr
     if recipe.schedule == "linear":
         return recipe.lr * (1 - u)
     if recipe.schedule == "cosine":
         return recipe.lr * 0.5 * (1 + math.cos(math.pi * u))
-    raise ValueError(f"unknown schedule {recipe.schedule!r}; valid: linear, cosine")
+    raise ValueError(f"unknown schedule {recipe.schedule!r}; valid: linear, cosine, constant")
 
 
 def seed_everything(seed: int) -> None:

@@ -60,6 +60,13 @@ def test_cosine_schedule_decays_from_peak_to_zero():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_constant_schedule_holds_the_peak_after_warmup():
+    r = get_recipe("mlp", schedule="constant", lr=1e-3, warmup=0.1)
+    lrs = [lr_at(s, 100, r) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3 * 0.5 / 10) and lrs[9] == pytest.approx(1e-3 * 9.5 / 10)
+    assert lrs[10:] == [1e-3] * 90
+
+
 def test_training_learns_and_records_history(tmp_path):
     data = striped_data(200)
     seed_everything(0)
