@@ -9,7 +9,8 @@ Each setting trains two endpoints from seeds 0 and 1 (cached under $ONEBASIN_CAC
 resumable per epoch), runs `onebasin.experiment.run_experiment` (plain / aligned / aligned + exact REPAIR
 curves, activation matching) and adds the closed-form REPAIR curve (eq. 5) of the same aligned pair.
 One row per setting goes to benchmarks/results/reproduce.csv; a setting already there is skipped.
-`split-mnist` (Sec. 5.4 on MNIST) writes benchmarks/results/split_data.csv. The resolved settings of
+`split-mnist` (Sec. 5.4 on MNIST) writes benchmarks/results/split_data.csv, `split-fashionmnist-95` and
+`split-fashionmnist-disjoint` (FashionMNIST, 95/5 and 100/0 class halves) their own CSVs. The resolved settings of
 every row are stored in the row itself (recipe, epochs, training subset, seeds, evaluation sizes).
 """
 
@@ -31,7 +32,8 @@ from onebasin.align import align
 from onebasin.checkpoint import checkpoint_paths, load_model
 from onebasin.data import batches, biased_split, load_dataset
 from onebasin.experiment import Experiment, endpoint_path, evaluation_data, run_experiment
-from onebasin.interpolate import barrier_curve, evaluate
+from onebasin.barrier import barrier_curve
+from onebasin.interpolate import evaluate
 from onebasin.pipeline import merge
 from onebasin.report import read_csv, write_csv
 from onebasin.spec import trace
@@ -172,21 +174,46 @@ def _copy_plot(src: Path, dst: Path) -> None:
     dst.write_bytes(src.read_bytes())
 
 
-# --- split-data experiment (Sec. 5.4, on MNIST) --------------------------------------------------
+# --- split-data experiments (Sec. 5.4) ------------------------------------------------------------
 
 SPLIT_MODEL = {"width": 512, "depth": 4}
 SPLIT_EPOCHS = 20
+ALIGNED = (("activation", "none"), ("activation", "exact"), ("activation", "closed"))
 
 
-def _train_split(part: str, data, test, seed: int):
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A trained on `fraction` of each of classes 0-4 and 1 - fraction of 5-9 (`biased_split`, seed 0), B on the rest."""
+
+    name: str
+    dataset: str
+    fraction: float
+    csv: str  # under benchmarks/results/
+    merges: tuple = ALIGNED  # (alignment, repair) pairs, besides plain averaging
+
+
+SPLITS = [
+    Split("split-mnist", "mnist", 0.8, "split_data.csv"),
+    # issue 25: endpoints weak on their minority classes, where the paper's merge wins
+    Split("split-fashionmnist-95", "fashionmnist", 0.95, "split_fashionmnist_95.csv",
+          ALIGNED + (("weight", "none"), ("weight", "exact"))),
+    Split("split-fashionmnist-disjoint", "fashionmnist", 1.0, "split_fashionmnist_disjoint.csv",
+          ALIGNED + (("weight", "none"), ("weight", "exact"))),
+]
+SPLIT_BY_NAME = {s.name: s for s in SPLITS}
+SPLIT = "split-mnist"
+
+
+def _train_split(split: Split, part: str, data, test, seed: int):
     from onebasin.models import create_model
 
-    path = Path(CACHE) / "endpoints" / f"split_mnist_{part}_mlp_w{SPLIT_MODEL['width']}_d{SPLIT_MODEL['depth']}_e{SPLIT_EPOCHS}_s{seed}.safetensors"
+    prefix = "split_mnist" if split.name == SPLIT else split.name.replace("-", "_")
+    path = Path(CACHE) / "endpoints" / f"{prefix}_{part}_mlp_w{SPLIT_MODEL['width']}_d{SPLIT_MODEL['depth']}_e{SPLIT_EPOCHS}_s{seed}.safetensors"
     if not checkpoint_paths(path)[0].exists():
         torch.manual_seed(seed)
         net = create_model("mlp", **SPLIT_MODEL)
         meta = {"model": "mlp", "model_kwargs": {**SPLIT_MODEL, "in_features": 784, "num_classes": 10},
-                "dataset": "mnist", "split": part, "train_examples": len(data)}
+                "dataset": split.dataset, "split": part, "train_examples": len(data)}
         train(net, data, test, get_recipe("mlp", epochs=SPLIT_EPOCHS), seed, checkpoint_path=path, meta=meta, progress=False)
     return load_model(path)[0]
 
@@ -205,29 +232,47 @@ def _ensemble_eval(models, loader, space: str = "softmax") -> tuple[float, float
     return loss / n, correct / n
 
 
-def run_split() -> list[dict]:
-    """A trained on 80 % of classes 0-4 + 20 % of 5-9, B the rest (seeds 0, 1); merged, vs endpoints and ensemble."""
-    train_all = load_dataset("mnist", True, DATA_DIR)
-    test = load_dataset("mnist", False, DATA_DIR)
-    idx_a, idx_b = biased_split(train_all.labels, range(5), 0.8, seed=0)
-    a = _train_split("a", train_all.subset(idx_a), test, 0)
-    b = _train_split("b", train_all.subset(idx_b), test, 1)
-    calib = list(batches(load_dataset("mnist", True, DATA_DIR, limit=5000, seed=0), 500))  # both splits' classes
+def _share(fraction: float, classes: str) -> str:
+    return f"only {classes}" if fraction == 1 else f"{100 * fraction:g}% of {classes}"
+
+
+def run_split(split: Split = SPLITS[0]) -> list[dict]:
+    """A trained on `fraction` of classes 0-4 + the rest of 5-9, B on the rest (seeds 0, 1); merged at alpha 0.5
+    (plain, then each (alignment, repair) of `split.merges`), beside the endpoints and the output ensembles."""
+    train_all = load_dataset(split.dataset, True, DATA_DIR)
+    test = load_dataset(split.dataset, False, DATA_DIR)
+    idx_a, idx_b = biased_split(train_all.labels, range(5), split.fraction, seed=0)
+    a = _train_split(split, "a", train_all.subset(idx_a), test, 0)
+    b = _train_split(split, "b", train_all.subset(idx_b), test, 1)
+    calib = list(batches(load_dataset(split.dataset, True, DATA_DIR, limit=5000, seed=0), 500))  # both splits' classes
     low, high = test.subset(test.labels < 5), test.subset(test.labels >= 5)
     loaders = {"all": list(batches(test, 1000)), "classes 0-4": list(batches(low, 1000)), "classes 5-9": list(batches(high, 1000))}
-    models = {"model A (80% of 0-4)": a, "model B (80% of 5-9)": b}
-    for method, repair in (("none", "none"), ("activation", "none"), ("activation", "exact"), ("activation", "closed")):
-        name = "midpoint " + ("plain" if method == "none" else "aligned" + {"none": "", "exact": " + REPAIR", "closed": " + closed REPAIR"}[repair])
-        models[name] = merge(a, b, method=method, repair=repair, alpha=0.5, data=calib)[0]
+    models = {f"model A ({_share(split.fraction, '0-4')})": a, f"model B ({_share(split.fraction, '5-9')})": b,
+              "midpoint plain": merge(a, b, method="none", repair="none", alpha=0.5, data=calib)[0]}
+    for method, repair in split.merges:
+        tag = "aligned" if split.name == SPLIT else f"{method}-aligned"  # split-mnist's rows keep their names
+        suffix = {"none": "", "exact": " + REPAIR", "closed": " + closed REPAIR"}[repair]
+        models[f"midpoint {tag}{suffix}"] = merge(a, b, method=method, repair=repair, alpha=0.5, data=calib)[0]
     rows = []
     for name, m in models.items():
         rows.append({"model": name, **{f"acc {k}": evaluate(m, ld)[1] for k, ld in loaders.items()}})
     for space in ("softmax", "logits"):
         rows.append({"model": f"ensemble A+B (mean {space})", **{f"acc {k}": _ensemble_eval([a, b], ld, space)[1] for k, ld in loaders.items()}})
-    note = (f"MNIST, biased_split(classes 0-4, 0.8, seed 0): {len(idx_a)} / {len(idx_b)} training images; mlp "
-            f"{SPLIT_MODEL}, mlp recipe {SPLIT_EPOCHS} of 100 epochs, seeds 0 (A) and 1 (B); calibration: 5,000 "
-            "training images of all classes; test: full 10,000")
+    note = (f"{split.dataset}, biased_split(classes 0-4, {split.fraction}, seed 0): {len(idx_a)} / {len(idx_b)} training "
+            f"images; mlp {SPLIT_MODEL}, mlp recipe {SPLIT_EPOCHS} of 100 epochs, seeds 0 (A) and 1 (B); calibration: "
+            f"5,000 training images of all classes; test: full 10,000; code {_commit()}")
     return [{**r, "note": note} for r in rows]
+
+
+def _commit() -> str:
+    """The short hash of the checked-out commit (what produced a row), or "unknown"."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -274,16 +319,17 @@ def print_tables() -> None:
         print(f"| {r['setting']} | {r['epochs']} ({r['paper_epochs']}) | {r['train_examples']} | {pct(r['acc_a'])} | "
               f"{pct(r['acc_b'])} | {pct(r['plain_mid_acc'])} | {pct(r['aligned_mid_acc'])} | {pct(r['repair_mid_acc'])} | "
               f"{pct(r['closed_mid_acc'])} | {barriers} | {r['note']} |")
-    split = read_csv(RESULTS / "split_data.csv")
-    if split:
-        print("\n| model | test acc, all | classes 0-4 | classes 5-9 |\n|---|---|---|---|")
-        for r in split:
-            print(f"| {r['model']} | {pct(r['acc all'])} | {pct(r['acc classes 0-4'])} | {pct(r['acc classes 5-9'])} |")
+    for split in SPLITS:
+        rows = read_csv(RESULTS / split.csv)
+        if rows:
+            print(f"\n{split.name}\n\n| model | test acc, all | classes 0-4 | classes 5-9 |\n|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['model']} | {pct(r['acc all'])} | {pct(r['acc classes 0-4'])} | {pct(r['acc classes 5-9'])} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", help=f"comma-separated settings (see --list), or {SPLIT}")
+    parser.add_argument("--only", help=f"comma-separated settings (see --list), or {', '.join(SPLIT_BY_NAME)}")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--plot", action="store_true", help="only redraw plots from the CSV")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on shared cores)")
@@ -295,23 +341,26 @@ def main() -> None:
     if args.list:
         for s in SETTINGS:
             print(f"{s.name:<32} {s.exp.model} {s.exp.model_kwargs} {s.exp.dataset}: {s.note}")
-        print(f"{SPLIT:<32} Sec. 5.4 on MNIST (5/5 classes, 80/20), mlp {SPLIT_MODEL}, {SPLIT_EPOCHS} of 100 epochs")
+        for split in SPLITS:
+            print(f"{split.name:<32} Sec. 5.4 on {split.dataset} (5/5 classes, {_share(split.fraction, 'each half')}), "
+                  f"mlp {SPLIT_MODEL}, {SPLIT_EPOCHS} of 100 epochs -> {split.csv}")
         return
     torch.set_num_threads(args.threads)
     path = RESULTS / "reproduce.csv"
     rows = read_csv(path)
-    names = args.only.split(",") if args.only else [s.name for s in SETTINGS] + [SPLIT]
-    unknown = [n for n in names if n not in BY_NAME and n != SPLIT]
+    names = args.only.split(",") if args.only else [s.name for s in SETTINGS] + list(SPLIT_BY_NAME)
+    unknown = [n for n in names if n not in BY_NAME and n not in SPLIT_BY_NAME]
     if unknown:
-        raise SystemExit(f"unknown settings {unknown}; valid: {', '.join(BY_NAME)}, {SPLIT}")
+        raise SystemExit(f"unknown settings {unknown}; valid: {', '.join(BY_NAME)}, {', '.join(SPLIT_BY_NAME)}")
     for name in [] if args.plot else names:
-        if name == SPLIT:
-            if not (RESULTS / "split_data.csv").exists():
+        if name in SPLIT_BY_NAME:
+            split = SPLIT_BY_NAME[name]
+            if not (RESULTS / split.csv).exists():
                 t0 = time.perf_counter()
-                write_csv(RESULTS / "split_data.csv", run_split())
-                print(f"{SPLIT}: done in {time.perf_counter() - t0:.0f} s")
+                write_csv(RESULTS / split.csv, run_split(split))
+                print(f"{name}: done in {time.perf_counter() - t0:.0f} s")
             continue
-        if args.train_seed is not None and name != SPLIT:
+        if args.train_seed is not None:
             train_endpoint(BY_NAME[name], args.train_seed)
             continue
         if any(r["setting"] == name for r in rows):
