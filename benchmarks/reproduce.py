@@ -190,6 +190,7 @@ class Split:
     fraction: float
     csv: str  # under benchmarks/results/
     merges: tuple = ALIGNED  # (alignment, repair) pairs, besides plain averaging
+    model: tuple = tuple(SPLIT_MODEL.items())  # mlp options (width, depth)
 
 
 SPLITS = [
@@ -199,6 +200,11 @@ SPLITS = [
           ALIGNED + (("weight", "none"), ("weight", "exact"))),
     Split("split-fashionmnist-disjoint", "fashionmnist", 1.0, "split_fashionmnist_disjoint.csv",
           ALIGNED + (("weight", "none"), ("weight", "exact"))),
+    # one hidden layer: the shallow MLP whose aligned barrier is smallest (section 6)
+    Split("split-fashionmnist-95-d2", "fashionmnist", 0.95, "split_fashionmnist_95_d2.csv",
+          ALIGNED + (("weight", "none"), ("weight", "exact")), (("width", 512), ("depth", 2))),
+    Split("split-fashionmnist-80", "fashionmnist", 0.8, "split_fashionmnist_80.csv",
+          ALIGNED + (("weight", "none"), ("weight", "exact"))),
 ]
 SPLIT_BY_NAME = {s.name: s for s in SPLITS}
 SPLIT = "split-mnist"
@@ -207,12 +213,12 @@ SPLIT = "split-mnist"
 def _train_split(split: Split, part: str, data, test, seed: int):
     from onebasin.models import create_model
 
-    prefix = "split_mnist" if split.name == SPLIT else split.name.replace("-", "_")
-    path = Path(CACHE) / "endpoints" / f"{prefix}_{part}_mlp_w{SPLIT_MODEL['width']}_d{SPLIT_MODEL['depth']}_e{SPLIT_EPOCHS}_s{seed}.safetensors"
+    prefix, model = "split_mnist" if split.name == SPLIT else split.name.replace("-", "_"), dict(split.model)
+    path = Path(CACHE) / "endpoints" / f"{prefix}_{part}_mlp_w{model['width']}_d{model['depth']}_e{SPLIT_EPOCHS}_s{seed}.safetensors"
     if not checkpoint_paths(path)[0].exists():
         torch.manual_seed(seed)
-        net = create_model("mlp", **SPLIT_MODEL)
-        meta = {"model": "mlp", "model_kwargs": {**SPLIT_MODEL, "in_features": 784, "num_classes": 10},
+        net = create_model("mlp", **model)
+        meta = {"model": "mlp", "model_kwargs": {**model, "in_features": 784, "num_classes": 10},
                 "dataset": split.dataset, "split": part, "train_examples": len(data)}
         train(net, data, test, get_recipe("mlp", epochs=SPLIT_EPOCHS), seed, checkpoint_path=path, meta=meta, progress=False)
     return load_model(path)[0]
@@ -259,7 +265,7 @@ def run_split(split: Split = SPLITS[0]) -> list[dict]:
     for space in ("softmax", "logits"):
         rows.append({"model": f"ensemble A+B (mean {space})", **{f"acc {k}": _ensemble_eval([a, b], ld, space)[1] for k, ld in loaders.items()}})
     note = (f"{split.dataset}, biased_split(classes 0-4, {split.fraction}, seed 0): {len(idx_a)} / {len(idx_b)} training "
-            f"images; mlp {SPLIT_MODEL}, mlp recipe {SPLIT_EPOCHS} of 100 epochs, seeds 0 (A) and 1 (B); calibration: "
+            f"images; mlp {dict(split.model)}, mlp recipe {SPLIT_EPOCHS} of 100 epochs, seeds 0 (A) and 1 (B); calibration: "
             f"5,000 training images of all classes; test: full 10,000; code {_commit()}")
     return [{**r, "note": note} for r in rows]
 
@@ -343,7 +349,7 @@ def main() -> None:
             print(f"{s.name:<32} {s.exp.model} {s.exp.model_kwargs} {s.exp.dataset}: {s.note}")
         for split in SPLITS:
             print(f"{split.name:<32} Sec. 5.4 on {split.dataset} (5/5 classes, {_share(split.fraction, 'each half')}), "
-                  f"mlp {SPLIT_MODEL}, {SPLIT_EPOCHS} of 100 epochs -> {split.csv}")
+                  f"mlp {dict(split.model)}, {SPLIT_EPOCHS} of 100 epochs -> {split.csv}")
         return
     torch.set_num_threads(args.threads)
     path = RESULTS / "reproduce.csv"
