@@ -205,6 +205,8 @@ SPLITS = [
           ALIGNED + (("weight", "none"), ("weight", "exact")), (("width", 512), ("depth", 2))),
     Split("split-fashionmnist-80", "fashionmnist", 0.8, "split_fashionmnist_80.csv",
           ALIGNED + (("weight", "none"), ("weight", "exact"))),
+    Split("split-fashionmnist-95-d2-w2048", "fashionmnist", 0.95, "split_fashionmnist_95_d2_w2048.csv",
+          ALIGNED + (("weight", "none"), ("weight", "exact")), (("width", 2048), ("depth", 2))),
 ]
 SPLIT_BY_NAME = {s.name: s for s in SPLITS}
 SPLIT = "split-mnist"
