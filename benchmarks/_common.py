@@ -56,3 +56,14 @@ def measure(fn, device: torch.device):
     base = reset_peak(device)
     out, seconds = timed(fn, device)
     return out, seconds, peak_since(device, base)
+
+
+def commit_hash(folder) -> str:
+    """The short hash of the commit checked out in `folder`'s repository (what produced a row), or "unknown"."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from onebasin.checkpoint import checkpoint_paths, load_model
+from _common import commit_hash
 from onebasin.diagnostics import merge_diagnostics
 from onebasin.pipeline import merge_many
 from onebasin.data import batches, dataset_info, load_dataset, take
@@ -212,21 +213,10 @@ def run_setting(s: Setting, draw: int, threads: int) -> list[dict]:
             print(f"  {s.name} draw {draw} {method:<9} {repair:<8} acc {acc:.4f} ({result.seconds['total']:.1f} s)")
         rows.append(row)
     recipe = dataclasses.asdict(get_recipe(default_recipe(exp.model), epochs=exp.epochs, **exp.recipe_overrides))
-    extra = {"code": _commit(), "calib_examples": exp.calib_examples, "test_examples": exp.test_examples or "all", "threads": threads,
+    extra = {"code": commit_hash(RESULTS), "calib_examples": exp.calib_examples, "test_examples": exp.test_examples or "all", "threads": threads,
              "seconds_evaluate_endpoints_and_ensemble": round(t_eval, 1), "model_kwargs": json.dumps(exp.model_kwargs),
              "recipe": json.dumps(recipe), "note": s.family.note}
     return [r | extra for r in rows]
-
-
-def _commit() -> str:
-    """The short hash of the checked-out commit (what produced a row), or "unknown"."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --- output ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _common import commit_hash
 from onebasin.align import align
 from onebasin.checkpoint import checkpoint_paths, load_model
 from onebasin.data import batches, biased_split, load_dataset
@@ -272,19 +273,8 @@ def run_split(split: Split = SPLITS[0]) -> list[dict]:
         rows.append({"model": f"ensemble A+B (mean {space})", **{f"acc {k}": _ensemble_eval([a, b], ld, space)[1] for k, ld in loaders.items()}})
     note = (f"{split.dataset}, biased_split(classes 0-4, {split.fraction}, seed 0): {len(idx_a)} / {len(idx_b)} training "
             f"images; mlp {dict(split.model)}, mlp recipe {SPLIT_EPOCHS} of 100 epochs{''.join(f', {k} {v}' for k, v in split.recipe)}, seeds 0 (A) and 1 (B); calibration: "
-            f"5,000 training images of all classes; test: full 10,000; code {_commit()}")
+            f"5,000 training images of all classes; test: full 10,000; code {commit_hash(RESULTS)}")
     return [{**r, "note": note} for r in rows]
-
-
-def _commit() -> str:
-    """The short hash of the checked-out commit (what produced a row), or "unknown"."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --- output ----------------------------------------------------------------------------------------
