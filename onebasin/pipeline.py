@@ -196,10 +196,11 @@ def merge(
 
 def held_out_batches(data: Iterable, skip: int, limit: int = HELD_OUT) -> list:
     """The labelled (x, y) batches of `data` after its first `skip` examples, `limit` examples at most (the batch
-    that straddles either bound is cut); [] when `data` has no more examples or its batches carry no labels."""
+    that straddles either bound is cut); [] when `data` has no more examples or its batches are not what
+    `evaluate` scores: a tensor x with integer class labels y (a dict input or other targets are not judged)."""
     out, seen = [], 0
     for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not _scorable(*batch[:2]):
             return []
         x, y = batch[0], batch[1]
         n = batch_size(x)
@@ -210,6 +211,11 @@ def held_out_batches(data: Iterable, skip: int, limit: int = HELD_OUT) -> list:
         if seen >= skip + limit:
             break
     return out
+
+
+def _scorable(x, y) -> bool:
+    """Whether `evaluate` (cross-entropy, accuracy) can score a batch: a tensor input and integer labels."""
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dim() >= 1
 
 
 def judge_repair(repaired: nn.Module, plain: nn.Module, held: list, keep_better: bool = False) -> dict:

@@ -101,6 +101,18 @@ def test_held_out_batches_are_the_examples_after_the_calibration_set():
     assert torch.equal(torch.cat([h[1] for h in held]), torch.arange(100, 190))
     assert held_out_batches(batches_of(x, y, 60), skip=250) == []
     assert held_out_batches([x[:10]], skip=0) == []  # unlabelled batches: nothing to judge with
+    assert held_out_batches([(x, x[:, 0])], skip=0) == []  # float targets: not class labels
+    assert held_out_batches([({"x": x}, y)], skip=0) == []  # keyword inputs: evaluate takes a tensor
+
+
+def test_exact_repair_is_not_judged_on_data_evaluate_cannot_score():
+    """A regression-style loader (float targets) past max_examples: exact REPAIR merges as before, unjudged
+    (the judge would have run cross-entropy on float targets and failed the merge)."""
+    a, b = make(0), make(1)
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(2))
+    data = [(x[i:i + 100], x[i:i + 100, :5]) for i in range(0, 300, 100)]
+    _, result = merge(a, b, method="none", repair="exact", data=data, max_examples=100)
+    assert result.repair_check == {}
 
 
 def test_cli_merge_reports_when_repair_raised_the_held_out_loss(tmp_path, monkeypatch, capsys):
