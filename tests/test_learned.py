@@ -299,3 +299,41 @@ def test_in_loop_repair_gives_each_unit_the_interpolated_endpoint_statistics():
         want_mean = (1 - lam) * ends_a[s].mean(0) + lam * ends_b[s].mean(0)[p]
         want_std = (1 - lam) * ends_a[s].std(0) + lam * ends_b[s].std(0)[p]
         assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10
+
+
+BAD_OPTIONS = [({"epochs": 0}, "epochs"), ({"epochs": -1.5}, "epochs"), ({"epochs": float("nan")}, "epochs"),
+               ({"epochs": float("inf")}, "epochs"), ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"),
+               ({"steps": True}, "steps"), ({"lr": 0}, "lr"), ({"lr": -0.1}, "lr"), ({"lr": float("nan")}, "lr"),
+               ({"lr": float("inf")}, "lr"), ({"batch_size": 0}, "batch_size"), ({"batch_size": 8.0}, "batch_size"),
+               ({"lam": (-0.1, 0.5)}, "lam"), ({"lam": (0.5, 1.5)}, "lam"), ({"lam": (0.6, 0.4)}, "lam"),
+               ({"lam": (0.5,)}, "lam"), ({"lam": (0.4, float("nan"))}, "lam"), ({"init": "random"}, "init")]
+
+
+@pytest.mark.parametrize("options,name", BAD_OPTIONS)
+def test_learned_refuses_a_bad_option_naming_it_before_reading_data(options, name):
+    from onebasin.align.learned import learned_matching
+    from onebasin.errors import InvalidOptionError
+
+    a, x = tiny_mlp()
+    b, _ = tiny_mlp(seed=1)
+    spec = trace(a, x[:8])
+
+    class Untouched(list):
+        def __iter__(self):
+            raise AssertionError("the data was read before the options were checked")
+
+    with pytest.raises(InvalidOptionError, match=rf"learned matching:.*\b{name}\b"):
+        learned_matching(spec, a, b, Untouched([(x, torch.zeros(len(x), dtype=torch.long))]), progress=False, **options)
+
+
+def test_learned_takes_the_edges_of_its_ranges():
+    """lam (0, 0) (the plain loss of A), lam (1, 1), one step, batch size 1, a tiny epoch count: all accepted and
+    recorded; with steps None the count is ceil(epochs * examples / batch_size) (here ceil(0.01 * 512 / 1) = 6)."""
+    a, x = tiny_mlp()
+    b, _ = tiny_mlp(seed=1)
+    y = torch.zeros(len(x), dtype=torch.long)
+    for options, steps in (({"lam": (0, 0), "steps": 1}, 1), ({"lam": [1, 1], "steps": 1, "batch_size": 1}, 1),
+                           ({"epochs": 0.01, "batch_size": 1}, 6)):
+        _, result = align(a, b, "learned", [(x, y)], init="identity", progress=False, **options)
+        assert result.record["steps"] == steps and len(result.record["loss"]) == steps
+        assert all(options.get("lam", (0.4, 0.6))[0] <= v <= options.get("lam", (0.4, 0.6))[1] for v in result.record["lam"])

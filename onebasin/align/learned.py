@@ -30,6 +30,7 @@ keeps that one) and the start, the one whose midpoint (lam = 1/2) has the lowest
 from __future__ import annotations
 
 import math
+import numbers
 import time
 
 import torch
@@ -296,6 +297,28 @@ class _Run:
         return sum(float((q - self.start_maps[g]).norm() / math.sqrt(len(q))) for g, q in self.maps.items())
 
 
+def check_options(*, epochs=10, steps=None, lr=0.05, batch_size=100, lam=(0.4, 0.6)) -> None:
+    """Raise InvalidOptionError naming the first bad option of `learned_matching`: epochs and lr finite and > 0,
+    steps (unless None) and batch_size integers >= 1, lam two numbers lo <= hi within [0, 1]."""
+    for name, value in (("epochs", epochs), ("lr", lr)):
+        if not _is_real(value) or not math.isfinite(value) or value <= 0:
+            raise InvalidOptionError(f"learned matching: {name} must be a finite number > 0, got {value!r}")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if (value is not None or name != "steps") and not (_is_int(value) and value >= 1):
+            raise InvalidOptionError(f"learned matching: {name} must be an integer >= 1, got {value!r}")
+    ok = isinstance(lam, (tuple, list)) and len(lam) == 2 and all(_is_real(v) and 0 <= v <= 1 for v in lam)
+    if not ok or lam[0] > lam[1]:
+        raise InvalidOptionError(f"learned matching: lam must be a range (lo, hi) with 0 <= lo <= hi <= 1, got {lam!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @register_method(name="learned", reference="Ainsworth, Hayase, Srinivasa 2023, Git Re-Basin, arXiv:2209.04836, Sec. 3.3; "
                  "Theus, Cabodi, Pal, Ghosh, Singh 2025, arXiv:2506.22712, Sec. 4")  # fmt: skip
 def learned_matching(
@@ -353,11 +376,14 @@ def learned_matching(
         sqrt(n), summed over streams), midpoint_loss ({"final", "best", "start"}: the loss at lam = 1/2 on
         the first 2,000 examples of the final projection, of the one with the lowest batch loss and of
         the start), chosen (the candidate returned: the lowest of these), seconds.
+    Raises:
+        InvalidOptionError naming a bad init, epochs, steps, lr, batch_size or lam (`check_options`), before any work.
     """
     if data is None:
         raise EmptyDataError("learned matching needs data: an iterable of (x, y) training batches")
     if isinstance(init, str) and init not in INITS:
         raise InvalidOptionError(f"learned matching: unknown init {init!r}; valid: {', '.join(INITS)}")
+    check_options(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, lam=lam)
     t0 = time.perf_counter()
     model_a, model_b = require_module(model_a, "learned"), require_module(model_b, "learned")
     streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal, untie)
