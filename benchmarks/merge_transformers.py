@@ -37,7 +37,8 @@ from onebasin.align import align
 from onebasin.checkpoint import load_model
 from onebasin.diagnostics import variance_ratios
 from onebasin.experiment import evaluation_batches
-from onebasin.interpolate import barrier_curve, interpolate_model
+from onebasin.barrier import barrier_curve
+from onebasin.interpolate import interpolate_model
 from onebasin.plots import plot_series
 from onebasin.repair import endpoint_stats, repair
 from onebasin.report import read_csv, write_csv
@@ -62,6 +63,7 @@ OPTIONS = {  # row name -> (alignment method, its options)
 }
 LEARNED = {"vit": {"batch_size": 100}, "gpt": {"batch_size": 16}, "gpt_tied": {"batch_size": 16}, "mlp": {"batch_size": 100}}
 SITES = ("layer", "norm")
+ALPHAS = [i / 10 for i in range(11)]
 
 
 def methods(pair: str) -> list[str]:
@@ -101,7 +103,6 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
     n_calib, n_test = args.calib or PAIRS[pair][3], args.test or PAIRS[pair][4]
     loaders, calib = data(pair, args.data_dir, n_calib, n_test)
     spec = trace(a, calib[0][0][:64] if isinstance(calib[0], (tuple, list)) else calib[0])
-    alphas = [i / 10 for i in range(11)]
     done = {(r["pair"], r["method"], r["correction"]) for r in rows}
     learned = dict(kv.split("=") for kv in args.learned.split(",") if kv)
     learned = {k: float(v) if "." in v or "e" in v else int(v) for k, v in learned.items()}
@@ -120,6 +121,7 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
             if (pair, method, correction) in done:
                 continue
             t1 = time.perf_counter()
+            alphas = args.repair_alphas if correction == "repair" else ALPHAS
             curve = barrier_curve(a_m, b_m, loaders, alphas, "repair_exact" if correction == "repair" else None,
                                   calib_data=calib, max_examples=n_calib, spec=spec, sites=SITES, precision=args.precision)
             mid = alphas.index(0.5)
@@ -128,7 +130,7 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
                    "loss_a": loss[0], "loss_b": loss[-1], "mid_loss": loss[mid], "loss_barrier": curve.barrier("test", "loss"),
                    "acc_a": curve.acc["test"][0], "acc_b": curve.acc["test"][-1], "mid_acc": curve.acc["test"][mid],
                    "mid_bpc": loss[mid] / math.log(2), "align_s": round(align_s, 1), "curve_s": round(time.perf_counter() - t1, 1),
-                   "losses": " ".join(f"{v:.4f}" for v in loss), "calib": n_calib, "test": n_test,
+                   "losses": " ".join(f"{v:.4f}" for v in loss), "alphas": " ".join(f"{v:g}" for v in alphas), "calib": n_calib, "test": n_test,
                    "epoch_s": round(epoch_seconds(pair, Path(args.cache)), 1), "steps": record.get("steps", ""),
                    "chosen": record.get("chosen", ""), "precision": args.precision}  # fmt: skip
             rows.append(row)
@@ -168,7 +170,8 @@ def plot_curves(rows: list[dict]) -> None:
         for r in rows:
             if r["pair"] == pair:
                 losses = [float(v) for v in r["losses"].split()]
-                series[f"{r['method']}{' + REPAIR' if r['correction'] == 'repair' else ''}"] = ([i / 10 for i in range(11)], losses)
+                alphas = [float(v) for v in r["alphas"].split()] if r.get("alphas") else ALPHAS
+                series[f"{r['method']}{' + REPAIR' if r['correction'] == 'repair' else ''}"] = (alphas, losses)
         plot_series(series, OUT / f"curves_{pair}.png", "alpha", "test loss" if PAIRS[pair][1] != "pydoc" else "validation loss (nats/char)",
                     title=f"{pair}: loss along the interpolation path")
 
@@ -192,6 +195,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     p.add_argument("--calib", type=int, help="calibration examples (alignment and REPAIR statistics; default: PAIRS')")
     p.add_argument("--test", type=int, help="held-out examples of each curve (default: PAIRS')")
+    p.add_argument("--repair-alphas", default=",".join(f"{a:g}" for a in ALPHAS),
+                   type=lambda v: [float(a) for a in v.split(",")], help="alphas of the REPAIRed curves (default: all 11)")
     p.add_argument("--learned", default="", help="options of the learned rows, e.g. epochs=2,lr=0.1")
     p.add_argument("--precision", default="float32", choices=["float32", "float64"], help="of every statistic")
     p.add_argument("--threads", type=int, default=1)
