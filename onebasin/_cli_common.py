@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -11,6 +12,9 @@ METHODS = ["activation", "weight", "annealing", "functional", "orthogonal", "lea
 
 
 REPAIRS = ["exact", "closed", "reset_bn", "none", "auto"]  # merge's; the first three: a barrier curve's correction
+
+
+LEARNED_INITS = ["weight", "activation", "orthogonal", "identity"]  # onebasin.align.learned.INITS
 
 
 def _sub(sub, name, help_, epilog):
@@ -32,6 +36,45 @@ def _add_common(p, out_help, out_required=True):
 def _add_device(p):
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available, else cpu; "
                    "under torchrun each process takes cuda:LOCAL_RANK)")
+
+
+def _add_align_options(p):
+    """--untie and the learned method's options (merge, barrier, demo); `_align_options` reads them."""
+    g = p.add_argument_group("alignment options")
+    g.add_argument("--untie", action="store_true", help="--method orthogonal or learned on a model whose LM head is "
+                   "tied to its embedding: give the head its own copy (recorded), so the final LayerNorm's gain can fold")
+    g.add_argument("--learned-init", choices=LEARNED_INITS, help="--method learned: the start (default weight; "
+                   "orthogonal: activation matching plus the stream's Procrustes map)")
+    g.add_argument("--learned-epochs", type=float, metavar="E", help="--method learned: passes over the calibration "
+                   "examples (default 10)")
+    g.add_argument("--learned-steps", type=int, metavar="N", help="--method learned: optimiser steps (instead of "
+                   "--learned-epochs)")
+    g.add_argument("--learned-lr", type=float, metavar="LR", help="--method learned: Adam's learning rate on the "
+                   "latent permutation matrices (default 0.05)")
+    g.add_argument("--learned-batch-size", type=int, metavar="N", help="--method learned: examples per step (default 100)")
+
+
+LEARNED = ("init", "epochs", "steps", "lr", "batch_size")  # options of learned_matching behind --learned-*
+
+
+def _align_options(args, fail) -> dict:
+    """The alignment method's options from --untie and --learned-* ({"untie": True, "steps": 3, ...}), refused in
+    one line naming the flag for a method that does not take them or a bad value."""
+    learned = {k: getattr(args, f"learned_{k}") for k in LEARNED if getattr(args, f"learned_{k}") is not None}
+    flag = {k: f"--learned-{k.replace('_', '-')}" for k in LEARNED}
+    if args.untie and args.method not in ("orthogonal", "learned"):
+        fail(f"--untie applies to --method orthogonal or learned, not {args.method}")
+    if learned and args.method != "learned":
+        fail(f"{flag[next(iter(learned))]} applies to --method learned, not {args.method}")
+    if "epochs" in learned and "steps" in learned:
+        fail("give --learned-epochs or --learned-steps, not both")
+    for k in ("epochs", "lr"):
+        if k in learned and not (math.isfinite(learned[k]) and learned[k] > 0):
+            fail(f"{flag[k]} must be a finite number > 0, got {learned[k]}")
+    for k in ("steps", "batch_size"):
+        if k in learned and learned[k] < 1:
+            fail(f"{flag[k]} must be >= 1, got {learned[k]}")
+    return ({"untie": True} if args.untie else {}) | learned
 
 
 def _parse_opts(items, fail) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from onebasin._cli_common import (REPAIRS, _add_common, _check_calib_examples, _check_out_file, _check_out_folder,
-                                  _errors, _parse_opts, _sub, _warn)
+from onebasin._cli_common import (REPAIRS, _add_align_options, _add_common, _align_options, _check_calib_examples,
+                                  _check_out_file, _check_out_folder, _errors, _parse_opts, _sub, _warn)
 
 
 MERGE_EXAMPLES = """examples:
@@ -13,6 +13,8 @@ MERGE_EXAMPLES = """examples:
   onebasin merge runs/bert_a runs/bert_b --calib-text corpus.txt --out runs/bert_merged
   # two checkpoints of `onebasin train` (model and dataset read from their sidecars)
   onebasin merge runs/a.safetensors runs/b.safetensors --method activation --repair exact --out merged.safetensors
+  # learned matching (straight-through, from weight matching): 200 steps of 100 calibration examples
+  onebasin merge runs/a.safetensors runs/b.safetensors --method learned --learned-steps 200 --out merged.safetensors
   # five models into one: aligned into a shared universe, averaged, N-way REPAIR
   onebasin merge runs/s0.safetensors runs/s1.safetensors runs/s2.safetensors runs/s3.safetensors runs/s4.safetensors \\
       --combine universe --repair exact --out merged5.safetensors
@@ -38,8 +40,7 @@ def _add_pair(p, repairs):
     p.add_argument("--repair", default="exact", choices=repairs, help=f"correction after interpolating (default exact{auto})")
     p.add_argument("--allow-different-data", action="store_true",
                    help="proceed (with a warning) when A and B were trained on different datasets")
-    p.add_argument("--untie", action="store_true", help="--method orthogonal or learned on a model whose LM head is "
-                   "tied to its embedding: give the head its own copy (recorded), so the final LayerNorm's gain can fold")
+    _add_align_options(p)
 
 
 def _add_merge(sub):
@@ -134,15 +135,6 @@ def _pair_data(args, meta, fail):
     return name, calib, loaders
 
 
-def _untie(args, fail) -> dict:
-    """The alignment option of --untie: {"untie": True} for orthogonal or learned, refused for other methods."""
-    if not args.untie:
-        return {}
-    if args.method not in ("orthogonal", "learned"):
-        fail(f"--untie applies to --method orthogonal or learned, not {args.method}")
-    return {"untie": True}
-
-
 def _sites(args, default: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in (args.sites or default).split(",") if x.strip())
 
@@ -154,8 +146,8 @@ def cmd_merge_pretrained(args, fail) -> int:
 
     paths = [args.a, args.b, *args.more]
     _check_calib_examples(args, fail)
-    if args.untie:
-        fail("--untie applies to two onebasin checkpoints or state_dicts, not to Hugging Face folders")
+    if _align_options(args, fail):
+        fail("--untie and --learned-* apply to two onebasin checkpoints or state_dicts, not to Hugging Face folders")
     weights = _weights(args, len(paths), fail)
     try:
         out, result = merge_pretrained(
@@ -182,6 +174,7 @@ def cmd_merge(args, fail) -> int:
     paths = [args.a, args.b, *args.more]
     alpha_given, args.alpha = args.alpha is not None, 0.5 if args.alpha is None else args.alpha
     args.weights = weights = _weights(args, len(paths), fail)
+    options = _align_options(args, fail)
     _check_checkpoint_options(args, fail)
     _check_out_file(args.out, args.force, fail)
     _check_not_an_input(args.out, paths, fail)
@@ -202,7 +195,7 @@ def cmd_merge(args, fail) -> int:
         held = held_out_batches(loaders["train"], args.calib_examples)  # training images after the calibration set
         merged, result = merge(*models, method=args.method, repair=args.repair, alpha=alpha, data=calib,
                                max_examples=args.calib_examples, sites=_sites(args, "layer,block"), held_out=held or None,
-                               **_untie(args, fail))
+                               **options)
         measured = {name: dict(zip(("test_loss", "test_acc"), evaluate(m, loaders["test"])))
                     for name, m in zip(("model_a", "model_b", "merged"), (*models, merged))}
         out = save_merged(args.out, merged, result, sources=paths, meta={**meta, "dataset": dataset}, measured=measured)
@@ -227,8 +220,6 @@ def cmd_merge_many(args, paths, weights, alpha_given, fail) -> int:
 
     if args.method not in ("activation", "weight"):
         fail(f"--method {args.method}: three or more models are aligned by activation or weight")
-    if args.untie:
-        fail("--untie applies to two models aligned by --method orthogonal or learned")
     if args.repair == "closed":
         fail("three or more models take --repair exact, reset_bn or none")
     if alpha_given:
@@ -296,6 +287,7 @@ def cmd_barrier(args, fail) -> int:
     from onebasin.report import write_comparison_report
 
     _check_out_folder(args.out, args.force, fail)
+    options = _align_options(args, fail)
     if args.alphas < 2:
         fail(f"--alphas is a count and must be >= 2 (0 and 1), got {args.alphas}")
     _check_calib_examples(args, fail)
@@ -303,7 +295,7 @@ def cmd_barrier(args, fail) -> int:
         (a, b), meta, _, calib, loaders = _load_models(args, [args.a, args.b], fail)
         alphas = [i / (args.alphas - 1) for i in range(args.alphas)]
         comparison = compare(a, b, loaders, calib, method=args.method, repair=args.repair, alphas=alphas,
-                             max_examples=args.calib_examples, progress=not args.no_progress, align_options=_untie(args, fail))
+                             max_examples=args.calib_examples, progress=not args.no_progress, align_options=options)
         if not is_main():
             return 0
         paths = write_comparison_report(comparison, args.out, f"{args.a} vs {args.b}",

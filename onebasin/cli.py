@@ -11,8 +11,8 @@ import json
 import math
 import sys
 
-from onebasin._cli_common import (REPAIRS, _add_common, _add_device, _check_out_file, _check_out_folder, _errors,
-                                  _parse_opts, _sub)
+from onebasin._cli_common import (REPAIRS, _add_align_options, _add_common, _add_device, _align_options, _check_out_file,
+                                  _check_out_folder, _errors, _parse_opts, _sub)
 from onebasin._cli_merge import _add_barrier, _add_merge, cmd_barrier, cmd_merge
 
 TRAIN_EXAMPLES = """examples:
@@ -140,6 +140,7 @@ DEMO_EXAMPLES = """examples:
   onebasin demo --model resnet20 --width 1 --dataset fashionmnist --epochs 2
   onebasin demo --model vit --data-dir ../shared/data     # two ViTs on FashionMNIST (recipe vit, 3 epochs each)
   onebasin demo --model gpt                               # two character-level GPTs on pydoc (recipe gpt)
+  onebasin demo --model gpt --method learned --untie --learned-steps 200   # the tied GPT, learned matching
 
 --model vit and --model gpt have their own defaults (dataset, width, epochs, calibration examples and the
 recipe's lr and warm-up: their registry entries, onebasin.experiment.demo_preset); options given on the command line replace
@@ -185,6 +186,7 @@ def _add_demo(sub):
     d.add_argument("--test-examples", type=int, help="evaluate on the first N test examples (default: all)")
     d.add_argument("--cache-dir", help="trained endpoints (default: $ONEBASIN_CACHE, else ~/.cache/onebasin)")
     _add_common(d, "report folder (default: onebasin-demo/<date-time>, never overwritten)", out_required=False)
+    _add_align_options(d)
     d.set_defaults(calib_examples=None)  # 5000; the transformer demos' own (2000 images, 256 sequences)
 
 
@@ -203,12 +205,13 @@ def cmd_demo(args, fail) -> int:
 
     out = args.out or f"onebasin-demo/{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_folder(out, args.force, fail)
+    options = _align_options(args, fail)
     try:
         model_info(args.model)
         settings = _transformer_demo(args) if demo_preset(args.model) is not None else _mlp_demo(args)
         exp = Experiment(model=args.model, method=args.method, repair=args.repair, train_limit=args.train_limit,
                          test_examples=args.test_examples, out=out, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                         device=str(args.device), **settings)
+                         device=str(args.device), align_options=options, **settings)
         comparison, paths = run_experiment(exp, progress=not args.no_progress)
     except _errors() as err:
         fail(str(err))

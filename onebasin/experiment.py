@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .align import list_methods
+from .align import get_method, list_methods
+from .align.learned import check_options
 from .distributed import default_device
 from .checkpoint import checkpoint_paths, load_model
 from .data import TextInfo, batches, dataset_info, load_dataset
@@ -42,6 +44,7 @@ class Experiment:
     recipe_overrides: dict = field(default_factory=dict)  # other recipe fields replaced, e.g. {"warmup": 0.25}
     seeds: tuple[int, int] = (0, 1)
     method: str = "activation"  # alignment method
+    align_options: dict = field(default_factory=dict)  # options of the method, e.g. {"untie": True, "steps": 200}
     repair: str = "exact"  # correction of the third curve: exact | closed | reset_bn
     calib_examples: int = 5000  # alignment statistics and REPAIR calibration (paper: ~5,000)
     train_eval_examples: int = 10000  # training examples the curves are evaluated on
@@ -68,13 +71,15 @@ def demo_preset(model: str) -> dict | None:
 def validate_experiment(exp: Experiment) -> None:
     """Raise InvalidOptionError naming the first bad setting of `exp`, before anything is trained or loaded.
 
-    Checks the names (dataset, model, method, repair, recipe fields), that `seeds` are two integers, counts
+    Checks the names (dataset, model, method, repair, recipe fields), align_options (keyword options the method
+    takes; learned's values by `learned.check_options`), that `seeds` are two integers, counts
     are integers >= 1, alphas numbers in [0, 1]; then builds the model once, so an option it does not take
     (or a BatchNorm-free model with repair "reset_bn") fails here rather than after training.
     """
     info = dataset_info(exp.dataset)
     _check(exp.method in list_methods(), f"unknown method {exp.method!r}; valid: {', '.join(list_methods())}")
     _check(exp.repair in CORRECTIONS, f"unknown repair {exp.repair!r}; valid: {', '.join(CORRECTIONS)}")
+    _check_align_options(exp.method, exp.align_options)
     seeds = exp.seeds
     _check(isinstance(seeds, (tuple, list)) and len(seeds) == 2 and all(map(_is_int, seeds)),
            f"seeds must be two integers, e.g. [0, 1], got {seeds!r}")
@@ -100,6 +105,19 @@ def validate_experiment(exp: Experiment) -> None:
                f"repair 'reset_bn' needs BatchNorm layers; {exp.model} has none (use exact or closed)")
 
 
+def _check_align_options(method: str, options) -> None:
+    """Options the method takes by keyword (and, for learned, values `learned.check_options` accepts)."""
+    _check(isinstance(options, dict), f"align_options must be a table, got {options!r}")
+    params = inspect.signature(get_method(method).fn).parameters
+    named = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    fixed = {"progress", "max_examples"}  # compare sets these
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        bad = sorted(set(options) - (named - fixed))
+        _check(not bad, f"method {method!r} takes no align_options {bad}; valid: {', '.join(sorted(named - fixed))}")
+    if method == "learned":
+        check_options(**{k: v for k, v in options.items() if k in inspect.signature(check_options).parameters})
+
+
 def _build(exp: Experiment, info) -> torch.nn.Module:
     try:
         default_recipe(exp.model)
@@ -123,8 +141,10 @@ def _is_alpha(v) -> bool:
 
 
 def settings_key(exp: Experiment) -> str:
-    """12 hex digits of sha256 over every setting that changes a result (all fields but out, data_dir, cache_dir, device)."""
-    settings = {k: v for k, v in asdict(exp).items() if k not in ("out", "data_dir", "cache_dir", "device")}
+    """12 hex digits of sha256 over every setting that changes a result (all fields but out, data_dir, cache_dir, device;
+    align_options only when given, so the keys of earlier sweeps still match)."""
+    settings = {k: v for k, v in asdict(exp).items() if k not in ("out", "data_dir", "cache_dir", "device")
+                and not (k == "align_options" and not v)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -195,7 +215,8 @@ def run_experiment(exp: Experiment, progress: bool = True) -> tuple[Comparison, 
     trained = time.perf_counter()
     loaders, calib = evaluation_data(exp)
     comparison = compare(ends[0][0], ends[1][0], loaders, calib, method=exp.method, repair=exp.repair,
-                         alphas=exp.alphas, max_examples=exp.calib_examples, progress=progress)
+                         alphas=exp.alphas, max_examples=exp.calib_examples, progress=progress,
+                         align_options=exp.align_options)
     run = {"experiment": asdict(exp),
            "endpoints": [{"seed": m["seed"], "cached": c, "test_acc": m.get("test_acc"), "epochs": m.get("epochs_done"),
                           "checkpoint": str(endpoint_path(exp, m["seed"]))} for _, m, c in ends],

@@ -297,9 +297,12 @@ class _Run:
         return sum(float((q - self.start_maps[g]).norm() / math.sqrt(len(q))) for g, q in self.maps.items())
 
 
-def check_options(*, epochs=10, steps=None, lr=0.05, batch_size=100, lam=(0.4, 0.6)) -> None:
-    """Raise InvalidOptionError naming the first bad option of `learned_matching`: epochs and lr finite and > 0,
-    steps (unless None) and batch_size integers >= 1, lam two numbers lo <= hi within [0, 1]."""
+def check_options(*, init="weight", epochs=10, steps=None, lr=0.05, batch_size=100, lam=(0.4, 0.6)) -> None:
+    """Raise InvalidOptionError naming the first bad option of `learned_matching`: init one of INITS (or given
+    perms), epochs and lr finite and > 0, steps (unless None) and batch_size integers >= 1, lam two numbers
+    lo <= hi within [0, 1]."""
+    if isinstance(init, str) and init not in INITS:
+        raise InvalidOptionError(f"learned matching: unknown init {init!r}; valid: {', '.join(INITS)}")
     for name, value in (("epochs", epochs), ("lr", lr)):
         if not _is_real(value) or not math.isfinite(value) or value <= 0:
             raise InvalidOptionError(f"learned matching: {name} must be a finite number > 0, got {value!r}")
@@ -381,9 +384,7 @@ def learned_matching(
     """
     if data is None:
         raise EmptyDataError("learned matching needs data: an iterable of (x, y) training batches")
-    if isinstance(init, str) and init not in INITS:
-        raise InvalidOptionError(f"learned matching: unknown init {init!r}; valid: {', '.join(INITS)}")
-    check_options(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, lam=lam)
+    check_options(init=init, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, lam=lam)
     t0 = time.perf_counter()
     model_a, model_b = require_module(model_a, "learned"), require_module(model_b, "learned")
     streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal, untie)
