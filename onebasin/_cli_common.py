@@ -28,8 +28,8 @@ def _add_common(p, out_help, out_required=True):
     p.add_argument("--out", required=out_required, help=out_help)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--precision", choices=["float64", "float32"], help="of the statistics: float64 (default: exact "
-                   "sums) or float32 (shifted float32 products added into float64 sums: faster, ~1e-6 relative error)")
+    p.add_argument("--precision", choices=["float64", "float32"], help="of the statistics: float32 (default: shifted "
+                   "float32 products added into float64 sums, ~1e-6 relative error) or float64 (exact sums, slower)")
     _add_device(p)
 
 

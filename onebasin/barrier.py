@@ -72,7 +72,7 @@ def barrier_curve(
         endpoints: precomputed `repair.endpoint_stats(model_a, model_b, ...)` of those sites, for REPAIR.
         on_model: called as on_model(alpha, model) with each evaluated (corrected) network, e.g. to keep one.
         precision: "float64" (exact float64 sums) or "float32" (shifted float32 products added into float64
-            sums: faster, ~1e-6 relative error; stats.Moments) for REPAIR's statistics; None: float64.
+            sums: faster, ~1e-6 relative error; stats.Moments) for REPAIR's statistics; None: the enclosing stats.statistics_precision, float32 by default.
     Returns:
         BarrierCurve; `.barrier(split, "loss" | "error")` gives eq. (1).
     """

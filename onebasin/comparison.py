@@ -97,7 +97,7 @@ def compare(
         method: alignment method; repair: "exact" | "closed" | "reset_bn" (the third curve's correction).
         device: where to run (copies of A and B are moved there); default: where A is.
         precision: of every statistic: "float64" (exact float64 sums) or "float32" (shifted float32 products
-            added into float64 sums, ~1e-6 relative error; stats.Moments); None: float64.
+            added into float64 sums, ~1e-6 relative error; stats.Moments); None: the enclosing stats.statistics_precision, float32 by default.
         align_options: passed to the alignment method (e.g. {"untie": True} for orthogonal or learned).
     Returns:
         Comparison with curves {"plain", "aligned", "aligned+<REPAIR>"} and variance ratios at alpha = 0.5.

@@ -130,7 +130,7 @@ def merge(
             of `data` after its first `max_examples`); exact and closed REPAIR are judged too when there are
             any (`result.repair_check["repair_raised_loss"]`).
         precision: of every statistic: "float64" (exact float64 sums) or "float32" (shifted float32 products
-            added into float64 sums, ~1e-6 relative error; stats.Moments); None: float64.
+            added into float64 sums, ~1e-6 relative error; stats.Moments); None: the enclosing stats.statistics_precision, float32 by default.
         alpha: interpolation weight, 0 = A, 1 = B.
         device: where to run (copies of A and B are moved there; statistics in float64 on it); default: A's.
         sites: the REPAIR site kinds ("layer": Linear/Conv outputs, "block": residual additions, which

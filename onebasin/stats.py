@@ -36,7 +36,7 @@ from .taps import SiteTaps
 
 
 PRECISIONS = ("float32", "float64")
-_precision = ["float64"]  # the default of every Moments made inside `statistics_precision`
+_precision = ["float32"]  # the default of every Moments made inside `statistics_precision`
 
 
 def check_precision(precision: str) -> torch.dtype:
@@ -92,7 +92,7 @@ class Moments:
     precision="float32" takes each batch's products and sums in float32 on x - c and y - d, c and d the
     per-unit means of the first rows seen (`shift`), added into float64 sums (see the module docstring);
     "float64" (shift 0) is exact to float64 rounding. `sums` always hold the sums of shifted values.
-    precision=None takes the enclosing `statistics_precision` (float64 outside any).
+    precision=None takes the enclosing `statistics_precision` (float32, the default, outside any).
     """
 
     def __init__(self, full: bool = False, paired: bool = False, precision: str | None = None):

@@ -216,6 +216,7 @@ def numpy_units(t, dim):
     return np.moveaxis(t.numpy(), dim, -1).reshape(-1, t.shape[dim])
 
 
+@pytest.mark.usefixtures("float64_statistics")
 @pytest.mark.parametrize("name", ["vgg_bn", "resnet20_bn"])
 def test_one_pass_statistics_equal_a_whole_data_float64_reference(name):
     a, shape = build(name, seed=0, dtype=torch.float64)
@@ -238,6 +239,7 @@ def test_one_pass_statistics_equal_a_whole_data_float64_reference(name):
     assert any(s.kind == "block" for g in spec.groups.values() for s in g.sites) == (name == "resnet20_bn")
 
 
+@pytest.mark.usefixtures("float64_statistics")
 def test_sites_are_read_before_in_place_ops_overwrite_them():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double().eval()
@@ -251,6 +253,7 @@ def test_sites_are_read_before_in_place_ops_overwrite_them():
     assert (m.mean_x - pre_relu.mean(0)).abs().max() < 1e-10  # torchvision ResNets use ReLU(inplace=True)
 
 
+@pytest.mark.usefixtures("float64_statistics")
 def test_layer_input_moments_equal_a_whole_data_reference():
     a, shape = build("vgg_bn", seed=0, dtype=torch.float64)
     b, _ = build("vgg_bn", seed=1, dtype=torch.float64)
@@ -531,6 +534,7 @@ def test_structured_permutations_are_recovered_exactly(name, method):
     assert not wrong, f"{method} did not recover {wrong}"
 
 
+@pytest.mark.usefixtures("float64_statistics")
 def test_statistics_in_row_slices_equal_whole_batches():
     """Activation matching's paired sums with a memory budget of a few rows (every batch run in slices)
     give the means, variances and cross-covariances of numpy on A's and B's hooked activations (float64,

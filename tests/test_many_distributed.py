@@ -10,6 +10,8 @@ import onebasin
 from conftest import gloo_results
 from reference_models import mlp
 
+pytestmark = pytest.mark.usefixtures("float64_statistics")  # sums held to numpy at 1e-10: the exact path
+
 WORLD, MAX_EXAMPLES = 2, 40
 
 

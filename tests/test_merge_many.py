@@ -44,6 +44,7 @@ def outputs(model, data):
 # --- N permuted copies of one network --------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("float64_statistics")
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
 @pytest.mark.parametrize("method", list_combiners())
 @pytest.mark.parametrize("name", ["mlp", "resnet20_bn"])
@@ -235,6 +236,7 @@ def test_joint_statistics_equal_numpy_covariances_of_raw_activations(name):
             np.testing.assert_allclose(std[i].numpy(), joint[:, i * n:(i + 1) * n].std(0), rtol=0, atol=1e-10)
 
 
+@pytest.mark.usefixtures("float64_statistics")
 @pytest.mark.parametrize("name", ["mlp", "vgg_bn"])
 def test_nway_repair_meets_its_goal_statistics(name):
     models, data, weights = [build(name, s) for s in range(3)], data_for(name), [0.5, 0.3, 0.2]
@@ -383,6 +385,7 @@ def test_universe_is_in_model0s_unit_order_so_relabelling_model0_relabels_the_me
         assert torch.allclose(v, want[k], rtol=0, atol=1e-12), k
 
 
+@pytest.mark.usefixtures("float64_statistics")
 def test_layer_sites_only_keep_model0s_class_and_meet_the_layer_goals():
     """sites=("layer",) (the CLI's --sites layer; issue 23 item 8: it was ignored for 3+ models): no correction after a
     residual addition, so everything folds and the result is a plain ResNet; each corrected Linear/Conv output meets

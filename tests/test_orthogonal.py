@@ -53,6 +53,7 @@ def test_procrustes_recovers_a_rotation():
     assert (procrustes(xa.T @ xb) - q).abs().max() < 1e-10
 
 
+@pytest.mark.usefixtures("float64_statistics")
 def test_orthogonal_alignment_undoes_a_rotation_and_permutation():
     model, x, spec = setup()
     (stream,) = stream_groups(spec)

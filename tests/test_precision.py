@@ -201,12 +201,15 @@ def test_statistics_precision_sets_the_default_of_moments_made_inside():
     from onebasin.stats import statistics_precision
 
     x, _ = offset_data(n=200)
-    with statistics_precision("float32"):
-        inner = Moments()
+    assert Moments().precision == "float32"  # the default (issue 26)
+    with statistics_precision("float64"):
+        assert Moments().precision == "float64"
         with statistics_precision(None):  # None: unchanged
-            assert Moments().precision == "float32"
-        assert Moments(precision="float64").precision == "float64"  # an explicit precision wins
-    assert Moments().precision == "float64"
+            assert Moments().precision == "float64"
+        with statistics_precision("float32"):
+            inner = Moments()
+        assert Moments(precision="float32").precision == "float32"  # an explicit precision wins
+    assert Moments().precision == "float32"
     inner.update(x)
     assert inner.sums["x"].dtype == torch.float64 and set(inner.shift) == {"x"}  # float64 sums of shifted float32 blocks
     with pytest.raises(ValueError, match="valid: float32, float64"):
@@ -214,6 +217,7 @@ def test_statistics_precision_sets_the_default_of_moments_made_inside():
             pass
 
 
+@pytest.mark.usefixtures("float64_statistics")
 @pytest.mark.parametrize("name", ["resnet20_bn", "transformer"])
 def test_statistics_under_a_quarter_budget_equal_one_pass(name):
     """Activation matching whose float64 sums may take a quarter of their total: several passes over the data
@@ -247,19 +251,19 @@ def test_statistics_under_a_quarter_budget_equal_one_pass(name):
 
 
 def test_entry_points_take_precision(monkeypatch):
-    """align(..., precision=) reaches the method's statistics (float32 sums), and gives float64's permutations
-    on a model without ties; the enclosing default is restored afterwards."""
+    """align(..., precision=) reaches the method's statistics (float64 sums when asked; float32, the default,
+    otherwise), and both give the same permutations on a model without ties; the default is restored afterwards."""
     from onebasin.align import align
 
     (a, b), data = pair("mlp")
     seen = []
     update = Moments.update_pair
     monkeypatch.setattr(Moments, "update_pair", lambda self, *args, **kw: (seen.append(self.dtype), update(self, *args, **kw)))
-    _, r32 = align(a, b, "activation", data, precision="float32")
-    assert seen and set(seen) == {torch.float32}
-    seen.clear()
-    _, r64 = align(a, b, "activation", data)
+    _, r64 = align(a, b, "activation", data, precision="float64")
     assert seen and set(seen) == {torch.float64}
+    seen.clear()
+    _, r32 = align(a, b, "activation", data)
+    assert seen and set(seen) == {torch.float32}
     assert all(torch.equal(r32.perms[g], r64.perms[g]) for g in r64.perms)
     with pytest.raises(ValueError, match="unknown precision 'float16'"):
         align(a, b, "activation", data, precision="float16")
@@ -311,8 +315,9 @@ def test_site_ownership_under_two_gloo_processes_equals_one_process():
 
 
 def test_merge_compare_and_the_cli_take_precision(tmp_path, monkeypatch, capsys):
-    """merge(precision="float32") and `onebasin merge --precision float32` take float32 sums (seen in the
-    statistics) and give float64's permutations on a model without ties; compare records the precision."""
+    """merge(precision="float64") and `onebasin merge --precision float64` take float64 sums (seen in the
+    statistics), the default float32 sums, with the same permutations on a model without ties; compare records
+    the precision."""
     from cli_helpers import checkpoint, run_cli, use_fake_data
     from onebasin.comparison import compare
     from onebasin.pipeline import merge
@@ -321,19 +326,25 @@ def test_merge_compare_and_the_cli_take_precision(tmp_path, monkeypatch, capsys)
     seen = []
     update = Moments.update_pair
     monkeypatch.setattr(Moments, "update_pair", lambda self, *args, **kw: (seen.append(self.dtype), update(self, *args, **kw)))
-    _, r32 = merge(a, b, data=data, precision="float32")
+    _, r64 = merge(a, b, data=data, precision="float64")
+    assert set(seen) == {torch.float64}
+    seen.clear()
+    _, r32 = merge(a, b, data=data)
     assert set(seen) == {torch.float32}
-    _, r64 = merge(a, b, data=data)
-    assert seen[-1] == torch.float64
     assert r32.align_record["objective"].keys() == r64.align_record["objective"].keys()
     assert all(abs(r32.align_record["objective"][g] - v) < 1e-5 for g, v in r64.align_record["objective"].items())
     x = torch.cat(data)
     y = torch.zeros(len(x), dtype=torch.long)
-    assert compare(a, b, {"test": [(x, y)]}, data, precision="float32", progress=False).settings["precision"] == "float32"
+    assert compare(a, b, {"test": [(x, y)]}, data, precision="float64", progress=False).settings["precision"] == "float64"
+    assert compare(a, b, {"test": [(x, y)]}, data, progress=False).settings["precision"] == "float32"
     use_fake_data(monkeypatch)
     ca, cb = checkpoint(tmp_path / "a.safetensors", seed=0), checkpoint(tmp_path / "b.safetensors", seed=1)
     seen.clear()
-    code, _, err = run_cli(["merge", ca, cb, "--precision", "float32", "--out", tmp_path / "m.safetensors"], capsys)
+    code, _, err = run_cli(["merge", ca, cb, "--precision", "float64", "--out", tmp_path / "m.safetensors"], capsys)
+    assert code == 0, err
+    assert seen and set(seen) == {torch.float64}
+    seen.clear()
+    code, _, err = run_cli(["merge", ca, cb, "--out", tmp_path / "d.safetensors"], capsys)
     assert code == 0, err
     assert seen and set(seen) == {torch.float32}
     code, _, err = run_cli(["merge", ca, cb, "--precision", "half", "--out", tmp_path / "n.safetensors"], capsys)

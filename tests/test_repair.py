@@ -13,6 +13,8 @@ from onebasin.spec import from_groups, trace
 from conftest import hooked_site_values
 from reference_models import ConvLN, ResNet20ish, TinyTransformer, VGGish, mlp, randomize_norm_stats
 
+pytestmark = pytest.mark.usefixtures("float64_statistics")  # sums held to numpy at 1e-10: the exact path
+
 # name -> (factory, input shape, exact passes with layer+block sites, with layer sites only)
 MODELS = {
     "mlp": (lambda: mlp(width=16, depth=4), (12,), 3, 3),

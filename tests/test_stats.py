@@ -1,6 +1,7 @@
 """Streaming float64 statistics equal a whole-data numpy reference; taps read sites in one forward."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -11,6 +12,8 @@ from onebasin.stats import Moments
 from onebasin.sums import unit_matrix
 from onebasin.taps import SiteTaps
 from reference_models import ResNet20ish, mlp
+
+pytestmark = pytest.mark.usefixtures("float64_statistics")  # sums held to numpy at 1e-10: the exact path
 
 
 def test_moments_equal_whole_data_reference():

@@ -86,6 +86,7 @@ def test_learned_without_untie_keeps_the_tie_and_says_why_there_is_no_stream_map
     assert is_tied(aligned) and same_function(aligned, b, batches) < 1e-9
 
 
+@pytest.mark.usefixtures("float64_statistics")
 def test_a_tied_bias_free_head_under_a_uniform_gain_keeps_the_tie_and_a_rotated_copy_is_recovered():
     """The exact treatment without untying: a uniform final gain c commutes with the stream map and stays in the
     norm; the final shift, which the bias-free head cannot take, stays as a stream vector rotated with the stream."""

@@ -63,7 +63,7 @@ def align(
         example_input: an input batch (N, ...), default the first batch of `data`; used to trace and to check.
         check: assert that the permuted B gives B's outputs on `example_input` (AlignmentError if not).
         precision: "float64" (exact float64 sums) or "float32" (shifted float32 products added into float64
-            sums: faster, ~1e-6 relative error; stats.Moments) for every statistic; None: float64.
+            sums: faster, ~1e-6 relative error; stats.Moments) for every statistic; None: the enclosing stats.statistics_precision, float32 by default.
         options: passed to the method (max_examples, device, seed, budget, init, ...).
     Returns:
         (a permuted copy of B, the AlignResult: perms per group and the method's record, plus

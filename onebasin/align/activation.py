@@ -49,7 +49,7 @@ def site_moments(
         max_memory: bytes the tapped activations of A and B may hold at once: a batch whose sites would
             need more runs in slices of rows (the sums do not depend on it; None: whole batches).
         precision: "float64" (exact sums) or "float32" (shifted float32 products into float64 sums: stats.Moments);
-            None: the enclosing stats.statistics_precision (float64 outside any).
+            None: the enclosing stats.statistics_precision (float32, the default, outside any).
         groups: the groups to measure (default: every group with sites).
     Returns:
         ({group: [Moments(paired=True) per site, x = A's units (samples, n), y = B's units]}, examples).

@@ -153,7 +153,7 @@ def repair(
         max_memory: bytes of activations the one-sweep exact REPAIR may keep (None: no limit); above
             it, one streaming pass per dependency level (RepairResult.note says so).
         precision: "float64" (exact float64 sums) or "float32" (shifted float32 products added into float64
-            sums: faster, ~1e-6 relative error; stats.Moments) for every statistic; None: float64.
+            sums: faster, ~1e-6 relative error; stats.Moments) for every statistic; None: the enclosing stats.statistics_precision, float32 by default.
     Returns:
         RepairResult with `.model` (corrected interpolated net), `.stats` (per site), `.passes`, `.fused`.
     """

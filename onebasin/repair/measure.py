@@ -129,7 +129,7 @@ def endpoint_stats(
         data: re-iterable of x or (x, y, ...) batches; the first `max_examples` examples are used.
         spec: A's PermutationSpec (traced on the first batch when None).
         sites: site kinds ("layer", "block") or an explicit list of Sites.
-        precision: of the sums, "float64" or "float32" (stats.Moments); None: the enclosing one (float64).
+        precision: of the sums, "float64" or "float32" (stats.Moments); None: the enclosing one (float32 by default).
     Returns:
         EndpointStats: one paired pass of A and B over the data (both in eval mode).
     """
