@@ -220,9 +220,8 @@ def test_learned_recovers_a_permuted_transformer_from_the_identity():
       keeps the gradients it took while the other groups (the stream above all) were wrong. The latent weights are in
       A's basis and matched afresh against B at every step.
     - lam in [0.02, 0.1]: the midpoint cannot see a swap (test below).
-    - orthogonal=False: the stream of a permuted copy is a permutation; the learnt orthogonal stream map
-      (orthogonal=None, 300 steps, lr 0.3) does not reach it from the identity: it ends at max |O - P| 1.1 (weights) or
-      1.3 (matrices), every group off.
+    - orthogonal=False: the stream of a permuted copy is a permutation; a learnt orthogonal stream map
+      (orthogonal=None) only nears it (next test).
     - an untied head: with tie=True (the zoo's default) latent weights leave units off in every group (150 steps).
     - loss: MSE against A's outputs (its value and gradient vanish only on B's exact alignment).
     """
@@ -239,6 +238,30 @@ def test_learned_recovers_a_permuted_transformer_from_the_identity():
     assert not any(off.values()), f"units off per group: {off}"
     assert result.record["loss"][-1] == 0.0 and result.record["chosen"] in ("final", "best")
     assert all((aligned.state_dict()[k] - v).abs().max() == 0 for k, v in model.state_dict().items())
+
+
+def test_learned_with_a_stream_map_recovers_the_heads_of_a_permuted_transformer():
+    """The same copy with the stream's orthogonal map learnt (orthogonal=None; with latent weights the map is projected by
+    Procrustes on them, `orthogonal.weight_stream_maps`): every head family (heads, query/key, value/output) is exact,
+    the map ends nearer the stream's permutation P than the identity (max |I - P| = 1), but not on it.
+
+    Measured, model seeds 0-3, 200 steps: max |O - P| 0.39-0.50, heads exact on 4 of 4, MLP units on 1 of 4 (4-5 off);
+    with stream latents as matrices (before the Procrustes projection) max |O - P| 1.23-1.26 and every group off (seeds
+    0, 1). Why not exact: the straight-through step moves the latent by the gradient at the hard point, and nothing
+    pulls it back once that point is right, so a permutation snaps onto the solution but a continuous map only nears it."""
+    from onebasin.align.learned import permutation_matrix
+
+    model, x = tiny_gpt(seed=1)
+    spec = trace(model, x[:8])
+    perms = random_perms(spec, seed=3)
+    _, result = align(model, permute_model(model, spec, perms), "learned", distilled(model, x, 64), init="identity",
+                      latent="weights", orthogonal=None, steps=200, lr=0.6, lam=(0.02, 0.1), batch_size=64,
+                      loss_fn=F.mse_loss, repair_in_loop=False, progress=False)
+    want = invert_perms(perms)
+    (stream, q), = result.maps.items()
+    heads = [g for g in spec.groups if ".attn." in g]
+    assert len(heads) == 3 and all(torch.equal(result.perms[g], want[g]) for g in heads)
+    assert (q - permutation_matrix(want[stream])).abs().max() < 0.6
 
 
 def test_straight_through_gradient_cannot_see_a_swap_at_the_midpoint():
