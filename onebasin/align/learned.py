@@ -23,7 +23,8 @@ of the endpoints' unit statistics (Jordan et al. 2022, eq. 4), so the permutatio
 REPAIR will return (a deep MLP's variance collapse is REPAIR's to fix, not the permutations').
 
 With `latent="weights"` the latent is instead Git Re-Basin's own (their `*_ste*.py`): a copy W of the permuted
-weights, in A's basis, started at T(B) of the start; step 1 is weight matching of W against B (`weight.match_weights`,
+weights, in A's basis, started at T(B) of the start (Git Re-Basin starts it at A, whose first projection is weight
+matching; T(B) keeps `init` meaningful); step 1 is weight matching of W against B (`weight.match_weights`,
 from the current permutations), alternated with Procrustes of each stream map on the weights as in
 `orthogonal.weight_stream_maps`; step 3 steps W by dloss/dT(B) itself, normalised (`NormalisedSGD`). Matrix latents
 keep gradients taken while the other groups (a residual stream above all) were wrong; W is matched afresh at every
