@@ -1,6 +1,8 @@
 """Shared helpers of the benchmarks: wall time and peak memory of one call.
 
-Peak memory on CPU is the peak RSS (/proc/self/status VmHWM, reset through /proc/self/clear_refs) above
+Time is wall time (time.perf_counter) unless `use_cpu_clock()` switches to the process's CPU time
+(time.process_time: on a shared machine a one-thread run's own cost, without the time other processes hold
+the core; CPU only). Peak memory on CPU is the peak RSS (/proc/self/status VmHWM, reset through /proc/self/clear_refs) above
 the RSS held when the window started; on CUDA, torch.cuda.max_memory_allocated above the allocation then.
 """
 
@@ -40,15 +42,23 @@ def peak_since(device: torch.device, base: float) -> float:
     return _rss_mb("VmHWM:") - base
 
 
+_clock = [time.perf_counter]
+
+
+def use_cpu_clock() -> None:
+    """Time every later `timed` call by this process's CPU time (all its threads) instead of wall time."""
+    _clock[0] = time.process_time
+
+
 def timed(fn, device: torch.device):
     """(fn(), seconds), synchronising CUDA around the call."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = _clock[0]()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0
+    return out, _clock[0]() - t0
 
 
 def measure(fn, device: torch.device):

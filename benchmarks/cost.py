@@ -2,6 +2,7 @@
 
     python benchmarks/cost.py                    # ResNet20 x1/x4, ResNet50 (64x64), MLP 10x512, ViT, GPT; all threads
     python benchmarks/cost.py --models resnet20x8 --examples 256 --append
+    python benchmarks/cost.py --threads 1 --clock cpu   # a shared machine: this process's CPU time, not wall time
 
 For each model: two differently seeded random-init copies A and B (eval mode) and `--examples` random
 inputs of the model's shape in batches of `--batch` (default 512 examples in batches of 256, all threads;
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from _common import measure, timed
+from _common import measure, timed, use_cpu_clock
 from onebasin.align import align
 from onebasin.interpolate import interpolate_model
 from onebasin.models import create_model
@@ -167,7 +168,7 @@ def bench(name, args, device) -> list[dict]:
     params = sum(p.numel() for p in a.parameters()) / 1e6
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
     base = {"model": name, "params_M": round(params, 3), "examples": n, "input": "x".join(map(str, shape or ("128 tokens",))),
-            "batch": args.batch, "threads": torch.get_num_threads(), "device": device.type}
+            "batch": args.batch, "threads": torch.get_num_threads(), "device": device.type, "clock": args.clock}
     _, _, fwd_peak = measure(lambda: forward(a, data), device)
     rows = [{**base, "step": "forward (1 model)", "seconds": round(t_fwd, 4), "ratio": 1.0,
              "peak_MiB": round(fwd_peak, 1), "detail": ""}]
@@ -266,13 +267,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default: all")
     parser.add_argument("--append", action="store_true", help="keep rows of other models already in cost.csv")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: seconds of this process's CPU time (CPU device only; with --threads 1 on a shared machine, "
+                             "the run's own cost without the time other processes hold the core)")
     parser.add_argument("--table", action="store_true", help="only print cost.csv as a markdown table")
     args = parser.parse_args()
     if args.table:
         return print_table(), plot_growth()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            parser.error("--clock cpu times the CPU device only")
+        use_cpu_clock()
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     names = args.models.split(",")
     old = [r for r in read_csv(CSV) if r["model"] not in names] if args.append else []
     rows = list(old)
