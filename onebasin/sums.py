@@ -82,12 +82,23 @@ def _sum_samples(x: torch.Tensor, axis: int) -> torch.Tensor:
     return x.sum(1)
 
 
+_SLAB_BYTES = 2**20  # float64 bytes of one row slab of a float32 matrix added into float64 sums
+
+
 def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    """sums[name] += value, the running sum kept in float64 (a float32 value is added into it)."""
-    if name in sums:
-        sums[name].add_(value)
-    else:
+    """sums[name] += value, the running sum kept in float64. A float32 matrix is added in row slabs of
+    ~_SLAB_BYTES: add_ first makes a float64 copy of its operand, which for a whole (2048, 2048) cross
+    product is a fresh 32 MiB block (24 ms, one thread, against 2 ms in 1 MiB slabs); the sums are the same."""
+    if name not in sums:
         sums[name] = value.to(torch.float64)
+        return
+    total = sums[name]
+    if value.dtype == total.dtype or value.ndim < 2:
+        total.add_(value)
+        return
+    rows = max(1, _SLAB_BYTES // (8 * value[0].numel()))
+    for i in range(0, value.shape[0], rows):
+        total[i:i + rows].add_(value[i:i + rows])
 
 
 def accumulate_product(sums: dict[str, torch.Tensor], name: str, a: torch.Tensor, b: torch.Tensor) -> None:
