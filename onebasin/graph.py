@@ -338,6 +338,28 @@ def _nbytes(values: Iterable) -> int:
     return total
 
 
+_aten = torch.ops.aten
+_IN_PLACE = {_aten.relu.default: _aten.relu_.default, _aten.add.Tensor: _aten.add_.Tensor}
+_FRESH = {_aten.conv2d.default, _aten.convolution.default, _aten.batch_norm.default, _aten.linear.default,
+          _aten.addmm.default, _aten.mm.default, _aten.layer_norm.default, _aten.relu.default, _aten.add.Tensor,
+          _aten.mul.Tensor, _aten.gelu.default}  # ops whose result is always a new tensor (never a view)
+
+
+def _in_place(nodes: list[fx.Node]) -> dict[int, object]:
+    """{index of a node: its in-place op} for the ReLUs and additions whose first operand is the fresh result
+    of another op (`_FRESH`) read by this node only, of the result's shape and dtype: writing into it changes
+    no value any other node reads."""
+    out = {}
+    for i, n in enumerate(nodes):
+        a = n.args[0] if n.op == "call_function" and n.target in _IN_PLACE and n.args else None
+        if not (isinstance(a, fx.Node) and a.op == "call_function" and a.target in _FRESH and list(a.users) == [n]):
+            continue
+        va, vn = a.meta.get("val"), n.meta.get("val")
+        if isinstance(va, torch.Tensor) and isinstance(vn, torch.Tensor) and va.dtype == vn.dtype and shape_of(a) == shape_of(n):
+            out[i] = _IN_PLACE[n.target]
+    return out
+
+
 def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, stop: Iterable[str], visit=None) -> int:
     """Evaluate the graph node by node over several input chunks at once, up to the nodes `stop`.
 
@@ -345,8 +367,11 @@ def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, st
     tensors for all chunks), the callback may read and replace them (measure a site's statistics over
     all chunks, then correct it) before any later node reads them; it may also change them in place:
     a value that shares memory with another live value (a view, an input passed through) is copied
-    before the callback sees it. Nodes not needed for `stop` are skipped; a value is dropped after its
-    last reader. Returns the peak bytes of live activations.
+    before the callback sees it. The values a callback returns are the walk's: like every value, they
+    are dropped after their last reader, and a ReLU or an addition that is the only reader of a freshly
+    computed value writes its result into that value (`_in_place`: as the eager ResNet's relu_ and +=
+    do, no new activation-sized block). Nodes not needed for `stop` are skipped. Returns the peak bytes
+    of live activations.
     This is how exact REPAIR corrects every site in one forward sweep (onebasin.repair).
     """
     visit = visit or {}
@@ -356,6 +381,7 @@ def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, st
     stop = set(stop)
     need = _ancestors(ref, stop)
     last_use = {a.name: i for i, n in enumerate(ref) for a in n.all_input_nodes}
+    in_place = _in_place(ref)
     flat = [iter(g.flat_inputs(state, x)) for g, x in zip(graphs, inputs)]
     env: list[dict] = [{} for _ in inputs]
     peak, remaining = 0, set(stop)
@@ -373,10 +399,10 @@ def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, st
                 node = lists[c][i]
                 args = fx.node.map_arg(node.args, lambda a, e=e: e[a.name])
                 kwargs = fx.node.map_arg(node.kwargs, lambda a, e=e: e[a.name])
-                e[n.name] = node.target(*args, **kwargs)
+                e[n.name] = in_place.get(i, node.target)(*args, **kwargs)
             peak = max(peak, sum(_nbytes(v for k, v in e.items() if k not in captured.keys) for e in env))
             for a in n.all_input_nodes:  # before the visit: a dead input no longer forces a copy in _unshared
-                if last_use.get(a.name) == i and a.name not in stop:
+                if last_use.get(a.name) == i:
                     for e in env:
                         e.pop(a.name, None)
             if n.name in visit:
