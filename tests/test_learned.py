@@ -374,6 +374,7 @@ def test_merge_with_learned_and_no_data_names_the_cause():
         merge(model, tiny_mlp(seed=1)[0], method="learned", repair="none")
 
 
+@pytest.mark.usefixtures("float64_statistics")  # held to numpy at 1e-10: the exact path
 def test_in_loop_repair_gives_each_unit_the_interpolated_endpoint_statistics():
     """With repair, every layer site of the interpolated network has, over the batch, unit i's mean and std equal to
     (1 - lam) * A's unit i + lam * B's unit p[i] (numpy on hooked activations of A and B; Jordan et al. eq. 4)."""
