@@ -360,12 +360,8 @@ def _in_place(nodes: list[fx.Node]) -> dict[int, object]:
     return out
 
 
-def walk(captured: Captured, state: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]], inputs: list,
-         stop: Iterable[str], visit=None) -> int:
+def walk(captured: Captured, state: Mapping[str, torch.Tensor], inputs: list, stop: Iterable[str], visit=None) -> int:
     """Evaluate the graph node by node over several input chunks at once, up to the nodes `stop`.
-
-    `state`: the weights, or one state per input chunk (networks of one architecture side by side: a
-    visit then sees, say, model A's and model B's values of a node together).
 
     At each node named in `visit` (a dict: node name -> fn(values) -> values, `values` the node's
     tensors for all chunks), the callback may read and replace them (measure a site's statistics over
@@ -386,8 +382,7 @@ def walk(captured: Captured, state: Mapping[str, torch.Tensor] | Sequence[Mappin
     need = _ancestors(ref, stop)
     last_use = {a.name: i for i, n in enumerate(ref) for a in n.all_input_nodes}
     in_place = _in_place(ref)
-    states = state if isinstance(state, Sequence) else [state] * len(inputs)
-    flat = [iter(g.flat_inputs(st, x)) for g, st, x in zip(graphs, states, inputs)]
+    flat = [iter(g.flat_inputs(state, x)) for g, x in zip(graphs, inputs)]
     env: list[dict] = [{} for _ in inputs]
     peak, remaining = 0, set(stop)
     with torch.no_grad():

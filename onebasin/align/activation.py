@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..spec import PermutationSpec
-from ..graph import batch_size, model_inputs, shape_of, take_rows, walk
+from ..graph import batch_size, model_inputs, shape_of, take_rows
 from ..distributed import batches, distributed, reduce_device
 from ..stats import Moments, eval_mode
 from ..taps import SiteTaps
@@ -55,12 +55,9 @@ def site_moments(
         ({group: [Moments(paired=True) per site, x = A's units (samples, n), y = B's units]}, examples).
         Conv activations (N, C, H, W) count as N*H*W samples of C units. (Activation matching under
         torch.distributed holds each site's sums on one rank instead: `_owned_site_moments`.)
-    Sites on graph nodes are summed as A and B are evaluated side by side (`_paired_walk`); sites read by
-    hooks, after one tapped forward pass of each network per batch.
     """
     groups = [g for g in spec.groups.values() if g.sites and (groups is None or g.name in groups)]
     sites = [s for g in groups for s in g.sites]
-    side_by_side = spec.graph is not None and all(s.node for s in sites)
     taps_a, taps_b = SiteTaps(model_a, sites, spec.graph, False), SiteTaps(model_b, sites, spec.graph, False)
     moments = [Moments(paired=True, precision=precision) for _ in sites]
     rows = _rows_within(spec, sites, max_memory)
@@ -70,9 +67,6 @@ def site_moments(
             n = batch_size(x)
             for start in range(0, n, rows or n):
                 part = x if rows is None or rows >= n else take_rows(x, slice(start, start + rows))
-                if side_by_side:
-                    _paired_walk(spec, model_a, model_b, part, sites, moments)
-                    continue
                 (_, acts_a), (_, acts_b) = taps_a(part), taps_b(part)
                 for m, s, a, b in zip(moments, sites, acts_a, acts_b):
                     m.update_pair(a, b, s)
@@ -82,26 +76,6 @@ def site_moments(
         m.all_reduce_()
     it = iter(moments)
     return {g.name: [next(it) for _ in g.sites] for g in groups}, all_reduce_count(examples)
-
-
-def _paired_walk(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, x, sites: list, moments: list[Moments]) -> None:
-    """Add A's and B's units at every site on input x to their `moments`, the two networks evaluated node by node
-    side by side (graph.walk with one state each): a site's pair is summed as soon as both are computed and then
-    freed like any value (a ReLU may write into it), instead of every site of both networks held to the end of
-    the batch and every ReLU after a site writing a new tensor. The sums are the same as from taps."""
-    at: dict[str, list] = {}
-    for m, s in zip(moments, sites):
-        at.setdefault(s.node, []).append((m, s))
-
-    def visitor(pairs):
-        def visit(values):
-            for m, s in pairs:
-                m.update_pair(values[0], values[1], s)
-            return values
-
-        return visit
-
-    walk(spec.graph, [model_a.state_dict(), model_b.state_dict()], [x, x], list(at), {n: visitor(p) for n, p in at.items()})
 
 
 def _rows_within(spec: PermutationSpec, sites, max_memory: int | None) -> int | None:
