@@ -52,57 +52,17 @@ from torch.func import functional_call
 from .._copy import module_with
 from .._progress import progress_bar
 from ..errors import EmptyDataError, InvalidOptionError
-from ..checks import eval_mode
 from ..graph import as_call, model_inputs, take_rows
-from ..graph import batch_size as batch_size_of
 from ..permute import Perms, StateDict, apply_perms, identity_perms
-from ..spec import Group, PermutationSpec, Site
-from ..stats import Moments
+from ..spec import Group, PermutationSpec
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
-from ._structured import solve_families
+from .loop_repair import renormalise, repair_sites, unit_moments
 from .orthogonal import _check_canonical, canonical, map_streams, procrustes, stream_cross, stream_groups, tied_readers
+from .ste import nearest_orthogonal, permutation_matrix, project, ste_gradients
 from .weight import match_weights, weight_scores
 
 INITS = ("weight", "activation", "orthogonal", "identity")
 LATENTS = ("perms", "weights")
-
-
-# --- projections and the straight-through gradient --------------------------------------------------------
-
-
-def permutation_matrix(p: torch.Tensor) -> torch.Tensor:
-    """(n, n) float64 P with P[i, p[i]] = 1: P @ rows(B) is B with its units re-indexed by p (permute.py)."""
-    m = torch.zeros(len(p), len(p), dtype=torch.float64)
-    m[torch.arange(len(p)), p.cpu()] = 1.0
-    return m
-
-
-def project(spec: PermutationSpec, latents: dict[str, torch.Tensor], names: list[str] | None = None) -> Perms:
-    """The permutation of each group in `names` (default: the latents') nearest its latent (n, n): argmax <L, P>.
-
-    Free groups: one linear assignment each. Block-structured families (heads with their query/key and
-    value/output groups, GQA, rotary's fixed insides) are solved jointly (`_structured.solve_families`).
-    """
-    return solve_families(spec, latents, list(latents) if names is None else names)
-
-
-def nearest_orthogonal(latent: torch.Tensor) -> torch.Tensor:
-    """The orthogonal Q with Q 1 = 1 nearest `latent` (n, n) in Frobenius norm (SVD on the complement of 1)."""
-    return procrustes(latent)
-
-
-def ste_gradients(spec: PermutationSpec, perms: Perms, grads: StateDict, mapped_b: StateDict, b: StateDict,
-                  maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """dloss/dP (n, n) float64 of every group of `perms` and every stream of `maps`, P read as a dense matrix.
-
-    grads: dloss/dT(B) per permuted tensor; mapped_b: B with every stream mapped (unpermuted); b: B unmapped.
-    A group's gradient is its weight-matching score against `grads` with B's other axes mapped.
-    """
-    out = {g: weight_scores(spec, g, perms, grads, mapped_b) for g in perms if g not in maps}
-    for name in maps:
-        others = map_streams(spec, b, {s: q for s, q in maps.items() if s != name}) if len(maps) > 1 else b
-        out[name] = weight_scores(spec, name, {**perms, name: torch.arange(spec.groups[name].size)}, grads, others)
-    return out
 
 
 # --- the start --------------------------------------------------------------------------------------------
@@ -202,47 +162,6 @@ def _loss_at(scratch: nn.Module, a: StateDict, tb: StateDict, lam: float, keys: 
 def _same(one: tuple[Perms, dict], other: tuple[Perms, dict]) -> bool:
     """Whether two (perms, maps) candidates are the same maps."""
     return all(torch.equal(p, other[0][g]) for g, p in one[0].items()) and all(torch.equal(q, other[1][g]) for g, q in one[1].items())
-
-
-# --- REPAIR inside the loop ----------------------------------------------------------------------------------
-
-
-def repair_sites(spec: PermutationSpec, maps: dict) -> list[tuple[str, Site]]:
-    """(group, site) of every layer site (a module's output) holding a whole permuted group; streams with a map
-    are left out (an orthogonal map mixes their units, so their statistics do not follow a permutation)."""
-    return [(g.name, s) for g in spec.groups.values() if g.name not in maps
-            for s in g.sites if s.kind == "layer" and s.module is not None and s.size is None]  # fmt: skip
-
-
-def _units(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(samples, units) view of an activation with its units on axis `dim`."""
-    return t.movedim(dim, -1).reshape(-1, t.shape[dim])
-
-
-def unit_moments(model: nn.Module, sites: list[tuple[str, Site]], x, batch_size: int = 100) -> dict:
-    """{site: (mean, std)} float64 (units,) of each site's units over the inputs x (population std), summed by
-    `stats.Moments` over forwards of `batch_size` rows (no float64 copy of a whole site's activations)."""
-    moments = {s: Moments() for _, s in sites}
-    hooks = [model.get_submodule(s.module).register_forward_hook(lambda m, i, o, s=s: moments[s].update(_units(o.detach(), s.dim)))
-             for _, s in sites]  # fmt: skip
-    try:
-        with torch.no_grad(), eval_mode(model):
-            for idx in torch.arange(batch_size_of(x)).split(batch_size):
-                args, kwargs = as_call(take_rows(x, idx))
-                model(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {s: (m.mean_x, m.var_x.clamp_min(0).sqrt()) for s, m in moments.items()}
-
-
-def renormalise(out: torch.Tensor, dim: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """`out` with each unit (axis `dim`) standardised over the batch, then given `mean` and `std` (units,): REPAIR's
-    correction (Jordan et al. 2022, eq. 4) with the batch's own statistics, differentiable."""
-    y = out.movedim(dim, -1)
-    flat = y.reshape(-1, y.shape[-1])
-    mu, sd = flat.mean(0), flat.std(0, unbiased=False)
-    return ((y - mu) / (sd + 1e-12) * std.to(y) + mean.to(y)).movedim(-1, dim)
 
 
 def _rms(tensors: list[torch.Tensor]) -> float:
