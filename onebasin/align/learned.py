@@ -57,9 +57,8 @@ from ..permute import Perms, StateDict, apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
 from .loop_repair import renormalise, repair_sites, unit_moments
-from .orthogonal import _check_canonical, canonical, map_streams, procrustes, stream_cross, stream_groups, tied_readers
+from .orthogonal import _check_canonical, canonical, map_streams, procrustes, stream_cross, stream_groups, tied_readers, weight_stream_maps
 from .ste import nearest_orthogonal, permutation_matrix, project, ste_gradients
-from .weight import match_weights, weight_scores
 
 INITS = ("weight", "activation", "orthogonal", "identity")
 LATENTS = ("perms", "weights")
@@ -237,18 +236,12 @@ class _Run:
             self.maps = {g: nearest_orthogonal(self.latents[g]) for g in self.start_maps}
             self.perms = project(self.spec, self.latents, self.names)
 
-    def match(self, perms: Perms, maps: dict, rounds: int = 20) -> tuple[Perms, dict]:
+    def match(self, perms: Perms, maps: dict) -> tuple[Perms, dict]:
         """(perms, maps) between the latent weights and B: weight matching from `perms`, alternated with Procrustes of
-        each stream on the weights (`orthogonal.weight_stream_maps`) until neither changes or `rounds` pass."""
-        for _ in range(rounds):
-            new = match_weights(self.spec, self.theta, map_streams(self.spec, self.b, maps), init=perms, groups=self.names)[0]
-            others = {g: map_streams(self.spec, self.b, {k: q for k, q in maps.items() if k != g}) for g in maps}
-            new_maps = {g: procrustes(weight_scores(self.spec, g, new, self.theta, others[g])) for g in maps}
-            done = all(torch.equal(new[g], perms[g]) for g in self.names) and all(float((q - maps[g]).abs().max()) < 1e-12 for g, q in new_maps.items())
-            perms, maps = {g: new[g] for g in self.names}, new_maps
-            if done or not maps:
-                break
-        return perms, maps
+        each stream on the weights (`orthogonal.weight_stream_maps`) until neither changes."""
+        streams = [self.spec.groups[g] for g in maps]
+        new, new_maps, _ = weight_stream_maps(self.spec, self.theta, self.b, streams, perms=perms, maps=maps, head_products=False)
+        return {g: new[g] for g in self.names}, new_maps
 
     def current(self) -> tuple[Perms, dict]:
         return self.perms, self.maps

@@ -272,20 +272,22 @@ def match_heads(spec: PermutationSpec, parent: str, children: list[str], sd_a: d
     return out
 
 
-def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: list[Group], max_iter: int = 20):
+def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: list[Group], max_iter: int = 20, *,
+                       perms=None, maps: dict | None = None, head_products: bool = True):
     """Data-free alignment of canonical forms (Theus et al. 2025, Sec. 3, weight matching): alternate weight
     matching of the other groups (B's streams mapped; attention heads by their QK and OV products,
-    `match_heads`) with, per stream, Procrustes on the weights: Q from
-    cross = sum over the stream's tensors of rows_A @ rows_B^T (units of the stream as rows, every other axis of B
-    permuted; `weight.weight_scores`), until neither the permutations nor the maps change.
+    `match_heads`, unless `head_products` is False: then with the other groups) with, per stream, Procrustes on
+    the weights: Q from cross = sum over the stream's tensors of rows_A @ rows_B^T (units of the stream as rows,
+    every other axis of B permuted; `weight.weight_scores`), until neither the permutations nor the maps change.
+    perms, maps: the start (default: none, the identity; learned matching's latent weights pass their current ones).
     Returns (perms of every group, the streams' the identity; {stream: Q (n, n) float64}; record)."""
     from .weight import match_weights, weight_scores
 
     names = [g for g in spec.groups if g not in {s.name for s in streams}]
-    heads = head_families(spec, names)
+    heads = head_families(spec, names) if head_products else {}
     free = [g for g in names if g not in heads and spec.groups[g].parent not in heads]
-    maps = {s.name: torch.eye(s.size, dtype=torch.float64) for s in streams}
-    perms, sweeps = None, []
+    maps = dict(maps) if maps is not None else {s.name: torch.eye(s.size, dtype=torch.float64) for s in streams}
+    sweeps = []
     for it in range(max_iter):
         mapped = map_streams(spec, sd_b, maps)
         new, rec = match_weights(spec, sd_a, mapped, groups=free, init=perms)
@@ -295,11 +297,11 @@ def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: l
         for s in streams:
             others = map_streams(spec, sd_b, {k: q for k, q in maps.items() if k != s.name})
             new_maps[s.name] = procrustes(weight_scores(spec, s.name, new, sd_a, others))
-        change = max(float((new_maps[k] - maps[k]).abs().max()) for k in maps)
+        change = max((float((new_maps[k] - maps[k]).abs().max()) for k in maps), default=0.0)
         same = perms is not None and all(torch.equal(new[g], perms[g]) for g in names)
         perms, maps = new, new_maps
         sweeps.append({"weight_sweeps": rec["iterations"], "map_change": change})
-        if same and change < 1e-12:
+        if (same and change < 1e-12) or not streams:  # without a stream, weight matching has converged already
             break
     return perms, maps, {"rounds": sweeps, "converged": same and change < 1e-12, "head_families": list(heads)}
 
