@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 
@@ -68,12 +67,14 @@ def _align_options(args, fail) -> dict:
         fail(f"{flag[next(iter(learned))]} applies to --method learned, not {args.method}")
     if "epochs" in learned and "steps" in learned:
         fail("give --learned-epochs or --learned-steps, not both")
-    for k in ("epochs", "lr"):
-        if k in learned and not (math.isfinite(learned[k]) and learned[k] > 0):
-            fail(f"{flag[k]} must be a finite number > 0, got {learned[k]}")
-    for k in ("steps", "batch_size"):
-        if k in learned and learned[k] < 1:
-            fail(f"{flag[k]} must be >= 1, got {learned[k]}")
+    from .align.learned import check_options
+    from .errors import InvalidOptionError
+
+    for k, v in learned.items():  # one option at a time, so the message names its flag
+        try:
+            check_options(**{k: v})
+        except InvalidOptionError as err:
+            fail(f"{flag[k]}: {err}")
     return ({"untie": True} if args.untie else {}) | learned
 
 
