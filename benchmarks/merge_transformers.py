@@ -105,7 +105,7 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
     spec = trace(a, calib[0][0][:64] if isinstance(calib[0], (tuple, list)) else calib[0])
     done = {(r["pair"], r["method"], r["correction"]) for r in rows}
     learned = dict(kv.split("=") for kv in args.learned.split(",") if kv)
-    learned = {k: float(v) if "." in v or "e" in v else int(v) for k, v in learned.items()}
+    learned = {k: v if v.isalpha() else json.loads(v) for k, v in learned.items()}  # init=identity, epochs=2, lr=1e-2
     for method in methods(pair):
         if all((pair, method, c) in done for c in ("none", "repair")):
             continue
