@@ -239,6 +239,11 @@ class Moments:
         return self.shift.get(name, 0.0)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes the running sums hold."""
+        return sum(t.nelement() * t.element_size() for t in self.sums.values())
+
+    @property
     def shifted_mean_x(self) -> torch.Tensor:
         """Mean of x - shift (the mean itself at float64 precision)."""
         self._check()

@@ -133,7 +133,7 @@ def activation_matching(
         options = {"max_examples": max_examples, "device": device, "max_memory": max_memory, "precision": precision}
         if world == 1:
             moments, examples = site_moments(spec, model_a, model_b, data, groups=groups, **options)
-            held = sum(t.nelement() * t.element_size() for ms in moments.values() for m in ms for t in m.sums.values())
+            held = sum(m.nbytes for ms in moments.values() for m in ms)
         else:  # each rank holds, and solves, the families it owns; the (small) solutions are shared
             owners = family_owners(spec, groups, world)
             moments, examples, held = _owned_site_moments(spec, [spec.groups[g] for g in groups], model_a, model_b, data,
@@ -238,7 +238,7 @@ def _owned_site_moments(spec, groups, model_a, model_b, data, owners, *, max_exa
                     mine[k].add_sums_(n, sums)
     for k in mine:
         mine[k].shift = dict(shifts[k])
-    held = sum(t.nelement() * t.element_size() for m in mine.values() for t in m.sums.values())
+    held = sum(m.nbytes for m in mine.values())
     owned = {}
     for k, (g, _) in enumerate(sites):
         if k in mine:
