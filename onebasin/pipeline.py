@@ -315,7 +315,8 @@ def merge_many(
         perms: one {group: LongTensor} per model (e.g. `result.perms` of an earlier call) to use instead of
             aligning; `method` is then only recorded, and the pairwise measures are None.
         sites: the REPAIR site kinds, as `merge`'s ("layer", "block"; ("layer",) keeps model 0's class).
-        precision: of REPAIR's statistics, as `merge`'s (the joint statistics of N models stay float64).
+        precision: of every statistic, as `merge`'s: the joint statistics of the N models (alignment and the
+            N-way REPAIR goals, `stats.joint_moments`) and REPAIR's corrections.
     Returns:
         (merged model, ManyResult with per-model perms, cycle-consistency measures, record and timings).
         The model has model 0's class when every REPAIR correction could be fused.
@@ -339,7 +340,8 @@ def merge_many(
     example = _example(models[0], data) if data is not None else None
     spec = spec or trace(models[0], example)
     if perms is None:
-        perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples, max_iter=max_iter, seed=seed)
+        perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples,
+                                           max_iter=max_iter, seed=seed, precision=precision)
     else:
         check_perm_list(spec, perms, len(models))
         direct, record = {}, {"given_perms": True}
@@ -350,7 +352,7 @@ def merge_many(
     averaged_at = time.perf_counter()
     passes, fused, affines = 0, True, {}
     if repair == "exact":
-        fixed = repair_many(merged, aligned, w, data, spec, sites=sites, max_examples=max_examples)
+        fixed = repair_many(merged, aligned, w, data, spec, sites=sites, max_examples=max_examples, precision=precision)
         merged, passes, fused, affines = fixed.model, fixed.passes, fixed.fused, fixed.affines
     elif repair == "reset_bn":
         merged = reset_bn(merged, data, max_examples)

@@ -31,7 +31,7 @@ from .distributed import all_reduce_count, batches, distributed, reduce_device
 from .errors import OnebasinError
 from .graph import batch_size, model_inputs, take_rows
 from .spec import Site
-from .sums import _accumulate, _samples, accumulate_product, full_float32_matmul, paired_sums, site_matrix, unit_sums
+from .sums import _accumulate, _samples, accumulate_product, full_float32_matmul, joint_matrix, paired_sums, unit_sums
 from .taps import SiteTaps
 
 
@@ -93,11 +93,13 @@ class Moments:
     per-unit means of the first rows seen (`shift`), added into float64 sums (see the module docstring);
     "float64" (shift 0) is exact to float64 rounding. `sums` always hold the sums of shifted values.
     precision=None takes the enclosing `statistics_precision` (float32, the default, outside any).
+    `models` > 1: x holds the units of that many models side by side, with cross sums between them
+    (`update_joint`, `joint_moments`).
     """
 
-    def __init__(self, full: bool = False, paired: bool = False, precision: str | None = None):
+    def __init__(self, full: bool = False, paired: bool = False, precision: str | None = None, models: int = 1):
         precision = precision or _precision[-1]
-        self.full, self.paired, self.precision = full, paired, precision
+        self.full, self.paired, self.precision, self.models = full, paired, precision, models
         self.dtype = check_precision(precision)
         self.n = 0
         self.sums: dict[str, torch.Tensor] = {}
@@ -115,15 +117,20 @@ class Moments:
             self.shift[name] = self._representable(x.mean(0, dtype=torch.float64))
         return (x - self.shift[name].to(x.dtype)).to(self.dtype)
 
-    def _block_shift(self, name: str, t: torch.Tensor, site: Site) -> torch.Tensor | None:
-        """The shift of `name` for a site's activation t (float32 precision), set from t's per-unit mean."""
+    def _block_shift(self, name: str, site: Site, *ts: torch.Tensor) -> torch.Tensor | None:
+        """The shift of `name` for a site's activation t (float32 precision), set from t's per-unit mean (the
+        units of several activations ts side by side: their means side by side)."""
         if self.dtype == torch.float64:
             return None
         if name not in self.shift:  # from the first rows only: any reference near the mean will do
-            head = t.narrow(0, 0, min(len(t), _SHIFT_ROWS)) if site.dim != 0 and t.ndim > 1 else t
-            x, axis = _samples(head, site, self.dtype)
-            self.shift[name] = self._representable(x.mean(axis, dtype=torch.float64))
+            self.shift[name] = self._representable(torch.cat([self._head_mean(t, site) for t in ts]))
         return self.shift[name]
+
+    def _head_mean(self, t: torch.Tensor, site: Site) -> torch.Tensor:
+        """Per-unit float64 mean of a site's units in the first _SHIFT_ROWS rows of t, read in this precision."""
+        head = t.narrow(0, 0, min(len(t), _SHIFT_ROWS)) if site.dim != 0 and t.ndim > 1 else t
+        x, axis = _samples(head, site, self.dtype)
+        return x.mean(axis, dtype=torch.float64)
 
     def _representable(self, shift: torch.Tensor) -> torch.Tensor:
         """`shift` rounded to this precision (kept as float64): the value subtracted is the value added back."""
@@ -132,15 +139,32 @@ class Moments:
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Add samples x (m, p) [and y (m, q)]."""
         x = self._shifted("x", x)
-        self.n += x.shape[0]
+        self._add_rows(x)
         with full_float32_matmul():
-            self._add("x", x.sum(0))
-            self._add("xx", x.T @ x if self.full else (x * x).sum(0))
             if self.paired:
                 y = self._shifted("y", y)
                 self._add("y", y.sum(0))
                 self._add("yy", (y * y).sum(0))
                 self._add("xy", x.T @ y)
+
+    def _add_rows(self, x: torch.Tensor) -> None:
+        """Add the sums of a block x (m, p) already in this precision and shifted: count, sum x, sum x^2 or x x^T."""
+        self.n += x.shape[0]
+        with full_float32_matmul():
+            self._add("x", x.sum(0))
+            self._add("xx", x.T @ x if self.full else (x * x).sum(0))
+
+    def update_joint(self, acts: Sequence[torch.Tensor], site: Site, cross: bool = True) -> None:
+        """Add a site's units in the activations of `models` networks (x = [model 0 | ... | model N-1], full=False):
+        count, per-unit sums and squares and, with `cross`, the cross sums between models sums[f"xy{i}"] =
+        (x_i - c_i)^T [x_{i+1} - c_{i+1} | ... | x_{N-1} - c_{N-1}] of shape (units, (N-1-i) * units), i < N-1,
+        every block about the shift c of x (float32 precision), so that the covariances follow from shifted means."""
+        x = joint_matrix(acts, site, self.dtype, self._block_shift("x", site, *acts))  # (samples, N * units)
+        self._add_rows(x)
+        if cross:
+            n = x.shape[1] // self.models
+            for i in range(self.models - 1):
+                accumulate_product(self.sums, f"xy{i}", x[:, i * n:(i + 1) * n].T, x[:, (i + 1) * n:])
 
     def update_pair(self, a: torch.Tensor, b: torch.Tensor, site: Site, cross: str = "full") -> None:
         """Add the units of site `site` in activations a (of A) and b (of B) (paired=True), fast path.
@@ -150,13 +174,13 @@ class Moments:
         """
         if self.full or not self.paired:
             raise ValueError("update_pair fills paired moments of per-unit variances (full=False, paired=True)")
-        shifts = (self._block_shift("x", a, site), self._block_shift("y", b, site))
+        shifts = (self._block_shift("x", site, a), self._block_shift("y", site, b))
         n, _ = paired_sums(a, b, site, cross, self.sums, self.dtype, shifts)
         self.n += n
 
     def update_units(self, t: torch.Tensor, site: Site) -> None:
         """Add the units of site `site` in activation t (full=False, unpaired), fast path (`unit_sums`)."""
-        n, total, squares = unit_sums(t, site, self.dtype, self._block_shift("x", t, site))
+        n, total, squares = unit_sums(t, site, self.dtype, self._block_shift("x", site, t))
         self.n += n
         self._add("x", total)
         self._add("xx", squares)
@@ -171,29 +195,33 @@ class Moments:
     def rebase_(self, shift: dict[str, torch.Tensor]) -> "Moments":
         """Re-express the sums about new per-unit shifts {"x": c', "y": d'} (rounded to this precision), in place
         in float64: with e = c - c', sum(x - c') = S + n e, sum(x - c')^2 = SS + 2 e S + n e^2, and likewise for
-        x x^T and x y^T."""
+        x x^T, x y^T and the joint cross sums (`_products`)."""
         shift = {k: self._representable(v) for k, v in shift.items()}  # later updates subtract exactly this
         if not self.sums:
             self.shift = shift
             return self
         e = {k: self.shift.get(k, torch.zeros_like(v)).to(v) - v for k, v in shift.items()}
         s = {k: self.sums[k].clone() for k in ("x", "y") if k in self.sums}
+        for name, (a, rows, b, cols) in self._products().items():
+            if name in self.sums:
+                ea, sa, eb, sb = e[a][rows], s[a][rows], e[b][cols], s[b][cols]
+                if self.sums[name].ndim == 2:
+                    self.sums[name] += torch.outer(ea, sb) + torch.outer(sa, eb) + self.n * torch.outer(ea, eb)
+                else:  # per-unit sums of squares or (diagonal) cross sums
+                    self.sums[name] += ea * sb + sa * eb + self.n * ea * eb
         for k in s:
-            d = e[k]
-            sq = k * 2
-            if self.full and k == "x":
-                self.sums[sq] += torch.outer(d, s[k]) + torch.outer(s[k], d) + self.n * torch.outer(d, d)
-            else:
-                self.sums[sq] += 2 * d * s[k] + self.n * d * d
-            self.sums[k] += self.n * d
-        if "xy" in self.sums:
-            ex, ey = e["x"], e["y"]
-            if self.sums["xy"].ndim == 2:
-                self.sums["xy"] += torch.outer(ex, s["y"]) + torch.outer(s["x"], ey) + self.n * torch.outer(ex, ey)
-            else:  # per-unit (diagonal) cross sums
-                self.sums["xy"] += ex * s["y"] + s["x"] * ey + self.n * ex * ey
+            self.sums[k] += self.n * e[k]
         self.shift = shift
         return self
+
+    def _products(self) -> dict[str, tuple[str, slice, str, slice]]:
+        """Every product sum by name: (left factor "x"/"y", its columns, right factor, its columns)."""
+        every = slice(None)
+        out = {"xx": ("x", every, "x", every), "yy": ("y", every, "y", every), "xy": ("x", every, "y", every)}
+        n = self.sums["x"].shape[0] // self.models if "x" in self.sums else 0
+        for i in range(self.models - 1):  # the joint cross sums of `update_joint`
+            out[f"xy{i}"] = ("x", slice(i * n, (i + 1) * n), "x", slice((i + 1) * n, None))
+        return out
 
     def all_reduce_(self) -> "Moments":
         """Sum the statistics over all processes of an initialised torch.distributed group (in place).
@@ -351,22 +379,24 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def joint_moments(
     models: Sequence[nn.Module], sites: list[Site], data: Iterable, max_examples: int | None = 5000, cross: bool = True,
-    chunk: int = 64, graph=None,
+    chunk: int = 64, graph=None, precision: str | None = None,
 ) -> tuple[list[Moments], int]:
-    """Float64 sums of [units of model 0 | ... | model N-1] at every site, in ONE pass (N forwards per batch),
-    whatever the enclosing statistics precision (float32 N-model sums are not implemented).
+    """Sums of [units of model 0 | ... | model N-1] at every site, in ONE pass (N forwards per batch).
 
-    Returns (one Moments per site over (samples, N * units) columns: count, per-unit sums and sums of squares,
-    and with `cross` the cross sums between models, sums[f"xy{i}"] = x_i^T [x_{i+1} | ... | x_{N-1}] of shape
-    (units, (N-1-i) * units) for i < N-1; examples read). The within-model cross sums x_i^T x_i are not
-    computed: no method reads them (only the variances on their diagonals), so the products are (N-1)/(2N)
-    of the whole Gram matrix's (2.5x fewer for 5 models). `_blocks` assembles the covariances.
+    Returns (one Moments(models=N) per site over (samples, N * units) columns: count, per-unit sums and sums of
+    squares, and with `cross` the cross sums between models, sums[f"xy{i}"] = x_i^T [x_{i+1} | ... | x_{N-1}] of
+    shape (units, (N-1-i) * units) for i < N-1 (`Moments.update_joint`); examples read). The within-model cross
+    sums x_i^T x_i are not computed: no method reads them (only the variances on their diagonals), so the
+    products are (N-1)/(2N) of the whole Gram matrix's (2.5x fewer for 5 models). `_blocks` assembles the
+    covariances. precision: as `Moments` (None: the enclosing `statistics_precision`; float32 sums are of
+    values shifted by the first rows' per-unit means, the cross sums too, so covariances come from the
+    shifted means: `Moments.shifted_mean_x`).
     Conv activations (B, C, H, W) count as B*H*W samples. Models run in eval mode, on at most `chunk` inputs
     at a time (every site of N models is held at once; the sums do not depend on it). `graph`: the captured
     graph the sites' node names refer to (`spec.graph`).
     """
     taps = [SiteTaps(m, sites, graph, outputs=False) for m in models]
-    moments = [Moments(precision="float64") for _ in sites]  # the cross sums below are of unshifted blocks
+    moments = [Moments(precision=precision, models=len(models)) for _ in sites]
     examples = 0
     with torch.no_grad(), eval_mode(*models):
         for x in model_inputs(models[0], batches(data, max_examples, _device_of(models[0]))):
@@ -374,17 +404,7 @@ def joint_moments(
             for start in range(0, n, chunk):
                 acts = [tap(take_rows(x, slice(start, start + chunk)))[1] for tap in taps]
                 for i, (m, s) in enumerate(zip(moments, sites)):
-                    joint = torch.cat([site_matrix(a[i], s) for a in acts], 1)  # (samples, N * units)
-                    m.update(joint)
-                    if cross:
-                        _add_cross_sums(m.sums, joint, len(models))
+                    m.update_joint([a[i] for a in acts], s, cross)
                 del acts
             examples += n
     return [m.all_reduce_() for m in moments], all_reduce_count(examples)
-
-
-def _add_cross_sums(sums: dict[str, torch.Tensor], joint: torch.Tensor, n_models: int) -> None:
-    """sums[f"xy{i}"] += x_i^T [x_{i+1} | ... ] for a (samples, N * units) block (model i's units: columns i*n..)."""
-    n = joint.shape[1] // n_models
-    for i in range(n_models - 1):
-        accumulate_product(sums, f"xy{i}", joint[:, i * n:(i + 1) * n].T, joint[:, (i + 1) * n:])

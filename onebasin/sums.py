@@ -47,6 +47,15 @@ def _samples(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
     return (out.view(-1, t.shape[d]), 0) if last else (out.view(t.shape[d], -1), 1)
 
 
+def joint_matrix(acts, site: Site, dtype: torch.dtype = torch.float64, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """(samples, N * units) of a site's units in the activations of N models side by side (model i's units in
+    columns i*units..), in `dtype`, minus a per-column `shift` (N * units,) when given: each model's units are
+    cast and shifted in one copy (`_samples`), then placed side by side."""
+    shifts = shift.chunk(len(acts)) if shift is not None else [None] * len(acts)
+    blocks = [_samples(a, site, dtype, s) for a, s in zip(acts, shifts)]
+    return torch.cat([x if axis == 0 else x.T for x, axis in blocks], 1)
+
+
 def _units_major(t: torch.Tensor, site: Site) -> torch.Tensor:
     """(units, samples) float64 of a site's units (a transposed view when the units are the last axis)."""
     x, axis = _samples(t, site)

@@ -213,6 +213,7 @@ def hooked_units(model, modules, data):
     return {m: torch.cat(t).movedim(1, -1).reshape(-1, t[0].shape[1]).double().numpy() for m, t in seen.items()}
 
 
+@pytest.mark.usefixtures("float64_statistics")
 @pytest.mark.parametrize("name", ["mlp", "vgg_bn"])
 def test_joint_statistics_equal_numpy_covariances_of_raw_activations(name):
     """The one-pass joint moments of N models (cross sums between models only) against numpy's covariance of

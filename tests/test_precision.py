@@ -62,7 +62,8 @@ def test_float32_site_sums_of_conv_and_token_maps_equal_numpy():
 
 
 def test_rebase_keeps_every_statistic():
-    """Re-expressing shifted sums about another shift (what all_reduce_ does across ranks) changes no statistic."""
+    """Re-expressing shifted sums about another shift (what all_reduce_ does across ranks) changes no statistic,
+    also the covariances between models of joint sums (`Moments.update_joint`)."""
     x, y = offset_data(n=1000)
     for full in (False, True):
         m = Moments(full=full, paired=not full, precision="float32")
@@ -80,6 +81,15 @@ def test_rebase_keeps_every_statistic():
             after["second"] = m.second_moment_x
         for k, v in before.items():
             torch.testing.assert_close(after[k], v, rtol=1e-9, atol=1e-9)
+    joint = Moments(models=3, precision="float32")  # three models' units side by side, with cross sums between them
+    for i in range(0, 1000, 250):
+        joint.update_joint([x[i:i + 250, :5], y[i:i + 250], x[i:i + 250, 1:]], Site(None, 1))
+    from onebasin.align.many import _blocks
+
+    before = _blocks(joint, 3)
+    joint.rebase_({"x": joint.shift["x"] + torch.randn(15, dtype=torch.float64)})
+    for b, a in zip(before, _blocks(joint, 3)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     full = Moments(full=True, precision="float32")
     full.update(x)
     np.testing.assert_allclose(full.second_moment_x.numpy(), x.double().numpy().T @ x.double().numpy() / len(x), rtol=1e-6)
@@ -377,3 +387,75 @@ def test_float32_permutations_of_trained_mnist_mlps_equal_float64():
         with torch.no_grad():
             acc[p] = (merged(x_test).argmax(1) == y_test).float().mean().item()
     assert abs(acc["float64"] - acc["float32"]) <= 0.0005
+
+
+def offset_models(kind: str, n_models: int = 3) -> list:
+    """Float32 networks whose one hidden site has means ~1000 and stds ~1 per unit (bias 1000): a Linear (dense)
+    or a Conv2d whose positions count as samples (conv)."""
+    out = []
+    for seed in range(n_models):
+        torch.manual_seed(seed)
+        if kind == "dense":
+            net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        else:
+            net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                      torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        with torch.no_grad():
+            net[0].weight.normal_(0, 1 / net[0].weight[0].numel() ** 0.5)
+            net[0].bias.fill_(1000.0)
+        out.append(net.eval())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_float32_joint_covariances_of_offset_activations_equal_numpy_float64(kind):
+    """N-model joint statistics at float32 (shifted float32 blocks and cross sums into float64 sums) against numpy
+    float64 on the hooked activations, whose means are ~1000x their stds: every between-model covariance within
+    1e-6 of std_i std_j, variances within 1e-6 relative, means within 1e-9 relative."""
+    from onebasin.align.many import _blocks
+    from onebasin.stats import joint_moments
+    from test_merge_many import hooked_units
+
+    models = offset_models(kind)
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randn(48, 6, generator=g) if kind == "dense" else torch.randn(16, 3, 8, 8, generator=g) for _ in range(6)]
+    spec = trace(models[0], data[0])
+    sites = [s for grp in spec.groups.values() for s in grp.sites if s.module == "0"]
+    assert len(sites) == 1
+    (m,), _ = joint_moments(models, sites, data, chunk=20, graph=spec.graph, precision="float32")
+    assert set(m.shift) == {"x"} and m.sums["xy0"].dtype == torch.float64
+    cov, std = _blocks(m, 3)
+    joint = np.concatenate([hooked_units(net, ["0"], data)["0"] for net in models], 1)
+    n = joint.shape[1] // 3
+    ref, sd = np.cov(joint.T, bias=True), joint.std(0)
+    assert (np.abs(joint.mean(0)) > 500 * sd).all()  # the offsets the test is about
+    for i, j in [(i, j) for i in range(3) for j in range(3) if i != j]:
+        block = ref[i * n:(i + 1) * n, j * n:(j + 1) * n]
+        assert (np.abs(cov[i, j].numpy() - block) / np.outer(sd[i * n:(i + 1) * n], sd[j * n:(j + 1) * n])).max() < 1e-6
+    np.testing.assert_allclose(std.reshape(-1).numpy() ** 2, sd**2, rtol=1e-6)
+    np.testing.assert_allclose(m.mean_x.numpy(), joint.mean(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_bn", "resnet20_bn"])
+def test_float32_merge_many_gives_float64_permutations(name):
+    """merge_many of 4 models (every combiner, activation alignment) with float32 joint statistics gives the
+    permutations of float64, except exact ties. A tie is detected by value: where model i's permutation of a
+    group differs, every pair (i, j) must match units whose float64 correlations (`joint_moments` at float64,
+    held to numpy in test_merge_many) sum to the same value within the float32 error, 1e-5 per unit and site."""
+    import onebasin
+    from onebasin.align.many import _blocks, _correlation, list_combiners
+    from onebasin.stats import joint_moments
+    from test_merge_many import build, data_for
+
+    models, data = [build(name, s) for s in range(4)], data_for(name)
+    spec = trace(models[0], data[0])
+    for method in list_combiners():
+        got = {p: onebasin.merge_many(models, method, "none", data=data, precision=p)[1].perms for p in ("float64", "float32")}
+        for i, g in [(i, g) for i in range(4) for g in spec.groups if not torch.equal(got["float64"][i][g], got["float32"][i][g])]:
+            sites = spec.groups[g].sites
+            assert sites, f"{method}: group {g} (matched by weight) differs"
+            moments, _ = joint_moments(models, sites, data, graph=spec.graph, precision="float64")
+            corr = sum(_correlation(*_blocks(m, 4)) for m in moments)
+            for j in set(range(4)) - {i}:
+                value = [corr[i, j][p[i][g], p[j][g]].sum().item() for p in got.values()]
+                assert abs(value[0] - value[1]) < 1e-5 * spec.groups[g].size * len(sites), (method, g, i, j)

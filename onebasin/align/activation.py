@@ -265,7 +265,7 @@ def _common_shifts(sites, acts_a, acts_b, precision) -> list[dict]:
         local = torch.zeros(2 * units + 1, dtype=torch.float64, device=reduce_device())
         if acts_a is not None:
             first = Moments(paired=True, precision=precision)  # its shifts: this rank's first slice's means
-            ca, cb = first._block_shift("x", acts_a[k], s), first._block_shift("y", acts_b[k], s)
+            ca, cb = first._block_shift("x", s, acts_a[k]), first._block_shift("y", s, acts_b[k])
             rows = acts_a[k].numel() // max(acts_a[k].shape[s.dim], 1)
             local = torch.cat([ca * rows, cb * rows, torch.tensor([float(rows)], dtype=torch.float64)]).to(local.device)
         dist.all_reduce(local)

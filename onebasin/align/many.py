@@ -56,7 +56,7 @@ import torch.nn as nn
 from ..errors import EmptyDataError, InvalidOptionError, OnebasinError
 from ..permute import Perms, StateDict
 from ..spec import PermutationSpec
-from ..stats import Moments, joint_moments
+from ..stats import Moments, joint_moments, takes_precision
 from ._registry import assign, matched, weights_of
 from .weight import match_weights, other_axes_permuted
 
@@ -135,8 +135,9 @@ def _blocks(m: Moments, n_models: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     Block (i, j), i != j, is the cross-covariance of model i's units with model j's; a within-model block
     (i, i) holds only the variances on its diagonal (zeros elsewhere: those covariances are not measured).
+    The cross sums are of shifted values (float32 precision), so they are centred by the shifted means.
     """
-    mean, var = m.mean_x.cpu().reshape(n_models, -1), m.var_x.cpu().reshape(n_models, -1)
+    mean, var = m.shifted_mean_x.cpu().reshape(n_models, -1), m.var_x.cpu().reshape(n_models, -1)
     n = mean.shape[1]
     cov = torch.zeros(n_models, n_models, n, n, dtype=torch.float64)
     for i in range(n_models):
@@ -354,6 +355,7 @@ def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed
     return perms, direct, record
 
 
+@takes_precision
 def align_many(
     spec: PermutationSpec,
     models: Sequence[nn.Module],
@@ -364,6 +366,7 @@ def align_many(
     max_examples: int | None = 5000,
     max_iter: int = 100,
     seed: int = 0,
+    precision: str | None = None,
 ) -> tuple[list[Perms], Pairwise, dict]:
     """One permutation per model into a shared universe (see the module docstring for the methods).
 
@@ -374,6 +377,9 @@ def align_many(
             (identity: plain averaging); alignment: "activation" (needs `data`) | "weight".
         data: re-iterable x or (x, y) batches; the first `max_examples` inputs are read once (N forwards each).
         max_iter: sweeps of the iterative methods; seed: their visiting order.
+        precision: of the joint statistics ("float32": shifted float32 blocks into float64 sums, ~1e-7 relative
+            on covariances; "float64": exact; `stats.joint_moments`); None: the enclosing
+            `stats.statistics_precision`, float32 by default.
     Returns:
         (perms: one {group: LongTensor (n,)} per model, universe unit u = unit perms[i][g][u] of model i, in
          model 0's unit order (perms[0] is the identity: `in_model0_order`);
