@@ -377,6 +377,26 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def joint_bytes(units: int, n_models: int, cross: bool = True) -> int:
+    """float64 bytes of one site's joint sums (`joint_moments`): per-unit sums and squares of N models' units and,
+    with `cross`, the cross sums between models, N(N-1)/2 blocks of units^2 ((N-1)/(2N) of the Gram matrix)."""
+    return 8 * (2 * n_models * units + (n_models * (n_models - 1) // 2 * units**2 if cross else 0))
+
+
+def pack_passes(costs: dict[str, int], max_memory: int | None) -> list[list[str]]:
+    """Keys of `costs` (bytes each) in order, packed into passes over the data whose bytes fit in `max_memory`:
+    a pass is closed when the next key would overflow it (a key larger than the budget has a pass of its own).
+    None: one pass."""
+    passes, used = [], 0
+    for key, cost in costs.items():
+        if not passes or (max_memory is not None and used + cost > max_memory):
+            passes.append([])
+            used = 0
+        passes[-1].append(key)
+        used += cost
+    return passes
+
+
 def joint_moments(
     models: Sequence[nn.Module], sites: list[Site], data: Iterable, max_examples: int | None = 5000, cross: bool = True,
     chunk: int = 64, graph=None, precision: str | None = None,

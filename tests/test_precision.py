@@ -459,3 +459,26 @@ def test_float32_merge_many_gives_float64_permutations(name):
             for j in set(range(4)) - {i}:
                 value = [corr[i, j][p[i][g], p[j][g]].sum().item() for p in got.values()]
                 assert abs(value[0] - value[1]) < 1e-5 * spec.groups[g].size * len(sites), (method, g, i, j)
+
+
+@pytest.mark.usefixtures("float64_statistics")
+def test_joint_statistics_under_a_quarter_budget_equal_one_pass():
+    """align_many (3 ResNets, universe) whose joint sums may take a quarter of their total: several passes over
+    the data, the same permutations, direct matchings and objectives (1e-10) as one pass; the bytes held in one
+    pass are the total of the formula written out here (per site: N(N-1)/2 units^2 cross sums, 2 N units sums)."""
+    from onebasin.align.many import align_many
+    from test_merge_many import build, data_for
+
+    models, data = [build("resnet20_bn", s) for s in range(3)], data_for("resnet20_bn")
+    spec = trace(models[0], data[0])
+    whole = sum(8 * len(g.sites) * (3 * g.size ** 2 + 6 * g.size) for g in spec.groups.values() if g.sites)
+    one = align_many(spec, models, "universe", data=data, max_memory=None)
+    split = align_many(spec, models, "universe", data=data, max_memory=whole // 4)
+    assert one[2]["statistics_passes"] == 1 and one[2]["statistics_bytes"] == whole
+    assert split[2]["statistics_passes"] > 1 and split[2]["statistics_bytes"] < whole
+    assert split[2]["examples"] == one[2]["examples"] == 64
+    for i in range(3):
+        assert all(torch.equal(one[0][i][g], split[0][i][g]) for g in spec.groups), i
+    assert all(torch.equal(q, split[1][pair][g]) for pair, qs in one[1].items() for g, q in qs.items())
+    for g, value in one[2]["objective"].items():
+        assert abs(value - split[2]["objective"][g]) < 1e-10, g

@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..spec import PermutationSpec
 from ..graph import batch_size, model_inputs, shape_of, take_rows
 from ..distributed import batches, distributed, reduce_device
-from ..stats import Moments, eval_mode
+from ..stats import Moments, eval_mode, pack_passes
 from ..taps import SiteTaps
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
 from ._structured import family_root, solve_families
@@ -186,15 +186,8 @@ def statistics_passes(spec: PermutationSpec, max_memory: int | None) -> list[lis
     for g in spec.groups.values():
         if g.sites:
             families.setdefault(family_root(spec, g.name), []).append(g.name)
-    cost = {root: _sum_bytes(spec, names) for root, names in families.items()}
-    passes, used = [], 0
-    for root, names in families.items():
-        if not passes or (max_memory is not None and used + cost[root] > max_memory):
-            passes.append([])
-            used = 0
-        passes[-1] += names
-        used += cost[root]
-    return passes
+    passes = pack_passes({root: _sum_bytes(spec, names) for root, names in families.items()}, max_memory)
+    return [[g for root in roots for g in families[root]] for roots in passes]
 
 
 def aligned_stats(m: Moments, p: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ import torch.nn as nn
 from ..errors import EmptyDataError, InvalidOptionError, OnebasinError
 from ..permute import Perms, StateDict
 from ..spec import PermutationSpec
-from ..stats import Moments, joint_moments, takes_precision
+from ..stats import Moments, joint_bytes, joint_moments, pack_passes, takes_precision
 from ._registry import assign, matched, weights_of
 from .weight import match_weights, other_axes_permuted
 
@@ -331,28 +331,46 @@ def _weight_perms(spec, models, combiner, max_iter, seed) -> tuple[list[Perms], 
     return perms, direct, {"sweeps": sweeps, "converged": converged}
 
 
-def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed) -> tuple[list[Perms], Pairwise, dict]:
-    """Per-group solution from the joint moments of one pass; groups without sites are left to the caller."""
-    groups = [g for g in spec.groups.values() if g.sites]
-    t0 = time.perf_counter()
-    moments, examples = joint_moments(models, [s for g in groups for s in g.sites], data, max_examples, graph=spec.graph)
-    record = {"examples": examples, "seconds_statistics": time.perf_counter() - t0, "objective": {}, "sweeps": {}, "converged": True}
-    n_models, it = len(models), iter(moments)
+def joint_passes(spec: PermutationSpec, n_models: int, max_memory: int | None) -> list[list[str]]:
+    """The groups with sites, packed into passes over the data whose joint sums of N models (`stats.joint_bytes`
+    per site) fit in `max_memory` bytes; a group larger than the budget has a pass of its own. None: one pass."""
+    costs = {g.name: sum(joint_bytes(g.size, n_models) for _ in g.sites) for g in spec.groups.values() if g.sites}
+    return pack_passes(costs, max_memory) or [[]]  # no sites: one pass that only counts the examples
+
+
+def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed, max_memory) -> tuple[list[Perms], Pairwise, dict]:
+    """Per-group solution from the joint moments: one pass over the data, or several when their sums exceed
+    `max_memory` (`joint_passes`: each pass holds some groups' sums, solved and freed before the next).
+    Groups without sites are left to the caller."""
+    passes, n_models = joint_passes(spec, len(models), max_memory), len(models)
+    record = {"objective": {}, "sweeps": {}, "converged": True, "seconds_statistics": 0.0,
+              "statistics_passes": len(passes), "statistics_bytes": 0}
     perms: list[Perms] = [{} for _ in models]
     direct: Pairwise = {pair: {} for pair in combinations(range(n_models), 2)}
-    for g in groups:
-        blocks = [_blocks(next(it), n_models) for _ in g.sites]
-        corr = sum(_correlation(cov, std) for cov, std in blocks)
-        for i, j in direct:
-            direct[(i, j)][g.name] = assign(corr[i, j])
-        problem = GroupProblem(corr, blocks, {pair: q[g.name] for pair, q in direct.items()}, max_iter, seed)
-        p, sweeps, converged = combiner.fn(problem)
-        for i in range(n_models):
-            perms[i][g.name] = p[i]
-        record["objective"][g.name] = _pairwise_objective(corr, p) / len(g.sites)
-        record["sweeps"][g.name] = sweeps
-        record["converged"] &= converged
+    for names in passes:
+        t0, groups = time.perf_counter(), [spec.groups[g] for g in names]
+        sites = [s for g in groups for s in g.sites]
+        moments, record["examples"] = joint_moments(models, sites, data, max_examples, graph=spec.graph)
+        record["seconds_statistics"] += time.perf_counter() - t0
+        record["statistics_bytes"] = max(record["statistics_bytes"], sum(m.nbytes for m in moments))
+        for g in groups:
+            blocks = [_blocks(moments.pop(0), n_models) for _ in g.sites]  # each site's sums freed once read
+            p, sweeps, converged, objective = _solve_group(g.name, blocks, combiner, direct, max_iter, seed)
+            for i in range(n_models):
+                perms[i][g.name] = p[i]
+            record["objective"][g.name], record["sweeps"][g.name] = objective, sweeps
+            record["converged"] &= converged
     return perms, direct, record
+
+
+def _solve_group(name: str, blocks, combiner, direct: Pairwise, max_iter: int, seed: int):
+    """One group from its sites' (cov, std) blocks: its direct pairwise matchings (written into `direct`), then
+    the combiner's (permutation per model, sweeps, converged) and the mean matched correlation per site."""
+    corr = sum(_correlation(cov, std) for cov, std in blocks)
+    for i, j in direct:
+        direct[(i, j)][name] = assign(corr[i, j])
+    p, sweeps, converged = combiner.fn(GroupProblem(corr, blocks, {pair: q[name] for pair, q in direct.items()}, max_iter, seed))
+    return p, sweeps, converged, _pairwise_objective(corr, p) / len(blocks)
 
 
 @takes_precision
@@ -366,6 +384,7 @@ def align_many(
     max_examples: int | None = 5000,
     max_iter: int = 100,
     seed: int = 0,
+    max_memory: int | None = 1 << 30,
     precision: str | None = None,
 ) -> tuple[list[Perms], Pairwise, dict]:
     """One permutation per model into a shared universe (see the module docstring for the methods).
@@ -377,13 +396,17 @@ def align_many(
             (identity: plain averaging); alignment: "activation" (needs `data`) | "weight".
         data: re-iterable x or (x, y) batches; the first `max_examples` inputs are read once (N forwards each).
         max_iter: sweeps of the iterative methods; seed: their visiting order.
+        max_memory: bytes the joint sums may hold (`stats.joint_bytes`: N(N-1)/2 units^2 per site); above it the
+            statistics take several passes over the data, each holding some groups' sums (`joint_passes`;
+            recorded as statistics_passes, the bytes held as statistics_bytes). None: one pass.
         precision: of the joint statistics ("float32": shifted float32 blocks into float64 sums, ~1e-7 relative
             on covariances; "float64": exact; `stats.joint_moments`); None: the enclosing
             `stats.statistics_precision`, float32 by default.
     Returns:
         (perms: one {group: LongTensor (n,)} per model, universe unit u = unit perms[i][g][u] of model i, in
          model 0's unit order (perms[0] is the identity: `in_model0_order`);
-         direct pairwise matchings {(i, j): perms}, i < j; record: sweeps, converged, objective per group, examples).
+         direct pairwise matchings {(i, j): perms}, i < j; record: sweeps, converged, objective per group, examples,
+         statistics_passes, statistics_bytes).
         Activation alignment matches groups without sites by weight (MergeMany sweeps over those groups only).
     """
     combiner = None if method == "none" else get_combiner(method)
@@ -398,7 +421,7 @@ def align_many(
         return in_model0_order(perms), direct, record
     if data is None:
         raise EmptyDataError("activation alignment needs data: an iterable of x or (x, y) batches")
-    perms, direct, record = _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed)
+    perms, direct, record = _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed, max_memory)
     fallback = [g for g, grp in spec.groups.items() if not grp.sites]
     if fallback:
         start = [{**{g: torch.arange(spec.groups[g].size) for g in fallback}, **p} for p in perms]
