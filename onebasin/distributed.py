@@ -121,3 +121,28 @@ def all_reduce_count(n: int) -> int:
     t = torch.tensor([float(n)], dtype=torch.float64, device=reduce_device())
     dist.all_reduce(t)
     return int(t.item())
+
+
+def any_rank(value) -> bool:
+    """Whether `value` is not None on any process (a collective: every rank calls it)."""
+    flag = torch.tensor([0.0 if value is None else 1.0], dtype=torch.float64, device=reduce_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def gathered(value) -> list:
+    """Every rank's `value` (all_gather_object: small picklable results, e.g. solved permutations)."""
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def spread_owners(costs: dict, world: int) -> dict:
+    """key -> the rank owning it: the largest cost first, each to the rank holding the least so far (so each
+    rank holds about 1 / world of the total)."""
+    load, owners = [0] * world, {}
+    for key, cost in sorted(costs.items(), key=lambda kv: -kv[1]):
+        r = min(range(world), key=load.__getitem__)
+        load[r] += cost
+        owners[key] = r
+    return owners

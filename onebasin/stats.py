@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -27,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .checks import eval_mode  # noqa: F401  (re-exported: statistics run models in eval mode)
-from .distributed import all_reduce_count, batches, distributed, reduce_device
+from .distributed import all_reduce_count, any_rank, batches, distributed, reduce_device
 from .errors import OnebasinError
 from .graph import batch_size, model_inputs, take_rows
 from .spec import Site
@@ -238,8 +239,7 @@ class Moments:
         device = reduce_device(next(iter(self.sums.values())).device if self.sums else None)
         n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
         dist.all_reduce(n)
-        if self.dtype != torch.float64:
-            self._common_shift(dict(names), float(n.item()), device)
+        self._common_shift({k: shape[0] for k, shape in names if k in ("x", "y")}, device)
         self.n = int(n.item())
         for name, shape in names:
             t = self.sums.get(name)
@@ -248,16 +248,13 @@ class Moments:
             self.sums[name] = t
         return self
 
-    def _common_shift(self, shapes: dict, total: float, device: torch.device) -> None:
-        """Rebase every rank's sums on the count-weighted mean of the ranks' shifts (one all-reduce per side)."""
-        common = {}
-        for k in ("x", "y"):
-            if k in shapes:
-                c = self.shift.get(k)
-                w = torch.zeros(shapes[k], dtype=torch.float64, device=device) if c is None else c.to(device) * self.n
-                dist.all_reduce(w)
-                common[k] = w / max(total, 1.0)
-        self.rebase_({k: v.to(self.sums[k].device) if k in self.sums else v for k, v in common.items()})
+    def _common_shift(self, sizes: dict[str, int], device: torch.device | None = None) -> "Moments":
+        """Rebase this rank's sums on one shift for all ranks, the count-weighted mean of the ranks' shifts of
+        {"x": units, "y": units} (`agreed_shift`, a collective); float64 sums have no shift and stay."""
+        if self.dtype == torch.float64:
+            return self
+        common = agreed_shift(self.shift, self.n, sizes, device)
+        return self.rebase_({k: v.to(self.sums[k].device) if k in self.sums else v for k, v in common.items()})
 
     def _check(self) -> None:
         if self.n == 0:
@@ -362,6 +359,18 @@ class Moments:
         return (sq / self.n - m**2).clamp_min(0) + (m + self.shift[name]) ** 2
 
 
+def agreed_shift(shift: dict[str, torch.Tensor], weight: float, sizes: dict[str, int],
+                 device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The `weight`-weighted mean over all processes of their per-unit shifts {name: (sizes[name],)}, in one
+    all-reduce (a collective: every rank calls it; a rank without a shift passes weight 0)."""
+    dev = reduce_device(device)
+    zeros = torch.zeros(sum(sizes.values()), dtype=torch.float64, device=dev)
+    local = torch.cat([shift[k].to(dev) * weight if k in shift else zeros[:n] for k, n in sizes.items()]
+                      + [torch.tensor([float(weight)], dtype=torch.float64, device=dev)])
+    dist.all_reduce(local)
+    return dict(zip(sizes, (local[:-1] / max(local[-1].item(), 1.0)).split(list(sizes.values()))))
+
+
 def _live_std(var: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
     """std, with 0 for units whose variance is within float64 rounding of their mean square."""
     return torch.where(var > 1e-12 * mean_square, var.sqrt(), torch.zeros_like(var))
@@ -377,10 +386,22 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def joint_bytes(units: int, n_models: int, cross: bool = True) -> int:
-    """float64 bytes of one site's joint sums (`joint_moments`): per-unit sums and squares of N models' units and,
-    with `cross`, the cross sums between models, N(N-1)/2 blocks of units^2 ((N-1)/(2N) of the Gram matrix)."""
-    return 8 * (2 * n_models * units + (n_models * (n_models - 1) // 2 * units**2 if cross else 0))
+def paired_shapes(units: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the sums of paired moments of two models' units (full cross sums)."""
+    return {"x": (units,), "xx": (units,), "y": (units,), "yy": (units,), "xy": (units, units)}
+
+
+def joint_shapes(units: int, n_models: int, cross: bool = True) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of one site's joint sums (`joint_moments`): per-unit sums and squares of N models' units
+    and, with `cross`, the cross sums between models xy{i} (units, (N-1-i) units), i < N-1."""
+    out = {"x": (n_models * units,), "xx": (n_models * units,)}
+    return out | ({f"xy{i}": (units, (n_models - 1 - i) * units) for i in range(n_models - 1)} if cross else {})
+
+
+def sum_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """float64 bytes of sums of these shapes (e.g. joint_shapes: N(N-1)/2 units^2 cross sums, (N-1)/(2N) of the
+    Gram matrix, and 2 N units)."""
+    return 8 * sum(math.prod(shape) for shape in shapes.values())
 
 
 def pack_passes(costs: dict[str, int], max_memory: int | None) -> list[list[str]]:
@@ -415,16 +436,97 @@ def joint_moments(
     at a time (every site of N models is held at once; the sums do not depend on it). `graph`: the captured
     graph the sites' node names refer to (`spec.graph`).
     """
-    taps = [SiteTaps(m, sites, graph, outputs=False) for m in models]
     moments = [Moments(precision=precision, models=len(models)) for _ in sites]
-    examples = 0
+    seen, update = [0], _joint_update(sites, cross)
     with torch.no_grad(), eval_mode(*models):
-        for x in model_inputs(models[0], batches(data, max_examples, _device_of(models[0]))):
-            n = batch_size(x)
-            for start in range(0, n, chunk):
-                acts = [tap(take_rows(x, slice(start, start + chunk)))[1] for tap in taps]
-                for i, (m, s) in enumerate(zip(moments, sites)):
-                    m.update_joint([a[i] for a in acts], s, cross)
-                del acts
-            examples += n
-    return [m.all_reduce_() for m in moments], all_reduce_count(examples)
+        for acts in _joint_chunks(models, sites, data, max_examples, chunk, graph, seen):
+            for k, m in enumerate(moments):
+                update(m, acts, k)
+            del acts
+    return [m.all_reduce_() for m in moments], all_reduce_count(seen[0])
+
+
+def _joint_chunks(models, sites, data, max_examples, chunk, graph, seen: list[int]) -> Iterator[list[list[torch.Tensor]]]:
+    """Every model's activations at `sites` ([model][site]) per `chunk` inputs of this process's batches (the
+    inputs read are counted in seen[0]; the consumer runs it in eval mode without gradients). A consumer
+    deletes each chunk before asking for the next, so that one chunk's activations are held at a time."""
+    taps = [SiteTaps(m, sites, graph, outputs=False) for m in models]
+    for x in model_inputs(models[0], batches(data, max_examples, _device_of(models[0]))):
+        seen[0] += batch_size(x)
+        for start in range(0, batch_size(x), chunk):
+            acts = [tap(take_rows(x, slice(start, start + chunk)))[1] for tap in taps]
+            yield acts
+            del acts
+
+
+def _joint_update(sites: list[Site], cross: bool):
+    """update(m, acts, k): add site k of one chunk's activations [model][site] to m (`Moments.update_joint`)."""
+    return lambda m, acts, k: m.update_joint([a[k] for a in acts], sites[k], cross)
+
+
+def owned_joint_moments(
+    models: Sequence[nn.Module], sites: list[Site], units: list[int], owners: list[int], data: Iterable,
+    max_examples: int | None = 5000, cross: bool = True, chunk: int = 64, graph=None, precision: str | None = None,
+) -> tuple[dict[int, Moments], int, int]:
+    """`joint_moments` under torch.distributed with site ownership: site k (units[k] units per model) is held by
+    rank owners[k] only (`owned_moments`), so each rank holds about 1 / world of the sums.
+
+    Returns ({k: Moments} of the sites this rank owns, examples of all ranks, peak bytes of sums this rank held).
+    """
+    seen = [0]
+    chunks = _joint_chunks(models, sites, data, max_examples, chunk, graph, seen)
+    new = functools.partial(Moments, precision=precision, models=len(models))
+    shapes = [joint_shapes(n, len(models), cross) for n in units]
+    with torch.no_grad(), eval_mode(*models):
+        mine, held = owned_moments(new, chunks, _joint_update(sites, cross), owners, shapes)
+    return mine, all_reduce_count(seen[0]), held
+
+
+def owned_moments(new, chunks: Iterator, update, owners: list[int], shapes: list[dict]) -> tuple[dict[int, Moments], int]:
+    """Sums at K sites under torch.distributed with site ownership: site k's sums are held by rank owners[k] only.
+
+    The ranks step through their `chunks` (this rank's activations, one chunk at a time) together; a rank whose
+    chunks are done takes part with zeros. Per chunk and site, a fresh Moments `new()` takes update(m, chunk, k)
+    about the shift all ranks agreed on from their first chunks (float32 precision: `agreed_shift`); its sums
+    (names and shapes[k]) are reduced to the owner (`reduce_to_owner`), which adds them to its running sums.
+    Returns ({k: Moments} of the sites this rank owns, peak bytes of sums held at once on this rank: the owned
+    sums plus the largest per-chunk buffer).
+    """
+    rank = distributed()[0]
+    mine = {k: new() for k, owner in enumerate(owners) if owner == rank}
+    shifts, transient = [], 0
+    while any_rank(acts := next(chunks, None)):
+        for k, (owner, shape) in enumerate(zip(owners, shapes)):
+            m = new()
+            m.shift = dict(shifts[k]) if k < len(shifts) else {}
+            if acts is not None:
+                update(m, acts, k)
+            if k == len(shifts):  # the first chunk: re-expressed about the shift all ranks agree on
+                shifts.append(m._common_shift({n: shape[n][0] for n in ("x", "y") if n in shape}).shift)
+            n, sums = reduce_to_owner(m, shape, owner)
+            transient = max(transient, sum(t.nelement() * t.element_size() for t in sums.values()))
+            if k in mine:
+                mine[k].add_sums_(n, sums)
+        del acts
+    for k, m in mine.items():
+        m.shift = dict(shifts[k]) if k < len(shifts) else {}
+    return mine, sum(m.nbytes for m in mine.values()) + transient
+
+
+def reduce_to_owner(m: Moments, shapes: dict[str, tuple[int, ...]], owner: int) -> tuple[int, dict[str, torch.Tensor]]:
+    """(samples, sums named as `shapes`) of one chunk's Moments summed over all processes, on rank `owner` (a
+    collective; a rank without some sum passes zeros; the other ranks get partial sums back): the count and
+    the per-unit sums in one reduce, each matrix in one of its own."""
+    dev = reduce_device()
+
+    def local(name):
+        return m.sums[name].to(dev) if name in m.sums else torch.zeros(shapes[name], dtype=torch.float64, device=dev)
+
+    vectors = [k for k, shape in shapes.items() if len(shape) == 1]
+    vec = torch.cat([local(k) for k in vectors] + [torch.tensor([float(m.n)], dtype=torch.float64, device=dev)])
+    dist.reduce(vec, dst=owner)
+    out = dict(zip(vectors, vec[:-1].split([shapes[k][0] for k in vectors])))
+    for k in [k for k in shapes if k not in out]:  # in the same order on every rank
+        out[k] = local(k)
+        dist.reduce(out[k], dst=owner)
+    return int(vec[-1].item()), out

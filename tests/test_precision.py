@@ -482,3 +482,42 @@ def test_joint_statistics_under_a_quarter_budget_equal_one_pass():
     assert all(torch.equal(q, split[1][pair][g]) for pair, qs in one[1].items() for g, q in qs.items())
     for g, value in one[2]["objective"].items():
         assert abs(value - split[2]["objective"][g]) < 1e-10, g
+
+
+JOINT_CASES = [("float64", 3), ("float64", 1), ("float32", 3)]
+
+
+def owned_joint_alignments() -> dict:
+    return {key: owned_joint_alignment(*key) for key in JOINT_CASES}
+
+
+def owned_joint_alignment(precision: str, n_batches: int) -> dict:
+    """align_many of 3 ResNets (universe) on the first n_batches batches: perms, direct matchings, objectives,
+    examples and the bytes of joint sums held."""
+    from onebasin.align.many import align_many
+    from test_merge_many import build, data_for
+
+    models, data = [build("resnet20_bn", s) for s in range(3)], data_for("resnet20_bn")[:n_batches]
+    perms, direct, record = align_many(trace(models[0], data[0]), models, "universe", data=data, precision=precision)
+    return {"perms": perms, "direct": direct, "objective": record["objective"], "examples": record["examples"],
+            "bytes": record["statistics_bytes"]}
+
+
+@pytest.mark.slow
+def test_joint_site_ownership_under_two_gloo_processes_equals_one_process():
+    """align_many under two gloo ranks, each group's joint sums of 3 models held by one rank (partial sums reduced
+    to the owner per chunk): the permutations and direct matchings of one process, objectives to 1e-10 (float64)
+    or 1e-6 (float32), also with uneven shards (3 batches) and a rank that reads no batch (1); each rank holds
+    below 0.6x the bytes of sums one process holds (the owned sums plus its largest per-chunk buffer)."""
+    ranks = gloo_results(owned_joint_alignments)
+    for key in JOINT_CASES:
+        one = owned_joint_alignment(*key)
+        tol = 1e-10 if key[0] == "float64" else 1e-6
+        for got in (r[key] for r in ranks):
+            assert got["examples"] == one["examples"] == 16 * key[1]
+            for i, perms in enumerate(one["perms"]):
+                assert all(torch.equal(got["perms"][i][g], p) for g, p in perms.items()), (key, i)
+            assert all(torch.equal(got["direct"][pair][g], q) for pair, qs in one["direct"].items() for g, q in qs.items())
+            assert got["objective"].keys() == one["objective"].keys()
+            assert all(abs(got["objective"][g] - v) < tol for g, v in one["objective"].items()), key
+            assert got["bytes"] < 0.6 * one["bytes"], (key, got["bytes"], one["bytes"])

@@ -10,17 +10,17 @@ order of a later layer's units, never their values, so every group can be matche
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from ..spec import PermutationSpec
 from ..graph import batch_size, model_inputs, shape_of, take_rows
-from ..distributed import batches, distributed, reduce_device
-from ..stats import Moments, eval_mode, pack_passes
+from ..distributed import batches, distributed, gathered, spread_owners
+from ..stats import Moments, eval_mode, owned_moments, pack_passes, paired_shapes, sum_bytes
 from ..taps import SiteTaps
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
 from ._structured import family_root, solve_families
@@ -141,7 +141,7 @@ def activation_matching(
         peak = max(peak, held)
         part = _solve(spec, moments)
         del moments
-        for got in _gathered(part) if world > 1 else [part]:
+        for got in gathered(part) if world > 1 else [part]:
             for k in solved:
                 solved[k] |= got[k]
     perms = solved["perms"]
@@ -171,13 +171,6 @@ def _solve(spec: PermutationSpec, moments: dict[str, list[Moments]]) -> dict[str
     return out
 
 
-def _gathered(part: dict) -> list[dict]:
-    """Every rank's `_solve` result (all_gather_object: permutations and per-unit statistics only)."""
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return parts
-
-
 def statistics_passes(spec: PermutationSpec, max_memory: int | None) -> list[list[str]]:
     """The groups with sites, packed into passes over the data whose float64 sums (per site: the (n, n) cross
     sums and four (n,) per-unit sums, 8 bytes each) fit in `max_memory` bytes; a family of structured groups
@@ -200,101 +193,47 @@ def aligned_stats(m: Moments, p: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _owned_site_moments(spec, groups, model_a, model_b, data, owners, *, max_examples, device, max_memory, precision):
     """site_moments under torch.distributed with site ownership: every site's sums are held by one rank only
-    (`owners`: group -> rank). The ranks step through their shards together, one row slice at a time (a rank
-    whose shard is done takes part with zeros); each rank's sums of a slice are reduced to the site's owner,
-    which adds them to its running sums. Returns (the owned groups' moments, examples, peak bytes of sums
-    held at once on this rank)."""
-    rank, _ = distributed()
+    (`owners`: group -> rank; `stats.owned_moments`: partial sums of each row slice reduced to the owner).
+    Returns (the owned groups' moments, examples, peak bytes of sums held at once on this rank)."""
     sites = [(g, s) for g in groups for s in g.sites]
-    mine = {k: Moments(paired=True, precision=precision) for k, (g, _) in enumerate(sites) if owners[g.name] == rank}
     taps_a = SiteTaps(model_a, [s for _, s in sites], spec.graph, False)
     taps_b = SiteTaps(model_b, [s for _, s in sites], spec.graph, False)
     rows = _rows_within(spec, [s for _, s in sites], max_memory)
-    dev = device_of(model_a, device)
-    slices = (take_rows(x, slice(i, i + (rows or batch_size(x)))) if rows else x
-              for x in model_inputs(model_a, batches(data, max_examples, dev)) for i in range(0, batch_size(x), rows or batch_size(x)))
-    shifts, examples, transient = None, 0, 0
+    dev, seen = device_of(model_a, device), [0]
+
+    def chunks():
+        for x in model_inputs(model_a, batches(data, max_examples, dev)):
+            seen[0] += batch_size(x)
+            for i in range(0, batch_size(x), rows or batch_size(x)):
+                part = take_rows(x, slice(i, i + rows)) if rows else x
+                acts = (taps_a(part)[1], taps_b(part)[1])
+                yield acts
+                del acts
+
+    def update(m, acts, k):
+        m.update_pair(acts[0][k], acts[1][k], sites[k][1])
+
+    new = functools.partial(Moments, paired=True, precision=precision)
     with torch.no_grad(), eval_mode(model_a, model_b):
-        while _any_rank(part := next(slices, None)):
-            acts_a, acts_b = (taps_a(part)[1], taps_b(part)[1]) if part is not None else (None, None)
-            examples += batch_size(part) if part is not None else 0
-            if shifts is None:
-                shifts = _common_shifts(sites, acts_a, acts_b, precision)
-            for k, (g, s) in enumerate(sites):
-                m = Moments(paired=True, precision=precision)
-                m.shift = dict(shifts[k])
-                if part is not None:
-                    m.update_pair(acts_a[k], acts_b[k], s)
-                n, sums = _reduce_to_owner(m, g.size, owners[g.name])
-                transient = max(transient, sum(t.nelement() * t.element_size() for t in sums.values()))
-                if k in mine:
-                    mine[k].add_sums_(n, sums)
-    for k in mine:
-        mine[k].shift = dict(shifts[k])
-    held = sum(m.nbytes for m in mine.values())
+        mine, held = owned_moments(new, chunks(), update, [owners[g.name] for g, _ in sites],
+                                   [paired_shapes(g.size) for g, _ in sites])
     owned = {}
     for k, (g, _) in enumerate(sites):
         if k in mine:
             owned.setdefault(g.name, []).append(mine[k])
-    return owned, all_reduce_count(examples), held + transient
-
-
-def _any_rank(value) -> bool:
-    """Whether `value` is not None on any process (a collective: every rank calls it)."""
-    flag = torch.tensor([0.0 if value is None else 1.0], dtype=torch.float64, device=reduce_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def _common_shifts(sites, acts_a, acts_b, precision) -> list[dict]:
-    """Per site {"x": c, "y": d}: float32 sums need one shift on every rank, the row-weighted mean of each
-    rank's first slice (all-reduced); float64 sums need none."""
-    probe = Moments(paired=True, precision=precision)
-    if probe.dtype == torch.float64:
-        return [{} for _ in sites]
-    out = []
-    for k, (g, s) in enumerate(sites):
-        units = g.size
-        local = torch.zeros(2 * units + 1, dtype=torch.float64, device=reduce_device())
-        if acts_a is not None:
-            first = Moments(paired=True, precision=precision)  # its shifts: this rank's first slice's means
-            ca, cb = first._block_shift("x", s, acts_a[k]), first._block_shift("y", s, acts_b[k])
-            rows = acts_a[k].numel() // max(acts_a[k].shape[s.dim], 1)
-            local = torch.cat([ca * rows, cb * rows, torch.tensor([float(rows)], dtype=torch.float64)]).to(local.device)
-        dist.all_reduce(local)
-        total = max(local[-1].item(), 1.0)
-        out.append({"x": probe._representable(local[:units].cpu() / total), "y": probe._representable(local[units:2 * units].cpu() / total)})
-    return out
-
-
-def _reduce_to_owner(m: Moments, units: int, owner: int) -> tuple[int, dict[str, torch.Tensor]]:
-    """(samples, {x, xx, y, yy, xy}) of one slice summed over all processes, on the owner (two reduces: the
-    per-unit sums with the count, and the (units, units) cross sums); other ranks get zeros back."""
-    dev = reduce_device()
-    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=dev)  # noqa: E731
-    vec = torch.cat([m.sums.get(k, zeros(units)).to(dev) for k in ("x", "xx", "y", "yy")]
-                    + [torch.tensor([float(m.n)], dtype=torch.float64, device=dev)])
-    cross = m.sums.get("xy", zeros(units, units)).to(dev)
-    dist.reduce(vec, dst=owner)
-    dist.reduce(cross, dst=owner)
-    parts = vec[:-1].view(4, units)
-    return int(vec[-1].item()), {"x": parts[0], "xx": parts[1], "y": parts[2], "yy": parts[3], "xy": cross}
+    return owned, all_reduce_count(seen[0]), held
 
 
 def family_owners(spec: PermutationSpec, groups: list[str], world: int) -> dict[str, int]:
     """group -> rank owning its statistics: whole families, the largest first, each to the rank holding the
-    fewest bytes of sums so far (so each rank holds about 1 / world of them)."""
+    fewest bytes of sums so far (`distributed.spread_owners`: each rank holds about 1 / world of them)."""
     families: dict[str, list[str]] = {}
     for g in groups:
         families.setdefault(family_root(spec, g), []).append(g)
-    load, owners = [0] * world, {}
-    for root, names in sorted(families.items(), key=lambda kv: -_sum_bytes(spec, kv[1])):
-        r = min(range(world), key=load.__getitem__)
-        load[r] += _sum_bytes(spec, names)
-        owners |= {g: r for g in names}
-    return owners
+    owners = spread_owners({root: _sum_bytes(spec, names) for root, names in families.items()}, world)
+    return {g: owners[root] for root, names in families.items() for g in names}
 
 
 def _sum_bytes(spec: PermutationSpec, groups: list[str]) -> int:
     """float64 bytes of the paired sums of these groups' sites: per site (n, n) cross sums and four (n,) sums."""
-    return sum(8 * len(spec.groups[g].sites) * (spec.groups[g].size ** 2 + 4 * spec.groups[g].size) for g in groups)
+    return sum(len(spec.groups[g].sites) * sum_bytes(paired_shapes(spec.groups[g].size)) for g in groups)

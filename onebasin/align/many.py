@@ -56,7 +56,8 @@ import torch.nn as nn
 from ..errors import EmptyDataError, InvalidOptionError, OnebasinError
 from ..permute import Perms, StateDict
 from ..spec import PermutationSpec
-from ..stats import Moments, joint_bytes, joint_moments, pack_passes, takes_precision
+from ..distributed import distributed, gathered, spread_owners
+from ..stats import Moments, joint_moments, joint_shapes, owned_joint_moments, pack_passes, sum_bytes, takes_precision
 from ._registry import assign, matched, weights_of
 from .weight import match_weights, other_axes_permuted
 
@@ -332,45 +333,75 @@ def _weight_perms(spec, models, combiner, max_iter, seed) -> tuple[list[Perms], 
 
 
 def joint_passes(spec: PermutationSpec, n_models: int, max_memory: int | None) -> list[list[str]]:
-    """The groups with sites, packed into passes over the data whose joint sums of N models (`stats.joint_bytes`
-    per site) fit in `max_memory` bytes; a group larger than the budget has a pass of its own. None: one pass."""
-    costs = {g.name: sum(joint_bytes(g.size, n_models) for _ in g.sites) for g in spec.groups.values() if g.sites}
+    """The groups with sites, packed into passes over the data whose joint sums of N models (`_joint_bytes`)
+    fit in `max_memory` bytes; a group larger than the budget has a pass of its own. None: one pass."""
+    costs = {g.name: _joint_bytes(g, n_models) for g in spec.groups.values() if g.sites}
     return pack_passes(costs, max_memory) or [[]]  # no sites: one pass that only counts the examples
+
+
+def _joint_bytes(group, n_models: int) -> int:
+    """float64 bytes of a group's joint sums: per site N(N-1)/2 units^2 cross sums and 2 N units (`joint_shapes`)."""
+    return len(group.sites) * sum_bytes(joint_shapes(group.size, n_models))
 
 
 def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed, max_memory) -> tuple[list[Perms], Pairwise, dict]:
     """Per-group solution from the joint moments: one pass over the data, or several when their sums exceed
-    `max_memory` (`joint_passes`: each pass holds some groups' sums, solved and freed before the next).
+    `max_memory` (`joint_passes`: each pass holds some groups' sums, solved and freed before the next). Under
+    torch.distributed each group's sums are held, and the group solved, by one rank; the solutions are shared.
     Groups without sites are left to the caller."""
-    passes, n_models = joint_passes(spec, len(models), max_memory), len(models)
+    passes, n_models, world = joint_passes(spec, len(models), max_memory), len(models), distributed()[1]
     record = {"objective": {}, "sweeps": {}, "converged": True, "seconds_statistics": 0.0,
               "statistics_passes": len(passes), "statistics_bytes": 0}
     perms: list[Perms] = [{} for _ in models]
     direct: Pairwise = {pair: {} for pair in combinations(range(n_models), 2)}
     for names in passes:
         t0, groups = time.perf_counter(), [spec.groups[g] for g in names]
-        sites = [s for g in groups for s in g.sites]
-        moments, record["examples"] = joint_moments(models, sites, data, max_examples, graph=spec.graph)
+        moments, record["examples"], held = _pass_moments(spec, groups, models, data, max_examples, world)
         record["seconds_statistics"] += time.perf_counter() - t0
-        record["statistics_bytes"] = max(record["statistics_bytes"], sum(m.nbytes for m in moments))
+        record["statistics_bytes"] = max(record["statistics_bytes"], held)
+        solved = {}
         for g in groups:
-            blocks = [_blocks(moments.pop(0), n_models) for _ in g.sites]  # each site's sums freed once read
-            p, sweeps, converged, objective = _solve_group(g.name, blocks, combiner, direct, max_iter, seed)
-            for i in range(n_models):
-                perms[i][g.name] = p[i]
-            record["objective"][g.name], record["sweeps"][g.name] = objective, sweeps
-            record["converged"] &= converged
+            sums = [moments.pop(0) for _ in g.sites]  # each group's sums freed once read into its blocks
+            if sums[0] is not None:  # held, and solved, by this rank
+                solved[g.name] = _solve_group([_blocks(m, n_models) for m in sums], combiner, max_iter, seed)
+        for part in gathered(solved) if world > 1 else [solved]:
+            for name, sol in part.items():
+                _add_solution(name, sol, perms, direct, record)
     return perms, direct, record
 
 
-def _solve_group(name: str, blocks, combiner, direct: Pairwise, max_iter: int, seed: int):
-    """One group from its sites' (cov, std) blocks: its direct pairwise matchings (written into `direct`), then
-    the combiner's (permutation per model, sweeps, converged) and the mean matched correlation per site."""
+def _pass_moments(spec, groups, models, data, max_examples, world) -> tuple[list[Moments | None], int, int]:
+    """(joint moments of the groups' sites, in order; examples; bytes of sums held). Under torch.distributed each
+    group's sums are held by one rank (`distributed.spread_owners`, `stats.owned_joint_moments`): None for the
+    sites of groups another rank holds."""
+    sites = [s for g in groups for s in g.sites]
+    if world == 1:
+        moments, examples = joint_moments(models, sites, data, max_examples, graph=spec.graph)
+        return moments, examples, sum(m.nbytes for m in moments)
+    owners = spread_owners({g.name: _joint_bytes(g, len(models)) for g in groups}, world)
+    site_owners, units = [owners[g.name] for g in groups for _ in g.sites], [g.size for g in groups for _ in g.sites]
+    mine, examples, held = owned_joint_moments(models, sites, units, site_owners, data, max_examples, graph=spec.graph)
+    return [mine.get(k) for k in range(len(sites))], examples, held
+
+
+def _solve_group(blocks, combiner, max_iter: int, seed: int) -> dict:
+    """One group from its sites' (cov, std) blocks: the direct pairwise matchings, the combiner's permutation per
+    model, sweeps and convergence, and the mean matched correlation per site (objective)."""
     corr = sum(_correlation(cov, std) for cov, std in blocks)
-    for i, j in direct:
-        direct[(i, j)][name] = assign(corr[i, j])
-    p, sweeps, converged = combiner.fn(GroupProblem(corr, blocks, {pair: q[name] for pair, q in direct.items()}, max_iter, seed))
-    return p, sweeps, converged, _pairwise_objective(corr, p) / len(blocks)
+    direct = {(i, j): assign(corr[i, j]) for i, j in combinations(range(corr.shape[0]), 2)}
+    p, sweeps, converged = combiner.fn(GroupProblem(corr, blocks, direct, max_iter, seed))
+    return {"perms": p, "direct": direct, "sweeps": sweeps, "converged": converged,
+            "objective": _pairwise_objective(corr, p) / len(blocks)}
+
+
+def _add_solution(name: str, sol: dict, perms: list[Perms], direct: Pairwise, record: dict) -> None:
+    """Write one group's `_solve_group` result into the per-model perms, the direct matchings and the record."""
+    for i, p in enumerate(sol["perms"]):
+        perms[i][name] = p
+    for pair, q in sol["direct"].items():
+        direct[pair][name] = q
+    record["objective"][name], record["sweeps"][name] = sol["objective"], sol["sweeps"]
+    record["converged"] &= sol["converged"]
 
 
 @takes_precision
@@ -396,9 +427,11 @@ def align_many(
             (identity: plain averaging); alignment: "activation" (needs `data`) | "weight".
         data: re-iterable x or (x, y) batches; the first `max_examples` inputs are read once (N forwards each).
         max_iter: sweeps of the iterative methods; seed: their visiting order.
-        max_memory: bytes the joint sums may hold (`stats.joint_bytes`: N(N-1)/2 units^2 per site); above it the
-            statistics take several passes over the data, each holding some groups' sums (`joint_passes`;
-            recorded as statistics_passes, the bytes held as statistics_bytes). None: one pass.
+        max_memory: bytes the joint sums may hold (N(N-1)/2 units^2 float64 per site); above it the statistics
+            take several passes over the data, each holding some groups' sums (`joint_passes`; recorded as
+            statistics_passes, the peak bytes held as statistics_bytes). None: one pass. Under torchrun each
+            group's sums are held by one rank (partial sums reduced to it per chunk), so a rank holds about
+            1 / world of them.
         precision: of the joint statistics ("float32": shifted float32 blocks into float64 sums, ~1e-7 relative
             on covariances; "float64": exact; `stats.joint_moments`); None: the enclosing
             `stats.statistics_precision`, float32 by default.
