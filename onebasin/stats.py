@@ -433,7 +433,8 @@ def joint_moments(
     values shifted by the first rows' per-unit means, the cross sums too, so covariances come from the
     shifted means: `Moments.shifted_mean_x`).
     Conv activations (B, C, H, W) count as B*H*W samples. Models run in eval mode, on at most `chunk` inputs
-    at a time (every site of N models is held at once; the sums do not depend on it). `graph`: the captured
+    at a time (every site of N models is held at once; the sums do not depend on it; None: whole batches;
+    `align_many` sizes it by its memory budget). `graph`: the captured
     graph the sites' node names refer to (`spec.graph`).
     """
     moments = [Moments(precision=precision, models=len(models)) for _ in sites]
@@ -453,8 +454,8 @@ def _joint_chunks(models, sites, data, max_examples, chunk, graph, seen: list[in
     taps = [SiteTaps(m, sites, graph, outputs=False) for m in models]
     for x in model_inputs(models[0], batches(data, max_examples, _device_of(models[0]))):
         seen[0] += batch_size(x)
-        for start in range(0, batch_size(x), chunk):
-            acts = [tap(take_rows(x, slice(start, start + chunk)))[1] for tap in taps]
+        for start in range(0, batch_size(x), chunk or batch_size(x)):
+            acts = [tap(take_rows(x, slice(start, start + chunk)) if chunk else x)[1] for tap in taps]
             yield acts
             del acts
 

@@ -464,8 +464,9 @@ def test_float32_merge_many_gives_float64_permutations(name):
 @pytest.mark.usefixtures("float64_statistics")
 def test_joint_statistics_under_a_quarter_budget_equal_one_pass():
     """align_many (3 ResNets, universe) whose joint sums may take a quarter of their total: several passes over
-    the data, the same permutations, direct matchings and objectives (1e-10) as one pass; the bytes held in one
-    pass are the total of the formula written out here (per site: N(N-1)/2 units^2 cross sums, 2 N units sums)."""
+    the data (each reading slices of 1-7 rows, not whole batches of 16: the same budget bounds the tapped
+    activations), the same permutations, direct matchings and objectives (1e-10) as one pass; the bytes held in
+    one pass are the total of the formula written out here (per site: N(N-1)/2 units^2 cross sums, 2 N units)."""
     from onebasin.align.many import align_many
     from test_merge_many import build, data_for
 

@@ -78,16 +78,16 @@ def site_moments(
     return {g.name: [next(it) for _ in g.sites] for g in groups}, all_reduce_count(examples)
 
 
-def _rows_within(spec: PermutationSpec, sites, max_memory: int | None) -> int | None:
-    """Input rows per slice so that the sites of A and B fit in `max_memory` bytes (from the graph's
-    shapes); None: no slicing (no limit, sites read by hooks, or a graph exported for one batch size)."""
+def _rows_within(spec: PermutationSpec, sites, max_memory: int | None, models: int = 2) -> int | None:
+    """Input rows per slice so that the sites of `models` networks (A and B) fit in `max_memory` bytes (from the
+    graph's shapes); None: no slicing (no limit, sites read by hooks, or a graph exported for one batch size)."""
     graph = spec.graph
     if max_memory is None or graph is None or graph.batch is not None or any(s.node is None for s in sites):
         return None
     per_row, rows = 0, max(batch_size(graph.example), 1)
     for node in {graph.node(s.node) for s in sites}:
         if shape := shape_of(node):  # A's and B's tensor at this node, per input row
-            per_row += 2 * node.meta["val"].element_size() * math.prod(shape) // rows
+            per_row += models * node.meta["val"].element_size() * math.prod(shape) // rows
     return max(1, max_memory // per_row) if per_row else None
 
 

@@ -59,6 +59,7 @@ from ..spec import PermutationSpec
 from ..distributed import distributed, gathered, spread_owners
 from ..stats import Moments, joint_moments, joint_shapes, owned_joint_moments, pack_passes, sum_bytes, takes_precision
 from ._registry import assign, matched, weights_of
+from .activation import _rows_within
 from .weight import match_weights, other_axes_permuted
 
 ALIGNMENTS = ("activation", "weight")
@@ -356,7 +357,7 @@ def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed
     direct: Pairwise = {pair: {} for pair in combinations(range(n_models), 2)}
     for names in passes:
         t0, groups = time.perf_counter(), [spec.groups[g] for g in names]
-        moments, record["examples"], held = _pass_moments(spec, groups, models, data, max_examples, world)
+        moments, record["examples"], held = _pass_moments(spec, groups, models, data, max_examples, max_memory, world)
         record["seconds_statistics"] += time.perf_counter() - t0
         record["statistics_bytes"] = max(record["statistics_bytes"], held)
         solved = {}
@@ -370,17 +371,20 @@ def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed
     return perms, direct, record
 
 
-def _pass_moments(spec, groups, models, data, max_examples, world) -> tuple[list[Moments | None], int, int]:
-    """(joint moments of the groups' sites, in order; examples; bytes of sums held). Under torch.distributed each
+def _pass_moments(spec, groups, models, data, max_examples, max_memory, world) -> tuple[list[Moments | None], int, int]:
+    """(joint moments of the groups' sites, in order; examples; bytes of sums held), read in slices of rows whose
+    tapped activations of the N models fit in `max_memory` (`_rows_within`). Under torch.distributed each
     group's sums are held by one rank (`distributed.spread_owners`, `stats.owned_joint_moments`): None for the
     sites of groups another rank holds."""
     sites = [s for g in groups for s in g.sites]
+    chunk = _rows_within(spec, sites, max_memory, len(models))  # None: whole batches
     if world == 1:
-        moments, examples = joint_moments(models, sites, data, max_examples, graph=spec.graph)
+        moments, examples = joint_moments(models, sites, data, max_examples, chunk=chunk, graph=spec.graph)
         return moments, examples, sum(m.nbytes for m in moments)
     owners = spread_owners({g.name: _joint_bytes(g, len(models)) for g in groups}, world)
     site_owners, units = [owners[g.name] for g in groups for _ in g.sites], [g.size for g in groups for _ in g.sites]
-    mine, examples, held = owned_joint_moments(models, sites, units, site_owners, data, max_examples, graph=spec.graph)
+    mine, examples, held = owned_joint_moments(models, sites, units, site_owners, data, max_examples, chunk=chunk,
+                                               graph=spec.graph)
     return [mine.get(k) for k in range(len(sites))], examples, held
 
 
@@ -429,9 +433,10 @@ def align_many(
         max_iter: sweeps of the iterative methods; seed: their visiting order.
         max_memory: bytes the joint sums may hold (N(N-1)/2 units^2 float64 per site); above it the statistics
             take several passes over the data, each holding some groups' sums (`joint_passes`; recorded as
-            statistics_passes, the peak bytes held as statistics_bytes). None: one pass. Under torchrun each
-            group's sums are held by one rank (partial sums reduced to it per chunk), so a rank holds about
-            1 / world of them.
+            statistics_passes, the peak bytes held as statistics_bytes), and a batch whose tapped activations
+            of the N models would exceed it runs in slices of rows. None: one pass, whole batches. Under
+            torchrun each group's sums are held by one rank (partial sums reduced to it per chunk), so a rank
+            holds about 1 / world of them.
         precision: of the joint statistics ("float32": shifted float32 blocks into float64 sums, ~1e-7 relative
             on covariances; "float64": exact; `stats.joint_moments`); None: the enclosing
             `stats.statistics_precision`, float32 by default.
