@@ -30,7 +30,7 @@ import torch.nn as nn
 from .checks import eval_mode  # noqa: F401  (re-exported: statistics run models in eval mode)
 from .distributed import all_reduce_count, any_rank, batches, distributed, reduce_device
 from .errors import OnebasinError
-from .graph import batch_size, model_inputs, take_rows
+from .graph import batch_size, model_inputs, shape_of, take_rows
 from .spec import Site
 from .sums import _accumulate, _samples, accumulate_product, full_float32_matmul, joint_matrix, paired_sums, unit_sums
 from .taps import SiteTaps
@@ -416,6 +416,19 @@ def pack_passes(costs: dict[str, int], max_memory: int | None) -> list[list[str]
         passes[-1].append(key)
         used += cost
     return passes
+
+
+def rows_per_slice(graph, sites: list[Site], max_memory: int | None, models: int = 2) -> int | None:
+    """Input rows per slice so that the tapped activations of `models` networks at `sites` fit in `max_memory` bytes
+    (from the shapes of the captured `graph`; at least 1). None: whole batches (no limit, sites read by hooks, no
+    graph, or a graph exported for one batch size)."""
+    if max_memory is None or graph is None or graph.batch is not None or any(s.node is None for s in sites):
+        return None
+    per_row, rows = 0, max(batch_size(graph.example), 1)
+    for node in {graph.node(s.node) for s in sites}:
+        if shape := shape_of(node):  # every model's tensor at this node, per input row
+            per_row += models * node.meta["val"].element_size() * math.prod(shape) // rows
+    return max(1, max_memory // per_row) if per_row else None
 
 
 def joint_moments(

@@ -539,7 +539,8 @@ def test_statistics_in_row_slices_equal_whole_batches():
     """Activation matching's paired sums with a memory budget of a few rows (every batch run in slices)
     give the means, variances and cross-covariances of numpy on A's and B's hooked activations (float64,
     1e-10), and the slices really happen (3 rows at a time)."""
-    from onebasin.align.activation import _rows_within, site_moments
+    from onebasin.align.activation import site_moments
+    from onebasin.stats import rows_per_slice
 
     torch.manual_seed(0)
     a, b = ResNet20ish("bn").double().eval(), ResNet20ish("bn").double().eval()
@@ -547,7 +548,7 @@ def test_statistics_in_row_slices_equal_whole_batches():
     spec = trace(a, data[0])
     sites = [s for g in spec.groups.values() for s in g.sites]
     per_row = 2 * 8 * sum(torch.Size(spec.graph.node(n).meta["val"].shape[1:]).numel() for n in {s.node for s in sites})
-    assert _rows_within(spec, sites, 3 * per_row) == 3
+    assert rows_per_slice(spec.graph, sites, 3 * per_row) == 3
     sliced, n = site_moments(spec, a, b, data, max_examples=None, max_memory=3 * per_row)
     assert n == 40
     x = torch.cat(data)

@@ -11,16 +11,15 @@ order of a later layer's units, never their values, so every group can be matche
 from __future__ import annotations
 
 import functools
-import math
 import time
 
 import torch
 import torch.nn as nn
 
 from ..spec import PermutationSpec
-from ..graph import batch_size, model_inputs, shape_of, take_rows
+from ..graph import batch_size, model_inputs, take_rows
 from ..distributed import batches, distributed, gathered, spread_owners
-from ..stats import Moments, eval_mode, owned_moments, pack_passes, paired_shapes, sum_bytes
+from ..stats import Moments, eval_mode, owned_moments, pack_passes, paired_shapes, rows_per_slice, sum_bytes
 from ..taps import SiteTaps
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
 from ._structured import family_root, solve_families
@@ -60,7 +59,7 @@ def site_moments(
     sites = [s for g in groups for s in g.sites]
     taps_a, taps_b = SiteTaps(model_a, sites, spec.graph, False), SiteTaps(model_b, sites, spec.graph, False)
     moments = [Moments(paired=True, precision=precision) for _ in sites]
-    rows = _rows_within(spec, sites, max_memory)
+    rows = rows_per_slice(spec.graph, sites, max_memory)
     examples = 0
     with torch.no_grad(), eval_mode(model_a, model_b):
         for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
@@ -76,19 +75,6 @@ def site_moments(
         m.all_reduce_()
     it = iter(moments)
     return {g.name: [next(it) for _ in g.sites] for g in groups}, all_reduce_count(examples)
-
-
-def _rows_within(spec: PermutationSpec, sites, max_memory: int | None, models: int = 2) -> int | None:
-    """Input rows per slice so that the sites of `models` networks (A and B) fit in `max_memory` bytes (from the
-    graph's shapes); None: no slicing (no limit, sites read by hooks, or a graph exported for one batch size)."""
-    graph = spec.graph
-    if max_memory is None or graph is None or graph.batch is not None or any(s.node is None for s in sites):
-        return None
-    per_row, rows = 0, max(batch_size(graph.example), 1)
-    for node in {graph.node(s.node) for s in sites}:
-        if shape := shape_of(node):  # A's and B's tensor at this node, per input row
-            per_row += models * node.meta["val"].element_size() * math.prod(shape) // rows
-    return max(1, max_memory // per_row) if per_row else None
 
 
 def correlation_matrix(moments: list[Moments]) -> torch.Tensor:
@@ -198,7 +184,7 @@ def _owned_site_moments(spec, groups, model_a, model_b, data, owners, *, max_exa
     sites = [(g, s) for g in groups for s in g.sites]
     taps_a = SiteTaps(model_a, [s for _, s in sites], spec.graph, False)
     taps_b = SiteTaps(model_b, [s for _, s in sites], spec.graph, False)
-    rows = _rows_within(spec, [s for _, s in sites], max_memory)
+    rows = rows_per_slice(spec.graph, [s for _, s in sites], max_memory)
     dev, seen = device_of(model_a, device), [0]
 
     def chunks():

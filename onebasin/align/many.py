@@ -57,9 +57,8 @@ from ..errors import EmptyDataError, InvalidOptionError, OnebasinError
 from ..permute import Perms, StateDict
 from ..spec import PermutationSpec
 from ..distributed import distributed, gathered, spread_owners
-from ..stats import Moments, joint_moments, joint_shapes, owned_joint_moments, pack_passes, sum_bytes, takes_precision
+from ..stats import Moments, joint_moments, joint_shapes, owned_joint_moments, pack_passes, rows_per_slice, sum_bytes, takes_precision
 from ._registry import assign, matched, weights_of
-from .activation import _rows_within
 from .weight import match_weights, other_axes_permuted
 
 ALIGNMENTS = ("activation", "weight")
@@ -373,11 +372,11 @@ def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed
 
 def _pass_moments(spec, groups, models, data, max_examples, max_memory, world) -> tuple[list[Moments | None], int, int]:
     """(joint moments of the groups' sites, in order; examples; bytes of sums held), read in slices of rows whose
-    tapped activations of the N models fit in `max_memory` (`_rows_within`). Under torch.distributed each
+    tapped activations of the N models fit in `max_memory` (`stats.rows_per_slice`). Under torch.distributed each
     group's sums are held by one rank (`distributed.spread_owners`, `stats.owned_joint_moments`): None for the
     sites of groups another rank holds."""
     sites = [s for g in groups for s in g.sites]
-    chunk = _rows_within(spec, sites, max_memory, len(models))  # None: whole batches
+    chunk = rows_per_slice(spec.graph, sites, max_memory, len(models))  # None: whole batches
     if world == 1:
         moments, examples = joint_moments(models, sites, data, max_examples, chunk=chunk, graph=spec.graph)
         return moments, examples, sum(m.nbytes for m in moments)
