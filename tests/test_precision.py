@@ -478,6 +478,9 @@ def test_joint_statistics_under_a_quarter_budget_equal_one_pass():
     assert one[2]["statistics_passes"] == 1 and one[2]["statistics_bytes"] == whole
     assert split[2]["statistics_passes"] > 1 and split[2]["statistics_bytes"] < whole
     assert split[2]["examples"] == one[2]["examples"] == 64
+    assert one[2]["statistics_rows"] == [None]
+    assert len(split[2]["statistics_rows"]) == split[2]["statistics_passes"]
+    assert all(1 <= rows <= 7 for rows in split[2]["statistics_rows"]), split[2]["statistics_rows"]
     for i in range(3):
         assert all(torch.equal(one[0][i][g], split[0][i][g]) for g in spec.groups), i
     assert all(torch.equal(q, split[1][pair][g]) for pair, qs in one[1].items() for g, q in qs.items())

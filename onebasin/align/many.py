@@ -351,12 +351,14 @@ def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed
     Groups without sites are left to the caller."""
     passes, n_models, world = joint_passes(spec, len(models), max_memory), len(models), distributed()[1]
     record = {"objective": {}, "sweeps": {}, "converged": True, "seconds_statistics": 0.0,
-              "statistics_passes": len(passes), "statistics_bytes": 0}
+              "statistics_passes": len(passes), "statistics_bytes": 0, "statistics_rows": []}
     perms: list[Perms] = [{} for _ in models]
     direct: Pairwise = {pair: {} for pair in combinations(range(n_models), 2)}
     for names in passes:
         t0, groups = time.perf_counter(), [spec.groups[g] for g in names]
-        moments, record["examples"], held = _pass_moments(spec, groups, models, data, max_examples, max_memory, world)
+        rows = rows_per_slice(spec.graph, [s for g in groups for s in g.sites], max_memory, n_models)
+        record["statistics_rows"].append(rows)
+        moments, record["examples"], held = _pass_moments(spec, groups, models, data, max_examples, rows, world)
         record["seconds_statistics"] += time.perf_counter() - t0
         record["statistics_bytes"] = max(record["statistics_bytes"], held)
         solved = {}
@@ -370,13 +372,11 @@ def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed
     return perms, direct, record
 
 
-def _pass_moments(spec, groups, models, data, max_examples, max_memory, world) -> tuple[list[Moments | None], int, int]:
-    """(joint moments of the groups' sites, in order; examples; bytes of sums held), read in slices of rows whose
-    tapped activations of the N models fit in `max_memory` (`stats.rows_per_slice`). Under torch.distributed each
-    group's sums are held by one rank (`distributed.spread_owners`, `stats.owned_joint_moments`): None for the
-    sites of groups another rank holds."""
+def _pass_moments(spec, groups, models, data, max_examples, chunk, world) -> tuple[list[Moments | None], int, int]:
+    """(joint moments of the groups' sites, in order; examples; bytes of sums held), read `chunk` input rows at a
+    time (None: whole batches). Under torch.distributed each group's sums are held by one rank
+    (`distributed.spread_owners`, `stats.owned_joint_moments`): None for the sites of groups another rank holds."""
     sites = [s for g in groups for s in g.sites]
-    chunk = rows_per_slice(spec.graph, sites, max_memory, len(models))  # None: whole batches
     if world == 1:
         moments, examples = joint_moments(models, sites, data, max_examples, chunk=chunk, graph=spec.graph)
         return moments, examples, sum(m.nbytes for m in moments)
@@ -443,7 +443,8 @@ def align_many(
         (perms: one {group: LongTensor (n,)} per model, universe unit u = unit perms[i][g][u] of model i, in
          model 0's unit order (perms[0] is the identity: `in_model0_order`);
          direct pairwise matchings {(i, j): perms}, i < j; record: sweeps, converged, objective per group, examples,
-         statistics_passes, statistics_bytes).
+         statistics_passes, statistics_bytes, statistics_rows (input rows per slice in each pass, None: whole
+         batches)).
         Activation alignment matches groups without sites by weight (MergeMany sweeps over those groups only).
     """
     combiner = None if method == "none" else get_combiner(method)
