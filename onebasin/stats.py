@@ -418,12 +418,17 @@ def pack_passes(costs: dict[str, int], max_memory: int | None) -> list[list[str]
     return passes
 
 
-def rows_per_slice(graph, sites: list[Site], max_memory: int | None, models: int = 2) -> int | None:
+def rows_per_slice(
+    graph, sites: list[Site], max_memory: int | None, models: int = 2, unknown: int | None = None,
+) -> int | None:
     """Input rows per slice so that the tapped activations of `models` networks at `sites` fit in `max_memory` bytes
-    (from the shapes of the captured `graph`; at least 1). None: whole batches (no limit, sites read by hooks, no
-    graph, or a graph exported for one batch size)."""
-    if max_memory is None or graph is None or graph.batch is not None or any(s.node is None for s in sites):
+    (from the shapes of the captured `graph`; at least 1). None: whole batches (no limit, or a graph exported for
+    one batch size). Sites read by hooks, or no graph: their sizes are unknown, so `unknown` rows (None: whole
+    batches)."""
+    if max_memory is None or (graph is not None and graph.batch is not None):
         return None
+    if graph is None or any(s.node is None for s in sites):
+        return unknown
     per_row, rows = 0, max(batch_size(graph.example), 1)
     for node in {graph.node(s.node) for s in sites}:
         if shape := shape_of(node):  # every model's tensor at this node, per input row

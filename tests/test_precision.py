@@ -488,6 +488,42 @@ def test_joint_statistics_under_a_quarter_budget_equal_one_pass():
         assert abs(value - split[2]["objective"][g]) < 1e-10, g
 
 
+@pytest.mark.usefixtures("float64_statistics")
+def test_joint_statistics_of_hooked_sites_under_a_budget_run_in_64_row_slices():
+    """align_many with a hand-written spec (sites read by hooks: no shapes to size the slices by) and a memory
+    budget runs every model on at most 64 input rows at a time, counted by a hook on each model's input (batches
+    of 100 rows; before, whole batches held the N models' activations at every site); no budget: whole batches.
+    Both give the same permutations and objectives (1e-10). A graph exported for one batch size keeps whole batches."""
+    import dataclasses
+
+    from onebasin.align.many import align_many
+    from onebasin.spec import from_groups
+    from onebasin.stats import rows_per_slice
+    from test_merge_many import build
+
+    models = [build("mlp", s) for s in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(100, 12, generator=gen, dtype=torch.float64) for _ in range(2)]
+    layers = {"h0": "1", "h1": "3", "h2": "5"}
+    members = {g: [(f"{m}.weight", 0), (f"{m}.bias", 0), (f"{int(m) + 2}.weight", 1)] for g, m in layers.items()}
+    spec = from_groups(members, models[0].state_dict(), sites={g: [m] for g, m in layers.items()})
+    seen = {}
+    for i, m in enumerate(models):
+        m.register_forward_pre_hook(lambda _, args, i=i: seen.setdefault(i, []).append(len(args[0])))
+    budget = align_many(spec, models, "universe", data=data, max_memory=1 << 30)
+    assert all(max(rows) <= 64 and sum(rows) == 200 for rows in seen.values()), seen
+    assert budget[2]["statistics_rows"] == [64]
+    seen.clear()
+    whole = align_many(spec, models, "universe", data=data, max_memory=None)
+    assert all(rows == [100, 100] for rows in seen.values()) and whole[2]["statistics_rows"] == [None]
+    for i in range(3):
+        assert all(torch.equal(whole[0][i][g], budget[0][i][g]) for g in spec.groups), i
+    assert all(abs(v - budget[2]["objective"][g]) < 1e-10 for g, v in whole[2]["objective"].items())
+    traced = trace(models[0], data[0])
+    sites = [s for g in traced.groups.values() for s in g.sites]
+    assert rows_per_slice(dataclasses.replace(traced.graph, batch=100), sites, 1, 3, 64) is None
+
+
 JOINT_CASES = [("float64", 3), ("float64", 1), ("float32", 3)]
 
 

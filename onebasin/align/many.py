@@ -332,6 +332,9 @@ def _weight_perms(spec, models, combiner, max_iter, seed) -> tuple[list[Perms], 
     return perms, direct, {"sweeps": sweeps, "converged": converged}
 
 
+UNSIZED_ROWS = 64  # input rows per slice under a memory budget when the sites' sizes are unknown (read by hooks)
+
+
 def joint_passes(spec: PermutationSpec, n_models: int, max_memory: int | None) -> list[list[str]]:
     """The groups with sites, packed into passes over the data whose joint sums of N models (`_joint_bytes`)
     fit in `max_memory` bytes; a group larger than the budget has a pass of its own. None: one pass."""
@@ -356,7 +359,7 @@ def _activation_perms(spec, models, data, combiner, max_examples, max_iter, seed
     direct: Pairwise = {pair: {} for pair in combinations(range(n_models), 2)}
     for names in passes:
         t0, groups = time.perf_counter(), [spec.groups[g] for g in names]
-        rows = rows_per_slice(spec.graph, [s for g in groups for s in g.sites], max_memory, n_models)
+        rows = rows_per_slice(spec.graph, [s for g in groups for s in g.sites], max_memory, n_models, UNSIZED_ROWS)
         record["statistics_rows"].append(rows)
         moments, record["examples"], held = _pass_moments(spec, groups, models, data, max_examples, rows, world)
         record["seconds_statistics"] += time.perf_counter() - t0
@@ -433,7 +436,9 @@ def align_many(
         max_memory: bytes the joint sums may hold (N(N-1)/2 units^2 float64 per site); above it the statistics
             take several passes over the data, each holding some groups' sums (`joint_passes`; recorded as
             statistics_passes, the peak bytes held as statistics_bytes), and a batch whose tapped activations
-            of the N models would exceed it runs in slices of rows. None: one pass, whole batches. Under
+            of the N models would exceed it runs in slices of rows (`stats.rows_per_slice`; 64 rows when the
+            sites are read by hooks, whose sizes are unknown; whole batches when the graph was exported for one
+            batch size). None: one pass, whole batches. Under
             torchrun each group's sums are held by one rank (partial sums reduced to it per chunk), so a rank
             holds about 1 / world of them.
         precision: of the joint statistics ("float32": shifted float32 blocks into float64 sums, ~1e-7 relative
