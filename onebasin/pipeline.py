@@ -292,6 +292,7 @@ def merge_many(
     seed: int = 0,
     perms: list[Perms] | None = None,
     sites: Iterable[str] = ("layer", "block"),
+    max_memory: int | None = 1 << 30,
     precision: str | None = None,
 ) -> tuple[nn.Module, ManyResult]:
     """Merge N networks of one architecture into one: align into a universe, average, correct.
@@ -315,6 +316,10 @@ def merge_many(
         perms: one {group: LongTensor} per model (e.g. `result.perms` of an earlier call) to use instead of
             aligning; `method` is then only recorded, and the pairwise measures are None.
         sites: the REPAIR site kinds, as `merge`'s ("layer", "block"; ("layer",) keeps model 0's class).
+        max_memory: bytes the alignment's joint sums may hold (N(N-1)/2 units^2 float64 per site); above it the
+            statistics take several passes over the data, each holding some groups' sums, and a batch whose tapped
+            activations of the N models would exceed it runs in slices of rows (`align_many`'s max_memory; recorded
+            as statistics_passes, statistics_bytes and statistics_rows). None: one pass, whole batches.
         precision: of every statistic, as `merge`'s: the joint statistics of the N models (alignment and the
             N-way REPAIR goals, `stats.joint_moments`) and REPAIR's corrections.
     Returns:
@@ -341,7 +346,7 @@ def merge_many(
     spec = spec or trace(models[0], example)
     if perms is None:
         perms, direct, record = align_many(spec, models, method, alignment, data, max_examples=max_examples,
-                                           max_iter=max_iter, seed=seed, precision=precision)
+                                           max_iter=max_iter, seed=seed, max_memory=max_memory, precision=precision)
     else:
         check_perm_list(spec, perms, len(models))
         direct, record = {}, {"given_perms": True}

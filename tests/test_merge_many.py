@@ -64,6 +64,19 @@ def test_permuted_copies_merge_back_exactly(name, method, alignment):
     assert result.cycle_consistency == result.pairwise_consistency == result.pairwise_agreement == 1.0
 
 
+@pytest.mark.usefixtures("float64_statistics")
+def test_merge_many_passes_max_memory_to_its_joint_statistics():
+    """merge_many(max_memory=1 byte) takes one pass over the data per group with sites (3 for the MLP), in slices of
+    one row, and merges to the weights of the default budget (one pass of whole batches of 16) within 1e-10."""
+    models, data = [build("mlp", s) for s in range(3)], data_for("mlp")
+    one, r1 = onebasin.merge_many(models, data=data)
+    tiny, r2 = onebasin.merge_many(models, data=data, max_memory=1)
+    assert r1.record["statistics_passes"] == 1 and r1.record["statistics_rows"][0] >= 16
+    assert r2.record["statistics_passes"] == 3 and r2.record["statistics_rows"] == [1, 1, 1]
+    a, b = one.state_dict(), tiny.state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-10) for k in a)
+
+
 @pytest.mark.parametrize("method", list_combiners())
 def test_two_models_are_matched_and_averaged_as_numpy_and_scipy_do_it_by_hand(method):
     """With N = 2 every method is pairwise activation matching: against an oracle written from scratch, the correlation
