@@ -534,8 +534,10 @@ def owned_moments(new, chunks: Iterator, update, owners: list[int], shapes: list
 
 def reduce_to_owner(m: Moments, shapes: dict[str, tuple[int, ...]], owner: int) -> tuple[int, dict[str, torch.Tensor]]:
     """(samples, sums named as `shapes`) of one chunk's Moments summed over all processes, on rank `owner` (a
-    collective; a rank without some sum passes zeros; the other ranks get partial sums back): the count and
-    the per-unit sums in one reduce, each matrix in one of its own."""
+    collective; a rank without some sum passes zeros): the count and the per-unit sums in one reduce, each matrix
+    in one of its own. Only the owner's result is defined: on the other ranks the returned count and sums are
+    unspecified (dist.reduce). `m` is consumed: its matrices are reduced in place (no copy where they already lie
+    on the reduce device), so afterwards its sums are no longer this rank's chunk on any rank."""
     dev = reduce_device()
 
     def local(name):
