@@ -318,8 +318,9 @@ def merge_many(
         sites: the REPAIR site kinds, as `merge`'s ("layer", "block"; ("layer",) keeps model 0's class).
         max_memory: bytes the alignment's joint sums may hold (N(N-1)/2 units^2 float64 per site); above it the
             statistics take several passes over the data, each holding some groups' sums, and a batch whose tapped
-            activations of the N models would exceed it runs in slices of rows (`align_many`'s max_memory; recorded
-            as statistics_passes, statistics_bytes and statistics_rows). None: one pass, whole batches.
+            activations of the N models would exceed it runs in slices of rows (each bounded by it: the peak is about
+            twice it; `align_many`'s max_memory; recorded as statistics_passes, statistics_bytes and statistics_rows).
+            None: one pass, whole batches.
         precision: of every statistic, as `merge`'s: the joint statistics of the N models (alignment and the
             N-way REPAIR goals, `stats.joint_moments`) and REPAIR's corrections.
     Returns:

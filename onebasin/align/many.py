@@ -438,9 +438,10 @@ def align_many(
             statistics_passes, the peak bytes held as statistics_bytes), and a batch whose tapped activations
             of the N models would exceed it runs in slices of rows (`stats.rows_per_slice`; 64 rows when the
             sites are read by hooks, whose sizes are unknown; whole batches when the graph was exported for one
-            batch size). None: one pass, whole batches. Under
-            torchrun each group's sums are held by one rank (partial sums reduced to it per chunk), so a rank
-            holds about 1 / world of them.
+            batch size). None: one pass, whole batches. The sums and the activations are each bounded by it, so
+            the peak is about twice max_memory (plus the models). Under torchrun each group's sums are held by one
+            rank (partial sums reduced to it per chunk), so a rank holds about 1 / world of them; the passes are
+            still packed by the total of the sums, not one rank's share.
         precision: of the joint statistics ("float32": shifted float32 blocks into float64 sums, ~1e-7 relative
             on covariances; "float64": exact; `stats.joint_moments`); None: the enclosing
             `stats.statistics_precision`, float32 by default.
