@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from _circuits import expand_pair
 from onebasin.align import align
 from onebasin.checkpoint import load_model
 from onebasin.diagnostics import variance_ratios
@@ -102,12 +103,15 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
     a, b = endpoints(pair, Path(args.cache))
     n_calib, n_test = args.calib or PAIRS[pair][3], args.test or PAIRS[pair][4]
     loaders, calib = data(pair, args.data_dir, n_calib, n_test)
-    spec = trace(a, calib[0][0][:64] if isinstance(calib[0], (tuple, list)) else calib[0])
+    first = calib[0][0][:64] if isinstance(calib[0], (tuple, list)) else calib[0]
+    spec = trace(a, first)
     done = {(r["pair"], r["method"], r["correction"]) for r in rows}
     learned = dict(kv.split("=") for kv in args.learned.split(",") if kv)
     learned = {k: v if v.isalpha() else json.loads(v) for k, v in learned.items()}  # init=identity, epochs=2, lr=1e-2
+    circuits = args.circuits and pair != "mlp"
     for method in methods(pair):
-        if all((pair, method, c) in done for c in ("none", "repair")):
+        names = [method] + ([f"{method}:circuits"] if circuits else [])
+        if all((pair, m, c) in done for m in names for c in ("none", "repair")):
             continue
         t0 = time.perf_counter()
         if method == "none":
@@ -117,26 +121,37 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
             b_m, result = align(a, b, name, calib, spec=spec, max_examples=n_calib, precision=args.precision, **options)
             a_m, record = (result.models[0] if result.models is not None else a), result.record
         align_s = time.perf_counter() - t0
-        for correction in ("none", "repair"):
-            if (pair, method, correction) in done:
-                continue
-            t1 = time.perf_counter()
-            alphas = args.repair_alphas if correction == "repair" else ALPHAS
-            curve = barrier_curve(a_m, b_m, loaders, alphas, "repair_exact" if correction == "repair" else None,
-                                  calib_data=calib, max_examples=n_calib, spec=spec, sites=SITES, precision=args.precision)
-            mid = alphas.index(0.5)
-            loss = curve.loss["test"]
-            row = {"pair": pair, "method": method, "correction": correction,
-                   "loss_a": loss[0], "loss_b": loss[-1], "mid_loss": loss[mid], "loss_barrier": curve.barrier("test", "loss"),
-                   "acc_a": curve.acc["test"][0], "acc_b": curve.acc["test"][-1], "mid_acc": curve.acc["test"][mid],
-                   "mid_bpc": loss[mid] / math.log(2), "align_s": round(align_s, 1), "curve_s": round(time.perf_counter() - t1, 1),
-                   "losses": " ".join(f"{v:.4f}" for v in loss), "alphas": " ".join(f"{v:g}" for v in alphas), "calib": n_calib, "test": n_test,
-                   "epoch_s": round(epoch_seconds(pair, Path(args.cache)), 1), "steps": record.get("steps", ""),
-                   "chosen": record.get("chosen", ""), "precision": args.precision}  # fmt: skip
-            rows.append(row)
-            write_csv(OUT / "results.csv", rows)
-            print(f"{pair} {method:>10} {correction:>6}: mid loss {row['mid_loss']:.4f} (endpoints {loss[0]:.4f}, "
-                  f"{loss[-1]:.4f}), barrier {row['loss_barrier']:.4f}, mid acc {row['mid_acc']:.4f}, align {align_s:.0f} s")
+        pairs = {method: (a_m, b_m, spec)}
+        if circuits:
+            wide = expand_pair(a_m, b_m)
+            pairs[f"{method}:circuits"] = (*wide, trace(wide[0], first))
+        for row_name, (m_a, m_b, m_spec) in pairs.items():
+            for correction in ("none", "repair"):
+                if (pair, row_name, correction) not in done:
+                    row = curve_row(pair, row_name, correction, m_a, m_b, m_spec, loaders, calib, args, align_s, record)
+                    rows.append(row)
+                    write_csv(OUT / "results.csv", rows)
+
+
+def curve_row(pair, method, correction, a_m, b_m, spec, loaders, calib, args, align_s, record) -> dict:
+    """One row of results.csv: the barrier curve of (a_m, b_m), REPAIRed or not, and what it cost."""
+    n_calib, n_test = args.calib or PAIRS[pair][3], args.test or PAIRS[pair][4]
+    t1 = time.perf_counter()
+    alphas = args.repair_alphas if correction == "repair" else ALPHAS
+    curve = barrier_curve(a_m, b_m, loaders, alphas, "repair_exact" if correction == "repair" else None,
+                          calib_data=calib, max_examples=n_calib, spec=spec, sites=SITES, precision=args.precision)
+    mid = alphas.index(0.5)
+    loss = curve.loss["test"]
+    row = {"pair": pair, "method": method, "correction": correction,
+           "loss_a": loss[0], "loss_b": loss[-1], "mid_loss": loss[mid], "loss_barrier": curve.barrier("test", "loss"),
+           "acc_a": curve.acc["test"][0], "acc_b": curve.acc["test"][-1], "mid_acc": curve.acc["test"][mid],
+           "mid_bpc": loss[mid] / math.log(2), "align_s": round(align_s, 1), "curve_s": round(time.perf_counter() - t1, 1),
+           "losses": " ".join(f"{v:.4f}" for v in loss), "alphas": " ".join(f"{v:g}" for v in alphas), "calib": n_calib, "test": n_test,
+           "epoch_s": round(epoch_seconds(pair, Path(args.cache)), 1), "steps": record.get("steps", ""),
+           "chosen": record.get("chosen", ""), "precision": args.precision, "options": args.learned if "learned" in method else ""}  # fmt: skip
+    print(f"{pair} {method:>10} {correction:>6}: mid loss {row['mid_loss']:.4f} (endpoints {loss[0]:.4f}, "
+          f"{loss[-1]:.4f}), barrier {row['loss_barrier']:.4f}, mid acc {row['mid_acc']:.4f}, align {align_s:.0f} s")
+    return row
 
 
 def variance_study(pair: str, args) -> None:
@@ -198,6 +213,8 @@ def main() -> None:
     p.add_argument("--repair-alphas", default=",".join(f"{a:g}" for a in ALPHAS),
                    type=lambda v: [float(a) for a in v.split(",")], help="alphas of the REPAIRed curves (default: all 11)")
     p.add_argument("--learned", default="", help="options of the learned rows, e.g. epochs=2,lr=0.1")
+    p.add_argument("--circuits", action="store_true", help="also each transformer row in Theus et al.'s merge space: every "
+                   "head's QK and OV circuits interpolated (_circuits.py; rows '<method>:circuits')")
     p.add_argument("--precision", default="float32", choices=["float32", "float64"], help="of every statistic")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="only print results.csv as markdown and redraw the plots")

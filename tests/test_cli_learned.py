@@ -89,11 +89,12 @@ def test_demo_untie_lets_orthogonal_and_learned_align_the_tied_gpt(tmp_path, mon
     assert report["alignment"]["untied"] == ["lm_head.weight"] and report["run"]["experiment"]["align_options"] == {"untie": True}
     assert all(e["cached"] for e in report["run"]["endpoints"])  # the endpoints above, not trained anew
     code, _, err = run_cli([*demo, "--method", "learned", "--untie", "--learned-steps", "3", "--learned-lr", "0.01",
-                            "--learned-batch-size", "8", "--out", tmp_path / "l"], capsys)
+                            "--learned-stream-lr", "0.002", "--learned-batch-size", "8", "--out", tmp_path / "l"], capsys)
     assert code == 0, err
     record = json.loads((tmp_path / "l" / "report.json").read_text())["alignment"]
     assert record["untied"] == ["lm_head.weight"] and record["orthogonal"]  # the stream is mapped: the gain folded
     assert record["steps"] == 3 and len(record["loss"]) == 3 and record["lr"] == 0.01 and record["batch_size"] == 8
+    assert record["stream_lr"] == 0.002
     assert record["examples"] == 32
 
 
@@ -107,6 +108,9 @@ BAD = [
     (["--method", "learned", "--learned-lr", "0"], "--learned-lr"),
     (["--method", "learned", "--learned-lr", "nan"], "--learned-lr"),
     (["--method", "learned", "--learned-lr", "-inf"], "--learned-lr"),
+    (["--method", "learned", "--learned-stream-lr", "0"], "--learned-stream-lr"),
+    (["--method", "learned", "--learned-stream-lr", "nan"], "--learned-stream-lr"),
+    (["--method", "orthogonal", "--learned-stream-lr", "0.1"], "--learned-stream-lr"),
     (["--method", "learned", "--learned-batch-size", "0"], "--learned-batch-size"),
     (["--method", "learned", "--learned-init", "random"], "--learned-init"),
     (["--method", "learned", "--learned-epochs", "1", "--learned-steps", "3"], "--learned-steps"),
@@ -155,6 +159,7 @@ def test_the_cli_offers_every_start_of_learned_matching():
     ("weight", {"steps": 3}, r"method 'weight' takes no align_options \['steps'\]"),
     ("learned", {"steps": 0}, r"learned matching: steps must be an integer >= 1"),
     ("learned", {"lr": float("nan")}, r"learned matching: lr must be a finite number > 0"),
+    ("learned", {"stream_lr": -1}, r"learned matching: stream_lr must be a finite number > 0"),
     ("learned", {"lam": (0.7, 0.2)}, r"learned matching: lam must be a range"),
     ("learned", {"init": "random"}, r"learned matching: unknown init 'random'"),
     ("learned", {"max_examples": 10}, r"takes no align_options \['max_examples'\]"),  # compare sets it

@@ -317,6 +317,29 @@ def test_learned_on_a_transformer_keeps_b_and_maps_are_orthogonal(orthogonal, in
         assert result.maps is None
 
 
+def test_stream_lr_steps_the_stream_map_and_lr_the_permutations():
+    """On two differently seeded pre-norm transformers from the orthogonal start: with lr and stream_lr both tiny
+    nothing moves; a large stream_lr alone moves the stream map (||O - O_start|| > 0) and no unit; a large lr alone
+    moves units and leaves the map where it started (to rounding of the projection)."""
+    a, x = tiny_transformer()
+    b, _ = tiny_transformer(seed=1)
+    with torch.no_grad():
+        y = a(x)
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+
+    def run(lr, stream_lr):
+        _, result = align(a, b, "learned", data, init="orthogonal", steps=4, lr=lr, stream_lr=stream_lr, batch_size=16,
+                          loss_fn=F.mse_loss, repair_in_loop=False, progress=False)
+        return max(result.record["moved"]), max(result.record["stream_change"])
+
+    moved, change = run(1e-12, 1e-12)
+    assert moved == 0 and change < 1e-9
+    moved, change = run(1e-12, 0.2)
+    assert moved == 0 and change > 1e-3
+    moved, change = run(5.0, 1e-12)
+    assert moved > 0 and change < 1e-9
+
+
 def test_merge_and_compare_run_learned():
     from onebasin.pipeline import merge
 
@@ -412,7 +435,8 @@ def test_in_loop_repair_gives_each_unit_the_interpolated_endpoint_statistics():
 BAD_OPTIONS = [({"epochs": 0}, "epochs"), ({"epochs": -1.5}, "epochs"), ({"epochs": float("nan")}, "epochs"),
                ({"epochs": float("inf")}, "epochs"), ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"),
                ({"steps": True}, "steps"), ({"lr": 0}, "lr"), ({"lr": -0.1}, "lr"), ({"lr": float("nan")}, "lr"),
-               ({"lr": float("inf")}, "lr"), ({"batch_size": 0}, "batch_size"), ({"batch_size": 8.0}, "batch_size"),
+               ({"lr": float("inf")}, "lr"), ({"stream_lr": 0}, "stream_lr"), ({"stream_lr": float("nan")}, "stream_lr"),
+               ({"batch_size": 0}, "batch_size"), ({"batch_size": 8.0}, "batch_size"),
                ({"lam": (-0.1, 0.5)}, "lam"), ({"lam": (0.5, 1.5)}, "lam"), ({"lam": (0.6, 0.4)}, "lam"),
                ({"lam": (0.5,)}, "lam"), ({"lam": (0.4, float("nan"))}, "lam"), ({"init": "random"}, "init"),
                ({"latent": "matrix"}, "latent")]

@@ -15,7 +15,10 @@ method's result (`init`). Each step:
 3. backward straight through the projection: T is linear in each P_g, read as a dense matrix applied
    along every axis the group indexes, so dloss/dP_g[i, j] = lam * sum over the group's tensors of
    <G[unit i], T_g(B)[unit j]>, with G = dloss/dtheta and T_g(B) = B with every other axis mapped: the
-   weight-matching score with A replaced by G (`weight.weight_scores`). Adam steps the latents with it.
+   weight-matching score with A replaced by G (`weight.weight_scores`). Adam steps the latents with it: the
+   permutation latents at `lr`, the stream maps' at `stream_lr`. Where a stream map is learned the permutations'
+   default rate is Theus et al.'s 3e-4, at which they stay at the start and the map does the learning (their finding,
+   and ours on the zoo GPT: permutations thrashing at 0.05 while the map moves cost a third of the gain).
 
 With `repair_in_loop` (the default; `merge` turns it off when it will not REPAIR) the loss is that of the
 REPAIRed interpolated network: every layer site is renormalised, from the batch's statistics, to the interpolation
@@ -61,6 +64,8 @@ from .orthogonal import _check_canonical, canonical, map_streams, procrustes, st
 from .ste import nearest_orthogonal, permutation_matrix, project, ste_gradients
 
 INITS = ("weight", "activation", "orthogonal", "identity")
+LR, LR_WITH_STREAM, STREAM_LR = 0.05, 3e-4, 0.01  # Adam's defaults (docs/results.md section 8.2): permutation latents
+# without a stream map / with one (then the map does the learning, as in Theus et al.), and the stream maps' latents
 LATENTS = ("perms", "weights")
 
 
@@ -205,11 +210,15 @@ class _Run:
         self.lam, self.sites = 0.5, []
         self.project()
 
-    def optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """Adam on latent matrices; with latent weights, normalised SGD (`NormalisedSGD`) with steps scaled by the
-        weights' RMS (one step for all: the groups keep their relative gradients)."""
+    def optimizer(self, lr: float, stream_lr: float) -> torch.optim.Optimizer:
+        """Adam on latent matrices (permutation latents at `lr`, stream maps at `stream_lr`); with latent weights,
+        normalised SGD (`NormalisedSGD`) with steps scaled by the weights' RMS (one step for all: the groups keep
+        their relative gradients)."""
         if not self.theta:
-            return torch.optim.Adam(list(self.latents.values()), lr=lr)
+            perms = [q for g, q in self.latents.items() if g not in self.start_maps]
+            maps = [q for g, q in self.latents.items() if g in self.start_maps]
+            groups = [{"params": perms, "lr": lr}, {"params": maps, "lr": stream_lr}]
+            return torch.optim.Adam([g for g in groups if g["params"]] or [{"params": perms}], lr=lr)
         return NormalisedSGD([{"params": list(self.theta.values()), "scale": _rms(list(self.theta.values()))}], lr)
 
     def repair(self, canon_a: nn.Module, canon_b: nn.Module, x, batch_size: int = 100) -> None:
@@ -286,15 +295,16 @@ class _Run:
         return sum(float((q - self.start_maps[g]).norm() / math.sqrt(len(q))) for g, q in self.maps.items())
 
 
-def check_options(*, init="weight", latent="perms", epochs=10, steps=None, lr=0.05, batch_size=100, lam=(0.4, 0.6)) -> None:
+def check_options(*, init="weight", latent="perms", epochs=10, steps=None, lr=None, stream_lr=STREAM_LR, batch_size=100,
+                  lam=(0.4, 0.6)) -> None:
     """Raise InvalidOptionError naming the first bad option of `learned_matching`: init one of INITS (or given
-    perms), latent one of LATENTS, epochs and lr finite and > 0, steps (unless None) and batch_size integers >= 1, lam two numbers
+    perms), latent one of LATENTS, epochs, lr (unless None) and stream_lr finite and > 0, steps (unless None) and batch_size integers >= 1, lam two numbers
     lo <= hi within [0, 1]."""
     if isinstance(init, str) and init not in INITS:
         raise InvalidOptionError(f"learned matching: unknown init {init!r}; valid: {', '.join(INITS)}")
     if latent not in LATENTS:
         raise InvalidOptionError(f"learned matching: unknown latent {latent!r}; valid: {', '.join(LATENTS)}")
-    for name, value in (("epochs", epochs), ("lr", lr)):
+    for name, value in (("epochs", epochs), ("lr", LR if lr is None else lr), ("stream_lr", stream_lr)):
         if not _is_real(value) or not math.isfinite(value) or value <= 0:
             raise InvalidOptionError(f"learned matching: {name} must be a finite number > 0, got {value!r}")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
@@ -327,7 +337,8 @@ def learned_matching(
     untie: bool = False,
     epochs: float = 10,
     steps: int | None = None,
-    lr: float = 0.05,
+    lr: float | None = None,
+    stream_lr: float = STREAM_LR,
     batch_size: int = 100,
     lam: tuple[float, float] = (0.4, 0.6),
     loss_fn=cross_entropy,
@@ -353,8 +364,13 @@ def learned_matching(
         untie: with a stream map, give a tied LM head its own copy (`orthogonal.orthogonal_alignment`); without
             it a tied head whose final norm has a non-uniform gain gets no stream map (None) or is refused (True).
         epochs: passes over the examples (ignored when `steps` is given); steps: optimiser steps.
-        lr: Adam's learning rate on the latents (they start as 0/1 permutation matrices); with latent "weights", the
-            RMS of each step as a fraction of the weights' RMS.
+        lr: Adam's learning rate on the permutation latents (they start as 0/1 permutation matrices); None: 0.05, or
+            3e-4 when a stream map is learned (Theus et al.'s rate: the permutations then stay near their start and the
+            map learns; on the zoo GPT, permutations moving at 0.05 left a loss barrier of 0.74 after REPAIR, held
+            ones 0.42: docs/results.md section 8.2). With latent "weights", the RMS of each step as a fraction of the
+            weights' RMS (None: 0.05).
+        stream_lr: Adam's learning rate on the stream maps' latents (they start as the orthogonal start map, entries
+            about 1/sqrt(n)); ignored with latent "weights" (the maps come from Procrustes on the latent weights).
         batch_size: examples per step; lam: the interpolation weight is drawn uniformly from this range.
         loss_fn: loss(model output, labels) -> scalar; default cross-entropy (sequence logits flattened).
         repair_in_loop: learn for the REPAIRed midpoint: every layer site of the interpolated network (a module's
@@ -379,7 +395,7 @@ def learned_matching(
     """
     if data is None:
         raise EmptyDataError("learned matching needs data: an iterable of (x, y) training batches")
-    check_options(init=init, latent=latent, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, lam=lam)
+    check_options(init=init, latent=latent, epochs=epochs, steps=steps, lr=lr, stream_lr=stream_lr, batch_size=batch_size, lam=lam)
     t0 = time.perf_counter()
     model_a, model_b = require_module(model_a, "learned"), require_module(model_b, "learned")
     streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal, untie)
@@ -388,6 +404,7 @@ def learned_matching(
     start, init_record = _start(spec, model_a, model_b, data, "activation" if init == "orthogonal" else init,
                                 max_examples=max_examples, device=device)
     maps = _stream_start(spec, streams, canon_a, canon_b, start, data, init, max_examples, device)
+    lr = lr if lr is not None else LR_WITH_STREAM if maps and latent == "perms" else LR
     x, y = _examples(canon_a, data, max_examples)
     total = steps if steps is not None else max(1, math.ceil(epochs * len(y) / batch_size))
     run = _Run(spec, canon_a, canon_b, start, maps, loss_fn, train_mode, latent)
@@ -395,7 +412,7 @@ def learned_matching(
         run.repair(canon_a, canon_b, take_rows(x, slice(0, 2000)), batch_size)
     gen = torch.Generator().manual_seed(seed)
     batches = _batches(x, y, batch_size, gen)
-    opt = run.optimizer(lr)
+    opt = run.optimizer(lr, stream_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
     history = {"loss": [], "lam": [], "moved": [], "stream_change": []}
     best = first = (math.inf, run.current())
@@ -419,7 +436,7 @@ def learned_matching(
     perms, maps = candidates[chosen]
     record = {"method": "learned", "init": init if isinstance(init, str) else "given", "init_record": init_record, "latent": latent,
               "orthogonal": bool(maps), "orthogonal_note": note, "untied": tied_readers(spec, streams) if untie else [], "repair_in_loop": repair_in_loop,
-              "repair_sites": len(run.sites), "steps": total, "lr": lr, "batch_size": batch_size,
+              "repair_sites": len(run.sites), "steps": total, "lr": lr, "stream_lr": stream_lr if maps else None, "batch_size": batch_size,
               "examples": len(y), **history, "midpoint_loss": checks, "chosen": chosen,
               "seconds": time.perf_counter() - t0}  # fmt: skip
     final = {**perms, **{g: torch.arange(spec.groups[g].size) for g in maps}}
