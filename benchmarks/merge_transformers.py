@@ -109,7 +109,7 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
     learned = dict(kv.split("=") for kv in args.learned.split(",") if kv)
     learned = {k: v if v.isalpha() else json.loads(v) for k, v in learned.items()}  # init=identity, epochs=2, lr=1e-2
     circuits = args.circuits and pair != "mlp"
-    for method in methods(pair):
+    for method in [m for m in methods(pair) if not args.methods or m in args.methods]:
         names = [method] + ([f"{method}:circuits"] if circuits else [])
         if all((pair, m, c) in done for m in names for c in ("none", "repair")):
             continue
@@ -213,6 +213,7 @@ def main() -> None:
     p.add_argument("--repair-alphas", default=",".join(f"{a:g}" for a in ALPHAS),
                    type=lambda v: [float(a) for a in v.split(",")], help="alphas of the REPAIRed curves (default: all 11)")
     p.add_argument("--learned", default="", help="options of the learned rows, e.g. epochs=2,lr=0.1")
+    p.add_argument("--methods", type=lambda v: v.split(","), help="only these rows' alignments (default: all)")
     p.add_argument("--circuits", action="store_true", help="also each transformer row in Theus et al.'s merge space: every "
                    "head's QK and OV circuits interpolated (_circuits.py; rows '<method>:circuits')")
     p.add_argument("--precision", default="float32", choices=["float32", "float64"], help="of every statistic")
