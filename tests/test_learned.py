@@ -470,3 +470,23 @@ def test_learned_takes_the_edges_of_its_ranges():
         _, result = align(a, b, "learned", [(x, y)], init="identity", progress=False, **options)
         assert result.record["steps"] == steps and len(result.record["loss"]) == steps
         assert all(options.get("lam", (0.4, 0.6))[0] <= v <= options.get("lam", (0.4, 0.6))[1] for v in result.record["lam"])
+
+
+def test_weight_start_with_a_stream_map_is_the_data_free_orthogonal_solution():
+    """init="weight" where a stream map is learned starts from Theus et al.'s data-free weight matching (permutations
+    and the stream's Procrustes map on the canonical weights): with rates too small to move anything, the result is
+    the orthogonal method's stream="weights" solution (its maps and its aligned B)."""
+    a, x = tiny_transformer()
+    b, _ = tiny_transformer(seed=1)
+    with torch.no_grad():
+        y = a(x)
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    b_w, free = align(a, b, "orthogonal", data, stream="weights")
+    b_l, learned = align(a, b, "learned", data, init="weight", steps=2, lr=1e-12, stream_lr=1e-12, batch_size=16,
+                         loss_fn=F.mse_loss, repair_in_loop=False, progress=False)
+    assert learned.record["init_record"]["stream"] == "weights" and learned.record["orthogonal"]
+    (name, q), = learned.maps.items()
+    assert (q - free.maps[name]).abs().max() < 1e-9
+    assert all(torch.equal(learned.perms[g], p) for g, p in free.perms.items())
+    with torch.no_grad():
+        assert (b_l(x) - b_w(x)).abs().max() < 1e-9

@@ -355,8 +355,10 @@ def learned_matching(
         spec: a traced PermutationSpec (structured groups: heads, GQA, rotary constraints, conv groups).
         model_a, model_b: the networks; data: (x, y) batches of training data (labels needed); the first
             `max_examples` examples are the training set of the latents.
-        init: the start: "weight" (weight matching, no data), "activation", "orthogonal" (activation matching
-            plus the Procrustes map of the stream) or "identity".
+        init: the start: "weight" (weight matching, no data; where a stream map is learned, Theus et al.'s data-free
+            start: weight matching alternated with each stream's Procrustes map on the canonical weights,
+            `orthogonal.weight_stream_maps`), "activation", "orthogonal" (activation matching plus the Procrustes
+            map of the stream activations) or "identity".
         latent: "perms": one latent matrix per group, stepped by Adam (Theus et al.); "weights": a latent copy of
             the weights projected by weight matching (Git Re-Basin), stepped by normalised SGD (module docstring).
         orthogonal: learn an orthogonal map of each residual stream (both networks rewritten in the
@@ -401,9 +403,13 @@ def learned_matching(
     streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal, untie)
     if init == "orthogonal" and not streams:
         raise InvalidOptionError(f"learned matching: init='orthogonal' needs an orthogonal stream map ({note})")
-    start, init_record = _start(spec, model_a, model_b, data, "activation" if init == "orthogonal" else init,
-                                max_examples=max_examples, device=device)
-    maps = _stream_start(spec, streams, canon_a, canon_b, start, data, init, max_examples, device)
+    if streams and init == "weight":  # Theus et al.'s start: data-free weight matching with the streams' Procrustes maps
+        start, maps, init_record = weight_stream_maps(spec, canon_a.state_dict(), canon_b.state_dict(), streams)
+        init_record = {"method": "orthogonal", "stream": "weights", **init_record}
+    else:
+        start, init_record = _start(spec, model_a, model_b, data, "activation" if init == "orthogonal" else init,
+                                    max_examples=max_examples, device=device)
+        maps = _stream_start(spec, streams, canon_a, canon_b, start, data, init, max_examples, device)
     lr = lr if lr is not None else LR_WITH_STREAM if maps and latent == "perms" else LR
     x, y = _examples(canon_a, data, max_examples)
     total = steps if steps is not None else max(1, math.ceil(epochs * len(y) / batch_size))
