@@ -48,6 +48,6 @@ def renormalise(out: torch.Tensor, dim: int, mean: torch.Tensor, std: torch.Tens
     """`out` with each unit (axis `dim`) standardised over the batch, then given `mean` and `std` (units,): REPAIR's
     correction (Jordan et al. 2022, eq. 4) with the batch's own statistics, differentiable."""
     y = out.movedim(dim, -1)
-    flat = y.reshape(-1, y.shape[-1])
-    mu, sd = flat.mean(0), flat.std(0, unbiased=False)
-    return ((y - mu) / (sd + 1e-12) * std.to(y) + mean.to(y)).movedim(-1, dim)
+    centred = y - y.reshape(-1, y.shape[-1]).mean(0)
+    sd = centred.reshape(-1, y.shape[-1]).square().mean(0).sqrt()  # two passes: torch's std over dim 0 is ~10x slower
+    return (centred / (sd + 1e-12) * std.to(y) + mean.to(y)).movedim(-1, dim)
