@@ -49,5 +49,6 @@ def renormalise(out: torch.Tensor, dim: int, mean: torch.Tensor, std: torch.Tens
     correction (Jordan et al. 2022, eq. 4) with the batch's own statistics, differentiable."""
     y = out.movedim(dim, -1)
     centred = y - y.reshape(-1, y.shape[-1]).mean(0)
-    sd = centred.reshape(-1, y.shape[-1]).square().mean(0).sqrt()  # two passes: torch's std over dim 0 is ~10x slower
+    var = centred.reshape(-1, y.shape[-1]).square().mean(0)  # two passes: torch's std over dim 0 is ~10x slower
+    sd = var.clamp_min(1e-24).sqrt()  # a constant unit (one example): no infinite gradient of sqrt at 0
     return (centred / (sd + 1e-12) * std.to(y) + mean.to(y)).movedim(-1, dim)
