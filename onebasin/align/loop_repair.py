@@ -48,7 +48,8 @@ def renormalise(out: torch.Tensor, dim: int, mean: torch.Tensor, std: torch.Tens
     """`out` with each unit (axis `dim`) standardised over the batch, then given `mean` and `std` (units,): REPAIR's
     correction (Jordan et al. 2022, eq. 4) with the batch's own statistics, differentiable."""
     y = out.movedim(dim, -1)
-    centred = y - y.reshape(-1, y.shape[-1]).mean(0)
-    var = centred.reshape(-1, y.shape[-1]).square().mean(0)  # two passes: torch's std over dim 0 is ~10x slower
+    samples = tuple(range(y.dim() - 1))
+    centred = y - y.mean(samples)
+    var = centred.square().mean(samples)  # two passes: torch's std over the sample dims is ~10x slower
     sd = var.clamp_min(1e-24).sqrt()  # a constant unit (one example): no infinite gradient of sqrt at 0
     return (centred / (sd + 1e-12) * std.to(y) + mean.to(y)).movedim(-1, dim)
