@@ -475,13 +475,14 @@ def test_learned_takes_the_edges_of_its_ranges():
 def test_weight_start_with_a_stream_map_is_the_data_free_orthogonal_solution():
     """init="weight" where a stream map is learned starts from Theus et al.'s data-free weight matching (permutations
     and the stream's Procrustes map on the canonical weights): with rates too small to move anything, the result is
-    the orthogonal method's stream="weights" solution (its maps and its aligned B)."""
+    the orthogonal method's stream="weights" solution with permutations inside heads (its maps and its aligned B;
+    learned matching learns no maps inside heads)."""
     a, x = tiny_transformer()
     b, _ = tiny_transformer(seed=1)
     with torch.no_grad():
         y = a(x)
     data = [(x[:32], y[:32]), (x[32:], y[32:])]
-    b_w, free = align(a, b, "orthogonal", data, stream="weights")
+    b_w, free = align(a, b, "orthogonal", data, stream="weights", heads="permutation")
     b_l, learned = align(a, b, "learned", data, init="weight", steps=2, lr=1e-12, stream_lr=1e-12, batch_size=16,
                          loss_fn=F.mse_loss, repair_in_loop=False, progress=False)
     assert learned.record["init_record"]["stream"] == "weights" and learned.record["orthogonal"]

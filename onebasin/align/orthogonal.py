@@ -28,6 +28,12 @@ that a reader without bias cannot take stays in the norm as a stream vector, rot
 Data-free (`stream="weights"`, Theus et al.'s weight matching): Q by Procrustes on the canonical weights instead
 of the activations, alternated with weight matching of the MLP units and head matching by each head's QK and OV
 products (||QK_i - QK_j||^2 + ||OV_i - OV_j||^2, invariant to the maps inside a head).
+
+Inside heads (`heads="orthogonal"`, the default): a head's query/key dims, and its value/output dims, admit any
+orthogonal map M (q -> M q and k -> M k keep q.k; v -> M v with W_O -> W_O M^T keeps W_O v), of which the
+permutations inside a head are a special case. After the permutations, each head of B gets the M nearest A's head
+by Procrustes on the weights (`head_maps`; with `stream="weights"` alternated with the stream's Procrustes). B's
+function is unchanged; the merged model is still of the original class.
 """
 
 from __future__ import annotations
@@ -273,13 +279,15 @@ def match_heads(spec: PermutationSpec, parent: str, children: list[str], sd_a: d
 
 
 def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: list[Group], max_iter: int = 20, *,
-                       perms=None, maps: dict | None = None, head_products: bool = True):
+                       perms=None, maps: dict | None = None, head_products: bool = True, inside_heads: dict | None = None):
     """Data-free alignment of canonical forms (Theus et al. 2025, Sec. 3, weight matching): alternate weight
     matching of the other groups (B's streams mapped; attention heads by their QK and OV products,
     `match_heads`, unless `head_products` is False: then with the other groups) with, per stream, Procrustes on
     the weights: Q from cross = sum over the stream's tensors of rows_A @ rows_B^T (units of the stream as rows,
     every other axis of B permuted; `weight.weight_scores`), until neither the permutations nor the maps change.
     perms, maps: the start (default: none, the identity; learned matching's latent weights pass their current ones).
+    inside_heads: a dict to fill with the maps inside heads (`head_maps`, applied after the permutations), found
+    in every round after the heads are matched and applied to B before the streams' Procrustes; None: no such maps.
     Returns (perms of every group, the streams' the identity; {stream: Q (n, n) float64}; record)."""
     from .weight import match_weights, weight_scores
 
@@ -293,17 +301,76 @@ def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: l
         new, rec = match_weights(spec, sd_a, mapped, groups=free, init=perms)
         for parent, children in heads.items():
             new.update(match_heads(spec, parent, children, sd_a, mapped, new))
+        inside = head_maps(spec, sd_a, apply_perms(spec, new, mapped), heads)[0] if inside_heads is not None else {}
         new_maps = {}
         for s in streams:
-            others = map_streams(spec, sd_b, {k: q for k, q in maps.items() if k != s.name})
-            new_maps[s.name] = procrustes(weight_scores(spec, s.name, new, sd_a, others))
+            others = apply_perms(spec, new, map_streams(spec, sd_b, {k: q for k, q in maps.items() if k != s.name}))
+            for name, q in inside.items():
+                others = map_group(spec, others, name, q)
+            new_maps[s.name] = procrustes(weight_scores(spec, s.name, {}, sd_a, others))
         change = max((float((new_maps[k] - maps[k]).abs().max()) for k in maps), default=0.0)
         same = perms is not None and all(torch.equal(new[g], perms[g]) for g in names)
         perms, maps = new, new_maps
+        if inside_heads is not None:
+            inside_heads.clear(), inside_heads.update(inside)
         sweeps.append({"weight_sweeps": rec["iterations"], "map_change": change})
         if (same and change < 1e-12) or not streams:  # without a stream, weight matching has converged already
             break
     return perms, maps, {"rounds": sweeps, "converged": same and change < 1e-12, "head_families": list(heads)}
+
+
+def map_group(spec: PermutationSpec, sd: dict, name: str, q: torch.Tensor) -> dict:
+    """A new state_dict with every axis of group `name` mapped by the matrix q (n, n) (v -> q v, in float64), any
+    member layout (a unit's slice of a fused projection); a grouped conv's in-group axis is refused."""
+    g, out = spec.groups[name], dict(sd)
+    for m in g.members:
+        if m.diag:
+            raise AlignmentError(f"orthogonal alignment: {m} is a grouped conv's in-group axis, which a dense map cannot keep")
+        t = out[m.key].double()
+        if m.layout is None:
+            out[m.key] = _along(t, m.axis, q).to(sd[m.key])
+            continue
+        rows, pos = t.movedim(m.axis, 0).clone(), m.layout.positions().reshape(-1).to(t.device)
+        rows[pos] = (q.to(t) @ rows[pos].reshape(g.size, -1)).reshape(rows[pos].shape)
+        out[m.key] = rows.movedim(0, m.axis).to(sd[m.key])
+    return out
+
+
+def head_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, families: dict[str, list[str]]) -> tuple[dict, dict]:
+    """({child group: (n, n) block-diagonal orthogonal map}, {child group: [<A, B> before, after]}): inside every
+    attention head, the orthogonal map of the head's query/key dims (and of its value/output dims) that brings B's
+    rows closest to A's in Frobenius norm.
+
+    B (`sd_b`) is already in A's unit order (permuted, streams mapped). Per head h of a child group (d dims, the
+    rows of its two parts side by side, `weight.member_rows`), M_h = U_h V_h^T from the SVD U_h S_h V_h^T of
+    rows_A,h rows_B,h^T (orthogonal Procrustes; <A, B> goes from its trace to the sum of its singular values).
+    Query and key rows take the same M_h, value rows M_h and the output projection's columns M_h^T, so QK^T and
+    W_O W_V of every head, and B's function, are unchanged: the maps inside a head that Theus et al. 2025 (Sec. 3)
+    list among a transformer's symmetries, here found on the weights, without data.
+    families: {head group: its child groups} (`head_families`).
+    """
+    from .weight import weight_scores
+
+    maps, objective = {}, {}
+    for children in families.values():
+        for name in children:
+            g = spec.groups[name]
+            score = weight_scores(spec, name, {}, sd_a, sd_b)  # (n, n) <unit i of A, unit j of B>
+            blocks = [score[h * g.block:(h + 1) * g.block, h * g.block:(h + 1) * g.block] for h in range(g.blocks)]
+            svds = [torch.linalg.svd(s) for s in blocks]
+            maps[name] = torch.block_diag(*[u @ vh for u, _, vh in svds])
+            objective[name] = [float(score.trace()), float(sum(sv.sum() for _, sv, _ in svds))]
+    return maps, objective
+
+
+def with_head_maps(spec: PermutationSpec, a: nn.Module, b: nn.Module, perms: dict) -> tuple[nn.Module, dict]:
+    """(B with `head_maps` applied, record {"head_maps": [child groups], "head_objective": {group: [<A, B> before,
+    after]}}) for the attention families among the groups of `perms`; B is in A's order already."""
+    sd_b = b.state_dict()
+    maps, objective = head_maps(spec, a.state_dict(), sd_b, head_families(spec, [g for g in spec.groups if g in perms]))
+    for name, q in maps.items():
+        sd_b = map_group(spec, sd_b, name, q)
+    return module_with(b, sd_b), {"head_maps": list(maps), "head_objective": objective}
 
 
 def rebase(model: nn.Module, group: Group, q: torch.Tensor) -> nn.Module:
@@ -354,6 +421,7 @@ def orthogonal_alignment(
     permutations: str = "activation",
     stream: str = "activations",
     untie: bool = False,
+    heads: str = "orthogonal",
     max_examples: int | None = 10_000,
     device=None,
 ) -> AlignResult:
@@ -370,17 +438,24 @@ def orthogonal_alignment(
             own copy in both returned models, so that the final norm's gain can fold into it. Without it a tied
             head is kept tied when that norm's gain is uniform and refused otherwise (`canonical`); a head
             without bias always works: the norm keeps the shift.
+        heads: "orthogonal" (default): after the permutations and the stream maps, an orthogonal map inside every
+            attention head, of its query/key dims and of its value/output dims (`head_maps`: Procrustes on the
+            weights, no data; QK^T and W_O W_V unchanged); "permutation": the heads keep their permutations only.
+            Measured on the zoo GPT pair (docs/results.md section 8.3): loss barrier after REPAIR 0.709 -> 0.615.
     Returns:
         AlignResult with perms (the stream's left as the identity) and `models` = (A, B) rewritten: A in the
         canonical form, B permuted, canonical and re-based into A's stream basis. Both compute what the
         originals compute; interpolating them gives a plain model of the original class. record: method,
-        untied (the keys given their own copy: [] unless `untie` found a tied reader),
+        untied (the keys given their own copy: [] unless `untie` found a tied reader), heads, head_maps (the
+        child groups mapped inside their heads), head_objective {group: [<A, B> before the maps, after]},
         stream_objective {group: [mean <x_A, x_B> per
         sample over the stream's coordinates before the map, after it]}, inner_record (the permutation
         method's record), seconds.
     """
     if stream not in ("activations", "weights"):
         raise InvalidOptionError(f"orthogonal alignment: stream={stream!r}; valid: 'activations', 'weights'")
+    if heads not in ("orthogonal", "permutation"):
+        raise InvalidOptionError(f"orthogonal alignment: heads={heads!r}; valid: 'orthogonal', 'permutation'")
     if data is None and stream == "activations":
         raise ValueError("orthogonal alignment needs data: an iterable of x or (x, y) batches (or stream='weights')")
     if spec.graph is None:
@@ -391,7 +466,7 @@ def orthogonal_alignment(
     if not streams:
         raise AlignmentError("orthogonal alignment found no residual stream (a group read at a residual addition)")
     if stream == "weights":
-        return _weights_alignment(spec, model_a, model_b, data, streams, untie, t0)
+        return _weights_alignment(spec, model_a, model_b, data, streams, untie, heads, t0)
     inner = get_method(permutations)(spec, model_a, model_b, data, max_examples=max_examples, device=device)
     perms = {**inner.perms, **{g.name: identity_perms(spec)[g.name] for g in streams}}
     b = module_with(model_b, apply_perms(spec, perms, model_b.state_dict()))
@@ -403,20 +478,26 @@ def orthogonal_alignment(
         q = procrustes(cross)
         objective[group.name] = [float(cross.trace() / samples), float((q * cross).sum() / samples)]
         b = rebase(b, group, q)
+    b, inside = with_head_maps(spec, a, b, perms) if heads == "orthogonal" else (b, {"head_maps": []})
     record = {"method": "orthogonal", "stream": "activations", "permutations": permutations, "inner_record": inner.record,
+              "heads": heads, **inside,
               "untied": tied_readers(spec, streams) if untie else [],
               "stream_groups": [g.name for g in streams], "stream_objective": objective,
               "examples": inner.record.get("examples"), "seconds": time.perf_counter() - t0}  # fmt: skip
     return AlignResult(perms, record, models=(a, b))
 
 
-def _weights_alignment(spec, model_a, model_b, data, streams, untie, t0) -> AlignResult:
+def _weights_alignment(spec, model_a, model_b, data, streams, untie, heads, t0) -> AlignResult:
     """orthogonal_alignment(stream="weights"): canonical forms, then `weight_stream_maps`; no data read."""
     a, b = canonical(spec, model_a, streams, untie), canonical(spec, model_b, streams, untie)
     _check_canonical(model_a, a, data if data is not None else [spec.graph.example])
     sd_a, sd_b = a.state_dict(), b.state_dict()
-    perms, maps, record = weight_stream_maps(spec, sd_a, sd_b, streams)
-    b = module_with(b, map_streams(spec, apply_perms(spec, perms, sd_b), maps))
-    record = {"method": "orthogonal", "stream": "weights", **record, "untied": tied_readers(spec, streams) if untie else [],
+    inside = {} if heads == "orthogonal" else None
+    perms, maps, record = weight_stream_maps(spec, sd_a, sd_b, streams, inside_heads=inside)
+    sd_b = apply_perms(spec, perms, map_streams(spec, sd_b, maps))
+    for name, q in (inside or {}).items():
+        sd_b = map_group(spec, sd_b, name, q)
+    b = module_with(b, sd_b)
+    record = {"method": "orthogonal", "stream": "weights", **record, "heads": heads, "head_maps": list(inside or {}), "untied": tied_readers(spec, streams) if untie else [],
               "stream_groups": [g.name for g in streams], "examples": 0, "seconds": time.perf_counter() - t0}  # fmt: skip
     return AlignResult(perms, record, models=(a, b), maps=maps)
