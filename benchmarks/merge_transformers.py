@@ -54,7 +54,8 @@ PAIRS = {  # endpoint cache name, dataset, image size, calibration examples, hel
     "mlp": ("mlp_depth10_width128_mnist_e8_lr0.1_warmup0.25_s{}", "mnist", 28, 2000, 10000),  # the demo's pair
 }
 TRANSFORMER_METHODS = ["none", "activation", "weight", "orthogonal", "orthogonal_weights", "orthogonal_headperm",
-                       "orthogonal_weights_headperm", "learned_weight", "learned_orthogonal"]
+                       "orthogonal_weights_headperm", "learned_weight", "learned_orthogonal", "learned_orthogonal_heads",
+                       "learned_weight_heads"]
 MLP_METHODS = ["none", "activation", "weight", "learned_weight", "learned_activation"]
 OPTIONS = {  # row name -> (alignment method, its options)
     "orthogonal_weights": ("orthogonal", {"stream": "weights"}),  # Theus et al.'s data-free weight matching
@@ -63,6 +64,8 @@ OPTIONS = {  # row name -> (alignment method, its options)
     "learned_weight": ("learned", {"init": "weight"}),
     "learned_orthogonal": ("learned", {"init": "orthogonal"}),
     "learned_activation": ("learned", {"init": "activation"}),
+    "learned_orthogonal_heads": ("learned", {"init": "orthogonal", "heads": "orthogonal"}),  # maps inside heads learnt
+    "learned_weight_heads": ("learned", {"init": "weight", "heads": "orthogonal"}),
 }
 LEARNED = {"vit": {"batch_size": 100}, "gpt": {"batch_size": 16}, "gpt_tied": {"batch_size": 16}, "mlp": {"batch_size": 100}}
 SITES = ("layer", "norm")

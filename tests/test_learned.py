@@ -57,30 +57,42 @@ def dense_loss(spec, mats, a, b, lam, model, x, y, loss_fn):
     return loss_fn(functional_call(model, theta, (x,), tie_weights=False), y)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("kind", ["mlp", "transformer", "heads"])
 def test_straight_through_gradient_is_autograd_through_dense_maps(kind):
     """dloss/dP of every group (and dloss/dO of the transformer's stream, on its canonical form) equals autograd's
-    gradient with the maps as dense matrices, at a random structured permutation (heads included)."""
+    gradient with the maps as dense matrices, at a random structured permutation (heads included). "heads": the
+    head groups also carry a random block-diagonal orthogonal map M before their permutation P (heads="orthogonal"):
+    their dense map is R = P M, and dloss/dM = P^T dloss/dR."""
+    from onebasin.align.orthogonal import head_families
+    from onebasin.align.ste import block_orthogonal
+
     model, x = tiny_mlp() if kind == "mlp" else tiny_transformer()
     spec = trace(model, x[:8])
     y = torch.randint(0, 3, (len(x),))
-    streams = stream_groups(spec) if kind == "transformer" else []
+    streams = stream_groups(spec) if kind != "mlp" else []
     other = permute_model(model, spec, random_perms(spec, seed=1))
     a_model, b_model = (canonical(spec, m, streams) for m in (model, other)) if streams else (model, other)
     a, b = a_model.state_dict(), b_model.state_dict()
     perms = {g: p for g, p in random_perms(spec, seed=2).items() if g not in {s.name for s in streams}}
     maps = {s.name: nearest_orthogonal(torch.randn(s.size, s.size, dtype=torch.float64)) for s in streams}
-    from onebasin.align.learned import map_streams
+    kids = [k for ks in head_families(spec, list(spec.groups)).values() for k in ks] if kind == "heads" else []
+    maps.update({k: block_orthogonal(torch.randn(spec.groups[k].size, spec.groups[k].size, dtype=torch.float64),
+                                     spec.groups[k].block) for k in kids})
+    from onebasin.align.learned import mapped as map_all
 
-    mapped = map_streams(spec, b, maps)
+    mapped = map_all(spec, b, maps)
     _, grads = _loss_at(a_model, a, apply_perms(spec, perms, mapped), 0.45, set(spec.members_of), x, y, F.cross_entropy)
-    ste = ste_gradients(spec, perms, grads, mapped, b, maps)
-    mats = {g: permutation_matrix(p).requires_grad_(True) for g, p in perms.items()}
-    mats.update({g: q.clone().requires_grad_(True) for g, q in maps.items()})
+    names = [g for g in perms if g not in kids]
+    ste = ste_gradients(spec, perms, grads, mapped, maps, names)
+    mats = {g: permutation_matrix(perms[g]).requires_grad_(True) for g in names}
+    mats.update({g: q.clone().requires_grad_(True) for g, q in maps.items() if g not in kids})
+    mats.update({g: (permutation_matrix(perms[g]) @ maps[g]).requires_grad_(True) for g in kids})
     dense_loss(spec, mats, a, b, 0.45, a_model, x, y, F.cross_entropy).backward()
-    assert set(ste) == set(mats)
+    assert set(ste) == set(mats) and len(kids) == (4 if kind == "heads" else 0)
     for g, m in mats.items():
         want = m.grad if m.grad is not None else torch.zeros_like(m)  # the head group itself permutes no tensor
+        if g in kids:
+            want = permutation_matrix(perms[g]).T @ want
         assert (ste[g] - want).abs().max() <= 1e-12 * max(1.0, want.abs().max().item()), g
 
 
@@ -281,7 +293,7 @@ def test_straight_through_gradient_cannot_see_a_swap_at_the_midpoint():
     change = {}
     for lam in (0.5, 0.1):
         _, grads = _loss_at(model, model.state_dict(), apply_perms(spec, swapped, b), lam, set(spec.members_of), x, y, F.mse_loss)
-        grad = ste_gradients(spec, swapped, grads, b, b, {})[g]
+        grad = ste_gradients(spec, swapped, grads, b, {}, list(swapped))[g]
         change[lam] = (grad * (permutation_matrix(fix[g]) - permutation_matrix(swapped[g]))).sum().item()
     assert abs(change[0.5]) < 1e-15 and change[0.1] < -1e-6
 
@@ -491,3 +503,43 @@ def test_weight_start_with_a_stream_map_is_the_data_free_orthogonal_solution():
     assert all(torch.equal(learned.perms[g], p) for g, p in free.perms.items())
     with torch.no_grad():
         assert (b_l(x) - b_w(x)).abs().max() < 1e-9
+
+
+def test_learned_with_maps_inside_heads_recovers_a_rotated_copy_and_keeps_b():
+    """heads="orthogonal": a copy of a transformer with its groups permuted, its stream rotated and a random orthogonal
+    map inside every head is brought back onto A exactly from the data-free start (rates too small to move anything);
+    the head maps are block-diagonal (one block per head) and orthogonal to 1e-12; with heads="permutation" the copy
+    is not recovered. On a random pair, B's function is kept (1e-9)."""
+    from test_orthogonal import random_stream_rotation, rotate_inside_heads
+
+    from onebasin.align.orthogonal import rebase
+
+    a, x = tiny_transformer()
+    spec = trace(a, x[:8])
+    (stream,) = stream_groups(spec)
+    perms = {k: v for k, v in random_perms(spec, seed=2).items() if k != stream.name}
+    b = rebase(canonical(spec, rotate_inside_heads(permute_model(a, spec, perms), seed=6), [stream]), stream,
+               random_stream_rotation(stream.size, seed=4))
+    with torch.no_grad():
+        y = a(x).argmax(1)
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    options = dict(init="weight", steps=2, lr=1e-12, stream_lr=1e-12, batch_size=16, repair_in_loop=False, progress=False)
+    for heads, close in (("orthogonal", True), ("permutation", False)):
+        b_l, result = align(a, b, "learned", data, spec=spec, heads=heads, **options)
+        a_canon = result.models[0]
+        gap = max((v - b_l.state_dict()[k]).abs().max().item() for k, v in a_canon.state_dict().items())
+        assert (gap < 1e-8) == close, (heads, gap)
+    b_random, _ = tiny_transformer(seed=1)
+    b_l, result = align(a, b_random, "learned", data, spec=spec, heads="orthogonal", init="orthogonal", steps=6,
+                        batch_size=16, progress=False)
+    kids = [g for g in result.maps if g != stream.name]
+    assert result.record["heads"] == "orthogonal" and len(kids) == 4
+    for g in kids:
+        q, d = result.maps[g], spec.groups[g].block
+        assert (q.T @ q - torch.eye(len(q), dtype=torch.float64)).abs().max() < 1e-12
+        off = q.clone()
+        for i in range(0, len(q), d):
+            off[i:i + d, i:i + d] = 0
+        assert off.abs().max() == 0
+    with torch.no_grad():
+        assert (b_l(x) - b_random(x)).abs().max() < 1e-9

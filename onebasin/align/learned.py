@@ -61,10 +61,12 @@ from ..permute import Perms, StateDict, apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
 from .loop_repair import renormalise, repair_sites, unit_moments
-from .orthogonal import _check_canonical, canonical, map_streams, procrustes, stream_cross, stream_groups, tied_readers, weight_stream_maps
-from .ste import nearest_orthogonal, permutation_matrix, project, ste_gradients
+from .orthogonal import (_check_canonical, canonical, head_families, head_maps, map_group, map_streams, procrustes, stream_cross,
+                         stream_groups, tied_readers, weight_stream_maps)
+from .ste import block_orthogonal, nearest_orthogonal, permutation_matrix, project, ste_gradients
 
 INITS = ("weight", "activation", "orthogonal", "identity")
+HEADS = ("permutation", "orthogonal")
 LR, LR_WITH_STREAM, STREAM_LR = 0.05, 3e-4, 0.01  # Adam's defaults (docs/results.md section 8.2): permutation latents
 # without a stream map / with one (then the map does the learning, as in Theus et al.), and the stream maps' latents
 LATENTS = ("perms", "weights")
@@ -169,6 +171,22 @@ def _same(one: tuple[Perms, dict], other: tuple[Perms, dict]) -> bool:
     return all(torch.equal(p, other[0][g]) for g, p in one[0].items()) and all(torch.equal(q, other[1][g]) for g, q in one[1].items())
 
 
+def mapped(spec, sd: StateDict, maps: dict[str, torch.Tensor]) -> StateDict:
+    """sd with every group of `maps` mapped along its axes by its matrix (streams, head groups; before any permutation)."""
+    for name, q in maps.items():
+        sd = map_group(spec, sd, name, q)
+    return sd
+
+
+def _head_start(spec, a: StateDict, tb: StateDict, start: Perms) -> tuple[dict, tuple]:
+    """({head group: block-diagonal orthogonal map in B's order}, the head families' groups): Procrustes inside every
+    head of the start (`orthogonal.head_maps`, found in A's order on T(B), taken back to B's order: P^T M P)."""
+    families = head_families(spec, list(spec.groups))
+    found, _ = head_maps(spec, a, tb, families)
+    maps = {g: permutation_matrix(start[g]).T @ q @ permutation_matrix(start[g]) for g, q in found.items()}
+    return maps, tuple(g for parent, kids in families.items() for g in (parent, *kids))
+
+
 def _rms(tensors: list[torch.Tensor]) -> float:
     """Root mean square of all entries of `tensors` (float64; 0 for none)."""
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors) / max(1, sum(t.numel() for t in tensors)))
@@ -194,9 +212,11 @@ class NormalisedSGD(torch.optim.Optimizer):
 class _Run:
     """The latents of one learned matching and the pair they act on: A and B (canonical forms when streams are mapped)."""
 
-    def __init__(self, spec, canon_a, canon_b, start: Perms, maps: dict, loss_fn, train_mode: bool, latent: str = "perms"):
+    def __init__(self, spec, canon_a, canon_b, start: Perms, maps: dict, loss_fn, train_mode: bool, latent: str = "perms",
+                 fixed: tuple = ()):
         self.spec, self.loss_fn, self.start, self.start_maps = spec, loss_fn, start, maps
-        self.names = [g for g in spec.groups if g not in maps]
+        self.fixed = {g: start[g] for g in fixed}  # head families whose maps inside heads are learnt: their permutations stay
+        self.names = [g for g in spec.groups if g not in maps and g not in self.fixed]
         self.perms = {g: start[g] for g in self.names}
         self.maps = dict(maps)
         self.latents = {g: permutation_matrix(start[g]) for g in self.names} | {g: q.clone() for g, q in maps.items()} if latent == "perms" else {}
@@ -237,13 +257,15 @@ class _Run:
             self.scratch.get_submodule(site.module).register_forward_hook(hook)
 
     def project(self) -> None:
-        """The hard maps: each stream latent's nearest orthogonal map, and each latent's nearest permutation; with
+        """The hard maps: each stream latent's nearest orthogonal map (with O 1 = 1), each head group's nearest
+        block-diagonal orthogonal map (one block per head of B), and each latent's nearest permutation; with
         latent weights, the permutations and stream maps that weight matching (from the current permutations) and
         Procrustes on the weights, alternated, find between them and B."""
         if self.theta:
             self.perms, self.maps = self.match(self.perms, self.maps)
         else:
-            self.maps = {g: nearest_orthogonal(self.latents[g]) for g in self.start_maps}
+            self.maps = {g: block_orthogonal(self.latents[g], self.spec.groups[g].block) if g in self.fixed else
+                         nearest_orthogonal(self.latents[g]) for g in self.start_maps}  # fmt: skip
             self.perms = project(self.spec, self.latents, self.names)
 
     def match(self, perms: Perms, maps: dict) -> tuple[Perms, dict]:
@@ -257,16 +279,17 @@ class _Run:
         return self.perms, self.maps
 
     def transformed(self, perms: Perms, maps: dict) -> StateDict:
-        """B with its streams mapped and its groups permuted."""
-        return apply_perms(self.spec, perms, map_streams(self.spec, self.b, maps))
+        """B with its streams (and head groups) mapped, then its groups permuted."""
+        return apply_perms(self.spec, {**self.fixed, **perms}, mapped(self.spec, self.b, maps))
 
     def step(self, opt, lam: float, x, y) -> float:
         """One straight-through step at interpolation weight lam on batch (x, y); returns the batch loss."""
-        mapped_b, self.lam = map_streams(self.spec, self.b, self.maps), lam
-        loss, grads = _loss_at(self.scratch, self.a, apply_perms(self.spec, self.perms, mapped_b), lam, self.keys, x, y, self.loss_fn)
+        mapped_b, self.lam = mapped(self.spec, self.b, self.maps), lam
+        perms = {**self.fixed, **self.perms}
+        loss, grads = _loss_at(self.scratch, self.a, apply_perms(self.spec, perms, mapped_b), lam, self.keys, x, y, self.loss_fn)
         opt.zero_grad()
         if self.latents:
-            for g, grad in ste_gradients(self.spec, self.perms, grads, mapped_b, self.b, self.maps).items():
+            for g, grad in ste_gradients(self.spec, perms, grads, mapped_b, self.maps, self.names).items():
                 if g in self.latents:
                     self.latents[g].grad = grad
         for k, t in self.theta.items():
@@ -342,6 +365,7 @@ def learned_matching(
     stream_lr: float = STREAM_LR,
     batch_size: int = 100,
     lam: tuple[float, float] = (0.4, 0.6),
+    heads: str = "permutation",
     loss_fn=cross_entropy,
     repair_in_loop: bool = True,
     train_mode: bool = False,
@@ -375,6 +399,10 @@ def learned_matching(
         stream_lr: Adam's learning rate on the stream maps' latents (they start as the orthogonal start map, entries
             about 1/sqrt(n)); ignored with latent "weights" (the maps come from Procrustes on the latent weights).
         batch_size: examples per step; lam: the interpolation weight is drawn uniformly from this range.
+        heads: "permutation" (default): attention heads are permuted (their latents like any group's);
+            "orthogonal": each head's query/key dims and value/output dims get a learnt orthogonal map instead, started
+            at the Procrustes maps of the orthogonal method (`orthogonal.head_maps`) and stepped at `stream_lr`, the
+            heads' pairing staying the start's; their layer sites are then left out of the REPAIR in the loop.
         loss_fn: loss(model output, labels) -> scalar; default cross-entropy (sequence logits flattened).
         repair_in_loop: learn for the REPAIRed midpoint: every layer site of the interpolated network (a module's
             output holding a permuted group, mapped streams excepted) is renormalised in the loop from the
@@ -390,7 +418,7 @@ def learned_matching(
         untied (keys of a tied head given their own copy), steps, lr, batch_size,
         examples, loss (per step: the interpolated loss of the batch), lam (per step), moved (per step:
         units whose permutation differs from the start), stream_change (per step: ||O - O_start||_F /
-        sqrt(n), summed over streams), midpoint_loss ({"final", "best", "start"}: the loss at lam = 1/2 on
+        sqrt(n), summed over the maps: streams, and with heads="orthogonal" the head groups), heads, midpoint_loss ({"final", "best", "start"}: the loss at lam = 1/2 on
         the first 2,000 examples of the final projection, of the one with the lowest batch loss and of
         the start), chosen (the candidate returned: the lowest of these), seconds.
     Raises:
@@ -399,22 +427,30 @@ def learned_matching(
     if data is None:
         raise EmptyDataError("learned matching needs data: an iterable of (x, y) training batches")
     check_options(init=init, latent=latent, epochs=epochs, steps=steps, lr=lr, stream_lr=stream_lr, batch_size=batch_size, lam=lam)
+    if heads not in HEADS or (heads == "orthogonal" and latent != "perms"):
+        raise InvalidOptionError(f"learned matching: heads={heads!r}; valid: {', '.join(map(repr, HEADS))} ('orthogonal' with latent 'perms')")
     t0 = time.perf_counter()
     model_a, model_b = require_module(model_a, "learned"), require_module(model_b, "learned")
     streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal, untie)
     if init == "orthogonal" and not streams:
         raise InvalidOptionError(f"learned matching: init='orthogonal' needs an orthogonal stream map ({note})")
     if streams and init == "weight":  # Theus et al.'s start: data-free weight matching with the streams' Procrustes maps
-        start, maps, init_record = weight_stream_maps(spec, canon_a.state_dict(), canon_b.state_dict(), streams)
+        start, maps, init_record = weight_stream_maps(spec, canon_a.state_dict(), canon_b.state_dict(), streams,
+                                                      inside_heads={} if heads == "orthogonal" else None)
         init_record = {"method": "orthogonal", "stream": "weights", **init_record}
     else:
         start, init_record = _start(spec, model_a, model_b, data, "activation" if init == "orthogonal" else init,
                                     max_examples=max_examples, device=device)
         maps = _stream_start(spec, streams, canon_a, canon_b, start, data, init, max_examples, device)
     lr = lr if lr is not None else LR_WITH_STREAM if maps and latent == "perms" else LR
+    fixed = ()
+    if heads == "orthogonal":
+        tb = apply_perms(spec, start, mapped(spec, canon_b.state_dict(), maps))
+        inside, fixed = _head_start(spec, canon_a.state_dict(), tb, start)
+        maps = {**maps, **inside}
     x, y = _examples(canon_a, data, max_examples)
     total = steps if steps is not None else max(1, math.ceil(epochs * len(y) / batch_size))
-    run = _Run(spec, canon_a, canon_b, start, maps, loss_fn, train_mode, latent)
+    run = _Run(spec, canon_a, canon_b, start, maps, loss_fn, train_mode, latent, fixed)
     if repair_in_loop:
         run.repair(canon_a, canon_b, take_rows(x, slice(0, 2000)), batch_size)
     gen = torch.Generator().manual_seed(seed)
@@ -442,11 +478,11 @@ def learned_matching(
     chosen = min(checks, key=checks.get)  # never worse than the start on these examples
     perms, maps = candidates[chosen]
     record = {"method": "learned", "init": init if isinstance(init, str) else "given", "init_record": init_record, "latent": latent,
-              "orthogonal": bool(maps), "orthogonal_note": note, "untied": tied_readers(spec, streams) if untie else [], "repair_in_loop": repair_in_loop,
+              "orthogonal": bool(maps), "orthogonal_note": note, "untied": tied_readers(spec, streams) if untie else [], "repair_in_loop": repair_in_loop, "heads": heads,
               "repair_sites": len(run.sites), "steps": total, "lr": lr, "stream_lr": stream_lr if maps else None, "batch_size": batch_size,
               "examples": len(y), **history, "midpoint_loss": checks, "chosen": chosen,
               "seconds": time.perf_counter() - t0}  # fmt: skip
-    final = {**perms, **{g: torch.arange(spec.groups[g].size) for g in maps}}
+    final = {**run.fixed, **perms, **{g: torch.arange(spec.groups[g].size) for g in maps if g not in run.fixed}}
     if not maps:
         return AlignResult(final, record)
     return AlignResult(final, record, models=(canon_a, module_with(canon_b, run.transformed(perms, maps))), maps=maps)

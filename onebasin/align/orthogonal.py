@@ -327,10 +327,10 @@ def map_group(spec: PermutationSpec, sd: dict, name: str, q: torch.Tensor) -> di
         if m.diag:
             raise AlignmentError(f"orthogonal alignment: {m} is a grouped conv's in-group axis, which a dense map cannot keep")
         t = out[m.key].double()
-        if m.layout is None:
+        if m.layout is None and m.block == 1:
             out[m.key] = _along(t, m.axis, q).to(sd[m.key])
             continue
-        rows, pos = t.movedim(m.axis, 0).clone(), m.layout.positions().reshape(-1).to(t.device)
+        rows, pos = t.movedim(m.axis, 0).clone(), m.positions(g.size).reshape(-1).to(t.device)
         rows[pos] = (q.to(t) @ rows[pos].reshape(g.size, -1)).reshape(rows[pos].shape)
         out[m.key] = rows.movedim(0, m.axis).to(sd[m.key])
     return out

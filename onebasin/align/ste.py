@@ -10,7 +10,7 @@ import torch
 from ..permute import Perms, StateDict
 from ..spec import PermutationSpec
 from ._structured import solve_families
-from .orthogonal import map_streams, procrustes
+from .orthogonal import map_group, procrustes
 from .weight import weight_scores
 
 
@@ -35,15 +35,30 @@ def nearest_orthogonal(latent: torch.Tensor) -> torch.Tensor:
     return procrustes(latent)
 
 
-def ste_gradients(spec: PermutationSpec, perms: Perms, grads: StateDict, mapped_b: StateDict, b: StateDict,
-                  maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """dloss/dP (n, n) float64 of every group of `perms` and every stream of `maps`, P read as a dense matrix.
+def block_orthogonal(latent: torch.Tensor, block: int) -> torch.Tensor:
+    """The block-diagonal orthogonal matrix nearest `latent` (n, n) in Frobenius norm, blocks of `block` (one per
+    attention head): U V^T of the SVD of each diagonal block (the off-diagonal blocks are ignored)."""
+    out = torch.zeros_like(latent, dtype=torch.float64)
+    for i in range(0, len(latent), block):
+        u, _, vh = torch.linalg.svd(latent[i:i + block, i:i + block].double())
+        out[i:i + block, i:i + block] = u @ vh
+    return out
 
-    grads: dloss/dT(B) per permuted tensor; mapped_b: B with every stream mapped (unpermuted); b: B unmapped.
-    A group's gradient is its weight-matching score against `grads` with B's other axes mapped.
+
+def ste_gradients(spec: PermutationSpec, perms: Perms, grads: StateDict, mapped_b: StateDict,
+                  maps: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """dloss/dP (n, n) float64 of every group in `names` and dloss/dM of every map in `maps`, each read as a dense matrix.
+
+    T(B) = perms applied to mapped_b, mapped_b = B with every map M_g applied along its group's axes first (a stream's
+    orthogonal map; a head group's block-diagonal map, in B's order). grads: dloss/dT(B) per permuted tensor.
+    A permuted group's gradient is its weight-matching score against `grads` with B's other axes transformed. A
+    mapped group's axes carry R = P M (P = its permutation, the identity for a stream): dloss/dR is that score with
+    the group's own map undone (M^T along its axes: M is orthogonal), and dloss/dM = P^T dloss/dR.
     """
-    out = {g: weight_scores(spec, g, perms, grads, mapped_b) for g in perms if g not in maps}
-    for name in maps:
-        others = map_streams(spec, b, {s: q for s, q in maps.items() if s != name}) if len(maps) > 1 else b
-        out[name] = weight_scores(spec, name, {**perms, name: torch.arange(spec.groups[name].size)}, grads, others)
+    out = {g: weight_scores(spec, g, perms, grads, mapped_b) for g in names}
+    for name, q in maps.items():
+        n = spec.groups[name].size
+        others = map_group(spec, mapped_b, name, q.T)  # every axis but this group's mapped
+        score = weight_scores(spec, name, {**perms, name: torch.arange(n)}, grads, others)
+        out[name] = permutation_matrix(perms[name]).T @ score if name in perms else score
     return out
