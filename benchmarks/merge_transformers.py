@@ -53,14 +53,14 @@ PAIRS = {  # endpoint cache name, dataset, image size, calibration examples, hel
     "gpt_tied": ("gpt_width192_pydoc_e6_s{}", "pydoc", None, 512, 2000),  # nanoGPT's shape: tied head, no bias
     "mlp": ("mlp_depth10_width128_mnist_e8_lr0.1_warmup0.25_s{}", "mnist", 28, 2000, 10000),  # the demo's pair
 }
-TRANSFORMER_METHODS = ["none", "activation", "weight", "orthogonal", "orthogonal_weights", "orthogonal_headperm",
-                       "orthogonal_weights_headperm", "learned_weight", "learned_orthogonal", "learned_orthogonal_heads",
+TRANSFORMER_METHODS = ["none", "activation", "weight", "orthogonal", "orthogonal_weights", "orthogonal_heads",
+                       "orthogonal_weights_heads", "learned_weight", "learned_orthogonal", "learned_orthogonal_heads",
                        "learned_weight_heads"]
 MLP_METHODS = ["none", "activation", "weight", "learned_weight", "learned_activation"]
 OPTIONS = {  # row name -> (alignment method, its options)
     "orthogonal_weights": ("orthogonal", {"stream": "weights"}),  # Theus et al.'s data-free weight matching
-    "orthogonal_headperm": ("orthogonal", {"heads": "permutation"}),  # heads permuted only: before the maps inside heads
-    "orthogonal_weights_headperm": ("orthogonal", {"stream": "weights", "heads": "permutation"}),
+    "orthogonal_heads": ("orthogonal", {"heads": "orthogonal"}),  # with orthogonal maps inside heads (session 10)
+    "orthogonal_weights_heads": ("orthogonal", {"stream": "weights", "heads": "orthogonal"}),
     "learned_weight": ("learned", {"init": "weight"}),
     "learned_orthogonal": ("learned", {"init": "orthogonal"}),
     "learned_activation": ("learned", {"init": "activation"}),

@@ -162,8 +162,8 @@ def test_head_maps_are_the_procrustes_solution_of_each_head_and_keep_the_functio
     torch.manual_seed(1)
     b = TinyTransformer().double().eval()
     data = [x[:8], x[8:]]
-    b_maps, result = align(model, b, "orthogonal", data, spec=spec)
-    b_perm, plain = align(model, b, "orthogonal", data, spec=spec, heads="permutation")
+    b_maps, result = align(model, b, "orthogonal", data, spec=spec, heads="orthogonal")
+    b_perm, plain = align(model, b, "orthogonal", data, spec=spec)  # default: permutations inside heads
     a = result.models[0]
     assert len(result.record["head_maps"]) == 4 and plain.record["head_maps"] == []
     with torch.no_grad():
