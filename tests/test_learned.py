@@ -543,3 +543,46 @@ def test_learned_with_maps_inside_heads_recovers_a_rotated_copy_and_keeps_b():
         assert off.abs().max() == 0
     with torch.no_grad():
         assert (b_l(x) - b_random(x)).abs().max() < 1e-9
+
+
+@pytest.mark.usefixtures("float64_statistics")
+def test_in_loop_repair_of_head_groups_reads_the_mapped_units_statistics():
+    """heads="orthogonal": a head group's units are mixed by R = P M, so its in-loop goal is B's mapped unit i, whose
+    mean and std the loop takes from B's covariance (R mean, sqrt(diag(R C R^T))): on a zoo ViT every query, key and
+    value site of the interpolated network has (1 - lam) * A's unit i + lam * T(B)'s unit i (numpy on hooked
+    activations of A and of B with its maps and permutations applied)."""
+    from onebasin.align.learned import _Run, _head_start, mapped
+    from onebasin.models import create_model
+
+    def vit(seed):
+        torch.manual_seed(seed)
+        return create_model("vit", patch_size=14, width=8, depth=1, heads=2, mlp_ratio=2, num_classes=3).double().eval()
+
+    a, b = vit(0), vit(1)
+    x = torch.randn(64, 1, 28, 28, dtype=torch.float64)
+    spec = trace(a, x[:8])
+    perms, lam = random_perms(spec, seed=2), 0.3
+    maps, fixed = _head_start(spec, a.state_dict(), apply_perms(spec, perms, b.state_dict()), perms)
+    run = _Run(spec, a, b, perms, maps, F.cross_entropy, False, fixed=fixed)
+    run.repair(a, b, x)
+    head_sites = [(g, s) for g, s in run.sites if g in run.fixed]
+    assert len(head_sites) == 3  # query, key, value
+
+    def hooked(model, state=None):
+        outs = {}
+        hooks = [model.get_submodule(s.module).register_forward_hook(lambda m, i, o, s=s: outs.__setitem__(s, o.detach().numpy()))
+                 for _, s in run.sites]
+        with torch.no_grad():
+            model(x) if state is None else functional_call(model, state, (x,))
+        for h in hooks:
+            h.remove()
+        return {s: o.reshape(-1, o.shape[-1]) for s, o in outs.items()}
+
+    tb = run.transformed(run.perms, run.maps)
+    ends_a, ends_tb = hooked(a), hooked(b, tb)
+    run.lam = lam
+    mid = hooked(run.scratch, {k: (1 - lam) * v + lam * tb[k] for k, v in a.state_dict().items()})
+    for g, s in head_sites:
+        want_mean = (1 - lam) * ends_a[s].mean(0) + lam * ends_tb[s].mean(0)
+        want_std = (1 - lam) * ends_a[s].std(0) + lam * ends_tb[s].std(0)
+        assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10

@@ -60,7 +60,7 @@ from ..graph import as_call, model_inputs, take_rows
 from ..permute import Perms, StateDict, apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
-from .loop_repair import renormalise, repair_sites, unit_moments
+from .loop_repair import mapped_goal, renormalise, repair_sites, unit_moments
 from .orthogonal import (_check_canonical, canonical, head_families, head_maps, map_group, map_streams, procrustes, stream_cross,
                          stream_groups, tied_readers, weight_stream_maps)
 from .ste import block_orthogonal, nearest_orthogonal, permutation_matrix, project, ste_gradients
@@ -245,14 +245,19 @@ class _Run:
     def repair(self, canon_a: nn.Module, canon_b: nn.Module, x, batch_size: int = 100) -> None:
         """Renormalise every layer site of the interpolated network to (1 - lam) A's + lam B's unit statistics
         (B's in the current permutation; the endpoints' from the inputs x), as REPAIR will after alignment."""
-        self.sites = repair_sites(self.spec, self.maps)
-        ends = [unit_moments(m, self.sites, x, batch_size) for m in (canon_a, canon_b)]
+        self.sites = repair_sites(self.spec, self.maps, tuple(self.fixed))
+        ends = [unit_moments(m, self.sites, x, batch_size, full) for m, full in ((canon_a, ()), (canon_b, tuple(self.fixed)))]
         for group, site in self.sites:
             (mean_a, std_a), (mean_b, std_b) = ends[0][site], ends[1][site]
 
             def hook(module, args, out, group=group, site=site, mean_a=mean_a, std_a=std_a, mean_b=mean_b, std_b=std_b):
-                p, lam = self.perms[group].to(mean_b.device), self.lam
-                return renormalise(out, site.dim, (1 - lam) * mean_a + lam * mean_b[p], (1 - lam) * std_a + lam * std_b[p])
+                lam = self.lam
+                if group in self.fixed:  # a head group's units mix: B's goal from its covariance (std_b holds it)
+                    mean, std = mapped_goal(mean_b, std_b, permutation_matrix(self.fixed[group]) @ self.maps[group])
+                else:
+                    p = self.perms[group].to(mean_b.device)
+                    mean, std = mean_b[p], std_b[p]
+                return renormalise(out, site.dim, (1 - lam) * mean_a + lam * mean, (1 - lam) * std_a + lam * std)
 
             self.scratch.get_submodule(site.module).register_forward_hook(hook)
 
@@ -301,13 +306,13 @@ class _Run:
     def midpoint_loss(self, candidate: tuple[Perms, dict], x, y, batch_size: int, max_examples: int = 2000) -> float:
         """Mean loss of the midpoint (lam = 0.5) under `candidate` = (perms, maps) on the first examples."""
         tb, n = self.transformed(*candidate), min(len(y), max_examples)
-        now, (self.perms, _), self.lam = self.perms, candidate, 0.5  # the REPAIR hooks read them
+        now, (self.perms, self.maps), self.lam = (self.perms, self.maps), candidate, 0.5  # the REPAIR hooks read them
         theta = {k: torch.lerp(t, tb[k].to(t), 0.5) if t.is_floating_point() else t for k, t in self.a.items()}
         total = 0.0
         with torch.no_grad():
             for idx in torch.arange(n).split(batch_size):
                 total += float(self.loss_fn(_call(self.scratch, theta, take_rows(x, idx)), y[idx])) * len(idx)
-        self.perms = now
+        self.perms, self.maps = now
         return total / n
 
     def moved(self) -> int:

@@ -15,10 +15,11 @@ from ..spec import PermutationSpec, Site
 from ..stats import Moments
 
 
-def repair_sites(spec: PermutationSpec, maps: dict) -> list[tuple[str, Site]]:
-    """(group, site) of every layer site (a module's output) holding a whole permuted group; streams with a map
-    are left out (an orthogonal map mixes their units, so their statistics do not follow a permutation)."""
-    return [(g.name, s) for g in spec.groups.values() if g.name not in maps
+def repair_sites(spec: PermutationSpec, maps: dict, mapped: tuple = ()) -> list[tuple[str, Site]]:
+    """(group, site) of every layer site (a module's output) holding a whole permuted group; groups with a map are
+    left out (an orthogonal map mixes their units, so their statistics do not follow a permutation) except those in
+    `mapped` (attention head groups, whose goals `mapped_goal` computes from B's full covariance)."""
+    return [(g.name, s) for g in spec.groups.values() if g.name not in maps or g.name in mapped
             for s in g.sites if s.kind == "layer" and s.module is not None and s.size is None]  # fmt: skip
 
 
@@ -27,10 +28,11 @@ def _units(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, -1).reshape(-1, t.shape[dim])
 
 
-def unit_moments(model: nn.Module, sites: list[tuple[str, Site]], x, batch_size: int = 100) -> dict:
+def unit_moments(model: nn.Module, sites: list[tuple[str, Site]], x, batch_size: int = 100, full: tuple = ()) -> dict:
     """{site: (mean, std)} float64 (units,) of each site's units over the inputs x (population std), summed by
-    `stats.Moments` over forwards of `batch_size` rows (no float64 copy of a whole site's activations)."""
-    moments = {s: Moments() for _, s in sites}
+    `stats.Moments` over forwards of `batch_size` rows (no float64 copy of a whole site's activations); for the
+    sites of the groups in `full`, (mean, covariance (units, units)) instead."""
+    moments = {s: Moments(full=g in full) for g, s in sites}
     hooks = [model.get_submodule(s.module).register_forward_hook(lambda m, i, o, s=s: moments[s].update(_units(o.detach(), s.dim)))
              for _, s in sites]  # fmt: skip
     try:
@@ -41,7 +43,14 @@ def unit_moments(model: nn.Module, sites: list[tuple[str, Site]], x, batch_size:
     finally:
         for h in hooks:
             h.remove()
-    return {s: (m.mean_x, m.var_x.clamp_min(0).sqrt()) for s, m in moments.items()}
+    return {s: (m.mean_x, m.cov_x if m.full else m.var_x.clamp_min(0).sqrt()) for s, m in moments.items()}
+
+
+def mapped_goal(mean: torch.Tensor, cov: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) (units,) of the units R x of a site whose units x have `mean` (n,) and covariance `cov` (n, n):
+    R mean and sqrt(diag(R cov R^T)), R (n, n) the dense map of the site's units (a permutation times a map)."""
+    r = r.to(cov)
+    return r @ mean, ((r @ cov) * r).sum(1).clamp_min(0).sqrt()
 
 
 def renormalise(out: torch.Tensor, dim: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
