@@ -188,7 +188,7 @@ def plot_curves(rows: list[dict]) -> None:
     for pair in dict.fromkeys(r["pair"] for r in rows):
         series = {}
         for r in rows:
-            if r["pair"] == pair and ":circuits" not in r["method"]:  # the circuits' rows: in the table only
+            if r["pair"] == pair and ":circuits" not in r["method"] and not r["method"].endswith("_heads"):  # in the table only
                 losses = [float(v) for v in r["losses"].split()]
                 alphas = [float(v) for v in r["alphas"].split()] if r.get("alphas") else ALPHAS
                 series[f"{r['method']}{' + REPAIR' if r['correction'] == 'repair' else ''}"] = (alphas, losses)
