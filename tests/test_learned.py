@@ -78,7 +78,7 @@ def test_straight_through_gradient_is_autograd_through_dense_maps(kind):
     kids = [k for ks in head_families(spec, list(spec.groups)).values() for k in ks] if kind == "heads" else []
     maps.update({k: block_orthogonal(torch.randn(spec.groups[k].size, spec.groups[k].size, dtype=torch.float64),
                                      spec.groups[k].block) for k in kids})
-    from onebasin.align.learned import mapped as map_all
+    from onebasin.align.orthogonal import map_groups as map_all
 
     mapped = map_all(spec, b, maps)
     _, grads = _loss_at(a_model, a, apply_perms(spec, perms, mapped), 0.45, set(spec.members_of), x, y, F.cross_entropy)
@@ -551,7 +551,7 @@ def test_in_loop_repair_of_head_groups_reads_the_mapped_units_statistics():
     mean and std the loop takes from B's covariance (R mean, sqrt(diag(R C R^T))): on a zoo ViT every query, key and
     value site of the interpolated network has (1 - lam) * A's unit i + lam * T(B)'s unit i (numpy on hooked
     activations of A and of B with its maps and permutations applied)."""
-    from onebasin.align.learned import _Run, _head_start, mapped
+    from onebasin.align.learned import _Run, _head_start
     from onebasin.models import create_model
 
     def vit(seed):

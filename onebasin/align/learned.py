@@ -61,7 +61,7 @@ from ..permute import Perms, StateDict, apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
 from .loop_repair import mapped_goal, renormalise, repair_sites, unit_moments
-from .orthogonal import (_check_canonical, canonical, head_families, head_maps, map_group, map_streams, procrustes, stream_cross,
+from .orthogonal import (_check_canonical, canonical, head_families, head_maps, map_groups, map_streams, procrustes, stream_cross,
                          stream_groups, tied_readers, weight_stream_maps)
 from .ste import block_orthogonal, nearest_orthogonal, permutation_matrix, project, ste_gradients
 
@@ -171,13 +171,6 @@ def _same(one: tuple[Perms, dict], other: tuple[Perms, dict]) -> bool:
     return all(torch.equal(p, other[0][g]) for g, p in one[0].items()) and all(torch.equal(q, other[1][g]) for g, q in one[1].items())
 
 
-def mapped(spec, sd: StateDict, maps: dict[str, torch.Tensor]) -> StateDict:
-    """sd with every group of `maps` mapped along its axes by its matrix (streams, head groups; before any permutation)."""
-    for name, q in maps.items():
-        sd = map_group(spec, sd, name, q)
-    return sd
-
-
 def _head_start(spec, a: StateDict, tb: StateDict, start: Perms) -> tuple[dict, tuple]:
     """({head group: block-diagonal orthogonal map in B's order}, the head families' groups): Procrustes inside every
     head of the start (`orthogonal.head_maps`, found in A's order on T(B), taken back to B's order: P^T M P)."""
@@ -285,11 +278,11 @@ class _Run:
 
     def transformed(self, perms: Perms, maps: dict) -> StateDict:
         """B with its streams (and head groups) mapped, then its groups permuted."""
-        return apply_perms(self.spec, {**self.fixed, **perms}, mapped(self.spec, self.b, maps))
+        return apply_perms(self.spec, {**self.fixed, **perms}, map_groups(self.spec, self.b, maps))
 
     def step(self, opt, lam: float, x, y) -> float:
         """One straight-through step at interpolation weight lam on batch (x, y); returns the batch loss."""
-        mapped_b, self.lam = mapped(self.spec, self.b, self.maps), lam
+        mapped_b, self.lam = map_groups(self.spec, self.b, self.maps), lam
         perms = {**self.fixed, **self.perms}
         loss, grads = _loss_at(self.scratch, self.a, apply_perms(self.spec, perms, mapped_b), lam, self.keys, x, y, self.loss_fn)
         opt.zero_grad()
@@ -450,7 +443,7 @@ def learned_matching(
     lr = lr if lr is not None else LR_WITH_STREAM if maps and latent == "perms" else LR
     fixed = ()
     if heads == "orthogonal":
-        tb = apply_perms(spec, start, mapped(spec, canon_b.state_dict(), maps))
+        tb = apply_perms(spec, start, map_groups(spec, canon_b.state_dict(), maps))
         inside, fixed = _head_start(spec, canon_a.state_dict(), tb, start)
         maps = {**maps, **inside}
     x, y = _examples(canon_a, data, max_examples)

@@ -212,13 +212,19 @@ def _require_plain(m) -> None:
 
 
 def map_streams(spec: PermutationSpec, sd: dict, maps: dict[str, torch.Tensor]) -> dict:
-    """A new state_dict with every stream group's axes mapped by its orthogonal matrix (v -> O v, in float64)."""
-    out = dict(sd)
-    for name, q in maps.items():
+    """A new state_dict with every stream group's axes mapped by its orthogonal matrix (v -> O v, in float64);
+    a stream axis must be plain (one position per unit)."""
+    for name in maps:
         for m in spec.groups[name].members:
             _require_plain(m)
-            out[m.key] = _along(out[m.key].double(), m.axis, q).to(sd[m.key])
-    return out
+    return map_groups(spec, sd, maps)
+
+
+def map_groups(spec: PermutationSpec, sd: dict, maps: dict[str, torch.Tensor]) -> dict:
+    """A new state_dict with every group of `maps` mapped along its axes by its matrix (`map_group`, in turn)."""
+    for name, q in maps.items():
+        sd = map_group(spec, sd, name, q)
+    return dict(sd)
 
 
 def head_families(spec: PermutationSpec, names: list[str]) -> dict[str, list[str]]:
@@ -320,9 +326,14 @@ def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: l
 
 
 def map_group(spec: PermutationSpec, sd: dict, name: str, q: torch.Tensor) -> dict:
-    """A new state_dict with every axis of group `name` mapped by the matrix q (n, n) (v -> q v, in float64), any
-    member layout (a unit's slice of a fused projection); a grouped conv's in-group axis is refused."""
-    g, out = spec.groups[name], dict(sd)
+    """A new state_dict with every axis of group `name` mapped by the matrix q (n, n) (`map_members`)."""
+    return map_members(sd, spec.groups[name], q)
+
+
+def map_members(sd: dict, g: Group, q: torch.Tensor) -> dict:
+    """A new state_dict with every axis of group g mapped by the matrix q (n, n) (v -> q v, in float64), any member
+    layout (a unit's slice of a fused projection); a grouped conv's in-group axis is refused."""
+    out = dict(sd)
     for m in g.members:
         if m.diag:
             raise AlignmentError(f"orthogonal alignment: {m} is a grouped conv's in-group axis, which a dense map cannot keep")
@@ -375,11 +386,9 @@ def with_head_maps(spec: PermutationSpec, a: nn.Module, b: nn.Module, perms: dic
 
 def rebase(model: nn.Module, group: Group, q: torch.Tensor) -> nn.Module:
     """A copy of a canonical `model` with its stream re-based by orthogonal q (n, n), q @ 1 = 1."""
-    sd = dict(model.state_dict())
     for m in group.members:
         _require_plain(m)
-        sd[m.key] = _along(sd[m.key].double(), m.axis, q).to(sd[m.key])
-    return module_with(model, sd)
+    return module_with(model, map_members(model.state_dict(), group, q))
 
 
 def procrustes(cross: torch.Tensor) -> torch.Tensor:
