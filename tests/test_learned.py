@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from onebasin.align import align
 from onebasin.align.learned import _loss_at, nearest_orthogonal, permutation_matrix, project, ste_gradients
-from onebasin.align.orthogonal import canonical, stream_groups
+from onebasin.align.orthogonal import canonical, map_groups, stream_groups
 from onebasin.permute import apply_perms, invert_perms, permute_model, random_perms
 from onebasin.spec import trace
 from reference_models import TinyTransformer, mlp
@@ -441,7 +441,7 @@ def test_in_loop_repair_gives_each_unit_the_interpolated_endpoint_statistics():
         p = perms[g].numpy()
         want_mean = (1 - lam) * ends_a[s].mean(0) + lam * ends_b[s].mean(0)[p]
         want_std = (1 - lam) * ends_a[s].std(0) + lam * ends_b[s].std(0)[p]
-        assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10
+        assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10, s
 
 
 BAD_OPTIONS = [({"epochs": 0}, "epochs"), ({"epochs": -1.5}, "epochs"), ({"epochs": float("nan")}, "epochs"),
@@ -546,11 +546,13 @@ def test_learned_with_maps_inside_heads_recovers_a_rotated_copy_and_keeps_b():
 
 
 @pytest.mark.usefixtures("float64_statistics")
-def test_in_loop_repair_of_head_groups_reads_the_mapped_units_statistics():
-    """heads="orthogonal": a head group's units are mixed by R = P M, so its in-loop goal is B's mapped unit i, whose
-    mean and std the loop takes from B's covariance (R mean, sqrt(diag(R C R^T))): on a zoo ViT every query, key and
-    value site of the interpolated network has (1 - lam) * A's unit i + lam * T(B)'s unit i (numpy on hooked
-    activations of A and of B with its maps and permutations applied)."""
+def test_in_loop_repair_of_mapped_groups_reads_the_mapped_units_statistics():
+    """A mapped group's units are mixed by R (the stream's orthogonal map O; a head group's R = P M with
+    heads="orthogonal"), so its in-loop goal is B's mapped unit i, whose mean and std the loop takes from B's
+    covariance (R mean, sqrt(diag(R C R^T))): on a zoo ViT in canonical form every layer site of the interpolated
+    network (the stream's writers, query, key, value and the MLP's hidden units) has (1 - lam) * A's unit i + lam *
+    T(B)'s unit i (numpy on hooked activations of A and of B with its maps and permutations applied). Before, the
+    stream's and the heads' sites were left out of the loop's REPAIR."""
     from onebasin.align.learned import _Run, _head_start
     from onebasin.models import create_model
 
@@ -558,15 +560,17 @@ def test_in_loop_repair_of_head_groups_reads_the_mapped_units_statistics():
         torch.manual_seed(seed)
         return create_model("vit", patch_size=14, width=8, depth=1, heads=2, mlp_ratio=2, num_classes=3).double().eval()
 
-    a, b = vit(0), vit(1)
     x = torch.randn(64, 1, 28, 28, dtype=torch.float64)
-    spec = trace(a, x[:8])
-    perms, lam = random_perms(spec, seed=2), 0.3
-    maps, fixed = _head_start(spec, a.state_dict(), apply_perms(spec, perms, b.state_dict()), perms)
-    run = _Run(spec, a, b, perms, maps, F.cross_entropy, False, fixed=fixed)
+    spec = trace(vit(0), x[:8])
+    streams = stream_groups(spec)
+    a, b = (canonical(spec, vit(seed), streams) for seed in (0, 1))
+    perms, lam = {g: p for g, p in random_perms(spec, seed=2).items() if g not in {s.name for s in streams}}, 0.3
+    maps = {s.name: nearest_orthogonal(torch.randn(s.size, s.size, dtype=torch.float64)) for s in streams}
+    heads, fixed = _head_start(spec, a.state_dict(), apply_perms(spec, perms, map_groups(spec, b.state_dict(), maps)), perms)
+    run = _Run(spec, a, b, perms, {**maps, **heads}, F.cross_entropy, False, fixed=fixed)
     run.repair(a, b, x)
-    head_sites = [(g, s) for g, s in run.sites if g in run.fixed]
-    assert len(head_sites) == 3  # query, key, value
+    kinds = [("stream" if g in maps else "heads" if g in run.fixed else "permuted") for g, _ in run.sites]
+    assert kinds.count("stream") >= 2 and kinds.count("heads") == 3 and kinds.count("permuted") >= 1
 
     def hooked(model, state=None):
         outs = {}
@@ -576,13 +580,13 @@ def test_in_loop_repair_of_head_groups_reads_the_mapped_units_statistics():
             model(x) if state is None else functional_call(model, state, (x,))
         for h in hooks:
             h.remove()
-        return {s: o.reshape(-1, o.shape[-1]) for s, o in outs.items()}
+        return {s: np.moveaxis(o, s.dim, -1).reshape(-1, o.shape[s.dim]) for s, o in outs.items()}  # (samples, units)
 
     tb = run.transformed(run.perms, run.maps)
     ends_a, ends_tb = hooked(a), hooked(b, tb)
     run.lam = lam
     mid = hooked(run.scratch, {k: (1 - lam) * v + lam * tb[k] for k, v in a.state_dict().items()})
-    for g, s in head_sites:
+    for g, s in run.sites:
         want_mean = (1 - lam) * ends_a[s].mean(0) + lam * ends_tb[s].mean(0)
         want_std = (1 - lam) * ends_a[s].std(0) + lam * ends_tb[s].std(0)
-        assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10
+        assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10, s

@@ -15,11 +15,11 @@ from ..spec import PermutationSpec, Site
 from ..stats import Moments
 
 
-def repair_sites(spec: PermutationSpec, maps: dict, mapped: tuple = ()) -> list[tuple[str, Site]]:
-    """(group, site) of every layer site (a module's output) holding a whole permuted group; groups with a map are
-    left out (an orthogonal map mixes their units, so their statistics do not follow a permutation) except those in
-    `mapped` (attention head groups, whose goals `mapped_goal` computes from B's full covariance)."""
-    return [(g.name, s) for g in spec.groups.values() if g.name not in maps or g.name in mapped
+def repair_sites(spec: PermutationSpec) -> list[tuple[str, Site]]:
+    """(group, site) of every layer site (a module's output) holding a whole group. A group with a map (a residual
+    stream, attention heads) mixes B's units, so its goals come from B's covariance (`mapped_goal`), not from a
+    permutation of B's unit statistics."""
+    return [(g.name, s) for g in spec.groups.values()
             for s in g.sites if s.kind == "layer" and s.module is not None and s.size is None]  # fmt: skip
 
 
