@@ -409,6 +409,19 @@ def test_merge_with_learned_and_no_data_names_the_cause():
         merge(model, tiny_mlp(seed=1)[0], method="learned", repair="none")
 
 
+def site_units(model, sites, x, state=None) -> dict:
+    """{site: (samples, units) numpy} of each (group, site)'s module output on x, read by forward hooks (with the
+    tensors `state` when given)."""
+    outs = {}
+    hooks = [model.get_submodule(s.module).register_forward_hook(lambda m, i, o, s=s: outs.__setitem__(s, o.detach().numpy()))
+             for _, s in sites]
+    with torch.no_grad():
+        model(x) if state is None else functional_call(model, state, (x,))
+    for h in hooks:
+        h.remove()
+    return {s: np.moveaxis(o, s.dim, -1).reshape(-1, o.shape[s.dim]) for s, o in outs.items()}
+
+
 @pytest.mark.usefixtures("float64_statistics")  # held to numpy at 1e-10: the exact path
 def test_in_loop_repair_gives_each_unit_the_interpolated_endpoint_statistics():
     """With repair, every layer site of the interpolated network has, over the batch, unit i's mean and std equal to
@@ -424,14 +437,7 @@ def test_in_loop_repair_gives_each_unit_the_interpolated_endpoint_statistics():
     assert len(run.sites) == len(spec.groups)
 
     def hooked(model, state=None):
-        outs = {}
-        hooks = [model.get_submodule(s.module).register_forward_hook(lambda m, i, o, s=s: outs.__setitem__(s, o.detach().numpy()))
-                 for _, s in run.sites]
-        with torch.no_grad():
-            model(x) if state is None else functional_call(model, state, (x,))
-        for h in hooks:
-            h.remove()
-        return outs
+        return site_units(model, run.sites, x, state)
 
     ends_a, ends_b = hooked(a), hooked(b)
     run.lam = lam
@@ -573,14 +579,7 @@ def test_in_loop_repair_of_mapped_groups_reads_the_mapped_units_statistics():
     assert kinds.count("stream") >= 2 and kinds.count("heads") == 3 and kinds.count("permuted") >= 1
 
     def hooked(model, state=None):
-        outs = {}
-        hooks = [model.get_submodule(s.module).register_forward_hook(lambda m, i, o, s=s: outs.__setitem__(s, o.detach().numpy()))
-                 for _, s in run.sites]
-        with torch.no_grad():
-            model(x) if state is None else functional_call(model, state, (x,))
-        for h in hooks:
-            h.remove()
-        return {s: np.moveaxis(o, s.dim, -1).reshape(-1, o.shape[s.dim]) for s, o in outs.items()}  # (samples, units)
+        return site_units(model, run.sites, x, state)
 
     tb = run.transformed(run.perms, run.maps)
     ends_a, ends_tb = hooked(a), hooked(b, tb)
