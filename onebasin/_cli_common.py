@@ -42,6 +42,9 @@ def _add_align_options(p):
     g = p.add_argument_group("alignment options")
     g.add_argument("--untie", action="store_true", help="--method orthogonal or learned on a model whose LM head is "
                    "tied to its embedding: give the head its own copy (recorded), so the final LayerNorm's gain can fold")
+    g.add_argument("--heads", choices=("permutation", "orthogonal"), help="--method orthogonal or learned: inside each "
+                   "attention head, permute the query/key and value/output dims (default) or map them by an orthogonal "
+                   "matrix (Procrustes on the weights; learnt by learned)")
     g.add_argument("--learned-init", choices=LEARNED_INITS, help="--method learned: the start (default weight; "
                    "orthogonal: activation matching plus the stream's Procrustes map)")
     g.add_argument("--learned-epochs", type=float, metavar="E", help="--method learned: passes over the calibration "
@@ -63,8 +66,9 @@ def _align_options(args, fail) -> dict:
     one line naming the flag for a method that does not take them or a bad value."""
     learned = {k: getattr(args, f"learned_{k}") for k in LEARNED if getattr(args, f"learned_{k}") is not None}
     flag = {k: f"--learned-{k.replace('_', '-')}" for k in LEARNED}
-    if args.untie and args.method not in ("orthogonal", "learned"):
-        fail(f"--untie applies to --method orthogonal or learned, not {args.method}")
+    for name, value in (("--untie", args.untie), ("--heads", args.heads)):
+        if value and args.method not in ("orthogonal", "learned"):
+            fail(f"{name} applies to --method orthogonal or learned, not {args.method}")
     if learned and args.method != "learned":
         fail(f"{flag[next(iter(learned))]} applies to --method learned, not {args.method}")
     if "epochs" in learned and "steps" in learned:
@@ -77,7 +81,7 @@ def _align_options(args, fail) -> dict:
             check_options(**{k: v})
         except InvalidOptionError as err:
             fail(f"{flag[k]}: {err}")
-    return ({"untie": True} if args.untie else {}) | learned
+    return ({"untie": True} if args.untie else {}) | ({"heads": args.heads} if args.heads else {}) | learned
 
 
 def _parse_opts(items, fail) -> dict:

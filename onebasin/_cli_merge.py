@@ -147,7 +147,7 @@ def cmd_merge_pretrained(args, fail) -> int:
     paths = [args.a, args.b, *args.more]
     _check_calib_examples(args, fail)
     if _align_options(args, fail):
-        fail("--untie and --learned-* apply to two onebasin checkpoints or state_dicts, not to Hugging Face folders")
+        fail("--untie, --heads and --learned-* apply to two onebasin checkpoints or state_dicts, not to Hugging Face folders")
     weights = _weights(args, len(paths), fail)
     try:
         out, result = merge_pretrained(

@@ -96,6 +96,15 @@ def test_demo_untie_lets_orthogonal_and_learned_align_the_tied_gpt(tmp_path, mon
     assert record["steps"] == 3 and len(record["loss"]) == 3 and record["lr"] == 0.01 and record["batch_size"] == 8
     assert record["stream_lr"] == 0.002
     assert record["examples"] == 32
+    code, _, err = run_cli([*demo, "--method", "learned", "--untie", "--heads", "orthogonal", "--learned-steps", "2",
+                            "--out", tmp_path / "h"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "h" / "report.json").read_text())["alignment"]
+    assert record["heads"] == "orthogonal" and record["steps"] == 2
+    code, _, err = run_cli([*demo, "--method", "orthogonal", "--untie", "--heads", "orthogonal", "--out", tmp_path / "oh"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "oh" / "report.json").read_text())["alignment"]
+    assert record["heads"] == "orthogonal" and len(record["head_maps"]) == 2  # one block: query/key and value/output
 
 
 BAD = [
@@ -118,6 +127,8 @@ BAD = [
     (["--method", "orthogonal", "--learned-lr", "0.1"], "--learned-lr"),
     (["--learned-init", "weight"], "--learned-init"),  # the default method, activation
     (["--method", "weight", "--untie"], "--untie"),
+    (["--method", "activation", "--heads", "orthogonal"], "--heads"),
+    (["--method", "learned", "--heads", "rotate"], "--heads"),
 ]
 
 
