@@ -39,7 +39,8 @@ class AlignResult:
     # need not measure its goals again (`repair.endpoints_from_alignment`); None for other methods
     site_stats: dict | None = None
     plain_site_stats: dict | None = None  # the same for A and the UNALIGNED B (the plain interpolation's goals)
-    maps: dict | None = None  # {stream group: float64 (n, n) orthogonal map} applied to B's canonical form (learned)
+    maps: dict | None = None  # {group: float64 (n, n) orthogonal map} applied to B's canonical form before `perms`
+    # (learned, orthogonal with stream="weights": each stream's map; learned with heads="orthogonal": each head group's)
 
 
 @dataclass(frozen=True)

@@ -482,7 +482,7 @@ def learned_matching(
     chosen = min(checks, key=checks.get)  # never worse than the start on these examples
     perms, maps = candidates[chosen]
     record = {"method": "learned", "init": init if isinstance(init, str) else "given", "init_record": init_record, "latent": latent,
-              "orthogonal": bool(maps), "orthogonal_note": note, "untied": tied_readers(spec, streams) if untie else [], "repair_in_loop": repair_in_loop, "heads": heads,
+              "orthogonal": bool(streams) and any(g not in run.fixed for g in maps), "orthogonal_note": note, "untied": tied_readers(spec, streams) if untie else [], "repair_in_loop": repair_in_loop, "heads": heads,
               "repair_sites": len(run.sites), "steps": total, "lr": lr, "stream_lr": stream_lr if maps else None, "batch_size": batch_size,
               "examples": len(y), **history, "midpoint_loss": checks, "chosen": chosen,
               "seconds": time.perf_counter() - t0}  # fmt: skip
