@@ -311,8 +311,7 @@ def weight_stream_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, streams: l
         new_maps = {}
         for s in streams:
             others = apply_perms(spec, new, map_streams(spec, sd_b, {k: q for k, q in maps.items() if k != s.name}))
-            for name, q in inside.items():
-                others = map_group(spec, others, name, q)
+            others = map_groups(spec, others, inside)
             new_maps[s.name] = procrustes(weight_scores(spec, s.name, {}, sd_a, others))
         change = max((float((new_maps[k] - maps[k]).abs().max()) for k in maps), default=0.0)
         same = perms is not None and all(torch.equal(new[g], perms[g]) for g in names)
@@ -379,9 +378,7 @@ def with_head_maps(spec: PermutationSpec, a: nn.Module, b: nn.Module, perms: dic
     after]}}) for the attention families among the groups of `perms`; B is in A's order already."""
     sd_b = b.state_dict()
     maps, objective = head_maps(spec, a.state_dict(), sd_b, head_families(spec, [g for g in spec.groups if g in perms]))
-    for name, q in maps.items():
-        sd_b = map_group(spec, sd_b, name, q)
-    return module_with(b, sd_b), {"head_maps": list(maps), "head_objective": objective}
+    return module_with(b, map_groups(spec, sd_b, maps)), {"head_maps": list(maps), "head_objective": objective}
 
 
 def rebase(model: nn.Module, group: Group, q: torch.Tensor) -> nn.Module:
@@ -505,10 +502,7 @@ def _weights_alignment(spec, model_a, model_b, data, streams, untie, heads, t0) 
     sd_a, sd_b = a.state_dict(), b.state_dict()
     inside = {} if heads == "orthogonal" else None
     perms, maps, record = weight_stream_maps(spec, sd_a, sd_b, streams, inside_heads=inside)
-    sd_b = apply_perms(spec, perms, map_streams(spec, sd_b, maps))
-    for name, q in (inside or {}).items():
-        sd_b = map_group(spec, sd_b, name, q)
-    b = module_with(b, sd_b)
+    b = module_with(b, map_groups(spec, apply_perms(spec, perms, map_streams(spec, sd_b, maps)), inside or {}))
     record = {"method": "orthogonal", "stream": "weights", **record, "heads": heads, "head_maps": list(inside or {}), "untied": tied_readers(spec, streams) if untie else [],
               "stream_groups": [g.name for g in streams], "examples": 0, "seconds": time.perf_counter() - t0}  # fmt: skip
     return AlignResult(perms, record, models=(a, b), maps=maps)
