@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from torch.func import functional_call
 
 from onebasin.align import align
+from onebasin.align._registry import assignment
 from onebasin.align.learned import _loss_at, nearest_orthogonal, permutation_matrix, project, ste_gradients
 from onebasin.align.orthogonal import canonical, map_groups, stream_groups
 from onebasin.permute import apply_perms, invert_perms, permute_model, random_perms
@@ -105,6 +106,21 @@ def test_projection_of_a_free_group_is_the_assignment_scipy_finds():
     for g, latent in latents.items():
         rows, cols = linear_sum_assignment(latent.numpy(), maximize=True)
         assert perms[g].tolist() == cols[np.argsort(rows)].tolist()
+
+
+def test_assignment_near_a_permutation_is_scipys():
+    """`assignment` skips the O(n^3) solve where row maxima are strict and in distinct columns; elsewhere it solves."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        p = torch.randperm(50, generator=gen)
+        latent = (permutation_matrix(p) + 0.15 * torch.randn(50, 50, dtype=torch.float64, generator=gen)).numpy()
+        assert len(set(latent.argmax(1))) == 50  # the shortcut's case
+        rows, cols = linear_sum_assignment(latent, maximize=True)
+        assert assignment(latent).tolist() == cols[np.argsort(rows)].tolist() == p.tolist()
+    far = torch.randn(50, 50, dtype=torch.float64, generator=gen).numpy()  # row maxima collide: the solver's answer
+    assert len(set(far.argmax(1))) < 50
+    rows, cols = linear_sum_assignment(far, maximize=True)
+    assert assignment(far).tolist() == cols[np.argsort(rows)].tolist()
 
 
 def test_projection_of_heads_is_the_best_structured_permutation():

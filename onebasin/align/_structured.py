@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..permute import Perms, block_perm
 from ..spec import Group, PermutationSpec
+from ._registry import assignment
 
 
 def _lap(score: np.ndarray) -> tuple[np.ndarray, float]:
     """(p, value): p[i] = column given to row i, maximising the summed score."""
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    return cols[np.argsort(rows)], float(score[rows, cols].sum())
+    p = assignment(score)
+    return p, float(score[np.arange(len(p)), p].sum())
 
 
 def _block_values(score: np.ndarray, k: int, inner: bool) -> tuple[np.ndarray, dict]:
