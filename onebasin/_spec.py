@@ -3,6 +3,7 @@ with `trace`). Below the tracer and its rules, which build these classes."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -154,16 +155,16 @@ class PermutationSpec:
     notes: tuple[str, ...] = ()
     graph: object = field(default=None, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def members_of(self) -> dict[str, list[tuple[str, Member]]]:
-        """key -> [(group name, member)] for every permuted tensor (the inverse view)."""
+        """key -> [(group name, member)] for every permuted tensor (the inverse view; built once: read, do not change)."""
         out: dict[str, list[tuple[str, Member]]] = {}
         for g in self.groups.values():
             for m in g.members:
                 out.setdefault(m.key, []).append((g.name, m))
         return out
 
-    @property
+    @functools.cached_property
     def axes_of(self) -> dict[str, list[tuple[int, str, int]]]:
         """key -> [(axis, group name, block)]: the view for plain members (see `members_of` for all)."""
         return {k: [(m.axis, g, m.block) for g, m in ms] for k, ms in self.members_of.items()}
