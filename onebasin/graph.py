@@ -184,6 +184,44 @@ class Captured:
             self._runners[key] = runner
         return self._runners[key]
 
+    def paired_runner(self, taps: Sequence[str]) -> fx.GraphModule:
+        """A GraphModule of two weight sets on one input: (*A's flat inputs, *B's flat inputs, visit) -> None. The two
+        copies of the graph run node by node side by side, and at the k-th tapped node it calls visit(k, a, b) with
+        A's and B's values there, as soon as both exist; like every value they are freed after their last reader,
+        so a tapped activation lives no longer than in an eager forward (not to the end of the pass)."""
+        key = ("paired", tuple(taps))
+        if key not in self._runners:
+            base = self.runner(taps, outputs=False)  # only what the taps need
+            nodes = list(base.graph.nodes)
+            out = next(n for n in nodes if n.op == "output")
+            tapped: dict[fx.Node, list[int]] = {}
+            for k, node in enumerate(out.args[0]):
+                tapped.setdefault(node, []).append(k)
+            graph, env_a, env_b = fx.Graph(), {}, {}
+            inputs = [n for n in nodes if n.op == "placeholder"]
+            for env, suffix in ((env_a, "_a"), (env_b, "_b")):
+                for n in inputs:
+                    env[n] = graph.placeholder(n.name + suffix)
+            visit = graph.placeholder("visit")
+            for n in nodes:
+                if n.op in ("placeholder", "output"):
+                    continue
+                env_a[n] = graph.node_copy(n, lambda x: env_a[x])
+                env_b[n] = graph.node_copy(n, lambda x: env_b[x])
+                for k in tapped.get(n, []):
+                    graph.call_function(_visit, (visit, k, env_a[n], env_b[n]))
+            graph.output(None)
+            self._runners[key] = fx.GraphModule(base, graph)
+        return self._runners[key]
+
+    def run_paired(self, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], inputs,
+                   taps: Sequence[str], visit) -> None:
+        """Run the graph with weights `state_a` and `state_b` on the same `inputs`, calling visit(k, a, b) with both
+        values at taps[k] as they are computed (`paired_runner`; no autograd graph kept)."""
+        graph = self.for_batch(batch_size(inputs))
+        with torch.no_grad():
+            graph.paired_runner(taps)(*graph.flat_inputs(state_a, inputs), *graph.flat_inputs(state_b, inputs), visit)
+
     def run(self, state: Mapping[str, torch.Tensor], inputs, taps: Sequence[str] = (), outputs: bool = True) -> list:
         """[user outputs..., tensors at `taps`...] of the model with weights `state` on `inputs` (no autograd graph kept)."""
         graph = self.for_batch(batch_size(inputs))
@@ -205,6 +243,11 @@ class Captured:
                 )
             self._by_batch[n] = other
         return self._by_batch[n]
+
+
+def _visit(fn, k: int, a, b) -> None:
+    """A paired runner's call of its visitor at tap k (a graph node: `fn` is the runner's last input)."""
+    fn(k, a, b)
 
 
 def capture(model: nn.Module, example) -> Captured:

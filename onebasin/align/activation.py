@@ -20,7 +20,7 @@ from ..spec import PermutationSpec
 from ..graph import batch_size, model_inputs, take_rows
 from ..distributed import batches, distributed, gathered, spread_owners
 from ..stats import Moments, eval_mode, owned_moments, pack_passes, paired_shapes, rows_per_slice, sum_bytes
-from ..taps import SiteTaps
+from ..taps import SiteTaps, visit_pairs
 from ._registry import AlignResult, all_reduce_count, device_of, matched, register_method, require_module, weights_of
 from ._structured import family_root, solve_families
 from .weight import match_weights
@@ -57,19 +57,19 @@ def site_moments(
     """
     groups = [g for g in spec.groups.values() if g.sites and (groups is None or g.name in groups)]
     sites = [s for g in groups for s in g.sites]
-    taps_a, taps_b = SiteTaps(model_a, sites, spec.graph, False), SiteTaps(model_b, sites, spec.graph, False)
     moments = [Moments(paired=True, precision=precision) for _ in sites]
     rows = rows_per_slice(spec.graph, sites, max_memory)
     examples = 0
+
+    def visit(k, a, b):
+        moments[k].update_pair(a, b, sites[k])
+
     with torch.no_grad(), eval_mode(model_a, model_b):
         for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
             n = batch_size(x)
             for start in range(0, n, rows or n):
                 part = x if rows is None or rows >= n else take_rows(x, slice(start, start + rows))
-                (_, acts_a), (_, acts_b) = taps_a(part), taps_b(part)
-                for m, s, a, b in zip(moments, sites, acts_a, acts_b):
-                    m.update_pair(a, b, s)
-                del acts_a, acts_b
+                visit_pairs(model_a, model_b, sites, spec.graph, part, visit)
             examples += n
     for m in moments:
         m.all_reduce_()

@@ -52,7 +52,7 @@ from ..permute import apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
 from ..distributed import batches
 from ..stats import Moments, eval_mode
-from ..taps import SiteTaps
+from ..taps import visit_pairs
 from ..errors import InvalidOptionError
 from ._registry import AlignmentError, AlignResult, assign, device_of, get_method, register_method, require_module
 
@@ -405,12 +405,10 @@ def stream_cross(spec: PermutationSpec, group: Group, model_a: nn.Module, model_
     """(sum over samples and stream sites of x_A x_B^T (n, n) float64, samples) in one pass (summed over the
     processes of a torch.distributed group, like every other statistic)."""
     sites = list(group.sites)
-    taps_a, taps_b = SiteTaps(model_a, sites, spec.graph), SiteTaps(model_b, sites, spec.graph)
     moments = Moments(paired=True)  # one accumulator: every stream site has the group's n units
     with torch.no_grad(), eval_mode(model_a, model_b):
         for x in model_inputs(model_a, batches(data, max_examples, device_of(model_a, device))):
-            for s, a, b in zip(sites, taps_a(x)[1], taps_b(x)[1]):
-                moments.update_pair(a, b, s)
+            visit_pairs(model_a, model_b, sites, spec.graph, x, lambda k, a, b: moments.update_pair(a, b, sites[k]))
     moments.all_reduce_()
     if moments.n == 0:
         return torch.zeros(group.size, group.size, dtype=torch.float64), 0

@@ -137,10 +137,13 @@ def endpoint_stats(
     names = [s.node for s in site_list]
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     moments, ndims = [Moments(paired=True) for _ in site_list], [0] * len(site_list)
+
+    def visit(i, a, b):
+        moments[i].update_pair(a, b, site_list[i], cross="diag")  # unit i of A with unit i of B: the per-unit covariance
+        ndims[i] = a.ndim
+
     for x in calibration(graph, data, max_examples):
-        for i, (s, a, b) in enumerate(zip(site_list, graph.run(sd_a, x, names, False), graph.run(sd_b, x, names, False))):
-            moments[i].update_pair(a, b, s, cross="diag")  # unit i of A with unit i of B: the per-unit covariance
-            ndims[i] = a.ndim
+        graph.run_paired(sd_a, sd_b, x, names, visit)
     return _split_paired(site_list, [m.all_reduce_() for m in moments], ndims, graph)
 
 
