@@ -13,9 +13,11 @@ statistics, assignment, permuting B), endpoint statistics (one paired pass of A 
 and exact REPAIR (the correction itself, given the endpoint statistics: one forward sweep of the
 interpolated net); closed-form REPAIR, BN reset; and first, `cross products <precision>`: the products
 x^T y of activation matching alone (timed without the forward passes, casts and sums around them).
-`ratio` = step time / one no-grad forward pass of model A over the same examples (median of 3; each step:
-the median of `--repeat` runs, default 3); activation matching and the endpoint statistics are also given
-per forward pass of A *and* B (`ratio_ab`); `ratio_floor` = step time / its floor: one forward of A and B
+`ratio` = step time / one no-grad forward pass of model A over the same examples; each step runs `--repeat`
+rounds (default 3), each round timing the forward pass (and the cross products) beside the step, and the
+columns are medians over rounds of these per-round ratios (the machine's speed drifts within a run); activation
+matching and the endpoint statistics are also given per forward pass of A *and* B (`ratio_ab`); `ratio_floor` =
+step time / its floor: one forward of A and B
 plus the cross products of its precision (activation matching), one forward of A and B (endpoint
 statistics), one forward pass (exact REPAIR, BN reset). `peak` = peak memory above what was held before
 the step (see _common.py); `sweep_MiB` = the activations one-sweep REPAIR kept (its own count). Rows go to
@@ -151,6 +153,24 @@ def floor_of(step: str, t_fwd: float, products: dict[str, float]) -> float | Non
     return None
 
 
+def rounds(step, fn, a, b, spec, data, device, repeat: int) -> tuple[float, float, float | None]:
+    """(median seconds of the step, median of step / forward of A, median of step / floor) over `repeat` rounds,
+    each round timing the forward pass (and for activation matching the cross products) right before the step:
+    the machine's speed drifts over a run (the eager ViT forward took 0.62 s in one run and 0.81 s in another),
+    so a step is set against the floor measured beside it, not one measured minutes earlier."""
+    times, ratios, floors = [], [], []
+    precision = step.rsplit(" ", 1)[-1]
+    for _ in range(repeat):
+        t_fwd = timed(lambda: forward(a, data), device)[1]
+        products = {precision: cross_products(a, b, spec, data, device, precision)} if step.startswith("activation matching") else {}
+        t = timed(fn, device)[1]
+        floor = floor_of(step, t_fwd, products)
+        times.append(t)
+        ratios.append(t / t_fwd)
+        floors.append(None if floor is None else t / floor)
+    return statistics.median(times), statistics.median(ratios), None if floors[0] is None else statistics.median(floors)
+
+
 def bench(name, args, device) -> list[dict]:
     models = []
     for seed in (0, 1):
@@ -186,18 +206,19 @@ def bench(name, args, device) -> list[dict]:
         if step == "BN reset" and not has_bn:
             continue
         detail, t, peak = measure(fn, device)
-        if step != "trace" and args.repeat > 1:  # the median of repeats: one run on a shared machine is noisy
-            t = statistics.median([t] + [timed(fn, device)[1] for _ in range(args.repeat - 1)])
+        floor = floor_of(step, t_fwd, products)  # the run's first floor; replaced by the rounds' own below
+        ratio, ratio_floor = t / t_fwd, None if floor is None else t / floor
+        if step != "trace" and args.repeat > 1:  # medians of rounds, each timing the step beside its own floor
+            t, ratio, ratio_floor = rounds(step, fn, a, b, state["spec"], data, device, args.repeat)
         sweep = state.get("exact_sweep_MiB") if step.startswith("REPAIR exact") else None
-        ab = t / (2 * t_fwd) if step.startswith(("activation matching", "endpoint statistics")) else None
-        floor = floor_of(step, t_fwd, products)
-        rows.append({**base, "step": step, "seconds": round(t, 4), "ratio": round(t / t_fwd, 2),
-                     "ratio_ab": "" if ab is None else round(ab, 2), "ratio_floor": "" if floor is None else round(t / floor, 2),
+        ab = ratio / 2 if step.startswith(("activation matching", "endpoint statistics")) else None
+        rows.append({**base, "step": step, "seconds": round(t, 4), "ratio": round(ratio, 2),
+                     "ratio_ab": "" if ab is None else round(ab, 2), "ratio_floor": "" if ratio_floor is None else round(ratio_floor, 2),
                      "peak_MiB": round(peak, 1), "sweep_MiB": "" if sweep is None else round(sweep, 1),
                      "detail": detail if detail is not None else ""})
-        extra = (f"  per A+B {ab:5.2f}" if ab is not None else "") + (f"  floor x{t / floor:5.2f}" if floor else "")
+        extra = (f"  per A+B {ab:5.2f}" if ab is not None else "") + (f"  floor x{ratio_floor:5.2f}" if ratio_floor is not None else "")
         extra += f"  sweep {sweep:6.0f} MiB" if sweep is not None else ""
-        print(f"  {step:<28} {t:8.3f} s  ratio {t / t_fwd:6.2f}  peak {peak:7.0f} MiB{extra}  ({detail})")
+        print(f"  {step:<28} {t:8.3f} s  ratio {ratio:6.2f}  peak {peak:7.0f} MiB{extra}  ({detail})")
     return rows
 
 
