@@ -78,6 +78,34 @@ def test_taps_read_every_site_in_one_forward():
     assert torch.equal(acts[i], seen["n1"])
 
 
+def test_paired_pass_visits_both_networks_values_and_frees_them_as_it_goes():
+    """visit_pairs gives visit(k, a, b) the tensors two separate tapped forwards give, once per site (graph sites: in
+    the graph's order), and a site's pair is freed once its last reader has run, not held to the end of the pass."""
+    import weakref
+
+    from onebasin.taps import visit_pairs
+
+    a, b = ResNet20ish("bn").double().eval(), ResNet20ish("bn").double().eval()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    spec = trace(a, x)
+    sites = [s for g in spec.groups.values() for s in g.sites]
+    (_, want_a), (_, want_b) = SiteTaps(a, sites, spec.graph)(x), SiteTaps(b, sites, spec.graph)(x)
+    got, refs, alive_at_end = [], [], []
+
+    def visit(k, va, vb):
+        got.append((k, va.clone(), vb.clone()))
+        refs.append(weakref.ref(va))
+        if len(got) == len(sites):
+            alive_at_end.extend(r() is not None for r in refs[:-1])
+
+    with torch.no_grad():
+        visit_pairs(a, b, sites, spec.graph, x, visit)
+    assert sorted(k for k, _, _ in got) == list(range(len(sites)))
+    for k, va, vb in got:
+        assert torch.equal(va, want_a[k]) and torch.equal(vb, want_b[k])
+    assert sum(alive_at_end) < len(sites) // 2  # SiteTaps holds all of them until the pass ends
+
+
 def test_taps_of_hand_written_sites_use_hooks():
     model = mlp(width=8, depth=3)
     spec = from_groups({"h1": [("1.weight", 0), ("1.bias", 0), ("3.weight", 1)]}, model.state_dict(), sites={"h1": ["1"]})
