@@ -58,12 +58,11 @@ def visit_pairs(model_a: nn.Module, model_b: nn.Module, sites: list[Site], graph
 
     Sites read from `graph` run both networks side by side through it (`Captured.run_paired`): each site's pair is
     visited as soon as it exists and then freed, so a pass holds about what two eager forwards hold (with every
-    site held to the end, a ViT's pass held 62 sites of 6.5 MB per model and batch, which the allocator gave back and
-    faulted in again each batch). Sites read by hooks: two `SiteTaps` passes, then the visits."""
+    site held to the end of the batch, the zoo ViT's activation matching peaked at 418 MiB, paired at 175-208 MiB:
+    docs/results.md 3.1). Sites read by hooks: two `SiteTaps` passes, then the visits."""
     if graph is not None and sites and all(s.node for s in sites):
         graph.run_paired(model_a.state_dict(), model_b.state_dict(), inputs, [s.node for s in sites], visit)
         return
     (_, acts_a), (_, acts_b) = SiteTaps(model_a, sites, graph, False)(inputs), SiteTaps(model_b, sites, graph, False)(inputs)
     for k, (a, b) in enumerate(zip(acts_a, acts_b)):
         visit(k, a, b)
-
