@@ -13,8 +13,9 @@ statistics, assignment, permuting B), endpoint statistics (one paired pass of A 
 and exact REPAIR (the correction itself, given the endpoint statistics: one forward sweep of the
 interpolated net); closed-form REPAIR, BN reset; and first, `cross products <precision>`: the products
 x^T y of activation matching alone (timed without the forward passes, casts and sums around them).
-`ratio` = step time / one no-grad forward pass of model A over the same examples; each step runs `--repeat`
-rounds (default 3), each round timing the forward pass (and the cross products) beside the step, and the
+`ratio` = step time / one no-grad forward pass of model A over the same examples; each step runs once to measure
+its peak memory, then `--repeat` rounds (default 3), each round timing the forward pass (and the cross products)
+beside the step, and the
 columns are medians over rounds of these per-round ratios (the machine's speed drifts within a run); activation
 matching and the endpoint statistics are also given per forward pass of A *and* B (`ratio_ab`); `ratio_floor` =
 step time / its floor: one forward of A and B
