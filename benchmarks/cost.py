@@ -15,11 +15,9 @@ interpolated net); closed-form REPAIR, BN reset; and first, `cross products <pre
 x^T y of activation matching alone (timed without the forward passes, casts and sums around them).
 `ratio` = step time / one no-grad forward pass of model A over the same examples; each step runs once to measure
 its peak memory, then `--repeat` rounds (default 3), each round timing the forward pass (and the cross products)
-beside the step, and the
-columns are medians over rounds of these per-round ratios (the machine's speed drifts within a run); activation
-matching and the endpoint statistics are also given per forward pass of A *and* B (`ratio_ab`); `ratio_floor` =
-step time / its floor: one forward of A and B
-plus the cross products of its precision (activation matching), one forward of A and B (endpoint
+beside the step, and the columns are medians over rounds of these per-round ratios (the machine's speed drifts
+within a run); activation matching and the endpoint statistics are also given per forward pass of A *and* B
+(`ratio_ab`); `ratio_floor` = step time / its floor: one forward of A and B plus the cross products of its precision (activation matching), one forward of A and B (endpoint
 statistics), one forward pass (exact REPAIR, BN reset). `peak` = peak memory above what was held before
 the step (see _common.py); `sweep_MiB` = the activations one-sweep REPAIR kept (its own count). Rows go to
 benchmarks/results/cost.csv.
