@@ -61,6 +61,38 @@ def test_float32_site_sums_of_conv_and_token_maps_equal_numpy():
         np.testing.assert_allclose(diag.cov_xy_diag.numpy(), ref_cov, rtol=1e-5, atol=1e-7)
 
 
+def test_float32_sums_of_centred_token_maps_read_the_activation_in_place_and_equal_numpy():
+    """Units whose first-rows |mean| <= std take a zero shift: their float32 token matrices (units last, fused
+    projections' slices included) are summed without a copy. The sums equal numpy float64 on the raw values and
+    the activations are left as they were (squares are never taken in place on them). A site with one unit
+    whose mean exceeds its std keeps the shifted copy."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(24, 7, 12, generator=g) * torch.linspace(0.5, 2, 12) + torch.linspace(-0.4, 0.4, 12)
+    other = torch.randn(24, 7, 12, generator=g) + 0.3 * qkv
+    for site in (Site(None, 2), Site(None, 2, start=4, size=4)):  # whole tensor; the middle third (a fused projection's k)
+        cols = slice(site.start or 0, (site.start or 0) + (site.size or 12))
+        ref_a, ref_b = (t[..., cols].double().reshape(-1, cols.stop - cols.start).numpy() for t in (qkv, other))
+        before = (qkv.clone(), other.clone())
+        paired, single, diag = Moments(paired=True, precision="float32"), Moments(precision="float32"), Moments(paired=True, precision="float32")
+        for i in range(0, 24, 8):
+            paired.update_pair(qkv[i:i + 8], other[i:i + 8], site)
+            single.update_units(qkv[i:i + 8], site)
+            diag.update_pair(qkv[i:i + 8], other[i:i + 8], site, cross="diag")
+        assert not paired.shift["x"].any() and not paired.shift["y"].any() and not single.shift["x"].any()
+        assert torch.equal(qkv, before[0]) and torch.equal(other, before[1])
+        p = ref_a.shape[1]
+        np.testing.assert_allclose(paired.corr_xy().numpy(), np.corrcoef(ref_a.T, ref_b.T)[:p, p:], atol=1e-6)
+        np.testing.assert_allclose(single.var_x.numpy(), ref_a.var(0), rtol=1e-6)
+        np.testing.assert_allclose(single.mean_x.numpy(), ref_a.mean(0), rtol=1e-6, atol=1e-7)
+        ref_cov = ((ref_a - ref_a.mean(0)) * (ref_b - ref_b.mean(0))).mean(0)
+        np.testing.assert_allclose(diag.cov_xy_diag.numpy(), ref_cov, rtol=1e-5, atol=1e-7)
+    offset = qkv.clone()
+    offset[..., 5] += 10.0  # one unit's mean is ten times its std
+    m = Moments(paired=True, precision="float32")
+    m.update_pair(offset, other, Site(None, 2))
+    assert m.shift["x"][5] > 9 and not m.shift["y"].any()
+
+
 def test_rebase_keeps_every_statistic():
     """Re-expressing shifted sums about another shift (what all_reduce_ does across ranks) changes no statistic,
     also the covariances between models of joint sums (`Moments.update_joint`)."""
