@@ -35,7 +35,7 @@ from .distributed import all_reduce_count, any_rank, batches, distributed, reduc
 from .errors import OnebasinError
 from .graph import batch_size, model_inputs, shape_of, take_rows
 from .spec import Site
-from .sums import _accumulate, _samples, accumulate_product, full_float32_matmul, joint_matrix, paired_sums, unit_sums
+from .sums import _accumulate, _samples, _sum_samples, accumulate_product, full_float32_matmul, joint_matrix, paired_sums, unit_sums
 from .taps import SiteTaps
 
 
@@ -129,27 +129,27 @@ class Moments:
         if self.dtype == torch.float64:
             return None
         if name not in self.shift:  # from the first rows only: any reference near the mean will do
-            means, stds = zip(*(self._head_moments(t, site) for t in ts))
-            self.shift[name] = self._reference(torch.cat(means), torch.cat(stds))
+            means, squares = zip(*(self._head_moments(t, site) for t in ts))
+            self.shift[name] = self._reference(torch.cat(means), torch.cat(squares))
         shift = self.shift[name]
         return None if not shift.any() else shift
 
-    def _reference(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """The float32 shift of units with these first-rows means and stds: zero when every |mean| <= std
-        (then a unit's squares and products lose at most twice the relative precision of centred data,
-        (1 + mean^2 / std^2) <= 2, and a float32 activation with its units last is summed without a copy:
-        `sums._unit_blocks`), else the means, rounded to this precision."""
-        if bool((mean.abs() <= std).all()):
+    def _reference(self, mean: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+        """The float32 shift of units with these first-rows means and means of squares: zero when every
+        |mean| <= std, i.e. 2 mean^2 <= mean of x^2 (then a unit's squares and products lose at most twice the
+        relative precision of centred data, (1 + mean^2 / std^2) <= 2, and a float32 activation with its units
+        last is summed without a copy: `sums._unit_blocks`), else the means, rounded to this precision."""
+        if bool((2 * mean.square() <= mean_square).all()):
             return torch.zeros_like(mean)
         return self._representable(mean)
 
     def _head_moments(self, t: torch.Tensor, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-unit float64 (mean, std) of a site's units in the first _SHIFT_ROWS rows of t, read in this precision."""
+        """Per-unit float64 (mean, mean of squares) of a site's units in the first _SHIFT_ROWS rows of t, summed in
+        this precision (no cancellation: enough to place a reference and to compare |mean| with std)."""
         head = t.narrow(0, 0, min(len(t), _SHIFT_ROWS)) if site.dim != 0 and t.ndim > 1 else t
-        x, axis = _samples(head, site, self.dtype)  # our copy: centred and squared in place
-        mean = x.mean(axis, dtype=torch.float64)
-        shape = (1, -1) if axis == 0 else (-1, 1)
-        return mean, x.sub_(mean.to(x.dtype).view(shape)).square_().mean(axis, dtype=torch.float64).sqrt()
+        x, axis = _samples(head, site, self.dtype, copy=False)
+        m = x.shape[axis]
+        return _sum_samples(x, axis).double() / m, _sum_samples(x * x, axis).double() / m
 
     def _representable(self, shift: torch.Tensor) -> torch.Tensor:
         """`shift` rounded to this precision (kept as float64): the value subtracted is the value added back."""
