@@ -18,7 +18,9 @@ its peak memory, then `--repeat` rounds (default 3), each round timing the forwa
 beside the step, and the columns are medians over rounds of these per-round ratios (the machine's speed drifts
 within a run); activation matching and the endpoint statistics are also given per forward pass of A *and* B
 (`ratio_ab`); `ratio_floor` = step time / its floor: one forward of A and B plus the cross products of its precision (activation matching), one forward of A and B (endpoint
-statistics), one forward pass (exact REPAIR, BN reset). `peak` = peak memory above what was held before
+statistics), one forward pass (exact REPAIR, BN reset). `faults_k` = thousands of minor page faults during the step
+(median over rounds; the forward row: per forward after warm-up), the kernel mapping in pages that glibc handed back
+to the OS: a warm eager forward takes none. `peak` = peak memory above what was held before
 the step (see _common.py); `sweep_MiB` = the activations one-sweep REPAIR kept (its own count). Rows go to
 benchmarks/results/cost.csv.
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from _common import measure, timed, use_cpu_clock
+from _common import measure, minor_faults, timed, use_cpu_clock
 from onebasin.align import align
 from onebasin.interpolate import interpolate_model
 from onebasin.models import create_model
@@ -152,22 +154,26 @@ def floor_of(step: str, t_fwd: float, products: dict[str, float]) -> float | Non
     return None
 
 
-def rounds(step, fn, a, b, spec, data, device, repeat: int) -> tuple[float, float, float | None]:
-    """(median seconds of the step, median of step / forward of A, median of step / floor) over `repeat` rounds,
-    each round timing the forward pass (and for activation matching the cross products) right before the step:
-    the machine's speed drifts over a run (the eager ViT forward took 0.62 s in one run and 0.81 s in another),
-    so a step is set against the floor measured beside it, not one measured minutes earlier."""
-    times, ratios, floors = [], [], []
+def rounds(step, fn, a, b, spec, data, device, repeat: int) -> tuple[float, float, float | None, float]:
+    """(median seconds of the step, median of step / forward of A, median of step / floor, median thousands of
+    minor page faults of the step) over `repeat` rounds, each round timing the forward pass (and for activation
+    matching the cross products) right before the step: the machine's speed drifts over a run (the eager ViT
+    forward took 0.62 s in one run and 0.81 s in another), so a step is set against the floor measured beside it,
+    not one measured minutes earlier."""
+    times, ratios, floors, faults = [], [], [], []
     precision = step.rsplit(" ", 1)[-1]
     for _ in range(repeat):
         t_fwd = timed(lambda: forward(a, data), device)[1]
         products = {precision: cross_products(a, b, spec, data, device, precision)} if step.startswith("activation matching") else {}
+        before = minor_faults()
         t = timed(fn, device)[1]
+        faults.append((minor_faults() - before) / 1000)
         floor = floor_of(step, t_fwd, products)
         times.append(t)
         ratios.append(t / t_fwd)
         floors.append(None if floor is None else t / floor)
-    return statistics.median(times), statistics.median(ratios), None if floors[0] is None else statistics.median(floors)
+    medians = [statistics.median(v) for v in (times, ratios, faults)]
+    return medians[0], medians[1], None if floors[0] is None else statistics.median(floors), medians[2]
 
 
 def bench(name, args, device) -> list[dict]:
@@ -183,16 +189,18 @@ def bench(name, args, device) -> list[dict]:
     while timed(lambda: forward(a, data), device)[1] < 0.5 and len(data) < 64:  # small nets: enough examples to time
         data += [inputs(shape, args.batch, g).to(device) for _ in range(len(data))]
     n = len(data) * args.batch
+    before = minor_faults()
     t_fwd = statistics.median(timed(lambda: forward(a, data), device)[1] for _ in range(3))
+    fwd_faults = (minor_faults() - before) / 3000
     params = sum(p.numel() for p in a.parameters()) / 1e6
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in a.modules())
     base = {"model": name, "params_M": round(params, 3), "examples": n, "input": "x".join(map(str, shape or ("128 tokens",))),
             "batch": args.batch, "threads": torch.get_num_threads(), "device": device.type, "clock": args.clock}
     _, _, fwd_peak = measure(lambda: forward(a, data), device)
     rows = [{**base, "step": "forward (1 model)", "seconds": round(t_fwd, 4), "ratio": 1.0,
-             "peak_MiB": round(fwd_peak, 1), "detail": ""}]
+             "peak_MiB": round(fwd_peak, 1), "detail": "", "faults_k": round(fwd_faults, 1)}]
     print(f"\n{name}: {params:.2f}M params, {n} examples of {base['input']}")
-    print(f"  {'forward (1 model)':<28} {t_fwd:8.3f} s  ratio {1:6.2f}  peak {fwd_peak:7.0f} MiB")
+    print(f"  {'forward (1 model)':<28} {t_fwd:8.3f} s  ratio {1:6.2f}  peak {fwd_peak:7.0f} MiB  faults {fwd_faults:6.1f}k")
     todo, state = steps(a, b, data, n)
     todo["trace"]()  # the spec, before the cross products that the floors need
     products = {}
@@ -206,17 +214,17 @@ def bench(name, args, device) -> list[dict]:
             continue
         detail, t, peak = measure(fn, device)
         floor = floor_of(step, t_fwd, products)  # the run's first floor; replaced by the rounds' own below
-        ratio, ratio_floor = t / t_fwd, None if floor is None else t / floor
+        ratio, ratio_floor, faults = t / t_fwd, None if floor is None else t / floor, None
         if step != "trace" and args.repeat > 1:  # medians of rounds, each timing the step beside its own floor
-            t, ratio, ratio_floor = rounds(step, fn, a, b, state["spec"], data, device, args.repeat)
+            t, ratio, ratio_floor, faults = rounds(step, fn, a, b, state["spec"], data, device, args.repeat)
         sweep = state.get("exact_sweep_MiB") if step.startswith("REPAIR exact") else None
         ab = ratio / 2 if step.startswith(("activation matching", "endpoint statistics")) else None
         rows.append({**base, "step": step, "seconds": round(t, 4), "ratio": round(ratio, 2),
                      "ratio_ab": "" if ab is None else round(ab, 2), "ratio_floor": "" if ratio_floor is None else round(ratio_floor, 2),
                      "peak_MiB": round(peak, 1), "sweep_MiB": "" if sweep is None else round(sweep, 1),
-                     "detail": detail if detail is not None else ""})
+                     "detail": detail if detail is not None else "", "faults_k": "" if faults is None else round(faults, 1)})
         extra = (f"  per A+B {ab:5.2f}" if ab is not None else "") + (f"  floor x{ratio_floor:5.2f}" if ratio_floor is not None else "")
-        extra += f"  sweep {sweep:6.0f} MiB" if sweep is not None else ""
+        extra += (f"  sweep {sweep:6.0f} MiB" if sweep is not None else "") + (f"  faults {faults:6.1f}k" if faults is not None else "")
         print(f"  {step:<28} {t:8.3f} s  ratio {ratio:6.2f}  peak {peak:7.0f} MiB{extra}  ({detail})")
     return rows
 
