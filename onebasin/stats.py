@@ -9,9 +9,9 @@ Two precisions. "float64": every block is cast to float64 and summed in float64 
 "float32": each block's products and sums are taken in float32 on data shifted by a per-unit reference
 (the mean of the first rows seen), then added into float64 running sums, so large means do not cancel
 catastrophically in the variances (the shifted-data form of Chan, Golub and LeVeque 1983); no float64 copy
-of an activation is made. Where every unit of a site has a first-rows |mean| <= std, the reference is zero
-(the relative error of a variance grows as 1 + mean^2 / std^2: at most twice, ~4e-7 measured at |mean| = std)
-and a float32 activation with its units last is summed where it lies, without a copy. Derived statistics add
+of an activation is made. Where every unit of a site has a first-rows |mean| <= 2 std, the reference is zero
+(the relative error of a variance grows as 1 + mean^2 / std^2: at most 5x that of centred data, ~1e-6) and a
+float32 activation with its units last is summed where it lies, without a copy. Derived statistics add
 the shift back where it matters (means).
 
 The block kernels are in `onebasin.sums`, the taps that read sites in `onebasin.taps`, the sharding of
@@ -86,6 +86,7 @@ def takes_precision(fn):
 
 
 _SHIFT_ROWS = 64  # batch rows whose per-unit mean is the float32 shift (not a copy of a whole activation)
+_ZERO_SHIFT_RATIO = 2.0  # units with |mean| <= this x std need no float32 shift (docs/results.md 3.1: <= 1.1e-6 measured)
 
 
 class Moments:
@@ -94,7 +95,7 @@ class Moments:
     Keeps count, sum x, sum x^2 (or the full x x^T when `full=True`), and with `paired=True` also
     sum y, sum y^2 and the cross sum x y^T. Derived statistics are population (1/n) moments.
     precision="float32" takes each batch's products and sums in float32 on x - c and y - d, c and d the
-    per-unit means of the first rows seen (`shift`; zero where they are within one std, `_reference`), added
+    per-unit means of the first rows seen (`shift`; zero where they are within two stds, `_reference`), added
     into float64 sums (see the module docstring);
     "float64" (shift 0) is exact to float64 rounding. `sums` always hold the sums of shifted values.
     precision=None takes the enclosing `statistics_precision` (float32, the default, outside any).
@@ -136,10 +137,11 @@ class Moments:
 
     def _reference(self, mean: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
         """The float32 shift of units with these first-rows means and means of squares: zero when every
-        |mean| <= std, i.e. 2 mean^2 <= mean of x^2 (then a unit's squares and products lose at most twice the
-        relative precision of centred data, (1 + mean^2 / std^2) <= 2, and a float32 activation with its units
-        last is summed without a copy: `sums._unit_blocks`), else the means, rounded to this precision."""
-        if bool((2 * mean.square() <= mean_square).all()):
+        |mean| <= _ZERO_SHIFT_RATIO std, i.e. (1 + 1 / ratio^2) mean^2 <= mean of x^2 (then a unit's squares and
+        products lose at most 1 + ratio^2 = 5 times the relative precision of centred data, and a float32
+        activation with its units last is summed without a copy: `sums._unit_blocks`), else the means, rounded
+        to this precision."""
+        if bool(((1 + _ZERO_SHIFT_RATIO ** -2) * mean.square() <= mean_square).all()):
             return torch.zeros_like(mean)
         return self._representable(mean)
 
