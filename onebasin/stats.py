@@ -10,7 +10,7 @@ Two precisions. "float64": every block is cast to float64 and summed in float64 
 (the mean of the first rows seen), then added into float64 running sums, so large means do not cancel
 catastrophically in the variances (the shifted-data form of Chan, Golub and LeVeque 1983); no float64 copy
 of an activation is made. Where every unit of a site has a first-rows |mean| <= 2 std, the reference is zero
-(the relative error of a variance grows as 1 + mean^2 / std^2: at most 5x that of centred data, ~1e-6) and a
+(the relative error of a variance grows as 1 + mean^2 / std^2: at most 5x that of centred data, 1.5e-6) and a
 float32 activation with its units last is summed where it lies, without a copy. Derived statistics add
 the shift back where it matters (means).
 
@@ -86,7 +86,7 @@ def takes_precision(fn):
 
 
 _SHIFT_ROWS = 64  # batch rows whose per-unit mean is the float32 shift (not a copy of a whole activation)
-_ZERO_SHIFT_RATIO = 2.0  # units with |mean| <= this x std need no float32 shift (docs/results.md 3.1: <= 1.1e-6 measured)
+_ZERO_SHIFT_RATIO = 2.0  # units with |mean| <= this x std need no float32 shift (docs/results.md 3.1: <= 1.5e-6 measured)
 
 
 class Moments:

@@ -2,8 +2,8 @@
 
 A site's activation is read in cache-sized slabs of its batch axis, each copied once into the precision
 of the statistics (float64, or float32 minus a per-unit shift) with its unit axis first or last as the
-layout allows (or, already in that precision with its units last and no shift, read where it lies), then summed: per-unit sums and sums of squares, and the cross products x^T y of two
-models' units. Running sums are float64 whatever the block precision. Conv positions count as samples.
+layout allows (or, already in that precision with its units last and no shift, read where it lies), then
+summed: per-unit sums and sums of squares, and the cross products x^T y of two models' units. Running sums are float64 whatever the block precision. Conv positions count as samples.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _samples(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64,
     (samples, units) with axis 0 when the units are t's last axis, else (units, samples) with axis 1, conv
     positions and batch rows pooled (a (N, C, H, W) map gives (C, N*H*W)). The copy is the caller's to
     overwrite. With copy=False, units last, t already in `dtype` and no shift, the matrix is a view of t
-    where its layout allows (not to be overwritten: see `_owned`)."""
+    where its layout allows (not to be overwritten: `_unit_blocks` says which blocks are views)."""
     d = site.dim
     if site.size is not None:
         t = t.narrow(d, site.start, site.size)
