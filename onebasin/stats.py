@@ -110,6 +110,7 @@ class Moments:
         self.n = 0
         self.sums: dict[str, torch.Tensor] = {}
         self.shift: dict[str, torch.Tensor] = {}  # "x", "y": per-unit float64 reference (float32 precision only)
+        self._zero: dict[str, tuple[torch.Tensor, bool]] = {}  # name -> (its shift, whether all zero): read once per shift
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         """sums[name] += value, in place (value: a fresh tensor of this update, kept as the first sum)."""
@@ -133,7 +134,10 @@ class Moments:
             means, squares = zip(*(self._head_moments(t, site) for t in ts))
             self.shift[name] = self._reference(torch.cat(means), torch.cat(squares))
         shift = self.shift[name]
-        return None if not shift.any() else shift
+        known = self._zero.get(name)
+        if known is None or known[0] is not shift:  # a new shift (set here, re-based, or agreed across ranks)
+            known = self._zero[name] = (shift, not shift.any())  # one device sync per shift, not per block
+        return None if known[1] else shift
 
     def _reference(self, mean: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
         """The float32 shift of units with these first-rows means and means of squares: zero when every
