@@ -93,6 +93,46 @@ def test_float32_sums_of_centred_token_maps_read_the_activation_in_place_and_equ
     assert m.shift["x"][5] > 9 and not m.shift["y"].any()
 
 
+def test_float32_sums_of_centred_conv_maps_read_by_position_equal_numpy(monkeypatch):
+    """Conv maps (N, C, H, W) with a zero shift and at least as many positions as units are read where they lie,
+    as (batch, units, positions) blocks with per-example products (`sums._by_position`); a fused slice of the
+    channels too. Sums, variances and correlations equal numpy float64 on the raw values over several blocks,
+    and the maps are unchanged. A map with fewer positions than units (and one needing a shift) takes the copy."""
+    from onebasin import sums
+
+    monkeypatch.setattr(sums, "_BLOCK_BYTES", 4000)  # several blocks per batch
+    g = torch.Generator().manual_seed(5)
+    for shape, site, by_position in (((12, 6, 5, 4), Site(None, 1), True),
+                                     ((12, 6, 5, 4), Site(None, 1, start=1, size=4), True),
+                                     ((12, 8, 2, 2), Site(None, 1), False)):
+        a = torch.randn(*shape, generator=g) * torch.linspace(0.5, 2, shape[1]).view(-1, 1, 1)
+        b = torch.randn(*shape, generator=g) - 0.5 * a
+        before = (a.clone(), b.clone())
+        assert sums._by_position((a, b), site, torch.float32, (None, None)) is by_position
+        paired, single, diag = Moments(paired=True, precision="float32"), Moments(precision="float32"), Moments(paired=True, precision="float32")
+        for i in range(0, shape[0], 4):
+            paired.update_pair(a[i:i + 4], b[i:i + 4], site)
+            single.update_units(a[i:i + 4], site)
+            diag.update_pair(a[i:i + 4], b[i:i + 4], site, cross="diag")
+        assert not paired.shift["x"].any() and not paired.shift["y"].any()
+        assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+        units = slice(site.start or 0, (site.start or 0) + (site.size or shape[1]))
+        ref_a, ref_b = (np.moveaxis(t[:, units].double().numpy(), 1, -1).reshape(-1, units.stop - units.start) for t in (a, b))
+        p = ref_a.shape[1]
+        assert paired.n == single.n == ref_a.shape[0]
+        np.testing.assert_allclose(paired.corr_xy().numpy(), np.corrcoef(ref_a.T, ref_b.T)[:p, p:], atol=1e-6)
+        np.testing.assert_allclose(single.var_x.numpy(), ref_a.var(0), rtol=1e-6)
+        np.testing.assert_allclose(single.mean_x.numpy(), ref_a.mean(0), rtol=1e-5, atol=1e-7)
+        ref_cov = ((ref_a - ref_a.mean(0)) * (ref_b - ref_b.mean(0))).mean(0)
+        np.testing.assert_allclose(diag.cov_xy_diag.numpy(), ref_cov, rtol=1e-5, atol=1e-7)
+    offset = torch.randn(4, 6, 5, 4, generator=g) + 10.0  # every mean ten times its std: a shifted copy
+    m = Moments(paired=True, precision="float32")
+    m.update_pair(offset, offset.flip(0), Site(None, 1))
+    assert m.shift["x"].min() > 9
+    np.testing.assert_allclose(m.corr_xy().numpy(), np.corrcoef(np.moveaxis(offset.double().numpy(), 1, -1).reshape(-1, 6).T,
+                                                               np.moveaxis(offset.flip(0).double().numpy(), 1, -1).reshape(-1, 6).T)[:6, 6:], atol=1e-5)
+
+
 def test_rebase_keeps_every_statistic():
     """Re-expressing shifted sums about another shift (what all_reduce_ does across ranks) changes no statistic,
     also the covariances between models of joint sums (`Moments.update_joint`)."""
