@@ -55,7 +55,7 @@ PAIRS = {  # endpoint cache name, dataset, image size, calibration examples, hel
 }
 TRANSFORMER_METHODS = ["none", "activation", "weight", "orthogonal", "orthogonal_weights", "orthogonal_heads",
                        "orthogonal_weights_heads", "learned_weight", "learned_orthogonal", "learned_orthogonal_heads",
-                       "learned_weight_heads"]
+                       "learned_weight_heads", "learned_orthogonal_linear", "learned_weight_linear"]
 MLP_METHODS = ["none", "activation", "weight", "learned_weight", "learned_activation"]
 OPTIONS = {  # row name -> (alignment method, its options)
     "orthogonal_weights": ("orthogonal", {"stream": "weights"}),  # Theus et al.'s data-free weight matching
@@ -66,6 +66,8 @@ OPTIONS = {  # row name -> (alignment method, its options)
     "learned_activation": ("learned", {"init": "activation"}),
     "learned_orthogonal_heads": ("learned", {"init": "orthogonal", "heads": "orthogonal"}),  # maps inside heads learnt
     "learned_weight_heads": ("learned", {"init": "weight", "heads": "orthogonal"}),
+    "learned_orthogonal_linear": ("learned", {"init": "orthogonal", "heads": "linear"}),  # any invertible map inside heads
+    "learned_weight_linear": ("learned", {"init": "weight", "heads": "linear"}),
 }
 LEARNED = {"vit": {"batch_size": 100}, "gpt": {"batch_size": 16}, "gpt_tied": {"batch_size": 16}, "mlp": {"batch_size": 100}}
 SITES = ("layer", "norm")

@@ -42,9 +42,10 @@ def _add_align_options(p):
     g = p.add_argument_group("alignment options")
     g.add_argument("--untie", action="store_true", help="--method orthogonal or learned on a model whose LM head is "
                    "tied to its embedding: give the head its own copy (recorded), so the final LayerNorm's gain can fold")
-    g.add_argument("--heads", choices=("permutation", "orthogonal"), help="--method orthogonal or learned: inside each "
-                   "attention head, permute the query/key and value/output dims (default) or map them by an orthogonal "
-                   "matrix (Procrustes on the weights; learnt by learned)")
+    g.add_argument("--heads", choices=("permutation", "orthogonal", "linear"), help="--method orthogonal or learned: "
+                   "inside each attention head, permute the query/key and value/output dims (default) or map them by an "
+                   "orthogonal matrix (Procrustes on the weights; learnt by learned); linear (learned only): any invertible "
+                   "map, learnt from the Procrustes start")
     g.add_argument("--learned-init", choices=LEARNED_INITS, help="--method learned: the start (default weight; "
                    "orthogonal: activation matching plus the stream's Procrustes map)")
     g.add_argument("--learned-epochs", type=float, metavar="E", help="--method learned: passes over the calibration "
@@ -69,6 +70,8 @@ def _align_options(args, fail) -> dict:
     for name, value in (("--untie", args.untie), ("--heads", args.heads)):
         if value and args.method not in ("orthogonal", "learned"):
             fail(f"{name} applies to --method orthogonal or learned, not {args.method}")
+    if args.heads == "linear" and args.method != "learned":
+        fail(f"--heads linear applies to --method learned, not {args.method}")
     if learned and args.method != "learned":
         fail(f"{flag[next(iter(learned))]} applies to --method learned, not {args.method}")
     if "epochs" in learned and "steps" in learned:

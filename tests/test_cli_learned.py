@@ -101,6 +101,11 @@ def test_demo_untie_lets_orthogonal_and_learned_align_the_tied_gpt(tmp_path, mon
     assert code == 0, err
     record = json.loads((tmp_path / "h" / "report.json").read_text())["alignment"]
     assert record["heads"] == "orthogonal" and record["steps"] == 2
+    code, _, err = run_cli([*demo, "--method", "learned", "--untie", "--heads", "linear", "--learned-steps", "2",
+                            "--out", tmp_path / "hl"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "hl" / "report.json").read_text())["alignment"]
+    assert record["heads"] == "linear" and record["steps"] == 2
     code, _, err = run_cli([*demo, "--method", "orthogonal", "--untie", "--heads", "orthogonal", "--out", tmp_path / "oh"], capsys)
     assert code == 0, err
     record = json.loads((tmp_path / "oh" / "report.json").read_text())["alignment"]
@@ -129,6 +134,7 @@ BAD = [
     (["--method", "weight", "--untie"], "--untie"),
     (["--method", "activation", "--heads", "orthogonal"], "--heads"),
     (["--method", "learned", "--heads", "rotate"], "--heads"),
+    (["--method", "orthogonal", "--heads", "linear"], "--heads linear"),  # data-free head maps are orthogonal only
 ]
 
 

@@ -605,3 +605,120 @@ def test_in_loop_repair_of_mapped_groups_reads_the_mapped_units_statistics():
         want_mean = (1 - lam) * ends_a[s].mean(0) + lam * ends_tb[s].mean(0)
         want_std = (1 - lam) * ends_a[s].std(0) + lam * ends_tb[s].std(0)
         assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10, s
+
+
+def random_linear_heads(spec, families, seed):
+    """{head group: random invertible block-diagonal map (one well-conditioned block per head)}."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in (k for kids in families.values() for k in kids):
+        grp = spec.groups[name]
+        blocks = [torch.eye(grp.block, dtype=torch.float64) + 0.3 * torch.randn(grp.block, grp.block, generator=g, dtype=torch.float64)
+                  for _ in range(grp.blocks)]
+        out[name] = torch.block_diag(*blocks)
+    return out
+
+
+def test_linear_head_maps_keep_b_and_their_gradient_is_the_loss_slope():
+    """heads="linear": any invertible M inside a head (q -> M q with k -> M^-T k; v -> M v with W_O -> W_O M^-1) keeps
+    B's function (1e-10, float64), and the loop's gradient of the loss with respect to M (autograd through the
+    mapping, kept block-diagonal) equals central finite differences of the interpolated network's loss along
+    random block-diagonal directions."""
+    from onebasin.align.learned import _Run
+    from onebasin.align.orthogonal import head_families
+    from onebasin.models import create_model
+
+    torch.manual_seed(0)
+    a = create_model("gpt", width=16, depth=1, heads=2, mlp_ratio=2, vocab_size=16, block_size=8, tie=False).double().eval()
+    torch.manual_seed(1)
+    b = create_model("gpt", width=16, depth=1, heads=2, mlp_ratio=2, vocab_size=16, block_size=8, tie=False).double().eval()
+    x = torch.randint(16, (6, 8))
+    y = torch.randint(16, (6, 8))
+    spec = trace(a, x)
+    families = head_families(spec, list(spec.groups))
+    maps = random_linear_heads(spec, families, seed=3)
+    perms = {k: v for k, v in random_perms(spec, seed=2).items()}
+    run = _Run(spec, a, b, perms, maps, lambda out, t: F.cross_entropy(out.reshape(-1, 16), t.reshape(-1)), False,
+               linear=tuple(maps))
+    with torch.no_grad():
+        mapped = module_with_state(b, run.mapped(run.maps))
+        assert (mapped(x) - b(x)).abs().max() < 1e-10
+    lam = 0.4
+    current = {**run.fixed, **run.perms}
+    _, grads = _loss_at(run.scratch, run.a, apply_perms(spec, current, run.mapped(run.maps)), lam, run.keys, x, y, run.loss_fn)
+    found = run.linear_gradients(current, grads)
+
+    def loss(maps):
+        tb = apply_perms(spec, current, run.mapped(run.maps, maps))
+        theta = {k: torch.lerp(t, tb[k], lam) for k, t in run.a.items()}
+        with torch.no_grad():
+            return float(run.loss_fn(functional_call(run.scratch, theta, (x,)), y))
+
+    g = torch.Generator().manual_seed(7)
+    for name, m in maps.items():
+        direction = torch.randn(m.shape, generator=g, dtype=torch.float64) * run.linear[name]
+        eps = 1e-5
+        slope = (loss({**maps, name: m + eps * direction}) - loss({**maps, name: m - eps * direction})) / (2 * eps)
+        assert abs(float((found[name] * direction).sum()) - slope) < 1e-6 * max(1.0, abs(slope)), name
+        assert (found[name] * (1 - run.linear[name])).abs().max() == 0
+
+
+def module_with_state(model, state):
+    from onebasin._copy import module_with
+
+    return module_with(model, state)
+
+
+@pytest.mark.usefixtures("float64_statistics")
+def test_learned_with_linear_head_maps_keeps_b_and_repairs_the_mapped_units():
+    """heads="linear" on a random pair: the returned B computes what B computes (1e-9), its head maps are block-diagonal
+    and invertible, and they moved from the orthogonal start; in the loop's REPAIR every layer site (the key sites,
+    reached by M^-T, included) has (1 - lam) A's unit i + lam T(B)'s unit i (numpy on hooked activations)."""
+    from onebasin.align.learned import _head_start, _Run
+    from onebasin.models import create_model
+
+    a, x = tiny_transformer()
+    b, _ = tiny_transformer(seed=1)
+    spec = trace(a, x[:8])
+    with torch.no_grad():
+        y = a(x).argmax(1)
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    b_l, result = align(a, b, "learned", data, spec=spec, heads="linear", init="orthogonal", steps=6, batch_size=16,
+                        stream_lr=0.05, progress=False)
+    (stream,) = stream_groups(spec)
+    kids = [g for g in result.maps if g != stream.name]
+    assert result.record["heads"] == "linear" and len(kids) == 4
+    for g in kids:
+        m, d = result.maps[g], spec.groups[g].block
+        off = m.clone()
+        for i in range(0, len(m), d):
+            off[i:i + d, i:i + d] = 0
+        assert off.abs().max() == 0 and torch.linalg.cond(m) < 1e3
+        assert (m.T @ m - torch.eye(len(m), dtype=torch.float64)).abs().max() > 1e-6  # not orthogonal: it learnt
+    with torch.no_grad():
+        assert (b_l(x) - b(x)).abs().max() < 1e-9
+
+    def vit(seed):
+        torch.manual_seed(seed)
+        return create_model("vit", patch_size=14, width=8, depth=1, heads=2, mlp_ratio=2, num_classes=3).double().eval()
+
+    x = torch.randn(64, 1, 28, 28, dtype=torch.float64)
+    spec = trace(vit(0), x[:8])
+    streams = stream_groups(spec)
+    a, b = (canonical(spec, vit(seed), streams) for seed in (0, 1))
+    perms, lam = {g: p for g, p in random_perms(spec, seed=2).items() if g not in {s.name for s in streams}}, 0.3
+    maps = {s.name: nearest_orthogonal(torch.randn(s.size, s.size, dtype=torch.float64)) for s in streams}
+    heads, fixed = _head_start(spec, a.state_dict(), apply_perms(spec, perms, map_groups(spec, b.state_dict(), maps)), perms)
+    from onebasin.align.orthogonal import head_families
+    heads = random_linear_heads(spec, head_families(spec, list(spec.groups)), seed=5)
+    run = _Run(spec, a, b, perms, {**maps, **heads}, F.cross_entropy, False, fixed=fixed, linear=tuple(heads))
+    run.repair(a, b, x)
+    assert sum(g in run.linear for g, _ in run.sites) == 3  # query, key and value outputs
+    tb = run.transformed(run.perms, run.maps)
+    ends_a, ends_tb = site_units(a, run.sites, x), site_units(b, run.sites, x, tb)
+    run.lam = lam
+    mid = site_units(run.scratch, run.sites, x, {k: (1 - lam) * v + lam * tb[k] for k, v in a.state_dict().items()})
+    for g, s in run.sites:
+        want_mean = (1 - lam) * ends_a[s].mean(0) + lam * ends_tb[s].mean(0)
+        want_std = (1 - lam) * ends_a[s].std(0) + lam * ends_tb[s].std(0)
+        assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10, s

@@ -25,8 +25,8 @@ With `repair_in_loop` (the default; `merge` turns it off when it will not REPAIR
 REPAIRed interpolated network: every layer site is renormalised, from the batch's statistics, to the interpolation
 of the endpoints' unit statistics (Jordan et al. 2022, eq. 4), so the permutations are learnt for the network that
 REPAIR will return (a deep MLP's variance collapse is REPAIR's to fix, not the permutations'). The sites of a
-mapped group (a stream, or heads with `heads="orthogonal"`) take B's goal from B's covariance C: unit i of R x_B,
-R = P M, has mean (R mean_B)_i and variance (R C R^T)_ii.
+mapped group (a stream, or heads with `heads="orthogonal"` or `"linear"`) take B's goal from B's covariance C: unit i
+of R x_B, R = P M (P M^-T at the key sites of a linear head map), has mean (R mean_B)_i and variance (R C R^T)_ii.
 
 With `latent="weights"` the latent is instead Git Re-Basin's own (their `*_ste*.py`): a copy W of the permuted
 weights, in A's basis, started at T(B) of the start (Git Re-Basin starts it at A, whose first projection is weight
@@ -63,12 +63,12 @@ from ..permute import Perms, StateDict, apply_perms, identity_perms
 from ..spec import Group, PermutationSpec
 from ._registry import AlignmentError, AlignResult, device_of, first_examples, get_method, initial_perms, register_method, require_module
 from .loop_repair import mapped_goal, renormalise, repair_sites, unit_moments
-from .orthogonal import (_check_canonical, canonical, head_families, head_maps, map_groups, map_streams, procrustes, stream_cross,
-                         stream_groups, tied_readers, weight_stream_maps)
+from .orthogonal import (_check_canonical, canonical, head_families, head_maps, inverse_part, map_groups, map_linear, map_streams,
+                         procrustes, stream_cross, stream_groups, tied_readers, weight_stream_maps)
 from .ste import block_orthogonal, nearest_orthogonal, permutation_matrix, project, ste_gradients
 
 INITS = ("weight", "activation", "orthogonal", "identity")
-HEADS = ("permutation", "orthogonal")
+HEADS = ("permutation", "orthogonal", "linear")
 LR, LR_WITH_STREAM, STREAM_LR = 0.05, 3e-4, 0.01  # Adam's defaults (docs/results.md section 8.2): permutation latents
 # without a stream map / with one (then the map does the learning, as in Theus et al.), and the stream maps' latents
 LATENTS = ("perms", "weights")
@@ -182,6 +182,11 @@ def _head_start(spec, a: StateDict, tb: StateDict, start: Perms) -> tuple[dict, 
     return maps, tuple(g for parent, kids in families.items() for g in (parent, *kids))
 
 
+def _block_mask(group: Group) -> torch.Tensor:
+    """(n, n) float64 ones on the diagonal blocks of a structured group (one block per head), zeros elsewhere."""
+    return torch.block_diag(*[torch.ones(group.block, group.block, dtype=torch.float64)] * group.blocks)
+
+
 def _rms(tensors: list[torch.Tensor]) -> float:
     """Root mean square of all entries of `tensors` (float64; 0 for none)."""
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors) / max(1, sum(t.numel() for t in tensors)))
@@ -208,9 +213,11 @@ class _Run:
     """The latents of one learned matching and the pair they act on: A and B (canonical forms when streams are mapped)."""
 
     def __init__(self, spec, canon_a, canon_b, start: Perms, maps: dict, loss_fn, train_mode: bool, latent: str = "perms",
-                 fixed: tuple = ()):
+                 fixed: tuple = (), linear: tuple = ()):
         self.spec, self.loss_fn, self.start, self.start_maps = spec, loss_fn, start, maps
         self.fixed = {g: start[g] for g in fixed}  # head families whose maps inside heads are learnt: their permutations stay
+        self.linear = {g: _block_mask(spec.groups[g]) for g in linear}  # head groups whose maps are any invertible M
+        self.inverse = {g: {m.key.rpartition(".")[0] for m in inverse_part(spec.groups[g])} for g in linear}  # modules they reach as M^-T
         self.names = [g for g in spec.groups if g not in maps and g not in self.fixed]
         self.perms = {g: start[g] for g in self.names}
         self.maps = dict(maps)
@@ -248,14 +255,21 @@ class _Run:
             def hook(module, args, out, group=group, site=site, mean_a=mean_a, std_a=std_a, mean_b=mean_b, std_b=std_b):
                 lam = self.lam
                 if group in self.maps:  # a mapped group's units mix: B's goal from its covariance (std_b holds it)
-                    r = self.maps[group] if group not in self.fixed else permutation_matrix(self.fixed[group]) @ self.maps[group]
-                    mean, std = mapped_goal(mean_b, std_b, r)
+                    mean, std = mapped_goal(mean_b, std_b, self.unit_map(group, site))
                 else:
                     p = self.perms[group].to(mean_b.device)
                     mean, std = mean_b[p], std_b[p]
                 return renormalise(out, site.dim, (1 - lam) * mean_a + lam * mean, (1 - lam) * std_a + lam * std)
 
             self.scratch.get_submodule(site.module).register_forward_hook(hook)
+
+    def unit_map(self, group: str, site) -> torch.Tensor:
+        """R (n, n) with the units of T(B) at a site of mapped group `group` = R times B's units there: P M (P the
+        group's fixed permutation, the identity for a stream), P M^-T at the sites a linear head map reaches inverted."""
+        m = self.maps[group]
+        if group in self.linear and site.module in self.inverse[group]:
+            m = torch.linalg.inv(m.double()).T
+        return m if group not in self.fixed else permutation_matrix(self.fixed[group]) @ m
 
     def project(self) -> None:
         """The hard maps: each stream latent's nearest orthogonal map (with O 1 = 1), each head group's nearest
@@ -265,7 +279,8 @@ class _Run:
         if self.theta:
             self.perms, self.maps = self.match(self.perms, self.maps)
         else:
-            self.maps = {g: block_orthogonal(self.latents[g], self.spec.groups[g].block) if g in self.fixed else
+            self.maps = {g: self.latents[g].detach().clone() if g in self.linear else
+                         block_orthogonal(self.latents[g], self.spec.groups[g].block) if g in self.fixed else
                          nearest_orthogonal(self.latents[g]) for g in self.start_maps}  # fmt: skip
             self.perms = project(self.spec, self.latents, self.names)
 
@@ -279,20 +294,42 @@ class _Run:
     def current(self) -> tuple[Perms, dict]:
         return self.perms, self.maps
 
+    def mapped(self, maps: dict, linear: dict | None = None) -> StateDict:
+        """B with its streams and head groups mapped: orthogonal maps along every axis of their group, linear head
+        maps (`linear`, default those of `maps`) by `orthogonal.map_linear`."""
+        linear = {g: maps[g] for g in self.linear} if linear is None else linear
+        sd = map_groups(self.spec, self.b, {g: q for g, q in maps.items() if g not in self.linear})
+        for g, m in linear.items():
+            sd = map_linear(self.spec, sd, g, m)
+        return sd
+
     def transformed(self, perms: Perms, maps: dict) -> StateDict:
         """B with its streams (and head groups) mapped, then its groups permuted."""
-        return apply_perms(self.spec, {**self.fixed, **perms}, map_groups(self.spec, self.b, maps))
+        return apply_perms(self.spec, {**self.fixed, **perms}, self.mapped(maps))
+
+    def linear_gradients(self, perms: Perms, grads: StateDict) -> dict[str, torch.Tensor]:
+        """dloss/dM (n, n) of every linear head map, by autograd through T(B) = perms(mapped B) from dloss/dT(B)
+        (`grads`), kept block-diagonal (one block per head)."""
+        if not self.linear:
+            return {}
+        leaves = {g: self.maps[g].detach().double().requires_grad_() for g in self.linear}
+        with torch.enable_grad():
+            tb = apply_perms(self.spec, perms, self.mapped(self.maps, leaves))
+            keys = [k for k in grads if tb[k].requires_grad]
+            found = torch.autograd.grad([tb[k] for k in keys], list(leaves.values()), [grads[k].to(tb[k]) for k in keys], allow_unused=True)
+        return {g: (d if d is not None else torch.zeros_like(leaves[g])) * self.linear[g] for g, d in zip(leaves, found)}
 
     def step(self, opt, lam: float, x, y) -> float:
         """One straight-through step at interpolation weight lam on batch (x, y); returns the batch loss."""
-        mapped_b, self.lam = map_groups(self.spec, self.b, self.maps), lam
+        mapped_b, self.lam = self.mapped(self.maps), lam
         perms = {**self.fixed, **self.perms}
         loss, grads = _loss_at(self.scratch, self.a, apply_perms(self.spec, perms, mapped_b), lam, self.keys, x, y, self.loss_fn)
         opt.zero_grad()
         if self.latents:
-            for g, grad in ste_gradients(self.spec, perms, grads, mapped_b, self.maps, self.names).items():
+            orthogonal = {g: q for g, q in self.maps.items() if g not in self.linear}
+            for g, grad in (ste_gradients(self.spec, perms, grads, mapped_b, orthogonal, self.names) | self.linear_gradients(perms, grads)).items():
                 if g in self.latents:
-                    self.latents[g].grad = grad
+                    self.latents[g].grad = grad.to(self.latents[g])
         for k, t in self.theta.items():
             t.grad = grads[k].to(t)
         opt.step()
@@ -405,6 +442,10 @@ def learned_matching(
             at the Procrustes maps of the orthogonal method (`orthogonal.head_maps`) and stepped at `stream_lr`, the
             heads' pairing staying the start's. Measured (docs/results.md section 8.4, barrier after REPAIR): ViT
             0.150 -> 0.105, tied GPT 0.371 -> 0.340 (from the weight start), untied GPT 0.296 -> 0.309.
+            "linear": each head's maps are any invertible M (block-diagonal, one block per head), started at those
+            Procrustes maps and stepped at `stream_lr` with the gradient through the mapping (no projection): queries
+            and values take M, keys and the output projection's columns M^-T (`orthogonal.map_linear`), so every q.k
+            and W_O v is kept (Q/K and V/O inside a head are symmetric under GL(d), not only O(d)).
         loss_fn: loss(model output, labels) -> scalar; default cross-entropy (sequence logits flattened).
         repair_in_loop: learn for the REPAIRed midpoint: every layer site of the interpolated network (a module's
             output holding a permuted or mapped group) is renormalised in the loop from the batch's statistics to
@@ -431,8 +472,8 @@ def learned_matching(
     if data is None:
         raise EmptyDataError("learned matching needs data: an iterable of (x, y) training batches")
     check_options(init=init, latent=latent, epochs=epochs, steps=steps, lr=lr, stream_lr=stream_lr, batch_size=batch_size, lam=lam)
-    if heads not in HEADS or (heads == "orthogonal" and latent != "perms"):
-        raise InvalidOptionError(f"learned matching: heads={heads!r}; valid: {', '.join(map(repr, HEADS))} ('orthogonal' with latent 'perms')")
+    if heads not in HEADS or (heads != "permutation" and latent != "perms"):
+        raise InvalidOptionError(f"learned matching: heads={heads!r}; valid: {', '.join(map(repr, HEADS))} ('orthogonal' and 'linear' with latent 'perms')")
     t0 = time.perf_counter()
     model_a, model_b = require_module(model_a, "learned"), require_module(model_b, "learned")
     streams, canon_a, canon_b, note = _streams(spec, model_a, model_b, data, orthogonal, untie)
@@ -440,21 +481,21 @@ def learned_matching(
         raise InvalidOptionError(f"learned matching: init='orthogonal' needs an orthogonal stream map ({note})")
     if streams and init == "weight":  # Theus et al.'s start: data-free weight matching with the streams' Procrustes maps
         start, maps, init_record = weight_stream_maps(spec, canon_a.state_dict(), canon_b.state_dict(), streams,
-                                                      inside_heads={} if heads == "orthogonal" else None)
+                                                      inside_heads={} if heads != "permutation" else None)
         init_record = {"method": "orthogonal", "stream": "weights", **init_record}
     else:
         start, init_record = _start(spec, model_a, model_b, data, "activation" if init == "orthogonal" else init,
                                     max_examples=max_examples, device=device)
         maps = _stream_start(spec, streams, canon_a, canon_b, start, data, init, max_examples, device)
     lr = lr if lr is not None else LR_WITH_STREAM if maps and latent == "perms" else LR
-    fixed = ()
-    if heads == "orthogonal":
+    fixed, inside = (), {}
+    if heads != "permutation":
         tb = apply_perms(spec, start, map_groups(spec, canon_b.state_dict(), maps))
         inside, fixed = _head_start(spec, canon_a.state_dict(), tb, start)
         maps = {**maps, **inside}
     x, y = _examples(canon_a, data, max_examples)
     total = steps if steps is not None else max(1, math.ceil(epochs * len(y) / batch_size))
-    run = _Run(spec, canon_a, canon_b, start, maps, loss_fn, train_mode, latent, fixed)
+    run = _Run(spec, canon_a, canon_b, start, maps, loss_fn, train_mode, latent, fixed, tuple(inside) if heads == "linear" else ())
     if repair_in_loop:
         run.repair(canon_a, canon_b, take_rows(x, slice(0, 2000)), batch_size)
     gen = torch.Generator().manual_seed(seed)

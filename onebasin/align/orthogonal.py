@@ -39,6 +39,7 @@ function is unchanged; the merged model is still of the original class.
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 import time
 
 import torch
@@ -344,6 +345,27 @@ def map_members(sd: dict, g: Group, q: torch.Tensor) -> dict:
         rows[pos] = (q.to(t) @ rows[pos].reshape(g.size, -1)).reshape(rows[pos].shape)
         out[m.key] = rows.movedim(0, m.axis).to(sd[m.key])
     return out
+
+
+def inverse_part(group: Group) -> list:
+    """The members of an attention head group that an invertible map M inside its heads reaches as M^-T (`map_linear`):
+    the output projection's input columns of a value/output group (its reader), the key rows of a query/key group
+    (its second part: q -> M q with k -> M^-T k keeps every q.k)."""
+    parts = _parts(group)
+    readers = [p for p in parts if any(m.axis == 1 and m.key.endswith("weight") for m in p)]
+    return readers[0] if readers else parts[-1]
+
+
+def map_linear(spec: PermutationSpec, sd: dict, name: str, m: torch.Tensor) -> dict:
+    """A new state_dict with head group `name` mapped by an invertible block-diagonal m (n, n) (one block per head):
+    the members of `inverse_part` by m^-T, the others by m (v -> m v along their axes; `map_members`), so that every
+    head's q.k (or W_O v) and the network's function are unchanged. Differentiable in m. An orthogonal m maps as
+    `map_group` does (m^-T = m)."""
+    g = spec.groups[name]
+    inverse = inverse_part(g)
+    rest = replace(g, members=tuple(x for x in g.members if x not in inverse))
+    other = replace(g, members=tuple(x for x in g.members if x in inverse))
+    return map_members(map_members(sd, rest, m), other, torch.linalg.inv(m.double()).T)
 
 
 def head_maps(spec: PermutationSpec, sd_a: dict, sd_b: dict, families: dict[str, list[str]]) -> tuple[dict, dict]:
