@@ -137,7 +137,15 @@ def run_pair(pair: str, args, rows: list[dict]) -> None:
                 if (pair, row_name, correction) not in done:
                     row = curve_row(pair, row_name, correction, m_a, m_b, m_spec, loaders, calib, args, align_s, record)
                     rows.append(row)
-                    write_csv(OUT / "results.csv", rows)
+                    save_row(row)
+
+
+def save_row(row: dict) -> None:
+    """Add (or replace) one row of results.csv, read afresh: runs of other pairs or methods at the same time keep
+    their rows (each used to write back the rows it had read at its start, dropping those written since)."""
+    key = (row["pair"], row["method"], row["correction"])
+    old = [r for r in read_csv(OUT / "results.csv") if (r["pair"], r["method"], r["correction"]) != key]
+    write_csv(OUT / "results.csv", old + [row])
 
 
 def curve_row(pair, method, correction, a_m, b_m, spec, loaders, calib, args, align_s, record) -> dict:

@@ -273,7 +273,8 @@ class _Run:
 
     def project(self) -> None:
         """The hard maps: each stream latent's nearest orthogonal map (with O 1 = 1), each head group's nearest
-        block-diagonal orthogonal map (one block per head of B), and each latent's nearest permutation; with
+        block-diagonal orthogonal map (one block per head of B; a linear head map is its latent itself), and each
+        latent's nearest permutation; with
         latent weights, the permutations and stream maps that weight matching (from the current permutations) and
         Procrustes on the weights, alternated, find between them and B."""
         if self.theta:
@@ -459,7 +460,7 @@ def learned_matching(
     Returns:
         AlignResult with perms (a stream with a map keeps the identity) and, when streams are mapped,
         `models` = (A, B) in canonical form, B permuted and mapped into A's basis (the orthogonal method's
-        convention), and `maps` = {stream: O (n, n) float64}. record: init, init_record, latent, orthogonal, orthogonal_note,
+        convention), and `maps` = {stream: O (n, n) float64} (and the head groups' maps, with heads other than "permutation"). record: init, init_record, latent, orthogonal, orthogonal_note,
         untied (keys of a tied head given their own copy), steps, lr, batch_size,
         examples, loss (per step: the interpolated loss of the batch), lam (per step), moved (per step:
         units whose permutation differs from the start), stream_change (per step: ||O - O_start||_F /
