@@ -568,13 +568,15 @@ def test_learned_with_maps_inside_heads_recovers_a_rotated_copy_and_keeps_b():
 
 
 @pytest.mark.usefixtures("float64_statistics")
-def test_in_loop_repair_of_mapped_groups_reads_the_mapped_units_statistics():
+@pytest.mark.parametrize("kind", ["orthogonal", "linear"])
+def test_in_loop_repair_of_mapped_groups_reads_the_mapped_units_statistics(kind):
     """A mapped group's units are mixed by R (the stream's orthogonal map O; a head group's R = P M with
     heads="orthogonal"), so its in-loop goal is B's mapped unit i, whose mean and std the loop takes from B's
     covariance (R mean, sqrt(diag(R C R^T))): on a zoo ViT in canonical form every layer site of the interpolated
     network (the stream's writers, query, key, value and the MLP's hidden units) has (1 - lam) * A's unit i + lam *
     T(B)'s unit i (numpy on hooked activations of A and of B with its maps and permutations applied). Before, the
-    stream's and the heads' sites were left out of the loop's REPAIR."""
+    stream's and the heads' sites were left out of the loop's REPAIR. With heads="linear" (random invertible maps inside
+    heads) the key sites, reached by M^-T, take R = P M^-T."""
     from onebasin.align.learned import _Run, _head_start
     from onebasin.models import create_model
 
@@ -589,7 +591,11 @@ def test_in_loop_repair_of_mapped_groups_reads_the_mapped_units_statistics():
     perms, lam = {g: p for g, p in random_perms(spec, seed=2).items() if g not in {s.name for s in streams}}, 0.3
     maps = {s.name: nearest_orthogonal(torch.randn(s.size, s.size, dtype=torch.float64)) for s in streams}
     heads, fixed = _head_start(spec, a.state_dict(), apply_perms(spec, perms, map_groups(spec, b.state_dict(), maps)), perms)
-    run = _Run(spec, a, b, perms, {**maps, **heads}, F.cross_entropy, False, fixed=fixed)
+    if kind == "linear":
+        from onebasin.align.orthogonal import head_families
+
+        heads = random_linear_heads(spec, head_families(spec, list(spec.groups)), seed=5)
+    run = _Run(spec, a, b, perms, {**maps, **heads}, F.cross_entropy, False, fixed=fixed, linear=tuple(heads) if kind == "linear" else ())
     run.repair(a, b, x)
     kinds = [("stream" if g in maps else "heads" if g in run.fixed else "permuted") for g, _ in run.sites]
     assert kinds.count("stream") >= 2 and kinds.count("heads") == 3 and kinds.count("permuted") >= 1
@@ -646,7 +652,7 @@ def test_linear_head_maps_keep_b_and_their_gradient_is_the_loss_slope():
     lam = 0.4
     current = {**run.fixed, **run.perms}
     _, grads = _loss_at(run.scratch, run.a, apply_perms(spec, current, run.mapped(run.maps)), lam, run.keys, x, y, run.loss_fn)
-    found = run.linear_gradients(current, grads)
+    found = run.linear_gradients(current, grads, run.b)  # no orthogonal maps here: the rest is B
 
     def loss(maps):
         tb = apply_perms(spec, current, run.mapped(run.maps, maps))
@@ -669,14 +675,10 @@ def module_with_state(model, state):
     return module_with(model, state)
 
 
-@pytest.mark.usefixtures("float64_statistics")
-def test_learned_with_linear_head_maps_keeps_b_and_repairs_the_mapped_units():
+def test_learned_with_linear_head_maps_keeps_b():
     """heads="linear" on a random pair: the returned B computes what B computes (1e-9), its head maps are block-diagonal
-    and invertible, and they moved from the orthogonal start; in the loop's REPAIR every layer site (the key sites,
-    reached by M^-T, included) has (1 - lam) A's unit i + lam T(B)'s unit i (numpy on hooked activations)."""
-    from onebasin.align.learned import _head_start, _Run
-    from onebasin.models import create_model
-
+    and invertible, and they moved from the orthogonal start (the loop's REPAIR of their sites:
+    test_in_loop_repair_of_mapped_groups_reads_the_mapped_units_statistics)."""
     a, x = tiny_transformer()
     b, _ = tiny_transformer(seed=1)
     spec = trace(a, x[:8])
@@ -697,28 +699,3 @@ def test_learned_with_linear_head_maps_keeps_b_and_repairs_the_mapped_units():
         assert (m.T @ m - torch.eye(len(m), dtype=torch.float64)).abs().max() > 1e-6  # not orthogonal: it learnt
     with torch.no_grad():
         assert (b_l(x) - b(x)).abs().max() < 1e-9
-
-    def vit(seed):
-        torch.manual_seed(seed)
-        return create_model("vit", patch_size=14, width=8, depth=1, heads=2, mlp_ratio=2, num_classes=3).double().eval()
-
-    x = torch.randn(64, 1, 28, 28, dtype=torch.float64)
-    spec = trace(vit(0), x[:8])
-    streams = stream_groups(spec)
-    a, b = (canonical(spec, vit(seed), streams) for seed in (0, 1))
-    perms, lam = {g: p for g, p in random_perms(spec, seed=2).items() if g not in {s.name for s in streams}}, 0.3
-    maps = {s.name: nearest_orthogonal(torch.randn(s.size, s.size, dtype=torch.float64)) for s in streams}
-    heads, fixed = _head_start(spec, a.state_dict(), apply_perms(spec, perms, map_groups(spec, b.state_dict(), maps)), perms)
-    from onebasin.align.orthogonal import head_families
-    heads = random_linear_heads(spec, head_families(spec, list(spec.groups)), seed=5)
-    run = _Run(spec, a, b, perms, {**maps, **heads}, F.cross_entropy, False, fixed=fixed, linear=tuple(heads))
-    run.repair(a, b, x)
-    assert sum(g in run.linear for g, _ in run.sites) == 3  # query, key and value outputs
-    tb = run.transformed(run.perms, run.maps)
-    ends_a, ends_tb = site_units(a, run.sites, x), site_units(b, run.sites, x, tb)
-    run.lam = lam
-    mid = site_units(run.scratch, run.sites, x, {k: (1 - lam) * v + lam * tb[k] for k, v in a.state_dict().items()})
-    for g, s in run.sites:
-        want_mean = (1 - lam) * ends_a[s].mean(0) + lam * ends_tb[s].mean(0)
-        want_std = (1 - lam) * ends_a[s].std(0) + lam * ends_tb[s].std(0)
-        assert np.abs(mid[s].mean(0) - want_mean).max() < 1e-10 and np.abs(mid[s].std(0) - want_std).max() < 1e-10, s

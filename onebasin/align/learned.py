@@ -295,11 +295,12 @@ class _Run:
     def current(self) -> tuple[Perms, dict]:
         return self.perms, self.maps
 
-    def mapped(self, maps: dict, linear: dict | None = None) -> StateDict:
+    def mapped(self, maps: dict, linear: dict | None = None, rest: StateDict | None = None) -> StateDict:
         """B with its streams and head groups mapped: orthogonal maps along every axis of their group, linear head
-        maps (`linear`, default those of `maps`) by `orthogonal.map_linear`."""
+        maps (`linear`, default those of `maps`) by `orthogonal.map_linear`; `rest`: B with the orthogonal maps
+        already applied (or the part of it the linear maps reach)."""
         linear = {g: maps[g] for g in self.linear} if linear is None else linear
-        sd = map_groups(self.spec, self.b, {g: q for g, q in maps.items() if g not in self.linear})
+        sd = rest if rest is not None else map_groups(self.spec, self.b, {g: q for g, q in maps.items() if g not in self.linear})
         for g, m in linear.items():
             sd = map_linear(self.spec, sd, g, m)
         return sd
@@ -308,27 +309,30 @@ class _Run:
         """B with its streams (and head groups) mapped, then its groups permuted."""
         return apply_perms(self.spec, {**self.fixed, **perms}, self.mapped(maps))
 
-    def linear_gradients(self, perms: Perms, grads: StateDict) -> dict[str, torch.Tensor]:
+    def linear_gradients(self, perms: Perms, grads: StateDict, rest: StateDict) -> dict[str, torch.Tensor]:
         """dloss/dM (n, n) of every linear head map, by autograd through T(B) = perms(mapped B) from dloss/dT(B)
-        (`grads`), kept block-diagonal (one block per head)."""
+        (`grads`), kept block-diagonal (one block per head); `rest`: B with the orthogonal maps applied. Only the
+        tensors the head maps reach are mapped and permuted again."""
         if not self.linear:
             return {}
         leaves = {g: self.maps[g].detach().double().requires_grad_() for g in self.linear}
+        reached = {m.key for g in self.linear for m in self.spec.groups[g].members}
         with torch.enable_grad():
-            tb = apply_perms(self.spec, perms, self.mapped(self.maps, leaves))
-            keys = [k for k in grads if tb[k].requires_grad]
+            tb = apply_perms(self.spec, perms, self.mapped(self.maps, leaves, {k: rest[k] for k in reached}))
+            keys = [k for k in grads if k in tb and tb[k].requires_grad]
             found = torch.autograd.grad([tb[k] for k in keys], list(leaves.values()), [grads[k].to(tb[k]) for k in keys], allow_unused=True)
         return {g: (d if d is not None else torch.zeros_like(leaves[g])) * self.linear[g] for g, d in zip(leaves, found)}
 
     def step(self, opt, lam: float, x, y) -> float:
         """One straight-through step at interpolation weight lam on batch (x, y); returns the batch loss."""
-        mapped_b, self.lam = self.mapped(self.maps), lam
+        rest = map_groups(self.spec, self.b, {g: q for g, q in self.maps.items() if g not in self.linear})
+        mapped_b, self.lam = self.mapped(self.maps, rest=rest), lam
         perms = {**self.fixed, **self.perms}
         loss, grads = _loss_at(self.scratch, self.a, apply_perms(self.spec, perms, mapped_b), lam, self.keys, x, y, self.loss_fn)
         opt.zero_grad()
         if self.latents:
             orthogonal = {g: q for g, q in self.maps.items() if g not in self.linear}
-            for g, grad in (ste_gradients(self.spec, perms, grads, mapped_b, orthogonal, self.names) | self.linear_gradients(perms, grads)).items():
+            for g, grad in (ste_gradients(self.spec, perms, grads, mapped_b, orthogonal, self.names) | self.linear_gradients(perms, grads, rest)).items():
                 if g in self.latents:
                     self.latents[g].grad = grad.to(self.latents[g])
         for k, t in self.theta.items():
