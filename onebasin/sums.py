@@ -104,7 +104,7 @@ def _by_position(ts: tuple[torch.Tensor, ...], site: Site, dtype: torch.dtype, s
     if site.dim != 1 or any(s is not None for s in shifts) or any(t.ndim < 3 or t.dtype != dtype for t in ts):
         return False
     units = site.size if site.size is not None else ts[0].shape[1]
-    return all(t.is_contiguous() and t[0, 0].numel() >= units for t in ts)
+    return all(t.is_contiguous() and len(t) > 0 and t[0, 0].numel() >= units for t in ts)
 
 
 def _shares_memory(x: torch.Tensor, t: torch.Tensor) -> bool:

@@ -39,8 +39,8 @@ function is unchanged; the merged model is still of the original class.
 from __future__ import annotations
 
 import operator
-from dataclasses import replace
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -350,7 +350,8 @@ def map_members(sd: dict, g: Group, q: torch.Tensor) -> dict:
 def inverse_part(group: Group) -> list:
     """The members of an attention head group that an invertible map M inside its heads reaches as M^-T (`map_linear`):
     the output projection's input columns of a value/output group (its reader), the key rows of a query/key group
-    (its second part: q -> M q with k -> M^-T k keeps every q.k)."""
+    (its second part: q -> M q with k -> M^-T k keeps every q.k). Either part would do (M^-T on one side, M on the
+    other, is M' and M'^-T with M' = M^-T); the loop's REPAIR reads the same choice."""
     parts = _parts(group)
     readers = [p for p in parts if any(m.axis == 1 and m.key.endswith("weight") for m in p)]
     return readers[0] if readers else parts[-1]
