@@ -2,8 +2,8 @@
 
 A site's activation is read in cache-sized slabs of its batch axis, each copied once into the precision
 of the statistics (float64, or float32 minus a per-unit shift) with its unit axis first or last as the
-layout allows (or, already in that precision with its units last and no shift, read where it lies), then
-summed: per-unit sums and sums of squares, and the cross products x^T y of two models' units. Running sums
+layout allows (or, already in that precision with no shift, read where it lies: units last, or a conv map as
+(batch, units, positions) slabs, `_by_position`), then summed: per-unit sums and sums of squares, and the cross products x^T y of two models' units. Running sums
 are float64 whatever the block precision. Conv positions count as samples.
 """
 
@@ -72,10 +72,10 @@ _BLOCK_BYTES = 8 * 2**20  # float64 bytes per block of samples: small enough to 
 def _unit_blocks(t: torch.Tensor, site: Site, dtype: torch.dtype = torch.float64, shift: torch.Tensor | None = None,
                  by_position: bool = False) -> Iterator[tuple[torch.Tensor, int, bool]]:
     """`_samples` of consecutive slabs of t's batch axis, each at most ~_BLOCK_BYTES, with whether the block
-    is a copy of our own (True) or a view of t (False: already in `dtype`, no shift; units last, or a conv
-    map read by position where `by_position` (see `_by_position`): axis 2, (batch, units, positions)): the sums over a large
-    activation then read each block while it is still in cache, and never hold a float64 copy of the whole
-    activation. With the squares taken in place in each copied block, the paired per-unit sums of a (256,
+    is a copy of our own (True) or a view of t (False: already in `dtype`, no shift; units last, or with
+    `by_position` (see `_by_position`) a conv map's (batch, units, positions) slab, axis 2): the sums over a
+    large activation then read each block while it is still in cache, and never hold a float64 copy of the
+    whole activation. With the squares taken in place in each copied block, the paired per-unit sums of a (256,
     256, 16, 16) map take 55-60 ms instead of 218 ms (one cast copy of the whole map, products as new
     tensors); a view saves the copy (a ViT's float32 token sites: 19 -> 9 ms per (12800, 128) pair)."""
     if site.dim == 0 or t.ndim < 2 or t.shape[0] == 0:

@@ -325,13 +325,13 @@ class _Run:
 
     def step(self, opt, lam: float, x, y) -> float:
         """One straight-through step at interpolation weight lam on batch (x, y); returns the batch loss."""
-        rest = map_groups(self.spec, self.b, {g: q for g, q in self.maps.items() if g not in self.linear})
+        orthogonal = {g: q for g, q in self.maps.items() if g not in self.linear}
+        rest = map_groups(self.spec, self.b, orthogonal)  # B with its orthogonal maps: the linear head maps act on it
         mapped_b, self.lam = self.mapped(self.maps, rest=rest), lam
         perms = {**self.fixed, **self.perms}
         loss, grads = _loss_at(self.scratch, self.a, apply_perms(self.spec, perms, mapped_b), lam, self.keys, x, y, self.loss_fn)
         opt.zero_grad()
         if self.latents:
-            orthogonal = {g: q for g, q in self.maps.items() if g not in self.linear}
             for g, grad in (ste_gradients(self.spec, perms, grads, mapped_b, orthogonal, self.names) | self.linear_gradients(perms, grads, rest)).items():
                 if g in self.latents:
                     self.latents[g].grad = grad.to(self.latents[g])
