@@ -3,8 +3,9 @@
 A site's activation is read in cache-sized slabs of its batch axis, each copied once into the precision
 of the statistics (float64, or float32 minus a per-unit shift) with its unit axis first or last as the
 layout allows (or, already in that precision with no shift, read where it lies: units last, or a conv map as
-(batch, units, positions) slabs, `_by_position`), then summed: per-unit sums and sums of squares, and the cross products x^T y of two models' units. Running sums
-are float64 whatever the block precision. Conv positions count as samples.
+(batch, units, positions) slabs, `_by_position`), then summed: per-unit sums and sums of squares, and the cross
+products x^T y of two models' units. Running sums are float64 whatever the block precision. Conv positions count
+as samples.
 """
 
 from __future__ import annotations
